@@ -1,0 +1,49 @@
+"""dcp-ext: storage, staging and resharding plugins for ``torch.distributed.checkpoint``.
+
+Hand our objects to stock DCP::
+
+    import torch.distributed.checkpoint as dcp
+    import dcp_ext
+
+    dcp.save(state, storage_writer=dcp_ext.storage_writer("/ckpt/step_100"))
+    dcp.load(state, storage_reader=dcp_ext.storage_reader("/ckpt/step_100"))
+"""
+
+from __future__ import annotations
+
+from .config import Config, load_config
+from .errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConfigError,
+    CorruptCheckpointError,
+    DcpExtError,
+    IncompleteCheckpointError,
+    MissingDependencyError,
+    StorageError,
+    UnknownBackendError,
+)
+from .storage import Backend, backends, register_backend, storage_reader, storage_writer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Backend",
+    "CheckpointExistsError",
+    "CheckpointNotFoundError",
+    "Config",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "DcpExtError",
+    "IncompleteCheckpointError",
+    "MissingDependencyError",
+    "StorageError",
+    "UnknownBackendError",
+    "backends",
+    "load_config",
+    "register_backend",
+    "storage_reader",
+    "storage_writer",
+]
+
+# --- feature modules (each issue adds its public names below this line) ---

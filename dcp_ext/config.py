@@ -1,0 +1,372 @@
+"""One typed configuration for every dcp-ext backend.
+
+Sources, highest precedence first:
+
+1. explicit keyword options (``storage_writer(url, io_threads=4, s3={"part_size": ...})``),
+2. ``DCP_EXT_*`` environment variables (``DCP_EXT_IO_THREADS=4``,
+   ``DCP_EXT_S3_PART_SIZE=16MiB``: section name, then key),
+3. a TOML or YAML file (``config="ckpt.toml"``, or the ``DCP_EXT_CONFIG`` variable),
+   or a ``dict`` passed as ``config=``,
+4. the defaults below.
+
+Unknown keys and values of the wrong type are :class:`~dcp_ext.errors.ConfigError`\\ s that
+name the key and list the valid ones. Byte sizes accept ints or strings such as
+``"16MiB"``/``"1GB"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+__all__ = [
+    "Config",
+    "FsOptions",
+    "FsspecOptions",
+    "S3Options",
+    "GCSOptions",
+    "TierOptions",
+    "TensorStoreOptions",
+    "load_config",
+    "parse_size",
+]
+
+ENV_PREFIX = "DCP_EXT_"
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
+          "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
+          "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4}
+
+
+class ByteSize(int):
+    """Marker type for fields that accept ``"16MiB"``-style strings."""
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """Parse ``123``, ``"64KiB"``, ``"1.5GB"`` into bytes; ConfigError otherwise."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a byte size (int or '16MiB'), got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+        return value
+    if isinstance(value, str):
+        m = _SIZE_RE.match(value)
+        if m and (m.group(2) or "").lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
+    raise ConfigError(f"{key}: expected a byte size (int or e.g. '16MiB'), got {value!r}")
+
+
+@dataclass
+class FsOptions:
+    """Local / NFS backend."""
+
+    #: call fsync on data files, the metadata and the directory (turn off only for scratch)
+    fsync: bool = True
+    #: use O_DIRECT-free buffered writes of this size when streaming records
+    write_buffer: ByteSize = ByteSize(8 * 1024 * 1024)
+
+
+@dataclass
+class FsspecOptions:
+    """Generic fsspec backend (``memory://``, ``hdfs://``, ...)."""
+
+    #: passed to ``fsspec.filesystem(protocol, **storage_options)``
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class S3Options:
+    """S3 backend (s3fs / botocore). Credentials follow the AWS conventions unless given."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    profile: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    #: multipart part size; every part but the last has exactly this size
+    part_size: ByteSize = ByteSize(16 * 1024 * 1024)
+    #: parts uploaded concurrently per file (bounds memory: part_size x this x files)
+    max_concurrency: int = 8
+    #: attempts per request on throttling / 5xx / dropped connections
+    max_retries: int = 8
+    #: first backoff delay in seconds (doubles per attempt, with full jitter)
+    retry_base_delay: float = 0.2
+    #: extra ``s3fs.S3FileSystem`` keyword arguments
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class GCSOptions:
+    """GCS backend (gcsfs). Application-default credentials unless a token is given."""
+
+    project: str | None = None
+    #: gcsfs token: None (default credentials), "anon", a path to a JSON key, ...
+    token: str | None = None
+    #: emulator / custom endpoint; defaults to ``STORAGE_EMULATOR_HOST`` when set
+    endpoint_url: str | None = None
+    part_size: ByteSize = ByteSize(16 * 1024 * 1024)
+    max_concurrency: int = 8
+    max_retries: int = 8
+    retry_base_delay: float = 0.2
+    storage_options: dict = field(default_factory=dict)
+
+
+@dataclass
+class TierOptions:
+    """Tiered checkpoints: a fast local tier committed first, the durable URL after."""
+
+    #: fast-tier root directory (e.g. ``/dev/shm/dcp_ext``); None disables tiering
+    cache: str | None = None
+    #: keep this many complete checkpoints in the fast tier
+    keep_last: int = 2
+    #: replicate each rank's fast-tier data to a partner rank
+    replicate: bool = True
+    #: ranks per node, used to pick the partner (default: LOCAL_WORLD_SIZE or world size)
+    ranks_per_node: int | None = None
+
+
+@dataclass
+class TensorStoreOptions:
+    """TensorStore (zarr3) backend."""
+
+    #: extra kvstore spec entries (e.g. ``{"endpoint": "http://127.0.0.1:9000"}``)
+    kvstore: dict = field(default_factory=dict)
+
+
+@dataclass
+class Config:
+    """Everything a dcp-ext writer or reader can be told."""
+
+    #: force a backend by name instead of picking it from the URL scheme
+    backend: str | None = None
+    #: parallel I/O threads per rank (writes and reads)
+    io_threads: int = 8
+    #: data files per rank (None: one per I/O thread)
+    files_per_rank: int | None = None
+    #: compute block checksums when saving
+    checksum: bool = True
+    #: verify checksums when loading (only the blocks a rank reads)
+    verify: bool = True
+    #: checksum granularity: a ranged read verifies the blocks it touches
+    checksum_block_size: ByteSize = ByteSize(1024 * 1024)
+    #: allow saving over an existing *complete* checkpoint
+    overwrite: bool = False
+    #: show progress bars for long work (None: only when stderr is a terminal)
+    progress: bool | None = None
+    fs: FsOptions = field(default_factory=FsOptions)
+    fsspec: FsspecOptions = field(default_factory=FsspecOptions)
+    s3: S3Options = field(default_factory=S3Options)
+    gcs: GCSOptions = field(default_factory=GCSOptions)
+    tier: TierOptions = field(default_factory=TierOptions)
+    tensorstore: TensorStoreOptions = field(default_factory=TensorStoreOptions)
+
+    def validate(self) -> "Config":
+        if self.io_threads < 1:
+            raise ConfigError(f"io_threads: must be >= 1, got {self.io_threads}")
+        if self.files_per_rank is not None and self.files_per_rank < 1:
+            raise ConfigError(f"files_per_rank: must be >= 1, got {self.files_per_rank}")
+        if self.checksum_block_size < 4096:
+            raise ConfigError(
+                f"checksum_block_size: must be >= 4096 bytes, got {self.checksum_block_size}")
+        for sec in (self.s3, self.gcs):
+            if sec.part_size < 5 * 1024 * 1024:
+                raise ConfigError(f"part_size: must be >= 5MiB (S3 minimum), got {sec.part_size}")
+            if sec.max_concurrency < 1 or sec.max_retries < 0:
+                raise ConfigError("max_concurrency must be >= 1 and max_retries >= 0")
+        return self
+
+    def redacted(self) -> dict:
+        """A dict view safe to log: secrets replaced by ``"***"``."""
+        d = dataclasses.asdict(self)
+        for sec in ("s3", "gcs"):
+            for k in ("secret_access_key", "session_token", "access_key_id", "token"):
+                if d[sec].get(k):
+                    d[sec][k] = "***"
+        return d
+
+
+_SECTIONS = {f.name: f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)
+             if f.default_factory is not dataclasses.MISSING}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(key: str, value: Any, tp: Any, from_env: bool) -> Any:
+    """Check/convert ``value`` against the annotation ``tp``; ConfigError on mismatch."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None or (from_env and isinstance(value, str) and value.lower() in ("", "none")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        errors = []
+        for a in inner:
+            try:
+                return _coerce(key, value, a, from_env)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if tp is ByteSize:
+        return ByteSize(parse_size(value, key))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str):
+            v = value.strip().lower()
+            if v in ("1", "true", "yes", "on"):
+                return True
+            if v in ("0", "false", "no", "off"):
+                return False
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if from_env and isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if from_env and isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, Mapping):
+            return dict(value)
+        if from_env and isinstance(value, str):
+            import json
+
+            try:
+                parsed = json.loads(value)
+            except ValueError as e:
+                raise ConfigError(f"{key}: expected a JSON object, got {value!r}") from e
+            if isinstance(parsed, dict):
+                return parsed
+        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+    raise ConfigError(f"{key}: unsupported option type {tp}")  # pragma: no cover
+
+
+def _apply(cfg: Config, data: Mapping[str, Any], source: str, from_env: bool = False) -> None:
+    top = _field_types(Config)
+    for key, value in data.items():
+        if key in _SECTIONS:
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: section '{key}' must be a mapping, got {value!r}")
+            section = getattr(cfg, key)
+            types = _field_types(type(section))
+            for k, v in value.items():
+                if k not in types:
+                    raise ConfigError(
+                        f"{source}: unknown option '{key}.{k}'; valid options in [{key}]: "
+                        f"{', '.join(sorted(types))}")
+                setattr(section, k, _coerce(f"{key}.{k}", v, types[k], from_env))
+        elif key in top:
+            setattr(cfg, key, _coerce(key, value, top[key], from_env))
+        else:
+            valid = sorted([k for k in top if k not in _SECTIONS] + [f"{s}.*" for s in _SECTIONS])
+            raise ConfigError(f"{source}: unknown option '{key}'; valid options: {', '.join(valid)}")
+
+
+def _read_file(path: str | os.PathLike) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    if p.suffix.lower() == ".toml":
+        try:
+            import tomllib
+        except ModuleNotFoundError:  # Python 3.10
+            import tomli as tomllib  # type: ignore[no-redef]
+        try:
+            data = tomllib.loads(text)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"{p}: invalid TOML: {e}") from e
+    elif p.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ModuleNotFoundError as e:
+            from .errors import MissingDependencyError
+
+            raise MissingDependencyError(
+                "reading a YAML config needs PyYAML: pip install 'dcp-ext[yaml]'") from e
+        try:
+            data = yaml.safe_load(text) or {}
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"{p}: invalid YAML: {e}") from e
+    else:
+        raise ConfigError(f"{p}: config files must end in .toml, .yaml or .yml")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping")
+    # Allow the options to live under a [dcp_ext] table of a larger file.
+    if set(data) == {"dcp_ext"}:
+        data = data["dcp_ext"]
+    return data
+
+
+def _env_options(environ: Mapping[str, str]) -> dict:
+    """Map ``DCP_EXT_IO_THREADS`` / ``DCP_EXT_S3_PART_SIZE`` to nested option dicts."""
+    out: dict[str, Any] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
+            continue
+        if name.startswith(ENV_PREFIX + "TEST_"):  # reserved for the test suite
+            continue
+        rest = name[len(ENV_PREFIX):].lower()
+        for sec in sorted(_SECTIONS, key=len, reverse=True):
+            if rest.startswith(sec + "_"):
+                out.setdefault(sec, {})[rest[len(sec) + 1:]] = value
+                break
+        else:
+            out[rest] = value
+    return out
+
+
+def load_config(config: "Config | Mapping[str, Any] | str | os.PathLike | None" = None,
+                environ: Mapping[str, str] | None = None, **options: Any) -> Config:
+    """Build a :class:`Config` from (lowest first) defaults, file/dict, env, explicit options.
+
+    ``config`` may be a :class:`Config` (used as the base), a mapping, or a TOML/YAML path.
+    With ``config=None`` the file named by ``DCP_EXT_CONFIG`` is used, if set.
+    """
+    environ = os.environ if environ is None else environ
+    if isinstance(config, Config):
+        cfg = dataclasses.replace(config)
+        for sec in _SECTIONS:  # copy sections so callers' objects are not mutated
+            setattr(cfg, sec, dataclasses.replace(getattr(config, sec)))
+    else:
+        cfg = Config()
+        if config is None and environ.get(ENV_PREFIX + "CONFIG"):
+            config = environ[ENV_PREFIX + "CONFIG"]
+        if isinstance(config, (str, os.PathLike)):
+            _apply(cfg, _read_file(config), f"config file {os.fspath(config)}")
+        elif isinstance(config, Mapping):
+            _apply(cfg, config, "config dict")
+        elif config is not None:
+            raise ConfigError(f"config: expected a Config, dict or file path, got {type(config).__name__}")
+    _apply(cfg, _env_options(environ), "environment", from_env=True)
+    _apply(cfg, options, "options")
+    return cfg.validate()

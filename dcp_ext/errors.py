@@ -1,0 +1,56 @@
+"""Exceptions raised by dcp-ext. All derive from :class:`DcpExtError` (an ``Exception``).
+
+Note that stock DCP wraps errors raised on any rank into
+``torch.distributed.checkpoint.api.CheckpointException``, which derives from
+``BaseException``; our messages are kept intact inside it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DcpExtError",
+    "ConfigError",
+    "UnknownBackendError",
+    "MissingDependencyError",
+    "CheckpointNotFoundError",
+    "IncompleteCheckpointError",
+    "CorruptCheckpointError",
+    "CheckpointExistsError",
+    "StorageError",
+]
+
+
+class DcpExtError(Exception):
+    """Base class of every error dcp-ext raises on purpose."""
+
+
+class ConfigError(DcpExtError, ValueError):
+    """A configuration key is unknown, or a value has the wrong type or range."""
+
+
+class UnknownBackendError(ConfigError):
+    """No backend is registered for a URL scheme or backend name."""
+
+
+class MissingDependencyError(DcpExtError, ImportError):
+    """An optional dependency for a backend is not installed (the message names the extra)."""
+
+
+class CheckpointNotFoundError(DcpExtError, FileNotFoundError):
+    """The checkpoint location does not exist."""
+
+
+class IncompleteCheckpointError(DcpExtError):
+    """The location holds data but no committed metadata: a save never finished there."""
+
+
+class CorruptCheckpointError(DcpExtError):
+    """Stored bytes do not match their checksum, or a file is truncated or unreadable."""
+
+
+class CheckpointExistsError(DcpExtError, FileExistsError):
+    """Saving over an existing complete checkpoint without ``overwrite=True``."""
+
+
+class StorageError(DcpExtError, OSError):
+    """An I/O operation failed for good (after retries); the message names the object."""

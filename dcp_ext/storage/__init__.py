@@ -1,0 +1,186 @@
+"""Backend registry: URL scheme (or ``backend=`` name) -> writer/reader factories.
+
+Built-in backends register themselves below. Third parties add one with
+:func:`register_backend`, or declare it in their package metadata under the entry-point
+group ``dcp_ext.backends`` (the entry point must resolve to a :class:`Backend`)::
+
+    [project.entry-points."dcp_ext.backends"]
+    mystore = "my_pkg.dcp:BACKEND"
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from ..config import Config, load_config
+from ..errors import MissingDependencyError, UnknownBackendError
+
+__all__ = ["Backend", "register_backend", "get_backend", "backends", "storage_writer",
+           "storage_reader", "split_url"]
+
+logger = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "dcp_ext.backends"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A storage backend: how to build a DCP ``StorageWriter``/``StorageReader`` for a URL.
+
+    ``make_writer(url, config)`` and ``make_reader(url, config)`` receive the URL as given
+    and a validated :class:`~dcp_ext.config.Config`. ``extra`` names the pip extra that
+    installs the backend's dependencies (used in error messages); ``requires`` lists the
+    modules it imports.
+    """
+
+    name: str
+    schemes: tuple[str, ...]
+    make_writer: Callable[[str, Config], Any]
+    make_reader: Callable[[str, Config], Any]
+    extra: str | None = None
+    requires: tuple[str, ...] = field(default_factory=tuple)
+    description: str = ""
+
+
+_REGISTRY: dict[str, Backend] = {}
+_SCHEMES: dict[str, str] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_backend(backend: Backend, *, replace: bool = False) -> None:
+    """Register ``backend`` under its name and URL schemes."""
+    if not replace and backend.name in _REGISTRY and _REGISTRY[backend.name] is not backend:
+        raise ValueError(f"a backend named {backend.name!r} is already registered")
+    _REGISTRY[backend.name] = backend
+    for s in backend.schemes:
+        _SCHEMES[s.lower()] = backend.name
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    try:
+        from importlib.metadata import entry_points
+
+        eps = entry_points(group=ENTRY_POINT_GROUP)
+    except Exception:  # noqa: BLE001
+        return
+    for ep in eps:
+        try:
+            obj = ep.load()
+            if callable(obj) and not isinstance(obj, Backend):
+                obj = obj()
+            if not isinstance(obj, Backend):
+                raise TypeError(f"entry point {ep.name} gave {type(obj).__name__}, not a Backend")
+            register_backend(obj, replace=True)
+        except Exception as e:  # noqa: BLE001 - a broken plugin must not break us
+            logger.warning("ignoring dcp_ext backend entry point %r: %s", ep.name, e)
+
+
+def backends() -> dict[str, Backend]:
+    """All registered backends by name."""
+    _load_entry_points()
+    return dict(_REGISTRY)
+
+
+def split_url(url: str | os.PathLike) -> tuple[str, str]:
+    """``"s3://b/p"`` -> ``("s3", "b/p")``; a plain path -> ``("file", path)``."""
+    url = os.fspath(url)
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        return scheme.lower(), rest
+    return "file", url
+
+
+def get_backend(url: str | os.PathLike, config: Config) -> Backend:
+    """Pick the backend for ``url`` (or ``config.backend`` when set); clear error if none."""
+    _load_entry_points()
+    if config.backend:
+        b = _REGISTRY.get(config.backend)
+        if b is None:
+            raise UnknownBackendError(
+                f"unknown backend {config.backend!r}; known backends: {', '.join(sorted(_REGISTRY))}")
+    else:
+        scheme, _ = split_url(url)
+        name = _SCHEMES.get(scheme)
+        if name is None:
+            name = _fsspec_fallback(scheme)
+        if name is None:
+            known = sorted(set(_SCHEMES))
+            raise UnknownBackendError(
+                f"no backend for URL scheme {scheme!r} in {os.fspath(url)!r}; known schemes: "
+                f"{', '.join(known)} (and any protocol fsspec knows)")
+        b = _REGISTRY[name]
+    for mod in b.requires:
+        try:
+            importlib.import_module(mod)
+        except ImportError as e:
+            hint = f"pip install 'dcp-ext[{b.extra}]'" if b.extra else f"pip install {mod}"
+            raise MissingDependencyError(
+                f"the {b.name!r} backend needs the Python package {mod!r}, which is not "
+                f"installed: {hint}") from e
+    return b
+
+
+def _fsspec_fallback(scheme: str) -> str | None:
+    """Any protocol fsspec knows goes to the generic fsspec backend."""
+    try:
+        from fsspec.registry import known_implementations, registry
+    except ImportError:  # pragma: no cover - fsspec is a hard dependency
+        return None
+    if scheme in registry or scheme in known_implementations:
+        return "fsspec"
+    return None
+
+
+def storage_writer(url: str | os.PathLike, *, config: Any = None, **options: Any):
+    """A DCP ``StorageWriter`` for ``url``; options as in :class:`~dcp_ext.config.Config`.
+
+    >>> dcp.save(state, storage_writer=dcp_ext.storage_writer("/ckpt/step_100"))
+    """
+    cfg = load_config(config, **options)
+    b = get_backend(url, cfg)
+    logger.debug("storage_writer(%s): backend %s", url, b.name)
+    return b.make_writer(os.fspath(url), cfg)
+
+
+def storage_reader(url: str | os.PathLike, *, config: Any = None, **options: Any):
+    """A DCP ``StorageReader`` for ``url``; options as in :class:`~dcp_ext.config.Config`."""
+    cfg = load_config(config, **options)
+    b = get_backend(url, cfg)
+    logger.debug("storage_reader(%s): backend %s", url, b.name)
+    return b.make_reader(os.fspath(url), cfg)
+
+
+def _register_builtins() -> None:
+    def store_backend(name, schemes, module, cls, extra=None, requires=(), description=""):
+        def make_store(url: str, cfg: Config):
+            mod = importlib.import_module(f"dcp_ext.storage.{module}")
+            return getattr(mod, cls)(url, cfg)
+
+        def make_writer(url: str, cfg: Config):
+            from .writer import ExtStorageWriter
+
+            return ExtStorageWriter(make_store(url, cfg), cfg)
+
+        def make_reader(url: str, cfg: Config):
+            from .reader import ExtStorageReader
+
+            return ExtStorageReader(make_store(url, cfg), cfg)
+
+        register_backend(Backend(name, tuple(schemes), make_writer, make_reader, extra,
+                                 tuple(requires), description))
+
+    store_backend("fs", ["file"], "fs", "LocalStore",
+                  description="local disk or NFS: parallel writes, ranged reads, atomic commit")
+    store_backend("fsspec", ["memory"], "fsspec", "FsspecStore",
+                  description="any fsspec protocol")
+
+
+_register_builtins()

@@ -1,0 +1,114 @@
+"""The small blob-store interface every byte-oriented backend implements.
+
+The DCP logic (plans, file layout, checksums, the commit protocol, ranged reads) lives
+once in :mod:`dcp_ext.storage.writer` and :mod:`dcp_ext.storage.reader`; a backend only
+moves bytes. Paths given to a :class:`Store` are relative to the checkpoint root
+(``"__0_0.distcp"``, ``".metadata"``), always with ``/`` separators.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import ClassVar, Iterable
+
+
+class BlobWriter(abc.ABC):
+    """A sequential writer for one data file / object.
+
+    ``close()`` makes the data durable (fsync on a file system, multipart completion on an
+    object store). ``abort()`` discards whatever was written (best effort, never raises).
+    """
+
+    @abc.abstractmethod
+    def write(self, data: memoryview | bytes) -> int:
+        """Append ``data``; returns the number of bytes written."""
+
+    @abc.abstractmethod
+    def tell(self) -> int:
+        """Bytes written so far (the offset the next write lands at)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush and make the data durable. Raises on failure."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Discard the partial file/object. Must not raise."""
+
+    def __enter__(self) -> "BlobWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class Store(abc.ABC):
+    """Bytes in and out of one checkpoint location (a directory or an object prefix).
+
+    Class attributes tune the generic reader for the medium:
+
+    * ``coalesce_gap``: two byte ranges closer than this are read as one request
+      (small on local disk, where a request is cheap; ~1 MiB on object stores).
+    * ``io_concurrency``: default number of requests in flight.
+    """
+
+    coalesce_gap: ClassVar[int] = 64 * 1024
+    io_concurrency: ClassVar[int] = 8
+
+    def __init__(self, url: str):
+        self.url = url
+
+    # -- writing -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def prepare_for_write(self) -> None:
+        """Create the location if needed; raise a clear error if it is not writable."""
+
+    @abc.abstractmethod
+    def open_writer(self, relpath: str) -> BlobWriter:
+        """Open a sequential writer for a (new) data file."""
+
+    @abc.abstractmethod
+    def put_atomic(self, relpath: str, data: bytes) -> None:
+        """Publish a small file so readers see either nothing or all of it.
+
+        File systems: temporary name, fsync, ``os.replace``, fsync of the directory.
+        Object stores: a single PUT (objects appear atomically), never copy+delete.
+        """
+
+    # -- reading -----------------------------------------------------------------------
+    @abc.abstractmethod
+    def read_into(self, relpath: str, offset: int, out: memoryview) -> None:
+        """Fill ``out`` with ``len(out)`` bytes of ``relpath`` starting at ``offset``.
+
+        Raises :class:`~dcp_ext.errors.CorruptCheckpointError` if the file is shorter.
+        """
+
+    def read_bytes(self, relpath: str) -> bytes:
+        """Read a whole (small) file."""
+        size = self.size(relpath)
+        buf = bytearray(size)
+        if size:
+            self.read_into(relpath, 0, memoryview(buf))
+        return bytes(buf)
+
+    @abc.abstractmethod
+    def size(self, relpath: str) -> int:
+        """Size in bytes; raises ``FileNotFoundError`` if absent."""
+
+    @abc.abstractmethod
+    def exists(self, relpath: str = "") -> bool:
+        """Whether ``relpath`` (or, for ``""``, the location itself) exists."""
+
+    @abc.abstractmethod
+    def list(self) -> list[str]:
+        """Relative paths of every file under the location (recursive, sorted)."""
+
+    @abc.abstractmethod
+    def remove(self, relpaths: Iterable[str]) -> None:
+        """Delete files; missing ones are ignored."""
+
+    def close(self) -> None:
+        """Release clients, pools and connections."""

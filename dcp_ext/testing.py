@@ -1,0 +1,251 @@
+"""Run a function on N gloo ranks in subprocesses: for tests, demos and benchmarks.
+
+Two ways to use it:
+
+* :func:`run_on_ranks` starts ``world_size`` fresh processes, runs ``fn(*args)`` on each
+  and returns the per-rank results (a list indexed by rank).
+* :class:`RankPool` keeps ``world_size`` processes with an initialised gloo group alive
+  and runs many functions on them, which is much faster for a test suite (importing
+  torch and forming a group costs seconds per process).
+
+Both rendezvous through a ``FileStore`` in a private temporary directory (nothing listens
+on the network), propagate the first failing rank's exception together with its
+traceback, and time out instead of hanging: a rank stuck in a collective because a peer
+failed is killed, and the error says which ranks finished and which did not.
+
+``fn`` must be importable by the child processes (a module-level function), because the
+children are started with the ``spawn`` method.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+__all__ = ["RankFailedError", "RankTimeoutError", "RankPool", "run_on_ranks"]
+
+logger = logging.getLogger(__name__)
+
+_POLL_S = 0.05
+
+
+class RankFailedError(RuntimeError):
+    """A function raised on one or more ranks; carries the remote traceback(s)."""
+
+    def __init__(self, failures: dict[int, str], exc_types: dict[int, str]):
+        self.failures = failures
+        self.exc_types = exc_types
+        first = min(failures)
+        others = sorted(set(failures) - {first})
+        msg = f"rank {first} failed with {exc_types[first]}:\n{failures[first]}"
+        if others:
+            msg += f"\n(ranks {others} failed too)"
+        super().__init__(msg)
+
+
+class RankTimeoutError(TimeoutError):
+    """Ranks did not finish within the timeout (e.g. a peer died inside a collective)."""
+
+
+@dataclass
+class _Task:
+    fn: Callable[..., Any]
+    args: tuple
+    kwargs: dict
+
+
+def _init_group(rank: int, world_size: int, store_path: str, backend: str, timeout_s: float) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    store = dist.FileStore(store_path, world_size)
+    dist.init_process_group(
+        backend,
+        store=store,
+        rank=rank,
+        world_size=world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
+
+
+def _worker_main(rank: int, world_size: int, store_path: str, backend: str, pg_timeout_s: float,
+                 env: dict[str, str], inbox: Any, outbox: Any) -> None:
+    os.environ.update(env)
+    os.environ["RANK"] = str(rank)
+    os.environ["WORLD_SIZE"] = str(world_size)
+    os.environ["LOCAL_RANK"] = str(rank)
+    # Keep the 2-core CI machine responsive: one intra-op thread per rank by default.
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("DCP_EXT_TEST_THREADS", "1")))
+    try:
+        _init_group(rank, world_size, store_path, backend, pg_timeout_s)
+    except BaseException as e:  # noqa: BLE001 - report anything to the parent
+        outbox.put((rank, "init_error", type(e).__name__, traceback.format_exc()))
+        return
+    outbox.put((rank, "ready", None, None))
+    import torch.distributed as dist
+
+    try:
+        while True:
+            task = inbox.get()
+            if task is None:
+                break
+            try:
+                result = task.fn(*task.args, **task.kwargs)
+                outbox.put((rank, "ok", None, result))
+            except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
+                outbox.put((rank, "error", type(e).__name__, traceback.format_exc()))
+    finally:
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class RankPool:
+    """``world_size`` long-lived processes sharing one gloo process group.
+
+    Use as a context manager::
+
+        with RankPool(4) as pool:
+            results = pool.run(my_module.my_fn, arg1, timeout=60)
+
+    After a failure or a timeout the pool stays usable when every rank returned; if a
+    rank is stuck (e.g. waiting in a collective for a failed peer) the pool is torn down
+    and :attr:`broken` is set; create a new one.
+    """
+
+    def __init__(self, world_size: int, *, backend: str = "gloo", start_timeout: float = 120.0,
+                 pg_timeout: float = 120.0, env: dict[str, str] | None = None,
+                 failure_grace: float = 10.0):
+        if world_size < 1:
+            raise ValueError(f"world_size must be >= 1, got {world_size}")
+        self.world_size = world_size
+        self.broken = False
+        #: seconds to wait for the other ranks once one rank failed
+        self.failure_grace = failure_grace
+        self._dir = tempfile.mkdtemp(prefix="dcp_ext_ranks_")
+        ctx = mp.get_context("spawn")
+        self._outbox = ctx.Queue()
+        self._inboxes = [ctx.Queue() for _ in range(world_size)]
+        store_path = os.path.join(self._dir, "store")
+        self._procs = [
+            ctx.Process(
+                target=_worker_main,
+                args=(r, world_size, store_path, backend, pg_timeout, dict(env or {}),
+                      self._inboxes[r], self._outbox),
+                daemon=True,
+                name=f"dcp_ext-rank{r}",
+            )
+            for r in range(world_size)
+        ]
+        for p in self._procs:
+            p.start()
+        try:
+            self._collect("ready", start_timeout)
+        except BaseException:
+            self.close(force=True)
+            raise
+
+    def _collect(self, what: str, timeout: float | None) -> list[Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        results: dict[int, Any] = {}
+        failures: dict[int, str] = {}
+        types: dict[int, str] = {}
+        first_failure_at: float | None = None
+        while len(results) + len(failures) < self.world_size:
+            now = time.monotonic()
+            # Once one rank failed, give the others a short grace period, not the full timeout.
+            if first_failure_at is not None and now - first_failure_at > self.failure_grace:
+                break
+            if deadline is not None and now > deadline:
+                break
+            try:
+                rank, status, exc_type, payload = self._outbox.get(timeout=_POLL_S)
+            except queue.Empty:
+                dead = [r for r, p in enumerate(self._procs)
+                        if not p.is_alive() and r not in results and r not in failures]
+                for r in dead:
+                    failures[r] = f"process exited with code {self._procs[r].exitcode}"
+                    types[r] = "ProcessDied"
+                    first_failure_at = first_failure_at or time.monotonic()
+                continue
+            if status in ("ok", "ready"):
+                results[rank] = payload
+            else:
+                failures[rank] = payload
+                types[rank] = exc_type
+                first_failure_at = first_failure_at or time.monotonic()
+        missing = sorted(set(range(self.world_size)) - set(results) - set(failures))
+        if missing:
+            self.close(force=True)
+            if failures:
+                raise RankFailedError(failures, types)
+            raise RankTimeoutError(
+                f"{what}: ranks {missing} did not finish within {timeout}s "
+                f"(finished: {sorted(results)}); the pool was torn down"
+            )
+        if failures:
+            raise RankFailedError(failures, types)
+        return [results[r] for r in range(self.world_size)]
+
+    def run(self, fn: Callable[..., Any], *args: Any, timeout: float | None = 300.0,
+            **kwargs: Any) -> list[Any]:
+        """Run ``fn(*args, **kwargs)`` on every rank; return the results indexed by rank."""
+        if self.broken:
+            raise RuntimeError("this RankPool is broken (a previous call timed out); create a new one")
+        task = _Task(fn, args, kwargs)
+        for q in self._inboxes:
+            q.put(task)
+        return self._collect(getattr(fn, "__name__", "task"), timeout)
+
+    def close(self, force: bool = False) -> None:
+        """Stop the worker processes (politely unless ``force``) and remove the rendezvous dir."""
+        if not force and not self.broken:
+            for q in self._inboxes:
+                try:
+                    q.put(None)
+                except Exception:  # noqa: BLE001
+                    pass
+            for p in self._procs:
+                p.join(timeout=10)
+        for p in self._procs:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=5)
+        if force:
+            self.broken = True
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> "RankPool":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0,
+                 backend: str = "gloo", env: dict[str, str] | None = None, **kwargs: Any) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` fresh gloo ranks; return per-rank results.
+
+    Raises :class:`RankFailedError` (with the failing rank's traceback) if any rank raised,
+    and :class:`RankTimeoutError` if ranks did not finish within ``timeout`` seconds.
+    """
+    with RankPool(world_size, backend=backend, env=env) as pool:
+        return pool.run(fn, *args, timeout=timeout, **kwargs)
+
+
+def free_rank_pools(pools: Sequence[RankPool]) -> None:
+    """Close several pools (helper for test fixtures)."""
+    for p in pools:
+        p.close()
