@@ -86,6 +86,8 @@ class LocalStore(Store):
         return os.path.join(self.root, relpath) if relpath else self.root
 
     def prepare_for_write(self) -> None:
+        if os.path.exists(self.root) and not os.path.isdir(self.root):
+            raise StorageError(f"cannot write a checkpoint to {self.root}: it is not a directory")
         try:
             os.makedirs(self.root, exist_ok=True)
         except OSError as e:
