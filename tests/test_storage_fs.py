@@ -78,7 +78,7 @@ def test_single_process_round_trip(tmp_path, url_kind):
 
 
 def test_layout_is_standard_dcp(tmp_path):
-    dcp.save(_state(), storage_writer=dcp_ext.storage_writer(tmp_path, io_threads=3))
+    dcp.save(_state(), storage_writer=dcp_ext.storage_writer(tmp_path, files_per_rank=3))
     names = sorted(os.listdir(tmp_path))
     assert names[:2] == [MANIFEST_NAME, METADATA_NAME]
     assert names[2:] == ["__0_0.distcp", "__0_1.distcp", "__0_2.distcp"]
@@ -256,7 +256,7 @@ def test_garbage_manifest(tmp_path):
 
 
 def test_refuses_overwrite_unless_asked(tmp_path):
-    dcp.save({"w": torch.ones(3)}, storage_writer=dcp_ext.storage_writer(tmp_path, io_threads=4))
+    dcp.save({"w": torch.ones(3)}, storage_writer=dcp_ext.storage_writer(tmp_path, files_per_rank=4))
     with pytest.raises(BaseException) as ei:
         dcp.save({"w": torch.zeros(3)}, storage_writer=dcp_ext.storage_writer(tmp_path))
     assert "already holds a complete checkpoint" in str(ei.value) and "overwrite=True" in str(ei.value)

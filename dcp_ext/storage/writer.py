@@ -54,6 +54,9 @@ __all__ = ["ExtStorageWriter", "SaveStats"]
 logger = logging.getLogger(__name__)
 
 DCP_VERSION = "1.0.0"
+#: with ``files_per_rank`` unset, a rank's data is split over at most one file per
+#: ``MIN_FILE_BYTES`` (small states are not scattered into many tiny files)
+MIN_FILE_BYTES = 32 * 1024 * 1024
 DATA_FILE_RE = re.compile(r"^__\d+_\d+\.distcp$")
 
 
@@ -163,9 +166,11 @@ class ExtStorageWriter(StorageWriter):
         storage: _RankStorage = plan.storage_data
         self.save_id = storage.save_id
         t0 = time.perf_counter()
-        nfiles = self.config.files_per_rank or self.config.io_threads
-        buckets = split_items(list(plan.items), nfiles)
         total = sum(_item_nbytes(i) for i in plan.items)
+        nfiles = self.config.files_per_rank
+        if nfiles is None:  # one file per thread, but no file smaller than MIN_FILE_BYTES
+            nfiles = max(1, min(self.config.io_threads, total // MIN_FILE_BYTES))
+        buckets = split_items(list(plan.items), nfiles)
         progress = Progress(f"rank {self.rank}: saving to {self.store.url}", total,
                             self.config.progress if self.rank == 0 else False, logger)
         block = self.config.checksum_block_size if self.config.checksum else None
