@@ -291,13 +291,12 @@ def test_unwritable_target(tmp_path):
         w.store.prepare_for_write()
 
 
-def test_require_world_size(tmp_path):
+def test_expect_world_size(tmp_path):
     dcp.save({"w": torch.ones(3)}, storage_writer=dcp_ext.storage_writer(tmp_path))
-    from dcp_ext.storage.reader import ExtStorageReader
-
-    r = ExtStorageReader(dcp_ext.storage_reader(tmp_path).store, dcp_ext.load_config(), require_world_size=4)
-    with pytest.raises(dcp_ext.DcpExtError, match="saved by 1 ranks but this load requires 4"):
+    r = dcp_ext.storage_reader(tmp_path, expect_world_size=4)
+    with pytest.raises(dcp_ext.DcpExtError, match="saved by 1 ranks but this load expects 4"):
         r.read_metadata()
+    dcp_ext.storage_reader(tmp_path, expect_world_size=1).read_metadata()
 
 
 def test_checkpoint_id_reset(tmp_path):

@@ -98,11 +98,10 @@ class ExtStorageReader(StorageReader):
     Build it with :func:`dcp_ext.storage_reader` rather than directly.
     """
 
-    def __init__(self, store: Store, config: Config, *, require_world_size: int | None = None):
+    def __init__(self, store: Store, config: Config):
         super().__init__()
         self.store = store
         self.config = config
-        self.require_world_size = require_world_size
         self.load_id = uuid.uuid4().hex
         self.locations: dict[MetadataIndex, ItemLocation] = {}
         self._chunks: dict[MetadataIndex, tuple[torch.Size, torch.dtype]] = {}
@@ -163,9 +162,10 @@ class ExtStorageReader(StorageReader):
                                       f"FileSystemReader")
             metadata.storage_data = dict(self.locations)
         ws = self.manifest_extra.get("world_size")
-        if self.require_world_size is not None and ws is not None and ws != self.require_world_size:
-            raise DcpExtError(f"{self.store.url} was saved by {ws} ranks but this load requires "
-                              f"{self.require_world_size} (require_world_size)")
+        want = self.config.expect_world_size
+        if want is not None and ws is not None and ws != want:
+            raise DcpExtError(f"{self.store.url} was saved by {ws} ranks but this load expects {want} "
+                              f"(expect_world_size); its per-rank state would not line up")
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
