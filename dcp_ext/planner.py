@@ -22,6 +22,7 @@ and ``format_utils.dcp_to_torch_save`` gives the unsharded model.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import io
 import json
 import logging
@@ -218,6 +219,15 @@ class ReshardSavePlanner(DefaultSavePlanner):
         items.append(wi)
 
     def create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # see dedup_by_bytes: GC passes over millions of plan objects cost more than the work
+        try:
+            return self._create_reshard_global_plan(all_plans)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _create_reshard_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         infos = [_info_of(p) for p in all_plans]
         deduped = dedup_by_bytes(all_plans, infos)
         global_plan, metadata = create_default_global_save_plan(deduped)
@@ -297,49 +307,78 @@ def dedup_by_bytes(all_plans: list[SavePlan], infos: list[dict[str, Any] | None]
     """
     if infos is None:
         infos = [_info_of(p) for p in all_plans]
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # millions of short-lived tuples at 1k ranks: cyclic GC passes dominate otherwise
+    try:
+        return _dedup_by_bytes(all_plans, infos)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _dedup_by_bytes(all_plans: list[SavePlan], infos: list[dict[str, Any] | None]) -> list[SavePlan]:
     n = len(all_plans)
-    holders: dict[tuple, list[tuple[int, int]]] = {}
+    # key -> first (plan, pos); extra holders only for replicated keys (most keys have one holder)
+    first: dict[tuple, tuple[int, int]] = {}
+    extra: dict[tuple, list[tuple[int, int]]] = {}
     for pi, plan in enumerate(all_plans):
         for pos, it in enumerate(plan.items):
-            off = it.index.offset
-            key = (it.index.fqn, None if off is None else tuple(off))
-            h = holders.get(key)
-            if h is None:
-                holders[key] = [(pi, pos)]
+            idx = it.index
+            key = (idx.fqn, idx.offset)
+            if key in first:
+                lst = extra.get(key)
+                if lst is None:
+                    extra[key] = [first[key], (pi, pos)]
+                else:
+                    lst.append((pi, pos))
             else:
-                h.append((pi, pos))
+                first[key] = (pi, pos)
     anywhere = [set(i["anywhere"]) if i else set() for i in infos]
     exclusive = [set(i["exclusive"]) if i else set() for i in infos]
     pp_rank = [i["layout"]["pp_rank"] if i else 0 for i in infos]
 
     loads = [0] * n
     keep: list[set[int]] = [set() for _ in range(n)]
-    dups: list[tuple[int, str, tuple, list[tuple[int, int]]]] = []
-    errors: list[str] = []
-    for key, hs in holders.items():
-        if len(hs) == 1:
-            pi, pos = hs[0]
+    for key, (pi, pos) in first.items():
+        if key not in extra:
             keep[pi].add(pos)
             loads[pi] += _item_nbytes(all_plans[pi].items[pos])
-            continue
-        items = [all_plans[pi].items[pos] for pi, pos in hs]
-        sizes = {None if it.tensor_data is None else tuple(it.tensor_data.chunk.sizes) for it in items}
-        ranks = [pi for pi, _ in hs]
-        if len(sizes) > 1:
-            errors.append(f"{key[0]} at offsets {list(key[1] or [])} is claimed by ranks {ranks} with different "
-                          f"chunk sizes {sorted(map(str, sizes))}")
-            continue
-        if any(pos in exclusive[pi] for pi, pos in hs):
-            errors.append(f"{key[0]} at offsets {list(key[1] or [])} is a GlobalPieces(replicated=False) piece but "
-                          f"ranks {ranks} all hold it (mark it replicated=True if the copies are identical)")
-            continue
-        if not all(pos in anywhere[pi] for pi, pos in hs):
-            stages = sorted({pp_rank[pi] for pi in ranks})
-            if len(stages) > 1:
-                errors.append(f"{key[0]} at offsets {list(key[1] or [])} is claimed by ranks {ranks} in PP stages "
-                              f"{stages}: the stages' layer renumbering (layer_offset/stage_layers) overlaps")
+    dups: list[tuple[int, str, tuple, list[tuple[int, int]]]] = []
+    errors: list[str] = []
+    any_exclusive = any(exclusive)
+    for key, hs in extra.items():
+        pi0, pos0 = hs[0]
+        item0 = all_plans[pi0].items[pos0]
+        td0 = item0.tensor_data
+        s0 = None if td0 is None else td0.chunk.sizes
+        p0 = pp_rank[pi0]
+        same_sizes = True
+        one_stage = True
+        for pi, pos in hs:  # plain loop: this runs once per replicated write item (millions at 1k ranks)
+            td = all_plans[pi].items[pos].tensor_data
+            if (None if td is None else td.chunk.sizes) != s0:
+                same_sizes = False
+            if pp_rank[pi] != p0:
+                one_stage = False
+        if not (same_sizes and one_stage) or any_exclusive:
+            ranks = [pi for pi, _ in hs]
+            where = f"{key[0]} at offsets {list(key[1] or [])}"
+            if not same_sizes:
+                items = [all_plans[pi].items[pos] for pi, pos in hs]
+                sizes = sorted({str(None if it.tensor_data is None else list(it.tensor_data.chunk.sizes))
+                                for it in items})
+                errors.append(f"{where} is claimed by ranks {ranks} with different chunk sizes {sizes}")
                 continue
-        dups.append((_item_nbytes(items[0]), key[0], key[1] or (), hs))
+            if any(pos in exclusive[pi] for pi, pos in hs):
+                errors.append(f"{where} is a GlobalPieces(replicated=False) piece but ranks {ranks} all hold it "
+                              f"(mark it replicated=True if the copies are identical)")
+                continue
+            if not one_stage and not all(pos in anywhere[pi] for pi, pos in hs):
+                stages = sorted({pp_rank[pi] for pi in ranks})
+                errors.append(f"{where} is claimed by ranks {ranks} in PP stages {stages}: the stages' layer "
+                              f"renumbering (layer_offset/stage_layers) overlaps")
+                continue
+        dups.append((_item_nbytes(item0), key[0], tuple(key[1] or ()), hs))
     if errors:
         more = f" (and {len(errors) - _MAX_LISTED} more)" if len(errors) > _MAX_LISTED else ""
         raise ReshardError(
@@ -348,15 +387,20 @@ def dedup_by_bytes(all_plans: list[SavePlan], infos: list[dict[str, Any] | None]
         )
     dups.sort(key=lambda d: (-d[0], d[1], d[2]))
     for nbytes, _, _, hs in dups:
-        best_pi, best_pos = min(hs, key=lambda h: (loads[h[0]], h[0]))
+        best_pi, best_pos = hs[0]
+        best_load = loads[best_pi]
+        for pi, pos in hs[1:]:
+            if loads[pi] < best_load or (loads[pi] == best_load and pi < best_pi):
+                best_pi, best_pos, best_load = pi, pos, loads[pi]
         keep[best_pi].add(best_pos)
         loads[best_pi] += nbytes
-    logger.debug("dedup_by_bytes: %d unique chunks, %d replicated, bytes per rank %s",
-                 len(holders), len(dups), loads)
-    return [
-        dataclasses.replace(plan, items=[it for pos, it in enumerate(plan.items) if pos in k])
-        for plan, k in zip(all_plans, keep)
-    ]
+    logger.debug("dedup_by_bytes: %d unique chunks, %d replicated; bytes per rank min %d max %d",
+                 len(first), len(dups), min(loads, default=0), max(loads, default=0))
+    out = []
+    for plan, k in zip(all_plans, keep):
+        items = plan.items
+        out.append(dataclasses.replace(plan, items=[items[pos] for pos in sorted(k)]))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- load
