@@ -10,7 +10,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
-from dcp_ext.layout import GlobalPieces, ParallelLayout, Piece
+from dcp_ext.layout import GlobalPieces, ParallelLayout, Piece, ShardSpec
 from dcp_ext.planner import ReshardLoadPlanner, ReshardSavePlanner
 
 from . import megatron_gpt as mg
@@ -103,8 +103,10 @@ def save_written_bytes(path: str, topo_name: str) -> int:
 
 
 def dtensor_roundtrip(root: str) -> list[str]:
-    """Save a TP model as DTensors (Shard(0)/Shard(1) on a 4-way mesh), load it as DTensors on a
-    2x2 mesh with other placements, and as plain Megatron shards at 2x1x2; compare exactly."""
+    """Save a mixed state (TP model as DTensors with Shard(0)/Shard(1) on a 4-way mesh, plain
+    sharded and replicated tensors, bytes); load it as DTensors on a 2x2 mesh with other
+    placements plus plain shards at TP=2 x DP=2, and the model as plain Megatron shards at
+    2x1x2; compare exactly."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
@@ -121,20 +123,34 @@ def dtensor_roundtrip(root: str) -> list[str]:
                 return [Shard(spec.dim)]
         return [Replicate()]
 
-    sd = {"model": {k: distribute_tensor(v, mesh, placement(k)) for k, v in full.items()}}
+    # a mixed state: DTensors, a plain tensor column-sharded Megatron-style, a replicated one, bytes
+    col = ParallelLayout(tp_rank=rank, tp_size=4, rules={"plain.col": ShardSpec(0)})
+    col_full = torch.arange(8.0)
+    sd = {"model": {k: distribute_tensor(v, mesh, placement(k)) for k, v in full.items()},
+          "plain": {"col": col.shard("plain.col", col_full), "rep": torch.ones(3)}, "step": 11}
     path = os.path.join(root, "dtensor")
-    dcp.save(sd, storage_writer=FileSystemWriter(path), planner=ReshardSavePlanner(ParallelLayout()))
+    dcp.save(sd, storage_writer=FileSystemWriter(path), planner=ReshardSavePlanner(col))
     problems = []
     mesh2 = init_device_mesh("cpu", (2, 2))
     tgt = {"model": {k: distribute_tensor(torch.zeros_like(v), mesh2, [Shard(v.dim() - 1), Replicate()])
-                     for k, v in full.items()}}
-    dcp.load(tgt, storage_reader=FileSystemReader(path), planner=ReshardLoadPlanner(ParallelLayout()))
+                     for k, v in full.items()},
+           "plain": {"col": torch.zeros(4), "rep": torch.zeros(3)}, "step": 0}
+    col2 = ParallelLayout(tp_rank=rank % 2, tp_size=2, dp_rank=rank // 2, dp_size=2,
+                          rules={"plain.col": ShardSpec(0)})
+    dcp.load(tgt, storage_reader=FileSystemReader(path), planner=ReshardLoadPlanner(col2))
+    if not torch.equal(tgt["plain"]["col"], col_full[4 * (rank % 2): 4 * (rank % 2) + 4]):
+        problems.append("plain col")
+    if not torch.equal(tgt["plain"]["rep"], torch.ones(3)) or tgt["step"] != 11:
+        problems.append("plain rep / step")
     for k, v in full.items():
         if not torch.equal(tgt["model"][k].full_tensor(), v):
             problems.append(f"dtensor {k}")
     topo = mg.Topo(2, 1, 2)
     plain = {"model": mg.empty_like_local(topo, rank)}
-    dcp.load(plain, storage_reader=FileSystemReader(path), planner=ReshardLoadPlanner(topo.layout(rank)))
+    lp = ReshardLoadPlanner(topo.layout(rank), strict=False)
+    dcp.load(plain, storage_reader=FileSystemReader(path), planner=lp)
+    if lp.report.unexpected_keys != ["plain.col", "plain.rep", "step"] or lp.report.missing_keys:
+        problems.append(f"report {lp.report}")
     problems += [f"plain {k}" for k in check_loaded(topo, rank, plain["model"], full)]
     return problems
 
