@@ -241,10 +241,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes for development")
     ap.add_argument("--ranks", type=int, nargs="*", help="rank counts for the planning part")
     ap.add_argument("--skip-load", action="store_true", help="only the planning part")
+    ap.add_argument("--skip-planning", action="store_true", help="only the load part")
+    ap.add_argument("--reps", type=int, help="load repetitions (default 7, quick 3)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "bench_reshard.json"))
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    scale, reps = (1, 3) if args.quick else (2, 5)
+    scale, reps = (1, 3) if args.quick else (2, 7)
+    reps = args.reps or reps
     ranks_list = args.ranks or ([64, 256] if args.quick else [64, 256, 1024])
     tensors = 200 if args.quick else 1000
     result: dict = {"torch": torch.__version__, "cpus": os.cpu_count()}
@@ -256,7 +259,7 @@ def main() -> None:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result["planning"] = []
-    for n in ranks_list:
+    for n in ([] if args.skip_planning else ranks_list):
         r = bench_planning(n, tensors)
         logger.info("planning: %s", r)
         result["planning"].append(r)
@@ -265,6 +268,9 @@ def main() -> None:
             prev = json.load(f)
         if "load" in prev:
             result["load"] = prev["load"]
+    if args.skip_planning and os.path.exists(args.out):
+        with open(args.out) as f:
+            result["planning"] = json.load(f).get("planning", [])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
