@@ -89,13 +89,13 @@ def test_dcp_to_torch_save_gives_unsharded_model(saved, tmp_path):
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     out = tmp_path / "full.pt"
-    dcp_to_torch_save(os.path.join(saved, "2x1x2"), str(out))
+    dcp_to_torch_save(os.path.join(saved, "2x2x1"), str(out))  # TP and PP: renamed layers stay nested
     loaded = torch.load(out, weights_only=False)
     full = mg.full_params(rf.SEED)
     assert set(loaded["model"]) == set(full)
     for k, v in full.items():
         assert torch.equal(loaded["model"][k], v), k
-    assert loaded["step"] == 7 and loaded["extra"] == {"note": "saved at 2x1x2"}
+    assert loaded["step"] == 7 and loaded["extra"] == {"note": "saved at 2x2x1"}
 
 
 def test_saved_layout_is_recorded(saved):
