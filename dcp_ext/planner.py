@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,6 +229,7 @@ class ReshardSavePlanner(DefaultSavePlanner):
                 gc.enable()
 
     def _create_reshard_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        t0 = time.perf_counter()
         infos = [_info_of(p) for p in all_plans]
         deduped = dedup_by_bytes(all_plans, infos)
         global_plan, metadata = create_default_global_save_plan(deduped)
@@ -253,6 +255,9 @@ class ReshardSavePlanner(DefaultSavePlanner):
             )
         self.global_plan = global_plan
         self.metadata = metadata
+        logger.info("ReshardSavePlanner: global plan for %d ranks: %d write items -> %d chunks in %.2f s (%s)",
+                    len(all_plans), sum(len(p.items) for p in all_plans), sum(len(p.items) for p in global_plan),
+                    time.perf_counter() - t0, _describe(infos))
         return global_plan, metadata
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
@@ -593,6 +598,9 @@ class ReshardLoadPlanner(DefaultLoadPlanner):
         report = ReshardReport(missing_keys=missing, unexpected_keys=unexpected, shape_mismatches=mismatched,
                                saved_layout=saved_layout(self.metadata) if self.metadata else "unknown",
                                target_layout=_describe(infos))
+        logger.info("ReshardLoadPlanner: %d ranks load %d read items; saved layout %s; target %s",
+                    len(global_plan), sum(len(p.items) for p in global_plan), report.saved_layout,
+                    report.target_layout)
         if self.strict and not report.ok:
             raise ReshardError("ReshardLoadPlanner (strict): the checkpoint does not match the target layout\n"
                                + report.format())

@@ -276,3 +276,23 @@ def test_resolve_data_compacts_views(tmp_path):
     assert torch.equal(out["w"], buf[2:8].view(3, 2))
     data = [f for f in os.listdir(tmp_path) if f.endswith(".distcp")]
     assert os.path.getsize(tmp_path / data[0]) < 4000  # 6 floats, not the 40 kB buffer
+
+
+def test_load_a_stock_full_checkpoint_into_megatron_shards(tmp_path):
+    """A checkpoint of full tensors written by stock DCP (e.g. converted from elsewhere) loads at TP=2 x PP=2."""
+    full = mg.full_params(rf.SEED)
+    dcp.save({"model": full}, storage_writer=FileSystemWriter(str(tmp_path)))  # stock DefaultSavePlanner
+    md = FileSystemReader(str(tmp_path)).read_metadata()
+    assert saved_layout(md) == "unknown (not written by ReshardSavePlanner)"
+    topo = mg.Topo(2, 2, 1)
+    for rank in range(topo.world):
+        params = mg.empty_like_local(topo, rank)
+        planner = ReshardLoadPlanner(topo.layout(rank), strict=False)
+        dcp.load({"model": params}, storage_reader=FileSystemReader(str(tmp_path)), planner=planner)
+        expect = mg.local_params(topo, rank, full)
+        assert set(params) == set(expect)
+        for k, v in expect.items():
+            assert torch.equal(params[k], v), (rank, k)
+        # a single rank of a PP job does not load the other stage's layers: reported, not loaded
+        assert planner.report.missing_keys == [] and planner.report.shape_mismatches == []
+        assert planner.report.unexpected_keys
