@@ -99,6 +99,23 @@ def _layers_of(fqns: Any, layout: ParallelLayout) -> list[int]:
     return sorted(out)
 
 
+def _ranges(ids: Any) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2,5"`` (keeps descriptions of 1,000-layer jobs short)."""
+    ids = sorted(ids)
+    if not ids:
+        return "none"
+    parts = []
+    start = prev = ids[0]
+    for x in ids[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if x is not None:
+            start = prev = x
+    return ",".join(parts)
+
+
 def _describe(infos: list[dict[str, Any] | None]) -> str:
     """One line describing the layout of all ranks: sizes, and the layers of every PP stage."""
     known = [i for i in infos if i is not None]
@@ -109,7 +126,7 @@ def _describe(infos: list[dict[str, Any] | None]) -> str:
     for i in known:
         stages.setdefault(i["layout"]["pp_rank"], set()).update(i.get("layers", []))
     size_s = " / ".join(f"{t}x{p}x{d}" for t, p, d in sizes)
-    stage_s = "; ".join(f"stage {s}: layers {sorted(ls)}" for s, ls in sorted(stages.items()))
+    stage_s = "; ".join(f"stage {s}: layers {_ranges(ls)}" for s, ls in sorted(stages.items()))
     return f"TPxPPxDP={size_s} on {len(infos)} ranks ({stage_s})"
 
 

@@ -205,3 +205,13 @@ def test_local_box_is_a_view():
     v = local_box(t, PieceMap((1, 2), (0, 0), (2, 3)))
     v.fill_(1)
     assert t.sum() == 6 and t[1:3, 2:5].eq(1).all()
+
+
+def test_layout_description_ranges():
+    from dcp_ext.planner import _ranges
+
+    assert _ranges([5, 0, 1, 2]) == "0-2,5"
+    assert _ranges([3]) == "3"
+    assert _ranges([]) == "none"
+    lay = ParallelLayout(tp_rank=1, tp_size=2, pp_rank=1, pp_size=2, stage_layers=(2, 3))
+    assert lay.describe() == "TPxPPxDP=2x2x1 (tp 1, pp 1 [layers 2,3], dp 0)"

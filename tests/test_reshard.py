@@ -100,9 +100,9 @@ def test_dcp_to_torch_save_gives_unsharded_model(saved, tmp_path):
 
 def test_saved_layout_is_recorded(saved):
     md = FileSystemReader(os.path.join(saved, "2x2x1")).read_metadata()
-    assert saved_layout(md) == "TPxPPxDP=2x2x1 on 4 ranks (stage 0: layers [0, 1]; stage 1: layers [2, 3])"
+    assert saved_layout(md) == "TPxPPxDP=2x2x1 on 4 ranks (stage 0: layers 0-1; stage 1: layers 2-3)"
     md = FileSystemReader(os.path.join(saved, "1x2x2-uneven")).read_metadata()
-    assert saved_layout(md) == "TPxPPxDP=1x2x2 on 4 ranks (stage 0: layers [0]; stage 1: layers [1, 2, 3])"
+    assert saved_layout(md) == "TPxPPxDP=1x2x2 on 4 ranks (stage 0: layers 0; stage 1: layers 1-3)"
 
 
 def test_chunks_store_only_their_bytes(saved):
@@ -160,7 +160,7 @@ def test_strict_load_with_wrong_layout_names_both_layouts(saved):
                  planner=ReshardLoadPlanner(lay))
     msg = str(ei.value)
     assert "ReshardLoadPlanner (strict): the checkpoint does not match the target layout" in msg
-    assert "saved layout: TPxPPxDP=2x2x1 on 4 ranks (stage 0: layers [0, 1]; stage 1: layers [2, 3])" in msg
+    assert "saved layout: TPxPPxDP=2x2x1 on 4 ranks (stage 0: layers 0-1; stage 1: layers 2-3)" in msg
     assert "target layout: TPxPPxDP=4x1x1 on 1 ranks" in msg
     assert ("model.embed.weight: checkpoint global shape [64, 16], target layout TPxPPxDP=4x1x1 (tp 0, pp 0 "
             "[layer_offset 0], dp 0) (local shape [32, 16], ShardSpec(dim=0, segments=None)) implies [128, 16]") in msg
