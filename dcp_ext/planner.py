@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import hashlib
 import io
 import json
 import logging
@@ -219,6 +220,7 @@ class ReshardSavePlanner(DefaultSavePlanner):
             "layers": _layers_of({it.index.fqn for it in items}, lay),
             "anywhere": anywhere,
             "exclusive": exclusive,
+            "fingerprint": _fingerprint(lay.pp_rank, items, anywhere, exclusive),
         }
         planner_data = dict(paths)
         planner_data[LAYOUT_KEY] = (json.dumps(info),)
@@ -338,86 +340,119 @@ def dedup_by_bytes(all_plans: list[SavePlan], infos: list[dict[str, Any] | None]
             gc.enable()
 
 
+def _fingerprint(pp_rank: int, items: list[WriteItem], anywhere: list[int], exclusive: list[int]) -> str:
+    """Digest of a local plan's chunk list: DP replicas send identical plans, and the coordinator
+    then walks the items of one of them instead of all (1,024 ranks: 16x fewer items at DP=16)."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((pp_rank, anywhere, exclusive)).encode())
+    for it in items:
+        td = it.tensor_data
+        h.update(repr((it.index.fqn, None if it.index.offset is None else tuple(it.index.offset), it.type.value,
+                       None if td is None else (tuple(td.chunk.sizes), str(td.properties.dtype)))).encode())
+    return h.hexdigest()
+
+
 def _dedup_by_bytes(all_plans: list[SavePlan], infos: list[dict[str, Any] | None]) -> list[SavePlan]:
     n = len(all_plans)
-    # key -> first (plan, pos); extra holders only for replicated keys (most keys have one holder)
+    # 1. group ranks whose plans are identical (same fingerprint); one representative per group
+    members: list[list[int]] = []
+    group_of_fp: dict[str, int] = {}
+    for pi, info in enumerate(infos):
+        fp = info.get("fingerprint") if info else None
+        g = group_of_fp.get(fp) if fp is not None else None
+        if g is None:
+            g = len(members)
+            members.append([])
+            if fp is not None:
+                group_of_fp[fp] = g
+        members[g].append(pi)
+    rep = [m[0] for m in members]
+    # 2. key -> holder groups, walking only the representatives' items
     first: dict[tuple, tuple[int, int]] = {}
     extra: dict[tuple, list[tuple[int, int]]] = {}
-    for pi, plan in enumerate(all_plans):
-        for pos, it in enumerate(plan.items):
+    for g, pi in enumerate(rep):
+        for pos, it in enumerate(all_plans[pi].items):
             idx = it.index
             key = (idx.fqn, idx.offset)
             if key in first:
                 lst = extra.get(key)
                 if lst is None:
-                    extra[key] = [first[key], (pi, pos)]
+                    extra[key] = [first[key], (g, pos)]
                 else:
-                    lst.append((pi, pos))
+                    lst.append((g, pos))
             else:
-                first[key] = (pi, pos)
+                first[key] = (g, pos)
     anywhere = [set(i["anywhere"]) if i else set() for i in infos]
     exclusive = [set(i["exclusive"]) if i else set() for i in infos]
     pp_rank = [i["layout"]["pp_rank"] if i else 0 for i in infos]
 
     loads = [0] * n
     keep: list[set[int]] = [set() for _ in range(n)]
-    for key, (pi, pos) in first.items():
-        if key not in extra:
+    dups: list[tuple[int, str, tuple, list[tuple[int, int]]]] = []
+    for key, (g, pos) in first.items():
+        if key in extra:
+            continue
+        if len(members[g]) == 1:
+            pi = members[g][0]
             keep[pi].add(pos)
             loads[pi] += _item_nbytes(all_plans[pi].items[pos])
-    dups: list[tuple[int, str, tuple, list[tuple[int, int]]]] = []
+        else:  # held only by identical replicas
+            extra[key] = [(g, pos)]
     errors: list[str] = []
-    any_exclusive = any(exclusive)
     for key, hs in extra.items():
-        pi0, pos0 = hs[0]
-        item0 = all_plans[pi0].items[pos0]
+        g0, pos0 = hs[0]
+        item0 = all_plans[rep[g0]].items[pos0]
         td0 = item0.tensor_data
         s0 = None if td0 is None else td0.chunk.sizes
-        p0 = pp_rank[pi0]
+        p0 = pp_rank[rep[g0]]
         same_sizes = True
         one_stage = True
-        for pi, pos in hs:  # plain loop: this runs once per replicated write item (millions at 1k ranks)
-            td = all_plans[pi].items[pos].tensor_data
+        for g, pos in hs[1:]:
+            td = all_plans[rep[g]].items[pos].tensor_data
             if (None if td is None else td.chunk.sizes) != s0:
                 same_sizes = False
-            if pp_rank[pi] != p0:
+            if pp_rank[rep[g]] != p0:
                 one_stage = False
-        if not (same_sizes and one_stage) or any_exclusive:
-            ranks = [pi for pi, _ in hs]
+        holders = [(pi, pos) for g, pos in hs for pi in members[g]]
+        if not (same_sizes and one_stage) or any(exclusive[rep[g]] for g, _ in hs):
+            ranks = [pi for pi, _ in holders]
             where = f"{key[0]} at offsets {list(key[1] or [])}"
             if not same_sizes:
-                items = [all_plans[pi].items[pos] for pi, pos in hs]
-                sizes = sorted({str(None if it.tensor_data is None else list(it.tensor_data.chunk.sizes))
-                                for it in items})
+                sizes = sorted({str(None if all_plans[pi].items[pos].tensor_data is None
+                                    else list(all_plans[pi].items[pos].tensor_data.chunk.sizes))
+                                for pi, pos in holders})
                 errors.append(f"{where} is claimed by ranks {ranks} with different chunk sizes {sizes}")
                 continue
-            if any(pos in exclusive[pi] for pi, pos in hs):
+            if any(pos in exclusive[pi] for pi, pos in holders):
                 errors.append(f"{where} is a GlobalPieces(replicated=False) piece but ranks {ranks} all hold it "
                               f"(mark it replicated=True if the copies are identical)")
                 continue
-            if not one_stage and not all(pos in anywhere[pi] for pi, pos in hs):
+            if not one_stage and not all(pos in anywhere[pi] for pi, pos in holders):
                 stages = sorted({pp_rank[pi] for pi in ranks})
                 errors.append(f"{where} is claimed by ranks {ranks} in PP stages {stages}: the stages' layer "
                               f"renumbering (layer_offset/stage_layers) overlaps")
                 continue
-        dups.append((_item_nbytes(item0), key[0], tuple(key[1] or ()), hs))
+        dups.append((_item_nbytes(item0), key[0], tuple(key[1] or ()), holders))
     if errors:
         more = f" (and {len(errors) - _MAX_LISTED} more)" if len(errors) > _MAX_LISTED else ""
         raise ReshardError(
             f"ReshardSavePlanner: {len(errors)} chunk collision(s) across ranks{more}; saving layout "
             f"{_describe(infos)}:\n  " + "\n  ".join(errors[:_MAX_LISTED])
         )
+    # 3. replicated chunks: largest first to the least-loaded holder (ties: lower rank)
     dups.sort(key=lambda d: (-d[0], d[1], d[2]))
     for nbytes, _, _, hs in dups:
         best_pi, best_pos = hs[0]
         best_load = loads[best_pi]
-        for pi, pos in hs[1:]:
-            if loads[pi] < best_load or (loads[pi] == best_load and pi < best_pi):
-                best_pi, best_pos, best_load = pi, pos, loads[pi]
+        for pi, pos in hs:
+            ld = loads[pi]
+            if ld < best_load or (ld == best_load and pi < best_pi):
+                best_pi, best_pos, best_load = pi, pos, ld
         keep[best_pi].add(best_pos)
         loads[best_pi] += nbytes
-    logger.debug("dedup_by_bytes: %d unique chunks, %d replicated; bytes per rank min %d max %d",
-                 len(first), len(dups), min(loads, default=0), max(loads, default=0))
+    logger.debug("dedup_by_bytes: %d ranks in %d groups of identical plans, %d unique chunks, %d replicated; "
+                 "bytes per rank min %d max %d", n, len(members), len(first), len(dups),
+                 min(loads, default=0), max(loads, default=0))
     out = []
     for plan, k in zip(all_plans, keep):
         items = plan.items

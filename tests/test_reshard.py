@@ -296,3 +296,27 @@ def test_load_a_stock_full_checkpoint_into_megatron_shards(tmp_path):
         # a single rank of a PP job does not load the other stage's layers: reported, not loaded
         assert planner.report.missing_keys == [] and planner.report.shape_mismatches == []
         assert planner.report.unexpected_keys
+
+
+def test_dedup_grouping_of_identical_plans_matches_per_rank_dedup():
+    """DP replicas' identical plans are walked once (fingerprints); the result must equal the plain
+    per-rank algorithm, and every replica must get a share of the writing."""
+    import json
+
+    topo = mg.Topo(2, 2, 2)
+    plans = []
+    for rank in range(topo.world):
+        planner = ReshardSavePlanner(topo.layout(rank))
+        planner.set_up_planner(rf.state_for(topo, rank))
+        plans.append(planner.create_local_plan())
+    infos = [json.loads(p.planner_data[LAYOUT_KEY][0]) for p in plans]
+    assert len({i["fingerprint"] for i in infos}) == 4  # 8 ranks, DP=2 -> 4 distinct plans
+    stripped = [{k: v for k, v in i.items() if k != "fingerprint"} for i in infos]
+    grouped = dedup_by_bytes(plans, infos)
+    per_rank = dedup_by_bytes(plans, stripped)
+    assert [[(it.index.fqn, it.index.offset) for it in p.items] for p in grouped] == \
+           [[(it.index.fqn, it.index.offset) for it in p.items] for p in per_rank]
+    written = [sum(it.tensor_storage_size() or 0 for it in p.items) for p in grouped]
+    assert min(written) > 0.5 * max(written), written
+    keys = [(it.index.fqn, it.index.offset) for p in grouped for it in p.items]
+    assert len(keys) == len(set(keys))
