@@ -183,7 +183,8 @@ def bench_planning(n_ranks: int, tensors_per_rank: int) -> dict:
     unique: dict[tuple[int, int], bytes] = {}
     for p in range(pp):
         for t in range(tp):
-            lay = ParallelLayout(tp_rank=t, tp_size=tp, pp_rank=p, pp_size=pp, rules=rules, layer_offset=p * layers)
+            lay = ParallelLayout(tp_rank=t, tp_size=tp, pp_rank=p, pp_size=pp, dp_size=dp, rules=rules,
+                                 layer_offset=p * layers)
             planner = ReshardSavePlanner(lay)
             planner.set_up_planner(_rank_state(tp, t, layers), is_coordinator=False)
             unique[(t, p)] = pickle.dumps(planner.create_local_plan())
