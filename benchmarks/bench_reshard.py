@@ -1,0 +1,282 @@
+"""Benchmark the resharding planners.
+
+1. Load time of a resharded load vs a same-layout load of the *same* checkpoint (4 gloo ranks,
+   stock FileSystemReader on tmpfs, interleaved repetitions, median; ratio reported).
+2. Bytes per rank: bytes the planner asks for (sum of read-item lengths) vs the bytes the rank's
+   tensors need, and bytes the stock FileSystemReader actually reads (it loads whole stored items).
+3. Planning cost at scale, simulated in one process: the coordinator's global save plan for
+   R ranks x T tensors per rank (R = 64, 256, 1024), our byte-balanced dedup vs stock
+   ``dedup_save_plans`` on the same local plans, and one rank's local load plan against the
+   resulting metadata.
+
+Usage::
+
+    PYTHONPATH=$PWD python benchmarks/bench_reshard.py            # full size
+    PYTHONPATH=$PWD python benchmarks/bench_reshard.py --quick    # small, for development
+
+Writes ``bench_out/bench_reshard.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import pickle
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
+
+from dcp_ext.layout import ParallelLayout, ShardSpec  # noqa: E402
+from dcp_ext.planner import ReshardLoadPlanner, ReshardSavePlanner  # noqa: E402
+
+logger = logging.getLogger("bench_reshard")
+
+
+# ------------------------------------------------------------------ 1+2: load time and bytes
+
+
+class CountingReader(FileSystemReader):
+    """Stock FileSystemReader that counts bytes requested by the plan and bytes it reads."""
+
+    def read_data(self, plan, planner):  # type: ignore[override]
+        needed = 0
+        read = 0
+        md = self.storage_data
+        for it in plan.items:
+            info = md[it.storage_index]
+            read += info.length  # the stock reader loads the whole stored item for every request
+            if it.type.name == "TENSOR":
+                tmd = planner.metadata.state_dict_metadata[it.storage_index.fqn]
+                needed += math.prod(it.lengths) * tmd.properties.dtype.itemsize
+        self.stats = {"bytes_requested": needed, "bytes_read": read}
+        return super().read_data(plan, planner)
+
+
+def _bench_cfg(scale: int):
+    from tests import megatron_gpt as mg
+
+    return mg.Cfg(vocab=1024 * scale, hidden=256 * scale, n_heads=8, n_kv=4, head_dim=32 * scale,
+                  ffn=1024 * scale, n_layers=4)
+
+
+def rank_save(path: str, scale: int, topo_args: tuple) -> None:
+    import torch.distributed as dist
+
+    from tests import megatron_gpt as mg
+
+    cfg = _bench_cfg(scale)
+    topo = mg.Topo(*topo_args)
+    rank = dist.get_rank()
+    params = mg.local_params(topo, rank, mg.full_params(0, cfg), cfg)
+    dcp.save({"model": params}, storage_writer=FileSystemWriter(path),
+             planner=ReshardSavePlanner(topo.layout(rank, cfg)))
+
+
+def rank_load(path: str, scale: int, topo_args: tuple) -> dict:
+    import torch.distributed as dist
+
+    from tests import megatron_gpt as mg
+
+    cfg = _bench_cfg(scale)
+    topo = mg.Topo(*topo_args)
+    rank = dist.get_rank()
+    sd = {"model": {k: torch.empty_like(v) for k, v in
+                    mg.local_params(topo, rank, mg.full_params(0, cfg), cfg).items()}}
+    local_bytes = sum(v.numel() * v.element_size() for v in sd["model"].values())
+    reader = CountingReader(path)
+    dist.barrier()
+    t0 = time.perf_counter()
+    dcp.load(sd, storage_reader=reader, planner=ReshardLoadPlanner(topo.layout(rank, cfg)))
+    dist.barrier()
+    return {"seconds": time.perf_counter() - t0, "local_bytes": local_bytes, **reader.stats}
+
+
+def bench_load(scale: int, reps: int, root: str) -> dict:
+    from dcp_ext.testing import RankPool
+    from tests import megatron_gpt as mg
+
+    saved = mg.Topo(2, 1, 2)
+    targets = {"same 2x1x2": mg.Topo(2, 1, 2), "reshard 4x1x1": mg.Topo(4, 1, 1),
+               "reshard 1x2x2": mg.Topo(1, 2, 2), "reshard 2x2x1": mg.Topo(2, 2, 1)}
+    path = os.path.join(root, "ckpt")
+    out: dict = {"saved_layout": saved.name, "scale": scale, "reps": reps}
+    with RankPool(4, env={"DCP_EXT_TEST_THREADS": "1"}) as pool:
+        pool.run(rank_save, path, scale, (saved.tp, saved.pp, saved.dp))
+        total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".distcp"))
+        out["checkpoint_bytes"] = total
+        times: dict[str, list[float]] = {k: [] for k in targets}
+        stats: dict[str, list[dict]] = {}
+        for _ in range(reps):  # interleaved
+            for name, t in targets.items():
+                res = pool.run(rank_load, path, scale, (t.tp, t.pp, t.dp, t.stages))
+                times[name].append(res[0]["seconds"])
+                stats[name] = res
+    same = statistics.median(times["same 2x1x2"])
+    out["loads"] = {}
+    for name, ts in times.items():
+        per_rank = stats[name]
+        out["loads"][name] = {
+            "median_s": statistics.median(ts),
+            "needed_bytes_per_rank": [r["local_bytes"] for r in per_rank],
+            "all_s": ts,
+            "ratio_vs_same_layout": statistics.median(ts) / same,
+            "requested_over_needed": [r["bytes_requested"] / r["local_bytes"] for r in per_rank],
+            "stock_reader_read_over_needed": [r["bytes_read"] / r["local_bytes"] for r in per_rank],
+        }
+    return out
+
+
+# ------------------------------------------------------------------ 3: planning at scale
+
+
+def _layout_for(n_ranks: int) -> tuple[int, int, int]:
+    return {64: (4, 4, 4), 256: (8, 4, 8), 1024: (8, 8, 16)}.get(n_ranks) or (1, 1, n_ranks)
+
+
+def _rank_state(tp: int, tp_rank: int, layers: int, hidden: int = 64) -> dict[str, torch.Tensor]:
+    """10 tensors per layer (fused QKV weight/bias, gate/up, norms...), shapes only (no memory)."""
+    H, qkv = hidden, (hidden, hidden // 2, hidden // 2)
+    sd = {}
+    z = torch.zeros(1)
+    for i in range(layers):
+        p = f"layers.{i}."
+        sd[p + "attn_norm.weight"] = z.expand(H)
+        sd[p + "attn.qkv.weight"] = z.expand(sum(qkv) // tp, H)
+        sd[p + "attn.qkv.bias"] = z.expand(sum(qkv) // tp)
+        sd[p + "attn.proj.weight"] = z.expand(H, H // tp)
+        sd[p + "attn.proj.bias"] = z.expand(H)
+        sd[p + "mlp_norm.weight"] = z.expand(H)
+        sd[p + "mlp.gate_up.weight"] = z.expand(8 * H // tp, H)
+        sd[p + "mlp.down.weight"] = z.expand(H, 4 * H // tp)
+        sd[p + "mlp.down.bias"] = z.expand(H)
+        sd[p + "mlp.scale"] = z.expand(4 * H // tp)
+    return sd
+
+
+def _rules(hidden: int = 64) -> dict[str, ShardSpec]:
+    qkv = (hidden, hidden // 2, hidden // 2)
+    return {"*.qkv.weight": ShardSpec(0, qkv), "*.qkv.bias": ShardSpec(0, qkv), "*.proj.weight": ShardSpec(1),
+            "*.gate_up.weight": ShardSpec(0, (4 * hidden, 4 * hidden)), "*.down.weight": ShardSpec(1),
+            "*.mlp.scale": ShardSpec(0)}
+
+
+def bench_planning(n_ranks: int, tensors_per_rank: int) -> dict:
+    from torch.distributed.checkpoint._dedup_save_plans import dedup_save_plans
+
+    tp, pp, dp = _layout_for(n_ranks)
+    layers = tensors_per_rank // 10
+    rules = _rules()
+    # local plans: one per (tp, pp) coordinate, pickled as the coordinator would receive them
+    t0 = time.perf_counter()
+    unique: dict[tuple[int, int], bytes] = {}
+    for p in range(pp):
+        for t in range(tp):
+            lay = ParallelLayout(tp_rank=t, tp_size=tp, pp_rank=p, pp_size=pp, dp_size=dp, rules=rules,
+                                 layer_offset=p * layers)
+            planner = ReshardSavePlanner(lay)
+            planner.set_up_planner(_rank_state(tp, t, layers), is_coordinator=False)
+            unique[(t, p)] = pickle.dumps(planner.create_local_plan())
+    local_plan_s = (time.perf_counter() - t0) / len(unique)
+    # every rank's plan as the coordinator sees it (unpickled, distinct objects); DP replicas share (tp, pp)
+    import gc
+
+    all_plans = []
+    gc.disable()  # the simulation's own unpickling; with GC on it takes ~10x longer (see docs)
+    t0 = time.perf_counter()
+    for r in range(n_ranks):
+        t, d, p = r % tp, (r // tp) % dp, r // (tp * dp)
+        all_plans.append(pickle.loads(unique[(t, p)]))
+    unpickle_s = time.perf_counter() - t0
+    gc.enable()
+    n_items = sum(len(p.items) for p in all_plans)
+    coord = ReshardSavePlanner(ParallelLayout())
+    t0 = time.perf_counter()
+    global_plan, metadata = coord.create_global_plan(all_plans)
+    global_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dedup_save_plans(all_plans)
+    stock_dedup_s = time.perf_counter() - t0
+    from dcp_ext.planner import dedup_by_bytes
+
+    t0 = time.perf_counter()
+    dedup_by_bytes(all_plans)
+    our_dedup_s = time.perf_counter() - t0
+    kept = [sum(it.tensor_storage_size() or 0 for it in p.items) for p in global_plan]
+    n_unique = sum(len(p.items) for p in global_plan)
+    del global_plan
+    # one rank's local LOAD plan against this metadata, at a different TP (reshard)
+    lay = ParallelLayout(tp_rank=1, tp_size=max(1, tp // 2), pp_rank=0, pp_size=pp, rules=rules)
+    lp = ReshardLoadPlanner(lay)
+    del all_plans
+    gc.collect()
+    gc.freeze()  # a real rank does not carry the coordinator's million plan objects in its heap
+    t0 = time.perf_counter()
+    lp.set_up_planner(_rank_state(max(1, tp // 2), 1, layers), metadata, is_coordinator=False)
+    lp.create_local_plan()
+    load_local_s = time.perf_counter() - t0
+    gc.unfreeze()
+    return {
+        "ranks": n_ranks, "tp_pp_dp": [tp, pp, dp], "tensors_per_rank": tensors_per_rank,
+        "write_items_in": n_items, "unique_chunks": n_unique,
+        "local_save_plan_s": local_plan_s, "unpickle_all_local_plans_gc_off_s": unpickle_s, "global_save_plan_s": global_s,
+        "our_dedup_s": our_dedup_s, "stock_dedup_save_plans_s": stock_dedup_s,
+        "bytes_per_rank_max_over_mean": max(kept) / (sum(kept) / len(kept)),
+        "local_load_plan_s": load_local_s,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes for development")
+    ap.add_argument("--ranks", type=int, nargs="*", help="rank counts for the planning part")
+    ap.add_argument("--skip-load", action="store_true", help="only the planning part")
+    ap.add_argument("--skip-planning", action="store_true", help="only the load part")
+    ap.add_argument("--reps", type=int, help="load repetitions (default 7, quick 3)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "bench_reshard.json"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    scale, reps = (1, 3) if args.quick else (2, 7)
+    reps = args.reps or reps
+    ranks_list = args.ranks or ([64, 256] if args.quick else [64, 256, 1024])
+    tensors = 200 if args.quick else 1000
+    result: dict = {"torch": torch.__version__, "cpus": os.cpu_count()}
+    root = tempfile.mkdtemp(prefix="bench_reshard_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    try:
+        if not args.skip_load:
+            result["load"] = bench_load(scale, reps, root)
+            logger.info("load: %s", json.dumps(result["load"]["loads"], indent=1))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    result["planning"] = []
+    for n in ([] if args.skip_planning else ranks_list):
+        r = bench_planning(n, tensors)
+        logger.info("planning: %s", r)
+        result["planning"].append(r)
+    if args.skip_load and os.path.exists(args.out):  # keep the load figures of an earlier full run
+        with open(args.out) as f:
+            prev = json.load(f)
+        if "load" in prev:
+            result["load"] = prev["load"]
+    if args.skip_planning and os.path.exists(args.out):
+        with open(args.out) as f:
+            result["planning"] = json.load(f).get("planning", [])
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    logger.info("wrote %s", args.out)
+
+
+if __name__ == "__main__":
+    main()
