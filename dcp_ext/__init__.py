@@ -47,3 +47,24 @@ __all__ = [
 ]
 
 # --- feature modules (each issue adds its public names below this line) ---
+from .optim import (  # noqa: E402  (issue 6: optimizer state)
+    FlatBufferSpec,
+    FlatParam,
+    OptimizerState,
+    OptimizerStateError,
+    ZeroAdam,
+    flat_state_pieces,
+    optimizer_state,
+    range_to_boxes,
+)
+
+__all__ += [
+    "FlatBufferSpec",
+    "FlatParam",
+    "OptimizerState",
+    "OptimizerStateError",
+    "ZeroAdam",
+    "flat_state_pieces",
+    "optimizer_state",
+    "range_to_boxes",
+]

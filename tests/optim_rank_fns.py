@@ -1,0 +1,294 @@
+"""Functions run on gloo ranks by tests/test_optim.py (module-level so spawned ranks can import them).
+
+Scheme: every rank builds the same single-process *reference* model and optimizer and trains it
+on the same data. A rank's *local* model holds its TP/PP piece of each parameter (sliced from
+the reference through ``layout.map_tensor``) and its local optimizer steps on the matching
+slice of the reference gradients. Adam/SGD are element-wise, so the local optimizer state is
+exactly the corresponding slice of the reference state, which is what the checks compare.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+import dcp_ext
+from dcp_ext.optim import ZeroAdam, optimizer_state
+
+D, FFN, N_IN, N_OUT = 8, 6, 4, 3
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.fc1 = nn.Linear(D, 2 * FFN)  # fused gate/up
+        self.fc2 = nn.Linear(FFN, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.fc1(self.norm(x)).chunk(2, dim=-1)
+        return x + self.fc2(torch.nn.functional.silu(a) * b)
+
+
+class Net(nn.Module):
+    def __init__(self, n_layers: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.emb = nn.Linear(N_IN, D)
+        self.layers = nn.ModuleList(Block() for _ in range(n_layers))
+        self.head = nn.Linear(D, N_OUT)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.emb(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x)
+
+
+def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(16, N_IN, generator=g), torch.randn(16, N_OUT, generator=g)
+
+
+def rules():
+    from dcp_ext.layout import ShardSpec
+
+    return {
+        "*fc1.weight": ShardSpec(0, (FFN, FFN)),
+        "*fc1.bias": ShardSpec(0, (FFN, FFN)),
+        "*fc2.weight": ShardSpec(1),
+    }
+
+
+def group_of(fqn: str) -> int:
+    return 1 if (fqn.endswith(".bias") or ".norm." in fqn) else 0
+
+
+def make_opt(kind: str, named: list[tuple[str, torch.nn.Parameter]]) -> torch.optim.Optimizer:
+    groups = [[p for f, p in named if group_of(f) == 0], [p for f, p in named if group_of(f) == 1]]
+    if kind == "adam":
+        return torch.optim.Adam([{"params": groups[0]}, {"params": groups[1], "lr": 0.02}], lr=0.01, foreach=False)
+    if kind == "adamw":
+        return torch.optim.AdamW([{"params": groups[0]}, {"params": groups[1], "weight_decay": 0.0}],
+                                 lr=0.01, weight_decay=0.1, foreach=False)
+    if kind == "sgd":
+        return torch.optim.SGD([{"params": groups[0]}, {"params": groups[1], "lr": 0.02}],
+                               lr=0.05, momentum=0.9, foreach=False)
+    raise ValueError(kind)
+
+
+# ---------------------------------------------------------------------- layouts
+class Topo:
+    """A rank's place in a TP x PP x DP grid (TP fastest) and its ParallelLayout (or None)."""
+
+    def __init__(self, tp: int, pp: int, dp: int, n_layers: int = 4, use_layout: bool = True) -> None:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        assert tp * pp * dp == world, (tp, pp, dp, world)
+        self.tp, self.pp, self.dp = tp, pp, dp
+        self.tp_rank, self.pp_rank, self.dp_rank = rank % tp, (rank // tp) % pp, rank // (tp * pp)
+        self.n_layers = n_layers
+        # uneven split when it does not divide: earlier stages get more layers
+        sizes = [n_layers // pp + (1 if s < n_layers % pp else 0) for s in range(pp)]
+        first = sum(sizes[: self.pp_rank])
+        self.stage_layers = tuple(range(first, first + sizes[self.pp_rank]))
+        self.layout = None
+        if use_layout:
+            from dcp_ext.layout import ParallelLayout
+
+            self.layout = ParallelLayout(tp_rank=self.tp_rank, tp_size=tp, pp_rank=self.pp_rank, pp_size=pp,
+                                         dp_rank=self.dp_rank, dp_size=dp, rules=rules(),
+                                         stage_layers=self.stage_layers)
+
+    def owns(self, gfqn: str) -> bool:
+        if gfqn.startswith("layers."):
+            return int(gfqn.split(".")[1]) in self.stage_layers
+        if gfqn.startswith("emb."):
+            return self.pp_rank == 0
+        return self.pp_rank == self.pp - 1  # head
+
+    def local_fqn(self, gfqn: str) -> str:
+        if self.layout is None:
+            return gfqn
+        lf = self.layout.local_fqn(gfqn)
+        assert lf is not None and self.layout.global_fqn(lf) == gfqn, (gfqn, lf)
+        return lf
+
+    def local_shape(self, lfqn: str, gshape: tuple[int, ...]) -> tuple[int, ...]:
+        spec = self.layout.spec_for(lfqn) if self.layout is not None else None
+        if spec is None or not gshape:
+            return gshape
+        s = list(gshape)
+        s[spec.dim] //= self.tp
+        return tuple(s)
+
+    def slice_global(self, lfqn: str, g: torch.Tensor) -> torch.Tensor:
+        """This rank's local tensor of global tensor ``g`` (a copy)."""
+        if self.layout is None:
+            return g.detach().clone()
+        local = torch.empty(self.local_shape(lfqn, tuple(g.shape)), dtype=g.dtype)
+        m = self.layout.map_tensor(lfqn, tuple(local.shape))
+        assert tuple(m.global_shape) == tuple(g.shape), (lfqn, m.global_shape, g.shape)
+        for pm in m.pieces:
+            local[_sl(pm.local_offsets, pm.sizes)] = g[_sl(pm.global_offsets, pm.sizes)]
+        return local
+
+
+def _sl(offs, sizes):
+    return tuple(slice(o, o + s) for o, s in zip(offs, sizes))
+
+
+class LocalModel(nn.Module):
+    """A container of parameters under given (local) FQNs."""
+
+    def add(self, fqn: str, t: torch.Tensor) -> nn.Parameter:
+        *path, name = fqn.split(".")
+        mod: nn.Module = self
+        for part in path:
+            if not hasattr(mod, part):
+                mod.add_module(part, nn.Module())
+            mod = getattr(mod, part)
+        p = nn.Parameter(t)
+        mod.register_parameter(name, p)
+        return p
+
+
+def build_local(topo: Topo, ref: Net, seed_offset: int | None = None) -> tuple[LocalModel, dict[str, str]]:
+    """Local model of ``topo`` sliced from ``ref`` (or random if seed_offset is given); local->global FQN map."""
+    local = LocalModel()
+    names = {}
+    gen = torch.Generator().manual_seed(seed_offset) if seed_offset is not None else None
+    for gfqn, p in ref.named_parameters():
+        if not topo.owns(gfqn):
+            continue
+        lf = topo.local_fqn(gfqn)
+        t = topo.slice_global(lf, p)
+        if gen is not None:
+            t = torch.randn(t.shape, generator=gen)
+        local.add(lf, t)
+        names[lf] = gfqn
+    return local, names
+
+
+def ref_step(ref: Net, ref_opt, step: int) -> None:
+    x, y = batch(step)
+    ref_opt.zero_grad()
+    torch.nn.functional.mse_loss(ref(x), y).backward()
+
+
+def push_grads(topo: Topo, ref: Net, local: LocalModel, names: dict[str, str]) -> None:
+    rp = dict(ref.named_parameters())
+    for lf, p in local.named_parameters():
+        p.grad = topo.slice_global(lf, rp[names[lf]].grad)
+
+
+def train(topo, ref, ref_opt, local, local_opt, names, steps: range) -> None:
+    for s in steps:
+        ref_step(ref, ref_opt, s)
+        push_grads(topo, ref, local, names)
+        ref_opt.step()
+        local_opt.step()
+
+
+def planners(topo: Topo):
+    if topo.layout is None:
+        return None, None
+    return dcp_ext.ReshardSavePlanner(topo.layout), dcp_ext.ReshardLoadPlanner(topo.layout)
+
+
+def _check_against_ref(topo, ref, ref_opt, local, local_opt, names) -> int:
+    rp = dict(ref.named_parameters())
+    n = 0
+    for lf, p in local.named_parameters():
+        g = rp[names[lf]]
+        assert torch.equal(p.detach(), topo.slice_global(lf, g.detach())), f"param {lf} differs"
+        rs, ls = ref_opt.state[g], local_opt.state[p]
+        assert set(rs) == set(ls), (lf, set(rs), set(ls))
+        for k, v in rs.items():
+            if isinstance(v, torch.Tensor) and v.shape == g.shape:
+                want = topo.slice_global(lf, v)
+            else:
+                want = v
+            assert torch.equal(ls[k], want), f"optimizer state {names[lf]}.{k} differs on rank {dist.get_rank()}"
+            n += 1
+    for rg, lg in zip(ref_opt.param_groups, local_opt.param_groups):
+        assert {k: v for k, v in rg.items() if k != "params"} == {k: v for k, v in lg.items() if k != "params"}
+    return n
+
+
+# ---------------------------------------------------------------------- plain optimizers
+def save_plain(path: str, grid: tuple[int, int, int], kind: str, steps: int, use_layout: bool) -> int:
+    topo = Topo(*grid, use_layout=use_layout)
+    ref = Net()
+    ref_opt = make_opt(kind, list(ref.named_parameters()))
+    local, names = build_local(topo, ref)
+    local_opt = make_opt(kind, list(local.named_parameters()))
+    train(topo, ref, ref_opt, local, local_opt, names, range(steps))
+    _check_against_ref(topo, ref, ref_opt, local, local_opt, names)
+    sp, _ = planners(topo)
+    state = {"model": local.state_dict(), "optim": optimizer_state(local, local_opt, topo.layout)}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(path), planner=sp)
+    return len(names)
+
+
+def load_plain(path: str, grid: tuple[int, int, int], kind: str, steps: int, use_layout: bool) -> int:
+    """Fresh model (random weights) + fresh, never-stepped optimizer at ``grid``; load; compare."""
+    topo = Topo(*grid, use_layout=use_layout)
+    ref = Net()
+    ref_opt = make_opt(kind, list(ref.named_parameters()))
+    for s in range(steps):
+        ref_step(ref, ref_opt, s)
+        ref_opt.step()
+    local, names = build_local(topo, ref, seed_offset=7 + dist.get_rank())
+    local_opt = make_opt(kind, list(local.named_parameters()))
+    for g in local_opt.param_groups:  # scheduler-like change that the checkpoint must undo
+        g["lr"] = 123.0
+    _, lp = planners(topo)
+    state = {"model": local.state_dict(), "optim": optimizer_state(local, local_opt, topo.layout)}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=lp)
+    return _check_against_ref(topo, ref, ref_opt, local, local_opt, names)
+
+
+def resume_same(path: str, grid: tuple[int, int, int], kind: str, n: int, m: int, use_layout: bool) -> int:
+    """(b): train n, save, train m more == fresh + load + train m, bit for bit."""
+    topo = Topo(*grid, use_layout=use_layout)
+    ref = Net()
+    ref_opt = make_opt(kind, list(ref.named_parameters()))
+    local, names = build_local(topo, ref)
+    local_opt = make_opt(kind, list(local.named_parameters()))
+    train(topo, ref, ref_opt, local, local_opt, names, range(n))
+    sp, lp = planners(topo)
+    dcp.save({"model": local.state_dict(), "optim": optimizer_state(local, local_opt, topo.layout)},
+             storage_writer=dcp.FileSystemWriter(path), planner=sp)
+    ref_at_n = {k: v.detach().clone() for k, v in ref.state_dict().items()}
+    ref_opt_at_n = copy.deepcopy(ref_opt.state_dict())
+    train(topo, ref, ref_opt, local, local_opt, names, range(n, n + m))
+    final = {k: v.detach().clone() for k, v in local.state_dict().items()}
+
+    ref2 = Net()
+    ref2.load_state_dict(ref_at_n)
+    ref2_opt = make_opt(kind, list(ref2.named_parameters()))
+    ref2_opt.load_state_dict(ref_opt_at_n)
+    local2, names2 = build_local(topo, ref, seed_offset=99)
+    local2_opt = make_opt(kind, list(local2.named_parameters()))
+    state = {"model": local2.state_dict(), "optim": optimizer_state(local2, local2_opt, topo.layout)}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=lp)
+    train(topo, ref2, ref2_opt, local2, local2_opt, names2, range(n, n + m))
+    for k, v in local2.state_dict().items():
+        assert torch.equal(v, final[k]), f"{k} diverged after resume"
+    return len(final)
+
+
+# ---------------------------------------------------------------------- error paths
+def bad_optimizer_param() -> str:
+    model = Net(n_layers=1)
+    stray = nn.Parameter(torch.zeros(2, 2))
+    opt = torch.optim.Adam(list(model.parameters()) + [stray])
+    try:
+        optimizer_state(model, opt).state_dict()
+    except Exception as e:  # noqa: BLE001
+        return f"{type(e).__name__}: {e}"
+    return "no error"
