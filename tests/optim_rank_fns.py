@@ -292,3 +292,71 @@ def bad_optimizer_param() -> str:
     except Exception as e:  # noqa: BLE001
         return f"{type(e).__name__}: {e}"
     return "no error"
+
+
+# ---------------------------------------------------------------------- interop with stock state_dict helpers
+def interop_stock(path: str, use_fsdp: bool) -> str:
+    """One checkpoint holding (1) a model+optimizer via torch's get_*_state_dict (FSDP2 or plain)
+    and (2) another model+optimizer via dcp_ext.optimizer_state; both load back exactly."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    def build(seed):
+        a = Net(n_layers=2, seed=seed)
+        how = "plain"
+        if use_fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+            for layer in a.layers:
+                fully_shard(layer, mesh=mesh)
+            fully_shard(a, mesh=mesh)
+            how = "fsdp2"
+        return a, torch.optim.Adam(a.parameters(), lr=0.01, foreach=False), how
+
+    a, a_opt, how = build(1)
+    b = Net(n_layers=2, seed=2)
+    b_opt = make_opt("adam", list(b.named_parameters()))
+    for s in range(2):
+        x, y = batch(s)
+        for m, o in ((a, a_opt), (b, b_opt)):
+            o.zero_grad()
+            torch.nn.functional.mse_loss(m(x), y).backward()
+            o.step()
+    want_a = _full(get_optimizer_state_dict(a, a_opt))
+    want_b = copy.deepcopy({n: dict(b_opt.state[p]) for n, p in b.named_parameters()})
+    state = {"a_model": get_model_state_dict(a), "a_optim": get_optimizer_state_dict(a, a_opt),
+             "model": b.state_dict(), "optim": optimizer_state(b, b_opt)}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(path))
+
+    a2, a2_opt, _ = build(3)
+    b2 = Net(n_layers=2, seed=4)
+    b2_opt = make_opt("adam", list(b2.named_parameters()))
+    state = {"a_model": get_model_state_dict(a2), "a_optim": get_optimizer_state_dict(a2, a2_opt),
+             "model": b2.state_dict(), "optim": optimizer_state(b2, b2_opt)}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(path))
+    set_model_state_dict(a2, state["a_model"])
+    set_optimizer_state_dict(a2, a2_opt, state["a_optim"])
+    got_a = _full(get_optimizer_state_dict(a2, a2_opt))
+    assert got_a.keys() == want_a.keys() and len(got_a) > 0
+    for k in want_a:
+        assert torch.equal(got_a[k], want_a[k]), f"stock optimizer state {k} differs"
+    for n, p in b2.named_parameters():
+        for k, v in want_b[n].items():
+            assert torch.equal(b2_opt.state[p][k], v), f"dcp_ext optimizer state {n}.{k} differs"
+    return how
+
+
+def _full(osd) -> dict[str, torch.Tensor]:
+    out = {}
+    for fqn, st in osd["state"].items():
+        for k, v in st.items():
+            if hasattr(v, "full_tensor"):
+                v = v.full_tensor()
+            out[f"{fqn}.{k}"] = v.detach().clone()
+    return out

@@ -27,3 +27,89 @@ def test_optimizer_param_not_in_model(ranks):
     msg = ranks(1).run(f.bad_optimizer_param)[0]
     assert "OptimizerStateError" in msg
     assert "optimizer param_groups[0]['params'][" in msg and "(shape (2, 2)) is not a parameter of the model Net" in msg
+
+
+def test_interop_with_stock_get_optimizer_state_dict(ranks, tmp_path):
+    # FSDP2 (fully_shard on a CPU mesh over gloo) optimizer state saved through torch's
+    # get_optimizer_state_dict, next to ours, in one checkpoint
+    how = ranks(2).run(f.interop_stock, str(tmp_path / "ck"), True)
+    assert how == ["fsdp2", "fsdp2"]
+
+
+# ---------------------------------------------------------------- single-process behaviour and errors
+import copy  # noqa: E402
+
+import torch  # noqa: E402
+
+from dcp_ext.optim import OptimizerStateError, optimizer_state  # noqa: E402
+
+
+def _trained(kind="adam", steps=2):
+    m = f.Net(n_layers=1)
+    o = f.make_opt(kind, list(m.named_parameters()))
+    for s in range(steps):
+        f.ref_step(m, o, s)
+        o.step()
+    return m, o
+
+
+def test_state_dict_is_fqn_keyed():
+    m, o = _trained()
+    sd = optimizer_state(m, o).state_dict()
+    assert set(sd["state"]) == {n for n, _ in m.named_parameters()}
+    assert set(sd["state"]["layers.0.fc1.weight"]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert sd["state"]["layers.0.fc1.weight"]["exp_avg"] is o.state[m.layers[0].fc1.weight]["exp_avg"]
+    assert [g["lr"] for g in sd["param_groups"]] == [0.01, 0.02]
+    assert sd["param_groups"][1]["params"] == [n for n, _ in m.named_parameters() if f.group_of(n) == 1]
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+def test_lazy_init_is_equivalent_to_fresh(kind):
+    # state_dict() on a never-stepped optimizer initialises state; training must be unaffected
+    m1, m2 = f.Net(n_layers=1), f.Net(n_layers=1)
+    o1, o2 = f.make_opt(kind, list(m1.named_parameters())), f.make_opt(kind, list(m2.named_parameters()))
+    sd = optimizer_state(m2, o2).state_dict()
+    assert all(sd["state"][n] for n, _ in m2.named_parameters())
+    for s in range(3):
+        for m, o in ((m1, o1), (m2, o2)):
+            f.ref_step(m, o, s)
+            o.step()
+    for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
+        assert torch.equal(a, b), n
+
+
+def test_load_state_dict_round_trip_and_errors():
+    m, o = _trained()
+    sd = copy.deepcopy(optimizer_state(m, o).state_dict())
+    m2 = copy.deepcopy(m)
+    o2 = f.make_opt("adam", list(m2.named_parameters()))
+    optimizer_state(m2, o2).load_state_dict(sd)
+    for (n, p), (_, p2) in zip(m.named_parameters(), m2.named_parameters()):
+        for k in o.state[p]:
+            assert torch.equal(o.state[p][k], o2.state[p2][k]), (n, k)
+
+    bad = copy.deepcopy(sd)
+    bad["state"]["layers.0.fc1.weight"]["exp_avg"] = torch.zeros(3, 3)
+    with pytest.raises(OptimizerStateError, match=r"optimizer state 'layers.0.fc1.weight'.'exp_avg': saved shape "
+                                                  r"\(3, 3\) does not match the optimizer's \(12, 8\)"):
+        optimizer_state(m2, o2).load_state_dict(bad)
+
+    bad = copy.deepcopy(sd)
+    bad["param_groups"] = bad["param_groups"][:1]
+    with pytest.raises(OptimizerStateError, match="checkpoint has 1 optimizer param groups, the optimizer has 2"):
+        optimizer_state(m2, o2).load_state_dict(bad)
+
+    bad = copy.deepcopy(sd)
+    bad["param_groups"][0]["params"].append("head.bias")
+    bad["param_groups"][1]["params"].remove("head.bias")
+    with pytest.raises(OptimizerStateError, match="parameter 'head.bias' is in param group 1 of the optimizer "
+                                                  "but in group 0 of the checkpoint"):
+        optimizer_state(m2, o2).load_state_dict(bad)
+
+    bad = copy.deepcopy(sd)
+    del bad["state"]["emb.weight"]
+    with pytest.raises(OptimizerStateError, match="optimizer state for parameter 'emb.weight' is missing"):
+        optimizer_state(m2, o2).load_state_dict(bad)
+
+    with pytest.raises(OptimizerStateError, match="state dict has no 'param_groups'"):
+        optimizer_state(m2, o2).load_state_dict({"state": {}})
