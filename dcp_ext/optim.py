@@ -769,11 +769,7 @@ class ZeroAdam:
             p.grad = None
 
     def _dp_world(self) -> int:
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1
-        return dist.get_world_size(self.group)
+        return self.flat_spec.dp_size
 
     @torch.no_grad()
     def step(self) -> None:
