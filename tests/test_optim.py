@@ -156,3 +156,16 @@ def test_zero_reshard_tp_pp_and_into_plain_adam(ranks, tmp_path):
     ranks(4).run(f.zero_save, ck, (2, 1, 2), 3, 2, 64)
     assert all(n == 3 for n in ranks(4).run(f.zero_load, ck, (1, 2, 2), 3, 8, None, "zero"))
     assert all(n > 0 for n in ranks(2).run(f.zero_load, ck, (2, 1, 1), 3, 1, None, "adam"))
+
+
+def test_example_resume_different_layout(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    r = subprocess.run([sys.executable, os.path.join(root, "examples", "resume_different_layout.py"),
+                        str(tmp_path / "ex")], capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "bit for bit: OK" in r.stdout
