@@ -472,6 +472,11 @@ def _init_lazy_state(optimizer: torch.optim.Optimizer) -> None:
     logger.debug("initialised lazy optimizer state of %d parameters", len(missing))
 
 
+def _is_whole(mapping: object, local_shape: Sequence[int]) -> bool:
+    """True if a TensorMapping is the whole tensor (not split across TP ranks)."""
+    return len(mapping.pieces) == 1 and tuple(mapping.global_shape) == tuple(local_shape)
+
+
 def _box_slices(offsets: Sequence[int], sizes: Sequence[int]) -> tuple[slice, ...]:
     return tuple(slice(o, o + s) for o, s in zip(offsets, sizes))
 
@@ -525,7 +530,8 @@ class OptimizerState:
         m = self.layout.map_tensor(local_fqn, tuple(t.shape))
         pieces = [Piece(gname, tuple(m.global_shape), tuple(pm.global_offsets), t[_box_slices(pm.local_offsets, pm.sizes)])
                   for pm in m.pieces]
-        return GlobalPieces(pieces, replicated=self.layout.spec_for(local_fqn) is None)
+        # identical on several ranks: TP-replicated parameters, and every state under DP > 1
+        return GlobalPieces(pieces, replicated=_is_whole(m, t.shape) or self.layout.dp_size > 1)
 
     def _param_groups_sd(self, group_fqns: list[list[str]], hyper: list[dict]) -> list[dict]:
         # union of every rank's FQNs per group (PP stages hold different parameters)
@@ -678,9 +684,12 @@ def flat_state_pieces(spec: FlatBufferSpec, flat_state: Mapping[str, torch.Tenso
                 f"flat state {name!r} has shape {tuple(buf.shape)}, expected ({spec.local_numel},) for this rank's slice")
     gfqn = (lambda f: layout.global_fqn(f)) if layout is not None else (lambda f: f)
     acc: dict[str, dict[str, list]] = {}
+    tp_replicated: dict[str, bool] = {}
     for seg in spec.segments():
         mapping = layout.map_tensor(seg.fqn, seg.shape) if layout is not None else None
         g = gfqn(seg.fqn)
+        # a slice is owned by one DP rank, but TP ranks hold the same slice of a TP-replicated param
+        tp_replicated[g] = mapping is None or _is_whole(mapping, seg.shape)
         n = seg.param_end - seg.param_start
         for name, buf in flat_state.items():
             gname = f"{key}.state.{g}.{name}"
@@ -703,7 +712,7 @@ def flat_state_pieces(spec: FlatBufferSpec, flat_state: Mapping[str, torch.Tenso
         g = gfqn(p.fqn)
         entry: dict[str, object] = {}
         for name, lst in acc.get(g, {}).items():
-            entry[name] = GlobalPieces(lst, replicated=False)  # a flat slice is owned by one DP rank
+            entry[name] = GlobalPieces(lst, replicated=tp_replicated[g] and layout is not None and layout.tp_size > 1)
         for name, t in (scalar_state or {}).items():
             entry[name] = GlobalPieces([Piece(f"{key}.state.{g}.{name}", tuple(t.shape), (0,) * t.dim(), t)],
                                        replicated=True)
