@@ -184,3 +184,50 @@ def test_spec_errors():
         pack_flat(spec, {**_full_params(), "emb": torch.zeros(3, 7)})
     with pytest.raises(OptimizerStateError, match="no tensor for flat-buffer parameter 'head'"):
         pack_flat(spec, {f: t for f, t in _full_params().items() if f != "head"})
+
+
+def test_flat_state_pieces_tile_global_params():
+    """ZeRO slices at TP 2 x DP 3 with fused segments -> pieces tile every global parameter once
+    per TP-distinct copy, each view aliasing the flat buffer with the right global values."""
+    layout_mod = pytest.importorskip("dcp_ext.layout")
+    from dcp_ext.optim import flat_state_pieces
+
+    ShardSpec, ParallelLayout = layout_mod.ShardSpec, layout_mod.ParallelLayout
+    rules = {"*qkv.weight": ShardSpec(0, (8, 4, 4)), "*out.weight": ShardSpec(1)}
+    glob = {"layers.0.qkv.weight": torch.randn(16, 6), "layers.0.out.weight": torch.randn(6, 8),
+            "layers.0.norm.weight": torch.randn(6)}
+    tp, dp = 2, 3
+    cover = {f: torch.zeros(t.shape, dtype=torch.int64) for f, t in glob.items()}
+    for tr in range(tp):
+        layout = ParallelLayout(tp_rank=tr, tp_size=tp, rules=rules)
+        local = {}
+        for f, t in glob.items():
+            spec = layout.spec_for(f)
+            shape = list(t.shape)
+            if spec is not None:
+                shape[spec.dim] //= tp
+            m = layout.map_tensor(f, shape)
+            local[f] = torch.empty(shape)
+            for pm in m.pieces:
+                local[f][tuple(slice(o, o + s) for o, s in zip(pm.local_offsets, pm.sizes))] = \
+                    t[tuple(slice(o, o + s) for o, s in zip(pm.global_offsets, pm.sizes))]
+        for dr in range(dp):
+            spec = FlatBufferSpec.build([(f, tuple(t.shape)) for f, t in local.items()], dp_size=dp, dp_rank=dr,
+                                        alignment=4)
+            buf = pack_flat(spec, local)
+            pieces = flat_state_pieces(spec, {"exp_avg": buf}, {"step": torch.tensor(3.0)}, layout=layout)
+            for f, entry in pieces.items():
+                assert entry["step"].replicated and entry["step"].pieces[0].view.item() == 3.0
+                if "exp_avg" not in entry:
+                    continue
+                gp = entry["exp_avg"]
+                assert gp.replicated == (f == "layers.0.norm.weight")
+                for p in gp.pieces:
+                    assert p.global_fqn == f"optim.state.{f}.exp_avg"
+                    box = tuple(slice(o, o + s) for o, s in zip(p.global_offsets, p.view.shape))
+                    assert torch.equal(p.view, glob[f][box])
+                    assert p.view.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+                    cover[f][box] += 1
+    assert torch.equal(cover["layers.0.qkv.weight"], torch.ones(16, 6, dtype=torch.int64))
+    assert torch.equal(cover["layers.0.out.weight"], torch.ones(6, 8, dtype=torch.int64))
+    assert torch.equal(cover["layers.0.norm.weight"], torch.full((6,), tp, dtype=torch.int64))
