@@ -17,6 +17,8 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointExistsError",
     "StorageError",
+    "LayoutError",
+    "ReshardError",
 ]
 
 
@@ -54,3 +56,12 @@ class CheckpointExistsError(DcpExtError, FileExistsError):
 
 class StorageError(DcpExtError, OSError):
     """An I/O operation failed for good (after retries); the message names the object."""
+
+
+class LayoutError(DcpExtError, ValueError):
+    """A parallel layout, shard spec or piece is invalid, or a tensor does not fit its layout."""
+
+
+class ReshardError(DcpExtError, RuntimeError):
+    """A resharding save/load plan is inconsistent: colliding chunks, missing or unexpected keys,
+    shape mismatches (the message names the saved and the target layout)."""
