@@ -533,7 +533,7 @@ class OptimizerState:
         # identical on several ranks: TP-replicated parameters, and every state under DP > 1
         return GlobalPieces(pieces, replicated=_is_whole(m, t.shape) or self.layout.dp_size > 1)
 
-    def _param_groups_sd(self, group_fqns: list[list[str]], hyper: list[dict]) -> list[dict]:
+    def _param_groups_sd(self, group_fqns: list[list[str]], hyper: list[dict]) -> tuple[dict, ...]:
         # union of every rank's FQNs per group (PP stages hold different parameters)
         gathered = _all_gather_objects(group_fqns)
         out = []
@@ -549,7 +549,9 @@ class OptimizerState:
                         seen.add(n)
                         names.append(n)
             out.append({"params": names, **h})
-        return out
+        # a tuple is one leaf for DCP: saved and loaded whole, so optimizers with different
+        # hyper-parameter keys (ZeroAdam vs torch.optim.Adam) still load each other's groups
+        return tuple(out)
 
     # -- Stateful ------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -630,7 +632,7 @@ class OptimizerState:
                         f"parameter {n!r} is in param group {gi} of the optimizer but in group {where[n]} of the checkpoint")
         for sg, g in zip(saved, target_groups):
             for k, v in sg.items():
-                if k == "params":
+                if k == "params" or k not in g:  # only hyper-parameters this optimizer knows
                     continue
                 if isinstance(g.get(k), torch.Tensor) and isinstance(v, torch.Tensor):
                     g[k].copy_(v)
