@@ -501,7 +501,7 @@ class OptimizerState:
         self.layout = layout
         self.key = key
         self.init_lazy = init_lazy
-        self._presented: dict[int, torch.Tensor] = {}
+        self._presented: dict[int, tuple[object, object]] = {}  # id -> (presented value, backing)
 
     # -- helpers -------------------------------------------------------------------------
     def _gfqn(self, fqn: str) -> str:
@@ -571,7 +571,7 @@ class OptimizerState:
                     if isinstance(v, torch.Tensor):
                         sharded = tuple(v.shape) == tuple(p.shape)
                         entry[name] = self._pieces(fqn, name, v, sharded) if self.layout is not None else v
-                        self._presented[id(entry[name])] = v
+                        self._presented[id(entry[name])] = (entry[name], v)
                     else:
                         entry[name] = v
                 state[self._gfqn(fqn)] = entry
@@ -599,7 +599,7 @@ class OptimizerState:
                 pstate = self.optimizer.state.setdefault(p, {})
                 for name, v in saved_state[g].items():
                     cur = pstate.get(name)
-                    if id(v) in self._presented and self._presented[id(v)] is cur:
+                    if id(v) in self._presented and self._presented[id(v)][1] is cur:
                         continue  # filled in place by dcp.load
                     if isinstance(v, torch.Tensor):
                         if isinstance(cur, torch.Tensor):
@@ -644,7 +644,7 @@ class OptimizerState:
         opt = self.optimizer
         spec: FlatBufferSpec = opt.flat_spec
         pieces = flat_state_pieces(spec, opt.flat_state, opt.scalar_state, layout=self.layout, key=self.key)
-        self._presented = {id(v): v for e in pieces.values() for v in e.values()}
+        self._presented = {id(v): (v, v) for e in pieces.values() for v in e.values()}
         fqns = [[self._gfqn(p.fqn) for p in spec.params]]
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
         return {"state": pieces, "param_groups": self._param_groups_sd(fqns, hyper)}

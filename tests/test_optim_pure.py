@@ -231,3 +231,26 @@ def test_flat_state_pieces_tile_global_params():
     assert torch.equal(cover["layers.0.qkv.weight"], torch.ones(16, 6, dtype=torch.int64))
     assert torch.equal(cover["layers.0.out.weight"], torch.ones(6, 8, dtype=torch.int64))
     assert torch.equal(cover["layers.0.norm.weight"], torch.full((6,), tp, dtype=torch.int64))
+
+
+def test_flat_state_errors():
+    pytest.importorskip("dcp_ext.layout")
+    from torch import nn
+
+    from dcp_ext.optim import ZeroAdam, flat_state_pieces, optimizer_state
+
+    spec = FlatBufferSpec.build(PARAMS, dp_size=2, dp_rank=0, alignment=4)
+    with pytest.raises(OptimizerStateError, match=r"flat state 'exp_avg' has shape \(5,\), expected \(40,\) for this rank.s slice"):
+        flat_state_pieces(spec, {"exp_avg": torch.zeros(5)})
+    model = nn.Linear(3, 2)
+    opt = ZeroAdam(list(model.named_parameters()))
+    st = optimizer_state(model, opt)
+    sd = st.state_dict()
+    assert set(sd["state"]) == {"weight", "bias"} and set(sd["state"]["weight"]) == {"master", "exp_avg",
+                                                                                      "exp_avg_sq", "step"}
+    bad = {"state": {"weight": {"exp_avg": torch.zeros(2, 3)}}, "param_groups": sd["param_groups"]}
+    with pytest.raises(OptimizerStateError, match=r"flat optimizer state 'weight'.'exp_avg' was not produced by "
+                                                  r"this OptimizerState.state_dict\(\)"):
+        st.load_state_dict(bad)
+    with pytest.raises(OptimizerStateError, match="ZeroAdam got the same parameter FQN twice"):
+        ZeroAdam([("w", model.weight), ("w", model.bias)])
