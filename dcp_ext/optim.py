@@ -601,6 +601,8 @@ class OptimizerState:
                     cur = pstate.get(name)
                     if id(v) in self._presented and self._presented[id(v)][1] is cur:
                         continue  # filled in place by dcp.load
+                    if v is None and isinstance(cur, torch.Tensor):
+                        raise OptimizerStateError(_DROPPED.format(f"{g!r}.{name!r}"))
                     if isinstance(v, torch.Tensor):
                         if isinstance(cur, torch.Tensor):
                             if cur.shape != v.shape:
@@ -654,12 +656,19 @@ class OptimizerState:
         self._load_groups(state_dict, [[self._gfqn(p.fqn) for p in opt.flat_spec.params]], opt.param_groups)
         for g, entry in state_dict.get("state", {}).items():
             for name, v in entry.items():
+                if v is None:
+                    raise OptimizerStateError(_DROPPED.format(f"{g!r}.{name!r}"))
                 if id(v) not in self._presented:
                     raise OptimizerStateError(
                         f"flat optimizer state {g!r}.{name!r} was not produced by this OptimizerState.state_dict(); "
                         "flat buffers are only loaded in place by dcp.load")
         if hasattr(opt, "after_load"):
             opt.after_load()
+
+
+_DROPPED = ("optimizer state {} came back as None: the load planner dropped its GlobalPieces (stock "
+            "DefaultLoadPlanner replaces objects it does not know with None); load layout-aware or ZeRO "
+            "optimizer state with dcp_ext.ReshardLoadPlanner")
 
 
 def _layout_types_loaded() -> bool:

@@ -127,15 +127,15 @@ def layout_b_resume(path: str, full_path: str, steps: int) -> dict[str, torch.Te
 
 def main(root: str) -> None:
     path, full_path = os.path.join(root, "ckpt"), os.path.join(root, "full.pt")
-    run_on_ranks(2, layout_a_save, path)
+    run_on_ranks(layout_a_save, 2, path)
     print(f"saved at layout A (TP=2, ZeroAdam per TP rank) -> {path}")
 
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     dcp_to_torch_save(path, full_path)  # stock DCP reads the resharding checkpoint as global tensors
-    b = run_on_ranks(2, layout_b_resume, path, full_path, 2)
+    b = run_on_ranks(layout_b_resume, 2, path, full_path, 2)
     print("resumed at layout B (DP=2, flat buffers split over 2 ranks): every state slice matches")
-    single = run_on_ranks(1, layout_b_resume, path, full_path, 2)[0]
+    single = run_on_ranks(layout_b_resume, 1, path, full_path, 2)[0]
     for f in single:
         assert torch.equal(b[0][f], single[f]) and torch.equal(b[1][f], single[f]), f
     print("2 more steps at DP=2 == 2 more steps in one process, bit for bit: OK")

@@ -19,7 +19,7 @@ from torch import nn
 import dcp_ext
 from dcp_ext.optim import ZeroAdam, optimizer_state
 
-D, FFN, N_IN, N_OUT = 8, 6, 4, 3
+D, FFN, N_IN, N_OUT = 8, 8, 4, 3
 
 
 class Block(nn.Module):
@@ -465,3 +465,20 @@ def zero_load(path: str, grid, steps: int, alignment: int, bucket: int | None, t
     for lf, p in local.named_parameters():
         assert torch.equal(p.detach(), topo.slice_global(lf, rp[names[lf]].detach())), f"param {lf} differs"
     return checked
+
+
+def stock_planner_with_layout(path: str) -> str:
+    """Layout-aware state saved with the Reshard planner, loaded with the stock planner: clear error."""
+    topo = Topo(2, 1, 1)
+    ref = Net()
+    local, names = build_local(topo, ref)
+    opt = make_opt("adam", list(local.named_parameters()))
+    train(topo, ref, make_opt("adam", list(ref.named_parameters())), local, opt, names, range(1))
+    sp, _ = planners(topo)
+    dcp.save({"optim": optimizer_state(local, opt, topo.layout)}, storage_writer=dcp.FileSystemWriter(path),
+             planner=sp)
+    try:
+        dcp.load({"optim": optimizer_state(local, opt, topo.layout)}, storage_reader=dcp.FileSystemReader(path))
+    except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        return f"{type(e).__name__}: {e}"
+    return "no error"

@@ -169,3 +169,8 @@ def test_example_resume_different_layout(tmp_path):
                         str(tmp_path / "ex")], capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "bit for bit: OK" in r.stdout
+
+
+def test_stock_load_planner_dropping_pieces_is_an_error(ranks, tmp_path):
+    msg = ranks(2).run(f.stock_planner_with_layout, str(tmp_path / "ck"))[0]
+    assert "OptimizerStateError" in msg and "came back as None" in msg and "dcp_ext.ReshardLoadPlanner" in msg
