@@ -420,13 +420,13 @@ def _is_flat_optimizer(optimizer: object) -> bool:
     return hasattr(optimizer, "flat_spec") and hasattr(optimizer, "flat_state") and hasattr(optimizer, "scalar_state")
 
 
-def _all_gather_objects(obj: object) -> list[object]:
+def _all_gather_objects(obj: object, group: object | None = None, no_dist: bool = False) -> list[object]:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if no_dist or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         return [obj]
-    out: list[object] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    out: list[object] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -492,10 +492,15 @@ class OptimizerState:
     other tensors (``step``) are replicated. ZeRO-style optimizers (see :class:`ZeroAdam`) present
     their flat-buffer slices as pieces of the same global tensors, so plain and ZeRO checkpoints
     are interchangeable. ``key`` must be the key of this object in the dict given to ``dcp.save``.
+    ``state_dict()`` gathers the param groups' FQNs over ``process_group`` (default: the default
+    group when initialised); pass ``no_dist=True`` with ``dcp.save/load(..., no_dist=True)``.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: object, layout: object | None = None,
-                 *, key: str = "optim", init_lazy: bool = True) -> None:
+                 *, key: str = "optim", init_lazy: bool = True, process_group: object | None = None,
+                 no_dist: bool = False) -> None:
+        self.process_group = process_group
+        self.no_dist = no_dist
         self.model = model
         self.optimizer = optimizer
         self.layout = layout
@@ -535,7 +540,7 @@ class OptimizerState:
 
     def _param_groups_sd(self, group_fqns: list[list[str]], hyper: list[dict]) -> tuple[dict, ...]:
         # union of every rank's FQNs per group (PP stages hold different parameters)
-        gathered = _all_gather_objects(group_fqns)
+        gathered = _all_gather_objects(group_fqns, self.process_group, self.no_dist)
         out = []
         for gi, h in enumerate(hyper):
             names: list[str] = []
@@ -733,7 +738,8 @@ def flat_state_pieces(spec: FlatBufferSpec, flat_state: Mapping[str, torch.Tenso
 
 
 def optimizer_state(model: torch.nn.Module, optimizer: object, layout: object | None = None, *,
-                    key: str = "optim", init_lazy: bool = True) -> OptimizerState:
+                    key: str = "optim", init_lazy: bool = True, process_group: object | None = None,
+                    no_dist: bool = False) -> OptimizerState:
     """Wrap ``(model, optimizer)`` into a DCP ``Stateful`` keyed by parameter FQNs.
 
     Put it in the state dict given to ``dcp.save``/``dcp.load`` under ``key``::
@@ -744,7 +750,8 @@ def optimizer_state(model: torch.nn.Module, optimizer: object, layout: object | 
     tensors of the parameter's shape or scalars) or a flat-buffer optimizer such as
     :class:`ZeroAdam`. With ``layout`` use ``ReshardSavePlanner/ReshardLoadPlanner``.
     """
-    return OptimizerState(model, optimizer, layout, key=key, init_lazy=init_lazy)
+    return OptimizerState(model, optimizer, layout, key=key, init_lazy=init_lazy, process_group=process_group,
+                          no_dist=no_dist)
 
 
 # --------------------------------------------------------------------------------------
