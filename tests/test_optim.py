@@ -91,7 +91,7 @@ def test_load_state_dict_round_trip_and_errors():
     bad = copy.deepcopy(sd)
     bad["state"]["layers.0.fc1.weight"]["exp_avg"] = torch.zeros(3, 3)
     with pytest.raises(OptimizerStateError, match=r"optimizer state 'layers.0.fc1.weight'.'exp_avg': saved shape "
-                                                  r"\(3, 3\) does not match the optimizer's \(12, 8\)"):
+                                                  r"\(3, 3\) does not match the optimizer's \(16, 8\)"):
         optimizer_state(m2, o2).load_state_dict(bad)
 
     bad = copy.deepcopy(sd)
