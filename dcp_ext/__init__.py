@@ -47,6 +47,25 @@ __all__ = [
 ]
 
 # --- feature modules (each issue adds its public names below this line) ---
+from .errors import LayoutError, ReshardError
+from .layout import GlobalPieces, ParallelLayout, Piece, PieceMap, ShardSpec, TensorMapping
+from .planner import ReshardLoadPlanner, ReshardReport, ReshardSavePlanner, saved_layout
+
+__all__ += [
+    "GlobalPieces",
+    "LayoutError",
+    "ParallelLayout",
+    "Piece",
+    "PieceMap",
+    "ReshardError",
+    "ReshardLoadPlanner",
+    "ReshardReport",
+    "ReshardSavePlanner",
+    "ShardSpec",
+    "TensorMapping",
+    "saved_layout",
+]
+
 from .optim import (  # noqa: E402  (issue 6: optimizer state)
     FlatBufferSpec,
     FlatParam,

@@ -1,0 +1,165 @@
+"""Functions run on gloo ranks by tests/test_reshard.py (module-level so spawned ranks import them)."""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+from dcp_ext.layout import GlobalPieces, ParallelLayout, Piece
+from dcp_ext.planner import ReshardLoadPlanner, ReshardSavePlanner
+
+from . import megatron_gpt as mg
+
+IDS = torch.tensor([3, 17, 40, 63, 0, 25, 33, 8])
+SEED = 1234
+
+
+def state_for(topo: mg.Topo, rank: int, full: dict[str, torch.Tensor] | None = None) -> dict:
+    """The state a rank saves: nested model params + non-tensor objects."""
+    params = mg.local_params(topo, rank, full if full is not None else mg.full_params(SEED))
+    return {"model": params, "step": 7, "extra": {"note": f"saved at {topo.name}"}}
+
+
+def save_topos(root: str, topos: list[mg.Topo]) -> list[str]:
+    """Save the seeded model at every topology of this world size; returns the paths."""
+    rank = dist.get_rank()
+    full = mg.full_params(SEED)
+    paths = []
+    for topo in topos:
+        path = os.path.join(root, topo.name)
+        sd = state_for(topo, rank, full)
+        dcp.save(sd, storage_writer=FileSystemWriter(path), planner=ReshardSavePlanner(topo.layout(rank)))
+        paths.append(path)
+    return paths
+
+
+def check_loaded(topo: mg.Topo, rank: int, params: dict[str, torch.Tensor], full: dict[str, torch.Tensor]) -> list[str]:
+    expect = mg.local_params(topo, rank, full)
+    bad = [k for k in expect if not torch.equal(params[k], expect[k])]
+    return bad
+
+
+def load_matrix(root: str, sources: list[str], targets: list[mg.Topo]) -> list[tuple[str, str, str]]:
+    """Load every saved layout at every target topology; compare params exactly and the forward.
+
+    Returns ``(source, target, problem)`` triples, ``problem == ""`` when all matched.
+    """
+    rank = dist.get_rank()
+    full = mg.full_params(SEED)
+    ref_logits = mg.reference_forward(full, IDS)
+    results = []
+    for src in sources:
+        for topo in targets:
+            problem = ""
+            try:
+                params = mg.empty_like_local(topo, rank)
+                sd = {"model": params, "step": -1, "extra": {"note": ""}}
+                planner = ReshardLoadPlanner(topo.layout(rank))
+                dcp.load(sd, storage_reader=FileSystemReader(os.path.join(root, src)), planner=planner)
+                bad = check_loaded(topo, rank, sd["model"], full)
+                if bad:
+                    problem += f"params differ: {bad}; "
+                if sd["step"] != 7 or sd["extra"]["note"] != f"saved at {src}":
+                    problem += f"objects differ: {sd['step']} {sd['extra']}; "
+                if planner.report is None or not planner.report.ok:
+                    problem += f"report: {planner.report}; "
+                out = mg.distributed_forward(topo, sd["model"], IDS)
+                if out is not None:
+                    if not torch.allclose(out, ref_logits, rtol=1e-5, atol=1e-5):
+                        problem += f"forward differs by {(out - ref_logits).abs().max().item()}; "
+                    if topo.tp == 1 and not torch.equal(out, ref_logits):
+                        problem += "forward not bit-identical at TP=1; "
+            except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
+                problem += f"{type(e).__name__}: {e}\n{traceback.format_exc()[-800:]}"
+            results.append((src, topo.name, problem))
+    return results
+
+
+def save_wrong_pp(path: str) -> None:
+    """Two PP stages both claim layers 0-1 (layer_offset left at 0 on stage 1)."""
+    rank = dist.get_rank()
+    topo = mg.Topo(1, 2, 2)
+    good = topo.layout(rank)
+    lay = ParallelLayout(tp_rank=good.tp_rank, tp_size=1, pp_rank=good.pp_rank, pp_size=2,
+                         dp_rank=good.dp_rank, dp_size=2, rules=good.rules, layer_offset=0)
+    sd = state_for(topo, rank)
+    dcp.save(sd, storage_writer=FileSystemWriter(path), planner=ReshardSavePlanner(lay))
+
+
+def save_written_bytes(path: str, topo_name: str) -> int:
+    """Save at 2x1x2 and return this rank's bytes in its data files (dedup balance check)."""
+    rank = dist.get_rank()
+    topo = mg.Topo(2, 1, 2)
+    sd = state_for(topo, rank)
+    dcp.save(sd, storage_writer=FileSystemWriter(path), planner=ReshardSavePlanner(topo.layout(rank)))
+    dist.barrier()
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if f.startswith(f"__{rank}_") and f.endswith(".distcp"))
+
+
+def dtensor_roundtrip(root: str) -> list[str]:
+    """Save a TP model as DTensors (Shard(0)/Shard(1) on a 4-way mesh), load it as DTensors on a
+    2x2 mesh with other placements, and as plain Megatron shards at 2x1x2; compare exactly."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    rank = dist.get_rank()
+    full = mg.full_params(SEED)
+    mesh = init_device_mesh("cpu", (4,))
+    rules = mg.rules()
+
+    def placement(name: str):
+        for pat, spec in rules.items():
+            import fnmatch
+
+            if fnmatch.fnmatchcase(name, pat):
+                return [Shard(spec.dim)]
+        return [Replicate()]
+
+    sd = {"model": {k: distribute_tensor(v, mesh, placement(k)) for k, v in full.items()}}
+    path = os.path.join(root, "dtensor")
+    dcp.save(sd, storage_writer=FileSystemWriter(path), planner=ReshardSavePlanner(ParallelLayout()))
+    problems = []
+    mesh2 = init_device_mesh("cpu", (2, 2))
+    tgt = {"model": {k: distribute_tensor(torch.zeros_like(v), mesh2, [Shard(v.dim() - 1), Replicate()])
+                     for k, v in full.items()}}
+    dcp.load(tgt, storage_reader=FileSystemReader(path), planner=ReshardLoadPlanner(ParallelLayout()))
+    for k, v in full.items():
+        if not torch.equal(tgt["model"][k].full_tensor(), v):
+            problems.append(f"dtensor {k}")
+    topo = mg.Topo(2, 1, 2)
+    plain = {"model": mg.empty_like_local(topo, rank)}
+    dcp.load(plain, storage_reader=FileSystemReader(path), planner=ReshardLoadPlanner(topo.layout(rank)))
+    problems += [f"plain {k}" for k in check_loaded(topo, rank, plain["model"], full)]
+    return problems
+
+
+def global_pieces_roundtrip(root: str) -> list[str]:
+    """A flat buffer split unevenly over 4 ranks, saved as GlobalPieces boxes of a [6, 5] matrix,
+    loaded by 4 ranks as column blocks (other boxes of the same global tensor)."""
+    rank = dist.get_rank()
+    full = torch.arange(30.0).reshape(6, 5)
+    rows = [(0, 1), (1, 3), (3, 4), (4, 6)][rank]
+    flat = full[rows[0]:rows[1]].reshape(-1).clone()
+    piece = Piece("opt.w.exp_avg", (6, 5), (rows[0], 0), flat.view(rows[1] - rows[0], 5))
+    rep = Piece("opt.scale", (2,), (0,), torch.tensor([1.5, 2.5]))
+    sd = {"optim": GlobalPieces([piece]), "rep": GlobalPieces([rep], replicated=True)}
+    path = os.path.join(root, "pieces")
+    dcp.save(sd, storage_writer=FileSystemWriter(path), planner=ReshardSavePlanner(ParallelLayout()))
+    cols = [(0, 2), (2, 3), (3, 5), (0, 5)][rank]
+    buf = torch.full((6 * (cols[1] - cols[0]),), -1.0)
+    view = buf.view(cols[1] - cols[0], 6).T  # a non-contiguous view, filled in place
+    tgt = {"optim": GlobalPieces([Piece("opt.w.exp_avg", (6, 5), (0, cols[0]), view)]),
+           "rep": GlobalPieces([Piece("opt.scale", (2,), (0,), torch.zeros(2))], replicated=True)}
+    dcp.load(tgt, storage_reader=FileSystemReader(path), planner=ReshardLoadPlanner(ParallelLayout()))
+    problems = []
+    if not torch.equal(view, full[:, cols[0]:cols[1]]):
+        problems.append("pieces")
+    if not torch.equal(tgt["rep"].pieces[0].view, torch.tensor([1.5, 2.5])):
+        problems.append("replicated piece")
+    return problems
