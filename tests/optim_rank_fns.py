@@ -295,7 +295,7 @@ def bad_optimizer_param() -> str:
 
 
 # ---------------------------------------------------------------------- interop with stock state_dict helpers
-def interop_stock(path: str, use_fsdp: bool) -> str:
+def interop_stock(path: str, use_fsdp: bool, use_layout: bool = False) -> str:
     """One checkpoint holding (1) a model+optimizer via torch's get_*_state_dict (FSDP2 or plain)
     and (2) another model+optimizer via dcp_ext.optimizer_state; both load back exactly."""
     from torch.distributed.checkpoint.state_dict import (
@@ -330,16 +330,21 @@ def interop_stock(path: str, use_fsdp: bool) -> str:
             o.step()
     want_a = _full(get_optimizer_state_dict(a, a_opt))
     want_b = copy.deepcopy({n: dict(b_opt.state[p]) for n, p in b.named_parameters()})
+    lay = None
+    sp = lp = None
+    if use_layout:  # our GlobalPieces next to FSDP2 DTensors, through the Reshard planners
+        lay = dcp_ext.ParallelLayout(dp_rank=dist.get_rank(), dp_size=dist.get_world_size())
+        sp, lp = dcp_ext.ReshardSavePlanner(lay), dcp_ext.ReshardLoadPlanner(lay)
     state = {"a_model": get_model_state_dict(a), "a_optim": get_optimizer_state_dict(a, a_opt),
-             "model": b.state_dict(), "optim": optimizer_state(b, b_opt)}
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(path))
+             "model": b.state_dict(), "optim": optimizer_state(b, b_opt, lay)}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(path), planner=sp)
 
     a2, a2_opt, _ = build(3)
     b2 = Net(n_layers=2, seed=4)
     b2_opt = make_opt("adam", list(b2.named_parameters()))
     state = {"a_model": get_model_state_dict(a2), "a_optim": get_optimizer_state_dict(a2, a2_opt),
-             "model": b2.state_dict(), "optim": optimizer_state(b2, b2_opt)}
-    dcp.load(state, storage_reader=dcp.FileSystemReader(path))
+             "model": b2.state_dict(), "optim": optimizer_state(b2, b2_opt, lay)}
+    dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=lp)
     set_model_state_dict(a2, state["a_model"])
     set_optimizer_state_dict(a2, a2_opt, state["a_optim"])
     got_a = _full(get_optimizer_state_dict(a2, a2_opt))
@@ -470,3 +475,43 @@ def zero_load(path: str, grid, steps: int, alignment: int, bucket: int | None, t
     for lf, p in local.named_parameters():
         assert torch.equal(p.detach(), topo.slice_global(lf, rp[names[lf]].detach())), f"param {lf} differs"
     return checked
+
+
+def zero_resume_same(path: str, grid, n: int, m: int) -> int:
+    """(b) for ZeRO: train n, save, train m == fresh ZeroAdam + load + train m, bit for bit."""
+    topo = Topo(*grid)
+    alignment, bucket = 4, 100
+
+    def run(local, opt, ref, ref_opt, steps):
+        for s in steps:
+            x, y = batch(s)
+            ref_opt.zero_grad()
+            torch.nn.functional.mse_loss(ref(x), y).backward()
+            push_grads(topo, ref, local, names)
+            ref_opt.step()
+            opt.step()
+
+    ref, ref_opt, _ = ref_zero(0, alignment, bucket)
+    local, names = build_local(topo, ref)
+    opt = make_zero(topo, list(local.named_parameters()), alignment, bucket)
+    run(local, opt, ref, ref_opt, range(n))
+    sp, lp = planners(topo)
+    dcp.save({"model": local.state_dict(), "optim": optimizer_state(local, opt, topo.layout)},
+             storage_writer=dcp.FileSystemWriter(path), planner=sp)
+    ref_n = copy.deepcopy((ref.state_dict(), ref_opt.flat_state, ref_opt.scalar_state))
+    run(local, opt, ref, ref_opt, range(n, n + m))
+    final = {k: v.detach().clone() for k, v in local.state_dict().items()}
+
+    ref2, ref2_opt, _ = ref_zero(0, alignment, bucket)
+    ref2.load_state_dict(ref_n[0])
+    for k in ref2_opt.flat_state:
+        ref2_opt.flat_state[k].copy_(ref_n[1][k])
+    ref2_opt.scalar_state["step"].copy_(ref_n[2]["step"])
+    local2, _ = build_local(topo, ref2, seed_offset=11)
+    opt2 = make_zero(topo, list(local2.named_parameters()), alignment, bucket)
+    dcp.load({"model": local2.state_dict(), "optim": optimizer_state(local2, opt2, topo.layout)},
+             storage_reader=dcp.FileSystemReader(path), planner=lp)
+    run(local2, opt2, ref2, ref2_opt, range(n, n + m))
+    for k, v in local2.state_dict().items():
+        assert torch.equal(v, final[k]), f"{k} diverged after ZeRO resume"
+    return len(final)

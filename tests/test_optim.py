@@ -29,10 +29,11 @@ def test_optimizer_param_not_in_model(ranks):
     assert "optimizer param_groups[0]['params'][" in msg and "(shape (2, 2)) is not a parameter of the model Net" in msg
 
 
-def test_interop_with_stock_get_optimizer_state_dict(ranks, tmp_path):
+@pytest.mark.parametrize("use_layout", [False, True])
+def test_interop_with_stock_get_optimizer_state_dict(ranks, tmp_path, use_layout):
     # FSDP2 (fully_shard on a CPU mesh over gloo) optimizer state saved through torch's
-    # get_optimizer_state_dict, next to ours, in one checkpoint
-    how = ranks(2).run(f.interop_stock, str(tmp_path / "ck"), True)
+    # get_optimizer_state_dict, next to ours, in one checkpoint (stock or Reshard planners)
+    how = ranks(2).run(f.interop_stock, str(tmp_path / "ck"), True, use_layout)
     assert how == ["fsdp2", "fsdp2"]
 
 
@@ -181,3 +182,8 @@ def test_dropped_pieces_are_an_error():
     with pytest.raises(OptimizerStateError, match=r"optimizer state 'emb.weight'.'exp_avg' came back as None.*"
                                                   r"dcp_ext.ReshardLoadPlanner"):
         st.load_state_dict(sd)
+
+
+def test_zero_resume_bit_identical_tp_dp(ranks, tmp_path):
+    out = ranks(4).run(f.zero_resume_same, str(tmp_path / "ck"), (2, 1, 2), 2, 2)
+    assert all(n > 0 for n in out)
