@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterable, Mapping, Sequence
 
 import torch
 
 from .errors import DcpExtError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .layout import GlobalPieces, ParallelLayout
 
 __all__ = [
     "Box",
@@ -496,7 +499,7 @@ class OptimizerState:
     group when initialised); pass ``no_dist=True`` with ``dcp.save/load(..., no_dist=True)``.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: object, layout: object | None = None,
+    def __init__(self, model: torch.nn.Module, optimizer: object, layout: ParallelLayout | None = None,
                  *, key: str = "optim", init_lazy: bool = True, process_group: object | None = None,
                  no_dist: bool = False) -> None:
         self.process_group = process_group
@@ -681,8 +684,8 @@ def _layout_types_loaded() -> bool:
 
 
 def flat_state_pieces(spec: FlatBufferSpec, flat_state: Mapping[str, torch.Tensor],
-                      scalar_state: Mapping[str, torch.Tensor] | None = None, *, layout: object | None = None,
-                      key: str = "optim") -> dict[str, dict[str, object]]:
+                      scalar_state: Mapping[str, torch.Tensor] | None = None, *, layout: ParallelLayout | None = None,
+                      key: str = "optim") -> dict[str, dict[str, GlobalPieces]]:
     """GlobalPieces of the global parameters for a rank's flat-buffer slices.
 
     ``flat_state`` maps a state name (``"master"``, ``"exp_avg"``, ...) to this rank's 1-D slice
@@ -737,7 +740,7 @@ def flat_state_pieces(spec: FlatBufferSpec, flat_state: Mapping[str, torch.Tenso
     return result
 
 
-def optimizer_state(model: torch.nn.Module, optimizer: object, layout: object | None = None, *,
+def optimizer_state(model: torch.nn.Module, optimizer: object, layout: ParallelLayout | None = None, *,
                     key: str = "optim", init_lazy: bool = True, process_group: object | None = None,
                     no_dist: bool = False) -> OptimizerState:
     """Wrap ``(model, optimizer)`` into a DCP ``Stateful`` keyed by parameter FQNs.
@@ -769,6 +772,10 @@ class ZeroAdam:
     sliced: a run at any DP size is bit-identical to the same run at DP 1. It is a reference for
     checkpointing flat buffers (``dcp_ext.optimizer_state`` presents its state as pieces of the
     global parameters), kept simple rather than fast.
+
+    ``group`` is the DP process group (``None``: the default group, which must then be exactly
+    the DP ranks); no collective runs when ``dp_size == 1``. ``average_grads=False`` skips the
+    gradient all-reduce (when every DP rank already holds the same gradients).
     """
 
     def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], *, dp_size: int = 1,
