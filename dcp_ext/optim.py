@@ -475,6 +475,14 @@ def _init_lazy_state(optimizer: torch.optim.Optimizer) -> None:
     logger.debug("initialised lazy optimizer state of %d parameters", len(missing))
 
 
+def _is_dtensor(t: object) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(t, DTensor)
+
+
 def _is_whole(mapping: object, local_shape: Sequence[int]) -> bool:
     """True if a TensorMapping is the whole tensor (not split across TP ranks)."""
     return len(mapping.pieces) == 1 and tuple(mapping.global_shape) == tuple(local_shape)
@@ -578,7 +586,10 @@ class OptimizerState:
                 for name, v in pstate.items():
                     if isinstance(v, torch.Tensor):
                         sharded = tuple(v.shape) == tuple(p.shape)
-                        entry[name] = self._pieces(fqn, name, v, sharded) if self.layout is not None else v
+                        if self.layout is None or _is_dtensor(v):
+                            entry[name] = v  # stock DCP (and the Reshard planners) handle these
+                        else:
+                            entry[name] = self._pieces(fqn, name, v, sharded)
                         self._presented[id(entry[name])] = (entry[name], v)
                     else:
                         entry[name] = v

@@ -515,3 +515,40 @@ def zero_resume_same(path: str, grid, n: int, m: int) -> int:
     for k, v in local2.state_dict().items():
         assert torch.equal(v, final[k]), f"{k} diverged after ZeRO resume"
     return len(final)
+
+
+def fsdp2_ours(path: str) -> int:
+    """optimizer_state on an FSDP2 (DTensor) model: DTensor states pass through to DCP and load exactly."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    def build(seed):
+        m = Net(n_layers=2, seed=seed)
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+        for layer in m.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(m, mesh=mesh)
+        return m, make_opt("adamw", list(m.named_parameters()))
+
+    a, a_opt = build(1)
+    for s in range(2):
+        x, y = batch(s)
+        a_opt.zero_grad()
+        torch.nn.functional.mse_loss(a(x), y).backward()
+        a_opt.step()
+    lay = dcp_ext.ParallelLayout(dp_rank=dist.get_rank(), dp_size=dist.get_world_size())
+    dcp.save({"optim": optimizer_state(a, a_opt, lay)}, storage_writer=dcp.FileSystemWriter(path),
+             planner=dcp_ext.ReshardSavePlanner(lay))
+    b, b_opt = build(2)
+    dcp.load({"optim": optimizer_state(b, b_opt, lay)}, storage_reader=dcp.FileSystemReader(path),
+             planner=dcp_ext.ReshardLoadPlanner(lay))
+    n = 0
+    for (fa, pa), (fb, pb) in zip(a.named_parameters(), b.named_parameters()):
+        for k, v in a_opt.state[pa].items():
+            w = b_opt.state[pb][k]
+            assert type(w).__name__ == type(v).__name__, (fa, k, type(w))
+            full_v = v.full_tensor() if hasattr(v, "full_tensor") else v
+            full_w = w.full_tensor() if hasattr(w, "full_tensor") else w
+            assert torch.equal(full_v, full_w), (fa, k)
+            n += 1
+    return n

@@ -187,3 +187,8 @@ def test_dropped_pieces_are_an_error():
 def test_zero_resume_bit_identical_tp_dp(ranks, tmp_path):
     out = ranks(4).run(f.zero_resume_same, str(tmp_path / "ck"), (2, 1, 2), 2, 2)
     assert all(n > 0 for n in out)
+
+
+def test_optimizer_state_of_fsdp2_model(ranks, tmp_path):
+    out = ranks(2).run(f.fsdp2_ours, str(tmp_path / "ck"))
+    assert out[0] > 0 and out[0] == out[1]
