@@ -65,3 +65,25 @@ __all__ += [
     "TensorMapping",
     "saved_layout",
 ]
+
+from .optim import (  # noqa: E402  (issue 6: optimizer state)
+    FlatBufferSpec,
+    FlatParam,
+    OptimizerState,
+    OptimizerStateError,
+    ZeroAdam,
+    flat_state_pieces,
+    optimizer_state,
+    range_to_boxes,
+)
+
+__all__ += [
+    "FlatBufferSpec",
+    "FlatParam",
+    "OptimizerState",
+    "OptimizerStateError",
+    "ZeroAdam",
+    "flat_state_pieces",
+    "optimizer_state",
+    "range_to_boxes",
+]
