@@ -47,3 +47,7 @@ __all__ = [
 ]
 
 # --- feature modules (each issue adds its public names below this line) ---
+from .errors import StagingBudgetError, StagingError, StagingPoolBusyError  # noqa: E402
+from .staging import PooledStager, async_save  # noqa: E402
+
+__all__ += ["PooledStager", "StagingBudgetError", "StagingError", "StagingPoolBusyError", "async_save"]

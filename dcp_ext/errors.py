@@ -17,6 +17,9 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointExistsError",
     "StorageError",
+    "StagingError",
+    "StagingBudgetError",
+    "StagingPoolBusyError",
 ]
 
 
@@ -54,3 +57,15 @@ class CheckpointExistsError(DcpExtError, FileExistsError):
 
 class StorageError(DcpExtError, OSError):
     """An I/O operation failed for good (after retries); the message names the object."""
+
+
+class StagingError(DcpExtError):
+    """Staging a state dict into host memory failed (unsupported value, misuse of a stager)."""
+
+
+class StagingBudgetError(StagingError, ConfigError):
+    """The staging pool needed for a state dict does not fit the configured memory budget."""
+
+
+class StagingPoolBusyError(StagingError, TimeoutError):
+    """Every staging pool is still held by an unfinished upload and the wait timed out."""
