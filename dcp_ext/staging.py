@@ -29,7 +29,7 @@ import logging
 import threading
 import time
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -50,6 +50,13 @@ try:  # torch >= 2.4 exposes the storage reference count; used for implicit rele
     _use_count: Callable[[Any], int] | None = torch._C._storage_Use_Count  # type: ignore[attr-defined]
 except AttributeError:  # pragma: no cover - older torch
     _use_count = None
+
+try:  # torch >= 2.8(ish): async_save accepts a Future from stage() and returns AsyncSaveResponse
+    from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse as _AsyncSaveResponse  # noqa: F401
+
+    _STAGE_FUTURE_OK = True
+except ImportError:  # pragma: no cover - older torch
+    _STAGE_FUTURE_OK = False
 
 try:
     from torch.distributed.tensor import DTensor as _DTensor
@@ -212,6 +219,9 @@ class PooledStager(AsyncStager):
                              f"got {memory_budget!r}")
         if wait_timeout is not None and wait_timeout < 0:
             raise ValueError(f"PooledStager: wait_timeout must be >= 0 seconds or None, got {wait_timeout!r}")
+        if max_pools > 1 and not _STAGE_FUTURE_OK:
+            raise ValueError(f"PooledStager: max_pools={max_pools} needs torch >= 2.8 (dcp.async_save must accept "
+                             f"a staging Future to keep uploads in order); this is torch {torch.__version__}")
         cuda = torch.cuda.is_available()
         if pin_memory and not cuda:
             raise ValueError("PooledStager: pin_memory=True needs CUDA, which is not available; "
@@ -229,12 +239,17 @@ class PooledStager(AsyncStager):
         self._untracked: _Lease | None = None  # the latest lease, until track() claims it
         self._streams: dict[torch.device, Any] = {}
         self._closed = False
+        self._gate: ThreadPoolExecutor | None = None
         #: counters for tests and logs: pools allocated, saves staged, saves that had to wait
         self.stats = {"pools_allocated": 0, "stages": 0, "waits": 0, "rebuilds": 0}
 
     # ------------------------------------------------------------------ public API
-    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:  # type: ignore[override]
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any] | Future:  # type: ignore[override]
         """Copy ``state_dict`` into a pool and return the staged copy (same structure).
+
+        With ``max_pools > 1`` the staged copy is returned inside a ``Future`` that resolves
+        when every earlier upload has ended (so uploads never overlap); ``dcp.async_save``
+        then returns an ``AsyncSaveResponse``. The copy itself is complete in either case.
 
         Tensors become views into the pool (DTensors keep their wrapper around a staged
         local tensor); plain containers are rebuilt; other values are deep-copied. Blocks
@@ -265,6 +280,29 @@ class PooledStager(AsyncStager):
             self._untracked = lease
             lease.staging = False
         self.stats["stages"] += 1
+        if self.max_pools == 1:
+            # With one pool, acquiring it already waited for the previous upload to finish.
+            return staged
+        # With several pools the previous upload may still run. Two uploads at once would issue
+        # collectives on one process group from two threads (mismatched across ranks), so the
+        # upload of this save starts only once every earlier lease has ended. The copy is done:
+        # the caller may mutate the source now.
+        if self._gate is None:
+            self._gate = ThreadPoolExecutor(max_workers=1, thread_name_prefix="PooledStagerGate")
+        return self._gate.submit(self._after_earlier, lease, staged)  # type: ignore[return-value]
+
+    def _after_earlier(self, lease: _Lease, staged: dict[str, Any]) -> dict[str, Any]:
+        t0 = time.monotonic()
+        with self._cond:
+            while True:
+                self._reap_untracked()
+                earlier = [p.lease for p in self._pools if p.lease is not None and p.lease.seq < lease.seq]
+                if not earlier:
+                    break
+                self._cond.wait(_POLL_S)
+        if time.monotonic() - t0 > 0.01:
+            logger.info("PooledStager: upload of save #%d started after the previous upload ended (%.3fs)",
+                        lease.seq, time.monotonic() - t0)
         return staged
 
     def track(self, result: Future | Any) -> None:
@@ -301,21 +339,21 @@ class PooledStager(AsyncStager):
                 self._cond.wait(_POLL_S)
 
     def close(self) -> None:
-        """Wait for outstanding uploads (``wait_timeout``), then free (and unpin) all pools."""
+        """Wait for outstanding uploads (``wait_timeout``), then free (and unpin) all pools.
+
+        If an upload still holds a pool after ``wait_timeout``, raises
+        :class:`StagingPoolBusyError` and stays open (call ``close()`` again later).
+        """
         if self._closed:
             return
-        try:
-            self.wait_idle(self.wait_timeout)
-        finally:
-            with self._cond:
-                for p in self._pools:
-                    if p.lease is None:
-                        p.free()
-                    else:
-                        logger.warning("PooledStager.close(): pool %d is still leased; leaving it to the GC",
-                                       p.index)
-                self._pools = []
-                self._closed = True
+        self.wait_idle(self.wait_timeout)
+        with self._cond:
+            for p in self._pools:
+                p.free()
+            self._pools = []
+            self._closed = True
+            if self._gate is not None:
+                self._gate.shutdown(wait=False)
 
     def synchronize_staging(self) -> None:
         """No-op: ``stage()`` returns only after every copy (including D2H) has completed."""
