@@ -105,17 +105,29 @@ class _Leaf:
 
 
 class _Pool:
-    """One flat host allocation holding a copy of every tensor of one state-dict structure."""
+    """One flat host allocation holding a copy of every tensor of one state-dict structure.
+
+    Private memory (the default): one allocation, but every tensor gets its *own* storage
+    over its slice (``torch.frombuffer``), exactly ``nbytes`` long. A plain view of one big
+    storage would make stock ``FileSystemWriter`` clone every item into fresh memory during
+    the upload (it clones tensors whose storage is larger than the tensor, because
+    ``torch.save`` of a view writes the whole storage), which costs page faults and a
+    transient second copy of each item.
+
+    Shared memory (``share_memory=True``): one shared segment and plain views of it, so the
+    process executor passes one handle (one file descriptor) per save instead of one per
+    tensor; the clone then happens in the checkpoint process, off the training process.
+    """
 
     def __init__(self, signature: tuple, leaves: list[_Leaf], *, pin: bool, share: bool, index: int):
         self.signature = signature
         self.index = index
         total = 0
-        self.slots: list[tuple[int, torch.dtype, torch.Size]] = []
+        slots: list[tuple[int, torch.dtype, torch.Size]] = []
         for leaf in leaves:
             t = leaf.tensor
             nbytes = t.numel() * t.element_size()
-            self.slots.append((total, t.dtype, t.shape))
+            slots.append((total, t.dtype, t.shape))
             total += _align(nbytes)
         self.nbytes = total
         if share:
@@ -125,36 +137,56 @@ class _Pool:
             base = torch.empty(max(total, 1), dtype=torch.uint8)
         self.base = base
         self.shared = share
-        self.ptr = base.data_ptr()
         self.pinned = False
         if pin and total > 0:
-            _pin(self.ptr, base.numel())
+            ptr = base.data_ptr()
+            _pin(ptr, base.numel())
             self.pinned = True
-            self._finalizer = weakref.finalize(self, _unpin, self.ptr)
+            self._finalizer = weakref.finalize(self, _unpin, ptr)
             self._finalizer.atexit = False
-        self.views = [self._view(off, dt, shape) for off, dt, shape in self.slots]
-        self.storage = base.untyped_storage()
-        # References the pool itself holds on its storage: base + views + the storage object.
-        self.baseline = _use_count(self.storage._cdata) if _use_count is not None else 0
+        flat = None if share else base.numpy()
+        self.views: list[torch.Tensor] = []
+        for off, dtype, shape in slots:
+            nbytes = dtype.itemsize * int(torch.Size(shape).numel())
+            if share:
+                v = base[off:off + nbytes]
+            elif nbytes == 0:
+                v = torch.empty(0, dtype=torch.uint8)
+            else:
+                v = torch.frombuffer(flat, dtype=torch.uint8, count=nbytes, offset=off)
+            self.views.append(v.view(dtype).view(shape))
+        # Distinct storages and the references the pool itself holds on each (its own
+        # tensors and these storage objects); anything above that is someone else's.
+        seen: dict[int, Any] = {}
+        for t in [base, *self.views]:
+            st = t.untyped_storage()
+            seen.setdefault(st._cdata, st)
+        self.storages = list(seen.values())
+        self.ptrs = [v.data_ptr() for v in self.views]
         self.lease: _Lease | None = None
+        self.baseline: list[int] = []
 
-    def _view(self, off: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
-        nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-        return self.base[off:off + nbytes].view(dtype).view(shape)
+    def measure_baseline(self) -> None:
+        """Record the pool's own reference counts; call once the constructor's locals are gone."""
+        self.baseline = [_use_count(st._cdata) for st in self.storages] if _use_count is not None else []
 
     def external_refs(self) -> int:
         """Tensors (or storages) viewing this pool that the pool did not create itself."""
         if _use_count is None:
             return -1
-        return _use_count(self.storage._cdata) - self.baseline
+        return sum(_use_count(st._cdata) - b for st, b in zip(self.storages, self.baseline))
+
+    def moved(self) -> bool:
+        """Whether torch.multiprocessing moved the pool's storages into shared memory in place."""
+        return any(v.data_ptr() != p for v, p in zip(self.views, self.ptrs))
 
     def free(self) -> None:
         fin = getattr(self, "_finalizer", None)
         if fin is not None:
             fin()  # unpin now, while the memory is certainly still mapped
         self.views = []
+        self.storages = []
         self.base = None  # type: ignore[assignment]
-        self.storage = None  # type: ignore[assignment]
 
 
 @dataclass
@@ -327,15 +359,19 @@ class PooledStager(AsyncStager):
 
     def wait_idle(self, timeout: float | None = None) -> None:
         """Block until no pool is leased (every tracked upload finished)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        t0 = last_warn = time.monotonic()
         with self._cond:
             while True:
                 self._reap_untracked()
                 busy = [p for p in self._pools if p.lease is not None]
                 if not busy:
                     return
-                if deadline is not None and time.monotonic() > deadline:
+                now = time.monotonic()
+                if timeout is not None and now - t0 > timeout:
                     raise StagingPoolBusyError(self._busy_message(busy, timeout))
+                if now - last_warn > self.warn_every_s:
+                    last_warn = now
+                    logger.warning("%s", self._busy_message(busy, round(now - t0, 1), still=True))
                 self._cond.wait(_POLL_S)
 
     def close(self) -> None:
@@ -509,6 +545,7 @@ class PooledStager(AsyncStager):
         t0 = time.perf_counter()
         self._pool_counter += 1
         pool = _Pool(signature, leaves, pin=self.pin_memory, share=self.share_memory, index=self._pool_counter)
+        pool.measure_baseline()
         self._pools.append(pool)
         self.stats["pools_allocated"] += 1
         logger.info("PooledStager: allocated pool %d: %s for %d tensors (pinned=%s, shared=%s) in %.3fs",
@@ -519,7 +556,7 @@ class PooledStager(AsyncStager):
     def _lease(self, pool: _Pool, waited_since: float | None) -> _Lease:
         if waited_since is not None:
             logger.info("PooledStager: pool %d free after waiting %.3fs", pool.index, time.monotonic() - waited_since)
-        if pool.base.data_ptr() != pool.ptr:
+        if pool.moved():
             # torch.multiprocessing moved a non-shared pool into shared memory in place when the
             # process executor pickled it; that is a one-time copy, but it drops pinning.
             if pool.pinned:
@@ -528,7 +565,7 @@ class PooledStager(AsyncStager):
                                    "share_memory=True to use pinned memory with the process executor")
             logger.info("PooledStager: pool %d was moved to shared memory by the process executor; "
                         "pass share_memory=True to avoid that copy", pool.index)
-            pool.ptr = pool.base.data_ptr()
+            pool.ptrs = [v.data_ptr() for v in pool.views]
             pool.shared = True
         self._seq += 1
         lease = _Lease(pool, self._seq)

@@ -221,3 +221,26 @@ def test_wrapper_single_process(tmp_path, caplog):
     dcp.load(out, checkpoint_id=str(tmp_path / "1"), no_dist=True)
     assert torch.equal(out["a"], torch.arange(6.0) + 1) and out["b"]["c"][1] == 5
     st.close()
+
+
+@pytest.mark.parametrize("share", [False, True])
+def test_staged_tensor_storage_layout(share):
+    """Private pool: each staged tensor owns a storage of exactly its size (so stock
+    FileSystemWriter does not clone it during the upload), all inside one allocation.
+    Shared pool: plain views of one shared segment (one handle for the process executor)."""
+    st = PooledStager(share_memory=share, wait_timeout=10)
+    src = {"a": torch.randn(100), "b": torch.randn(3, 5).to(torch.bfloat16), "e": torch.empty(0, 2),
+           "s": torch.tensor(3)}
+    staged = st.stage(src)
+    for k, v in staged.items():
+        assert torch.equal(v, src[k]) and v.dtype == src[k].dtype and v.shape == src[k].shape
+    if share:
+        assert len({v.untyped_storage().data_ptr() for k, v in staged.items() if k != "e"}) == 1
+        assert staged["a"].untyped_storage().is_shared()
+    else:
+        for k, v in staged.items():
+            assert v.untyped_storage().nbytes() == v.numel() * v.element_size(), k
+        base = st._pools[0].base.data_ptr()
+        assert all(base <= v.data_ptr() < base + st.pool_bytes for k, v in staged.items() if k != "e")
+    del staged, k, v
+    st.close()  # no staged tensor referenced any more: returns at once
