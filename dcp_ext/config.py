@@ -164,6 +164,9 @@ class Config:
     overwrite: bool = False
     #: show progress bars for long work (None: only when stderr is a terminal)
     progress: bool | None = None
+    #: loading only: refuse a checkpoint saved by a different number of ranks (for state
+    #: that is per rank and cannot be resharded, e.g. RNG or data-loader positions)
+    expect_world_size: int | None = None
     fs: FsOptions = field(default_factory=FsOptions)
     fsspec: FsspecOptions = field(default_factory=FsspecOptions)
     s3: S3Options = field(default_factory=S3Options)

@@ -1,0 +1,192 @@
+"""The manifest: a versioned JSON description of a checkpoint, written beside ``.metadata``.
+
+Why: stock DCP's ``.metadata`` is a pickle, which must never be loaded from an untrusted
+location and ties readers to Python class names. The manifest carries the same
+information (every FQN, its dtype, global size and chunks; where each item's bytes live)
+plus what we add (the offset of raw tensor data inside each ``torch.save`` record and
+block checksums), so our reader needs no unpickling. ``.metadata`` is still written for
+interop with stock ``FileSystemReader``/``FsspecReader``; it is written *last* and is the
+commit marker: a manifest without ``.metadata`` belongs to an unfinished save.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from ..errors import CorruptCheckpointError
+from ..integrity import ItemChecksums
+
+__all__ = ["MANIFEST_NAME", "METADATA_NAME", "FORMAT_VERSION", "ItemLocation", "encode_manifest",
+           "decode_manifest"]
+
+MANIFEST_NAME = ".dcp_ext.json"
+METADATA_NAME = ".metadata"
+FORMAT = "dcp-ext-manifest"
+FORMAT_VERSION = 1
+
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2,
+    torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.complex32)}
+_MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+                   "preserve": torch.preserve_format}
+
+
+@dataclass
+class ItemLocation:
+    """Where one write item's bytes live, and how to check them.
+
+    ``offset``/``length`` locate the whole record in ``relative_path``; ``checksums`` (or
+    None when saved without checksums) also gives the raw data offset inside the record.
+    ``data_offset`` is known even without checksums (None for stock checkpoints).
+    """
+
+    relative_path: str
+    offset: int
+    length: int
+    data_offset: int | None = None
+    data_length: int | None = None
+    checksums: ItemChecksums | None = None
+
+
+def _enc_index(idx: MetadataIndex) -> list:
+    return [idx.fqn, None if idx.offset is None else list(idx.offset)]
+
+
+def _dec_index(v: list) -> MetadataIndex:
+    return MetadataIndex(v[0], None if v[1] is None else torch.Size(v[1]))
+
+
+def _enc_props(p: TensorProperties) -> dict:
+    mf = {v: k for k, v in _MEMORY_FORMATS.items()}.get(p.memory_format, "contiguous")
+    return {"dtype": str(p.dtype).removeprefix("torch."), "requires_grad": bool(p.requires_grad),
+            "memory_format": mf, "pin_memory": bool(p.pin_memory)}
+
+
+def _dec_props(d: dict) -> TensorProperties:
+    if d["dtype"] not in _DTYPES:
+        raise CorruptCheckpointError(f"manifest names an unknown dtype {d['dtype']!r}")
+    return TensorProperties(dtype=_DTYPES[d["dtype"]], requires_grad=d["requires_grad"],
+                            memory_format=_MEMORY_FORMATS[d["memory_format"]], pin_memory=d["pin_memory"])
+
+
+def _jsonable(obj: Any) -> Any:
+    """planner_data is usually tuples/lists of str/int (FQN paths); keep what JSON can hold."""
+    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return obj
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(x) for x in obj]
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    raise TypeError(type(obj).__name__)
+
+
+def _tupleize(obj: Any) -> Any:
+    if isinstance(obj, list):
+        return tuple(_tupleize(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _tupleize(v) for k, v in obj.items()}
+    return obj
+
+
+def encode_manifest(metadata: Metadata, locations: dict[MetadataIndex, ItemLocation],
+                    save_id: str, metadata_crc: int, checksum_algorithm: str | None,
+                    extra: dict | None = None) -> bytes:
+    """Serialise ``metadata`` and item locations into the manifest JSON (bytes)."""
+    sdm: dict[str, Any] = {}
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            sdm[fqn] = {"type": "tensor", "properties": _enc_props(md.properties), "size": list(md.size),
+                        "chunks": [[list(c.offsets), list(c.sizes)] for c in md.chunks]}
+        elif isinstance(md, BytesStorageMetadata):
+            sdm[fqn] = {"type": "bytes"}
+        else:
+            raise TypeError(f"cannot describe metadata of type {type(md).__name__} for {fqn!r}")
+    try:
+        planner_data = _jsonable(metadata.planner_data)
+        planner_data_ok = True
+    except TypeError:
+        planner_data, planner_data_ok = None, False
+    items = []
+    for idx, loc in locations.items():
+        c = loc.checksums
+        items.append({
+            "index": _enc_index(idx), "file": loc.relative_path, "offset": loc.offset, "length": loc.length,
+            "data_offset": loc.data_offset, "data_length": loc.data_length,
+            "checksums": None if c is None else {"block_size": c.block_size, "blocks": c.blocks, "rest": c.rest},
+        })
+    doc = {
+        "format": FORMAT, "version": FORMAT_VERSION, "save_id": save_id,
+        "dcp_version": metadata.version, "checksum_algorithm": checksum_algorithm,
+        "metadata_crc32c": metadata_crc, "planner_data": planner_data,
+        "planner_data_complete": planner_data_ok,
+        "modules": list(metadata.storage_meta.modules) if metadata.storage_meta else [],
+        "state_dict_metadata": sdm, "items": items, "extra": extra or {},
+    }
+    return json.dumps(doc, separators=(",", ":")).encode()
+
+
+@dataclass
+class Manifest:
+    """A decoded manifest."""
+
+    metadata: Metadata
+    locations: dict[MetadataIndex, ItemLocation]
+    save_id: str
+    metadata_crc: int
+    checksum_algorithm: str | None
+    planner_data_complete: bool
+    extra: dict
+
+
+def decode_manifest(raw: bytes, where: str) -> Manifest:
+    """Parse manifest bytes; :class:`CorruptCheckpointError` naming ``where`` if malformed."""
+    try:
+        doc = json.loads(raw)
+        if doc.get("format") != FORMAT:
+            raise ValueError("not a dcp-ext manifest")
+        if doc["version"] > FORMAT_VERSION:
+            raise CorruptCheckpointError(
+                f"{where}: manifest version {doc['version']} is newer than this dcp-ext understands "
+                f"({FORMAT_VERSION}); upgrade dcp-ext")
+        sdm: dict[str, Any] = {}
+        for fqn, d in doc["state_dict_metadata"].items():
+            if d["type"] == "tensor":
+                sdm[fqn] = TensorStorageMetadata(
+                    properties=_dec_props(d["properties"]), size=torch.Size(d["size"]),
+                    chunks=[ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in d["chunks"]])
+            else:
+                sdm[fqn] = BytesStorageMetadata()
+        locations: dict[MetadataIndex, ItemLocation] = {}
+        for it in doc["items"]:
+            c = it["checksums"]
+            checks = None
+            if c is not None:
+                checks = ItemChecksums(it["data_offset"] or 0, it["data_length"] or 0, c["block_size"],
+                                       list(c["blocks"]), c["rest"])
+            locations[_dec_index(it["index"])] = ItemLocation(
+                it["file"], it["offset"], it["length"], it["data_offset"], it["data_length"], checks)
+        md = Metadata(state_dict_metadata=sdm, planner_data=_tupleize(doc["planner_data"]),
+                      storage_data=None, storage_meta=StorageMeta(save_id=doc["save_id"],
+                                                                  modules=doc.get("modules", [])),
+                      version=doc.get("dcp_version"))
+        return Manifest(md, locations, doc["save_id"], doc["metadata_crc32c"], doc["checksum_algorithm"],
+                        doc.get("planner_data_complete", True), doc.get("extra", {}))
+    except CorruptCheckpointError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise CorruptCheckpointError(f"{where}: unreadable manifest ({type(e).__name__}: {e})") from e

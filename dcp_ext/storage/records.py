@@ -1,0 +1,157 @@
+"""Writing one DCP item as a standard record, and locating its raw tensor bytes.
+
+Tensor items are written exactly as stock DCP writes them, a ``torch.save`` zip record, so
+stock ``FileSystemReader``/``FsspecReader`` load our checkpoints. The record is streamed
+straight into the :class:`~dcp_ext.storage.base.BlobWriter` (no intermediate copy of the
+tensor) through :class:`_RecordTap`, which also
+
+* finds where the raw tensor bytes (the ``…/data/0`` zip entry) start, so a reader can
+  later fetch just the byte ranges it needs instead of the whole record, and
+* computes block checksums on the fly (:mod:`dcp_ext.integrity`).
+
+torch's own zip CRC32 is switched off while we write (1.8 -> 2.6 GB/s on these machines):
+crc32c block checksums replace it at ~14 GB/s and, unlike the zip CRC, cover ranged reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import struct
+import threading
+
+import torch
+
+from ..integrity import BlockHasher, ItemChecksums, checksum
+from .base import BlobWriter
+from .manifest import ItemLocation
+
+__all__ = ["write_tensor_record", "write_bytes_record", "zip_crc_disabled", "compact_cpu"]
+
+_LOCAL_HEADER = b"PK\x03\x04"
+_crc_lock = threading.Lock()
+_crc_users = 0
+_crc_saved: bool | None = None
+
+
+@contextlib.contextmanager
+def zip_crc_disabled():
+    """Turn off ``torch.save``'s zip CRC32 for the duration (reference-counted, thread-safe)."""
+    global _crc_users, _crc_saved
+    getter = getattr(torch.serialization, "get_crc32_options", None)
+    setter = getattr(torch.serialization, "set_crc32_options", None)
+    if getter is None or setter is None:  # older torch: nothing to switch
+        yield
+        return
+    with _crc_lock:
+        if _crc_users == 0:
+            _crc_saved = getter()
+            setter(False)
+        _crc_users += 1
+    try:
+        yield
+    finally:
+        with _crc_lock:
+            _crc_users -= 1
+            if _crc_users == 0 and _crc_saved is not None:
+                setter(_crc_saved)
+
+
+def compact_cpu(t: torch.Tensor) -> torch.Tensor:
+    """A CPU tensor whose storage is exactly its C-contiguous elements (what we save)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.to("cpu")
+    if (not t.is_contiguous() or t.storage_offset() != 0
+            or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
+        t = t.contiguous().clone() if t.is_contiguous() else t.contiguous()
+    return t
+
+
+class _RecordTap(io.RawIOBase):
+    """A write-only stream in front of a BlobWriter that watches a ``torch.save`` record."""
+
+    def __init__(self, out: BlobWriter, data_length: int, block_size: int | None):
+        super().__init__()
+        self.out = out
+        self.start = out.tell()
+        self.pos = 0  # relative to the record start
+        self.data_length = data_length
+        self.data_offset: int | None = None
+        self._pending_header: bytes | None = None  # a local header awaiting its file name
+        self.hasher = BlockHasher(block_size) if block_size else None
+        self.rest = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        mv = memoryview(b).cast("B")
+        n = len(mv)
+        if n == 0:
+            return 0
+        pos = self.pos
+        if self.data_offset is None:
+            if n == 30 and bytes(mv[:4]) == _LOCAL_HEADER:
+                self._pending_header = bytes(mv)
+            elif self._pending_header is not None:
+                name_len, extra_len = struct.unpack_from("<HH", self._pending_header, 26)
+                if n >= name_len and bytes(mv[:name_len]).endswith(b"/data/0"):
+                    self.data_offset = pos + name_len + extra_len
+                self._pending_header = None
+        if self.hasher is not None:
+            self._hash(mv, pos)
+        self.out.write(mv)
+        self.pos += n
+        return n
+
+    def _hash(self, mv: memoryview, pos: int) -> None:
+        d0 = self.data_offset
+        if d0 is None:
+            self.rest = checksum(mv, self.rest)
+            return
+        d1 = d0 + self.data_length
+        end = pos + len(mv)
+        # bytes before, inside and after the data region
+        a = min(max(d0 - pos, 0), len(mv))
+        b = min(max(d1 - pos, 0), len(mv))
+        if a > 0:
+            self.rest = checksum(mv[:a], self.rest)
+        if b > a:
+            self.hasher.update(mv[a:b])
+        if end > d1 and b < len(mv):
+            self.rest = checksum(mv[b:], self.rest)
+
+
+def write_tensor_record(out: BlobWriter, relative_path: str, tensor: torch.Tensor,
+                        block_size: int | None) -> ItemLocation:
+    """Append ``tensor`` as a ``torch.save`` record; return where its bytes landed."""
+    t = compact_cpu(tensor)
+    nbytes = t.numel() * t.element_size()
+    tap = _RecordTap(out, nbytes, block_size)
+    torch.save(t, tap)
+    data_offset = tap.data_offset
+    if nbytes and data_offset is None:  # pragma: no cover - torch changed its zip writer
+        raise RuntimeError("could not locate the tensor data inside the torch.save record")
+    if data_offset is None:
+        data_offset = 0
+    checks = None
+    if block_size:
+        checks = ItemChecksums(data_offset, nbytes, block_size, tap.hasher.finish(), tap.rest)
+    return ItemLocation(relative_path, tap.start, tap.pos, data_offset, nbytes, checks)
+
+
+def write_bytes_record(out: BlobWriter, relative_path: str, data: io.BytesIO,
+                       block_size: int | None) -> ItemLocation:
+    """Append a BYTE_IO item verbatim (its data region is the whole record)."""
+    buf = data.getbuffer()
+    start = out.tell()
+    out.write(buf)
+    n = len(buf)
+    checks = None
+    if block_size:
+        h = BlockHasher(block_size)
+        h.update(buf)
+        checks = ItemChecksums(0, n, block_size, h.finish(), 0)
+    del buf
+    return ItemLocation(relative_path, start, n, 0, n, checks)

@@ -1,0 +1,272 @@
+"""``ExtStorageWriter``: DCP's ``StorageWriter`` over any :class:`~dcp_ext.storage.base.Store`.
+
+What it does better than stock ``FileSystemWriter`` (and why):
+
+* **Parallel by default.** Each rank writes ``files_per_rank`` large sequential files from
+  ``io_threads`` threads (stock: one thread unless told otherwise), items balanced by bytes.
+* **No zip CRC32, block crc32c instead.** Records stay standard ``torch.save`` zips, so
+  stock readers load them, but checksums are computed at ~14 GB/s and per block, so a
+  resharded load can verify the few MiB it reads (:mod:`dcp_ext.integrity`).
+* **Commit protocol.** Data first; then the manifest (JSON, see
+  :mod:`dcp_ext.storage.manifest`); then ``.metadata`` last, published atomically
+  (``os.replace`` + directory fsync on file systems, one PUT on object stores), only after
+  every rank's writes succeeded. Saving over a complete checkpoint is refused unless
+  ``overwrite=True``; with it, the old ``.metadata`` is removed *before* any data is
+  overwritten, so a crash mid-save leaves an incomplete checkpoint, never a wrong one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import io
+import logging
+import os
+import pickle
+import re
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch.futures import Future
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
+from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
+
+from ..config import Config
+from ..errors import CheckpointExistsError, DcpExtError, StorageError
+from ..integrity import ALGORITHM, checksum
+from ..progress import Progress
+from .base import Store
+from .manifest import MANIFEST_NAME, METADATA_NAME, ItemLocation, encode_manifest
+from .records import write_bytes_record, write_tensor_record, zip_crc_disabled
+
+try:  # the stock on-disk structure for .metadata entries (what stock readers expect)
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+except ImportError:  # pragma: no cover
+    _StorageInfo = None  # type: ignore[assignment]
+
+__all__ = ["ExtStorageWriter", "SaveStats"]
+
+logger = logging.getLogger(__name__)
+
+DCP_VERSION = "1.0.0"
+#: with ``files_per_rank`` unset, a rank's data is split over at most one file per
+#: ``MIN_FILE_BYTES`` (small states are not scattered into many tiny files)
+MIN_FILE_BYTES = 32 * 1024 * 1024
+DATA_FILE_RE = re.compile(r"^__\d+_\d+\.distcp$")
+
+
+class _Cancelled(DcpExtError):
+    """A file writer stopped because a sibling failed (the sibling's error is raised)."""
+
+
+@dataclasses.dataclass
+class _RankStorage:
+    """Per-rank storage plan data: the file prefix and the save id shared by all ranks."""
+
+    prefix: str
+    save_id: str
+
+
+@dataclasses.dataclass
+class SaveStats:
+    """What the last ``write_data`` on this rank did (for reports and benchmarks)."""
+
+    bytes_written: int = 0
+    files: int = 0
+    items: int = 0
+    seconds: float = 0.0
+
+
+def _item_nbytes(item: WriteItem) -> int:
+    if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
+        return 0
+    n = 1
+    for s in item.tensor_data.size:
+        n *= s
+    return n * torch._utils._element_size(item.tensor_data.properties.dtype)
+
+
+def split_items(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
+    """Largest tensors first onto the least-loaded bin; byte items round-robin."""
+    bins = max(1, min(bins, len(items)))
+    buckets: list[list[WriteItem]] = [[] for _ in range(bins)]
+    byte_items = [i for i in items if i.type == WriteItemType.BYTE_IO]
+    tensor_items = sorted((i for i in items if i.type != WriteItemType.BYTE_IO), key=_item_nbytes,
+                          reverse=True)
+    for k, it in enumerate(byte_items):
+        buckets[k % bins].append(it)
+    heap = [(0, b) for b in range(bins)]
+    for it in tensor_items:
+        load, b = heapq.heappop(heap)
+        buckets[b].append(it)
+        heapq.heappush(heap, (load + _item_nbytes(it), b))
+    return [b for b in buckets if b]
+
+
+class ExtStorageWriter(StorageWriter):
+    """Writes a standard DCP checkpoint (``.metadata`` + ``*.distcp``) through a Store.
+
+    Build it with :func:`dcp_ext.storage_writer` rather than directly.
+    """
+
+    def __init__(self, store: Store, config: Config):
+        super().__init__()
+        self.store = store
+        self.config = config
+        self.save_id = uuid.uuid4().hex
+        self.rank = 0
+        self.is_coordinator = True
+        self.world_size = 1
+        self.stats = SaveStats()
+
+    # -- DCP protocol ------------------------------------------------------------------
+    def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        if checkpoint_id is not None and os.fspath(checkpoint_id) != self.store.url:
+            self.store = type(self.store)(os.fspath(checkpoint_id), self.config)
+        self.save_id = uuid.uuid4().hex
+
+    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.is_coordinator = is_coordinator
+        if kwargs.get("use_collectives", True) is False:
+            raise DcpExtError("dcp-ext writers need use_collectives=True (rank-local metadata "
+                              "cannot be committed atomically)")
+        rank = kwargs.get("rank")
+        if rank is None:
+            import torch.distributed as dist
+
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.rank = rank
+
+    def _committed(self) -> bool:
+        return self.store.exists(METADATA_NAME)
+
+    def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        self.store.prepare_for_write()
+        if self._committed() and not self.config.overwrite:
+            raise CheckpointExistsError(
+                f"{self.store.url} already holds a complete checkpoint; refusing to overwrite it "
+                f"(pass overwrite=True to replace it, or save to a new location)")
+        return plan
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        self.world_size = len(plans)
+        if self._committed():
+            # overwrite=True (checked on every rank): un-commit before any data changes.
+            logger.info("overwriting the checkpoint at %s: removing its metadata first", self.store.url)
+            self.store.remove([METADATA_NAME, MANIFEST_NAME])
+        return [dataclasses.replace(p, storage_data=_RankStorage(f"__{i}_", self.save_id))
+                for i, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        storage: _RankStorage = plan.storage_data
+        self.save_id = storage.save_id
+        t0 = time.perf_counter()
+        total = sum(_item_nbytes(i) for i in plan.items)
+        nfiles = self.config.files_per_rank
+        if nfiles is None:  # one file per thread, but no file smaller than MIN_FILE_BYTES
+            nfiles = max(1, min(self.config.io_threads, total // MIN_FILE_BYTES))
+        buckets = split_items(list(plan.items), nfiles)
+        progress = Progress(f"rank {self.rank}: saving to {self.store.url}", total,
+                            self.config.progress if self.rank == 0 else False, logger)
+        block = self.config.checksum_block_size if self.config.checksum else None
+        results: list[WriteResult] = []
+        lock = threading.Lock()
+        cancel = threading.Event()
+
+        def write_file(k: int, items: list[WriteItem]) -> None:
+            name = f"{storage.prefix}{k}.distcp"
+            out = self.store.open_writer(name)
+            local: list[WriteResult] = []
+            try:
+                for item in items:
+                    if cancel.is_set():
+                        raise _Cancelled("cancelled because another file of this save failed")
+                    data = planner.resolve_data(item)
+                    if item.type == WriteItemType.BYTE_IO:
+                        if not isinstance(data, io.BytesIO):
+                            raise DcpExtError(f"{item.index.fqn}: planner returned {type(data).__name__} "
+                                              "for a bytes item, expected io.BytesIO")
+                        loc = write_bytes_record(out, name, data, block)
+                    else:
+                        if not isinstance(data, torch.Tensor):
+                            raise DcpExtError(f"{item.index.fqn}: planner returned {type(data).__name__} "
+                                              "for a tensor item")
+                        loc = write_tensor_record(out, name, data, block)
+                        progress.advance(_item_nbytes(item))
+                    local.append(WriteResult(index=item.index, size_in_bytes=loc.length, storage_data=loc))
+                out.close()
+            except BaseException:
+                cancel.set()
+                out.abort()
+                raise
+            with lock:
+                results.extend(local)
+
+        with zip_crc_disabled():
+            if len(buckets) <= 1:
+                for k, items in enumerate(buckets):
+                    write_file(k, items)
+            else:
+                with ThreadPoolExecutor(min(len(buckets), self.config.io_threads),
+                                        thread_name_prefix="dcp_ext-write") as pool:
+                    futs = [pool.submit(write_file, k, items) for k, items in enumerate(buckets)]
+                    errors = [f.exception() for f in futs]
+                real = [e for e in errors if e is not None and not isinstance(e, _Cancelled)]
+                if real:
+                    raise real[0]
+        dt = progress.close()
+        self.stats = SaveStats(sum(r.size_in_bytes for r in results), len(buckets), len(results), dt)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        locations: dict[MetadataIndex, ItemLocation] = {}
+        for rank_results in results:
+            for wr in rank_results:
+                if not isinstance(wr.storage_data, ItemLocation):
+                    raise DcpExtError(f"unexpected storage data for {wr.index}: {type(wr.storage_data).__name__}")
+                if wr.index in locations:
+                    raise DcpExtError(f"two ranks wrote the same item {wr.index.fqn} at offset "
+                                      f"{list(wr.index.offset or [])}: the save plan is not deduplicated")
+                locations[wr.index] = wr.storage_data
+        metadata.version = DCP_VERSION
+        metadata.storage_data = {idx: _StorageInfo(loc.relative_path, loc.offset, loc.length)
+                                 for idx, loc in locations.items()}
+        modules = list(metadata.storage_meta.modules) if metadata.storage_meta else []
+        metadata.storage_meta = StorageMeta(checkpoint_id=self.store.url, save_id=self.save_id, modules=modules)
+        pickled = pickle.dumps(metadata)
+        manifest = encode_manifest(
+            metadata, locations, self.save_id, checksum(pickled),
+            ALGORITHM if self.config.checksum else None,
+            extra={"world_size": len(results), "writer": "dcp_ext", "created": time.time()})
+        self.store.put_atomic(MANIFEST_NAME, manifest)
+        self.store.put_atomic(METADATA_NAME, pickled)  # the commit point
+        self._remove_stale(locations)
+        logger.info("committed checkpoint %s (%d items, %d ranks)", self.store.url, len(locations), len(results))
+
+    def _remove_stale(self, locations: dict[MetadataIndex, ItemLocation]) -> None:
+        """Delete data files of an overwritten checkpoint that the new one does not use."""
+        used = {loc.relative_path for loc in locations.values()}
+        try:
+            stale = [p for p in self.store.list() if DATA_FILE_RE.match(p) and p not in used]
+            if stale:
+                self.store.remove(stale)
+        except (OSError, StorageError) as e:  # the checkpoint is committed; leftovers are harmless
+            logger.warning("could not remove stale files in %s: %s", self.store.url, e)
+
+    def storage_meta(self) -> StorageMeta | None:
+        return StorageMeta(checkpoint_id=self.store.url, save_id=self.save_id)
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.store.url
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
+        return True

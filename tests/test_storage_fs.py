@@ -1,0 +1,368 @@
+"""Local/NFS and fsspec backends: round trips, interop with stock DCP, commit protocol,
+checksums, ranged reads and every bad input a user can make."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import dcp_ext
+from dcp_ext.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    IncompleteCheckpointError,
+    StorageError,
+)
+from dcp_ext.storage.manifest import MANIFEST_NAME, METADATA_NAME
+from tests import fs_rank_fns as F
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
+def _state():
+    g = torch.Generator().manual_seed(1)
+    return {
+        "f32": torch.randn(33, 17, generator=g),
+        "bf16": torch.randn(5, 7, generator=g).to(torch.bfloat16),
+        "i64": torch.arange(100).reshape(10, 10),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "noncontig": torch.randn(8, 6, generator=g).t(),
+        "view": torch.arange(50.0)[10:20],
+        "bool": torch.rand(9, generator=g) > 0.5,
+        "nested": {"a": torch.ones(3), "lst": [torch.full((2,), 4.0), "text"]},
+        "obj": {"epoch": 3, "name": "run"},
+    }
+
+
+def _zeros_like(s):
+    if isinstance(s, torch.Tensor):
+        return torch.zeros_like(s)
+    if isinstance(s, dict):
+        return {k: _zeros_like(v) for k, v in s.items()}
+    if isinstance(s, list):
+        return [_zeros_like(v) for v in s]
+    return None
+
+
+def _assert_same(a, b, path="state"):
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert set(a) == set(b), path
+        for k in a:
+            _assert_same(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+@pytest.mark.parametrize("url_kind", ["path", "file_url", "memory"])
+def test_single_process_round_trip(tmp_path, url_kind):
+    url = {"path": str(tmp_path / "ck"), "file_url": f"file://{tmp_path}/ck",
+           "memory": f"memory://rt/{tmp_path.name}"}[url_kind]
+    src = _state()
+    dcp.save(src, storage_writer=dcp_ext.storage_writer(url))
+    dst = _zeros_like(src)
+    dcp.load(dst, storage_reader=dcp_ext.storage_reader(url))
+    _assert_same(src, dst)
+
+
+def test_layout_is_standard_dcp(tmp_path):
+    dcp.save(_state(), storage_writer=dcp_ext.storage_writer(tmp_path, files_per_rank=3))
+    names = sorted(os.listdir(tmp_path))
+    assert names[:2] == [MANIFEST_NAME, METADATA_NAME]
+    assert names[2:] == ["__0_0.distcp", "__0_1.distcp", "__0_2.distcp"]
+    manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert manifest["format"] == "dcp-ext-manifest" and manifest["checksum_algorithm"] == "crc32c"
+    assert manifest["state_dict_metadata"]["f32"]["size"] == [33, 17]
+
+
+def test_stock_reader_loads_ours_and_we_load_stock(tmp_path):
+    src = _state()
+    dcp.save(src, storage_writer=dcp_ext.storage_writer(tmp_path / "ours"))
+    dst = _zeros_like(src)
+    dcp.load(dst, storage_reader=dcp.FileSystemReader(tmp_path / "ours"))
+    _assert_same(src, dst)
+
+    dcp.save(src, storage_writer=dcp.FileSystemWriter(tmp_path / "stock"))
+    dst = _zeros_like(src)
+    r = dcp_ext.storage_reader(tmp_path / "stock")
+    dcp.load(dst, storage_reader=r)
+    _assert_same(src, dst)
+
+
+def test_metadata_read_without_unpickling(tmp_path, monkeypatch):
+    src = _state()
+    dcp.save(src, storage_writer=dcp_ext.storage_writer(tmp_path))
+    import pickle
+
+    def no_pickle(*a, **k):
+        raise AssertionError("pickle.loads must not be used when a manifest exists")
+
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    md = dcp_ext.storage_reader(tmp_path).read_metadata()
+    assert md.state_dict_metadata["f32"].size == torch.Size([33, 17])
+
+
+def test_checksums_off_and_verify_off(tmp_path):
+    src = _state()
+    dcp.save(src, storage_writer=dcp_ext.storage_writer(tmp_path, checksum=False))
+    assert json.loads((tmp_path / MANIFEST_NAME).read_text())["checksum_algorithm"] is None
+    dst = _zeros_like(src)
+    dcp.load(dst, storage_reader=dcp_ext.storage_reader(tmp_path, verify=False))
+    _assert_same(src, dst)
+
+
+def test_ranged_read_fetches_only_needed_bytes(tmp_path):
+    big = torch.arange(1024 * 256, dtype=torch.float32).reshape(1024, 256)  # 1 MiB
+    dcp.save({"big": big}, storage_writer=dcp_ext.storage_writer(tmp_path, checksum_block_size="64KiB"))
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.planner import ReadItem, LoadItemType
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+
+    r = dcp_ext.storage_reader(tmp_path)
+    md = r.read_metadata()
+    r.set_up_storage_reader(md, True)
+    quarter = torch.zeros(256, 256)
+
+    class P(DefaultLoadPlanner):
+        def resolve_tensor(self, read_item):
+            return quarter
+
+        def commit_tensor(self, read_item, tensor):
+            pass
+
+    idx = MetadataIndex("big", torch.Size([0, 0]))
+    req = ReadItem(LoadItemType.TENSOR, MetadataIndex("big", torch.Size([0, 0])), torch.Size([0, 0]),
+                   idx, torch.Size([512, 0]), torch.Size([256, 256]))
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    r.read_data(LoadPlan([req]), P()).wait()
+    assert torch.equal(quarter, big[512:768])
+    assert r.stats.bytes_needed == 256 * 1024
+    assert r.stats.bytes_read <= r.stats.bytes_needed + 2 * 64 * 1024  # at most a block each side
+    # a column slice: spans with gaps wider than a page; without verification exactly the needed
+    # bytes are read (gaps under 4 KiB would be read through: the kernel reads whole pages anyway)
+    wide = torch.arange(64 * 4096, dtype=torch.float32).reshape(64, 4096)
+    dcp.save({"wide": wide}, storage_writer=dcp_ext.storage_writer(tmp_path / "wide"))
+    r2 = dcp_ext.storage_reader(tmp_path / "wide", verify=False)
+    r2.set_up_storage_reader(r2.read_metadata(), True)
+    cols = torch.zeros(64, 1024)
+
+    class P2(P):
+        def resolve_tensor(self, read_item):
+            return cols
+
+    widx = MetadataIndex("wide", torch.Size([0, 0]))
+    req2 = ReadItem(LoadItemType.TENSOR, widx, torch.Size([0, 0]), widx, torch.Size([0, 1024]),
+                    torch.Size([64, 1024]))
+    r2.read_data(LoadPlan([req2]), P2()).wait()
+    assert torch.equal(cols, wide[:, 1024:2048])
+    assert r2.stats.bytes_read == r2.stats.bytes_needed == 64 * 1024 * 4
+    assert r2.stats.requests == 64
+
+
+# -- errors a user can run into ---------------------------------------------------------------
+
+def test_missing_location(tmp_path):
+    with pytest.raises(CheckpointNotFoundError, match="location does not exist"):
+        dcp_ext.storage_reader(tmp_path / "nope").read_metadata()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointNotFoundError, match="location is empty"):
+        dcp_ext.storage_reader(tmp_path / "empty").read_metadata()
+
+
+def test_incomplete_checkpoint_is_refused(tmp_path):
+    dcp.save(_state(), storage_writer=dcp_ext.storage_writer(tmp_path))
+    os.unlink(tmp_path / METADATA_NAME)
+    with pytest.raises(IncompleteCheckpointError, match=r"incomplete checkpoint: it holds \d+ data file\(s\) but no "
+                                                         r"\.metadata"):
+        dcp_ext.storage_reader(tmp_path).read_metadata()
+    with pytest.raises(BaseException, match="incomplete checkpoint"):
+        dcp.load(_zeros_like(_state()), storage_reader=dcp_ext.storage_reader(tmp_path))
+
+
+def _first_item(tmp_path, fqn):
+    m = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    return next(i for i in m["items"] if i["index"][0] == fqn)
+
+
+def test_corrupt_byte_names_file_and_fqn(tmp_path):
+    dcp.save(_state(), storage_writer=dcp_ext.storage_writer(tmp_path))
+    it = _first_item(tmp_path, "f32")
+    p = tmp_path / it["file"]
+    raw = bytearray(p.read_bytes())
+    raw[it["offset"] + it["data_offset"] + 40] ^= 0xFF
+    p.write_bytes(bytes(raw))
+    with pytest.raises(BaseException) as ei:
+        dcp.load(_zeros_like(_state()), storage_reader=dcp_ext.storage_reader(tmp_path))
+    msg = str(ei.value)
+    assert "checksum mismatch" in msg and it["file"] in msg and "f32" in msg
+    # verification can be switched off (then the corrupt value is loaded as is)
+    dst = _zeros_like(_state())
+    dcp.load(dst, storage_reader=dcp_ext.storage_reader(tmp_path, verify=False))
+    assert not torch.equal(dst["f32"], _state()["f32"])
+
+
+def test_corrupt_bytes_item(tmp_path):
+    dcp.save(_state(), storage_writer=dcp_ext.storage_writer(tmp_path))
+    it = _first_item(tmp_path, "obj.name")
+    p = tmp_path / it["file"]
+    raw = bytearray(p.read_bytes())
+    raw[it["offset"] + 5] ^= 0x01
+    p.write_bytes(bytes(raw))
+    with pytest.raises(BaseException, match=r"checksum mismatch .* for obj.name"):
+        dcp.load(_zeros_like(_state()), storage_reader=dcp_ext.storage_reader(tmp_path))
+
+
+def test_truncated_file(tmp_path):
+    dcp.save({"w": torch.randn(1000)}, storage_writer=dcp_ext.storage_writer(tmp_path, io_threads=1))
+    p = tmp_path / "__0_0.distcp"
+    p.write_bytes(p.read_bytes()[:1000])
+    with pytest.raises(BaseException, match=r"__0_0\.distcp is truncated.*while reading w"):
+        dcp.load({"w": torch.zeros(1000)}, storage_reader=dcp_ext.storage_reader(tmp_path))
+
+
+def test_missing_data_file(tmp_path):
+    dcp.save({"w": torch.randn(10)}, storage_writer=dcp_ext.storage_writer(tmp_path, io_threads=1))
+    os.unlink(tmp_path / "__0_0.distcp")
+    with pytest.raises(BaseException, match=r"__0_0\.distcp is missing: the checkpoint is damaged"):
+        dcp.load({"w": torch.zeros(10)}, storage_reader=dcp_ext.storage_reader(tmp_path))
+
+
+def test_metadata_and_manifest_from_different_saves(tmp_path):
+    dcp.save({"w": torch.randn(10)}, storage_writer=dcp_ext.storage_writer(tmp_path / "a"))
+    dcp.save({"w": torch.randn(10)}, storage_writer=dcp_ext.storage_writer(tmp_path / "b"))
+    os.replace(tmp_path / "b" / METADATA_NAME, tmp_path / "a" / METADATA_NAME)
+    with pytest.raises(CorruptCheckpointError, match="does not match .dcp_ext.json"):
+        dcp_ext.storage_reader(tmp_path / "a").read_metadata()
+
+
+def test_garbage_manifest(tmp_path):
+    dcp.save({"w": torch.randn(10)}, storage_writer=dcp_ext.storage_writer(tmp_path))
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(CorruptCheckpointError, match="unreadable manifest"):
+        dcp_ext.storage_reader(tmp_path).read_metadata()
+
+
+def test_refuses_overwrite_unless_asked(tmp_path):
+    dcp.save({"w": torch.ones(3)}, storage_writer=dcp_ext.storage_writer(tmp_path, files_per_rank=4))
+    with pytest.raises(BaseException) as ei:
+        dcp.save({"w": torch.zeros(3)}, storage_writer=dcp_ext.storage_writer(tmp_path))
+    assert "already holds a complete checkpoint" in str(ei.value) and "overwrite=True" in str(ei.value)
+    assert isinstance(ei.value.__context__ or ei.value, BaseException)
+    dst = {"w": torch.zeros(3)}
+    dcp.load(dst, storage_reader=dcp_ext.storage_reader(tmp_path))
+    assert torch.equal(dst["w"], torch.ones(3))  # untouched
+    dcp.save({"w": torch.full((3,), 2.0)}, storage_writer=dcp_ext.storage_writer(tmp_path, overwrite=True,
+                                                                                    io_threads=1))
+    dcp.load(dst, storage_reader=dcp_ext.storage_reader(tmp_path))
+    assert torch.equal(dst["w"], torch.full((3,), 2.0))
+    assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".distcp")) == ["__0_0.distcp"]  # stale removed
+
+
+def test_checkpoint_exists_error_type(tmp_path):
+    dcp.save({"w": torch.ones(3)}, storage_writer=dcp_ext.storage_writer(tmp_path))
+    w = dcp_ext.storage_writer(tmp_path)
+    w.set_up_storage_writer(True, rank=0)
+    from torch.distributed.checkpoint.planner import SavePlan
+
+    with pytest.raises(CheckpointExistsError):
+        w.prepare_local_plan(SavePlan([]))
+
+
+def test_unwritable_target(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(BaseException) as ei:
+        dcp.save({"w": torch.ones(3)}, storage_writer=dcp_ext.storage_writer(tmp_path / "afile" / "ck"))
+    assert "cannot create checkpoint directory" in str(ei.value)
+    w = dcp_ext.storage_writer(tmp_path / "afile")
+    with pytest.raises(StorageError, match="not a directory"):
+        w.store.prepare_for_write()
+
+
+def test_expect_world_size(tmp_path):
+    dcp.save({"w": torch.ones(3)}, storage_writer=dcp_ext.storage_writer(tmp_path))
+    r = dcp_ext.storage_reader(tmp_path, expect_world_size=4)
+    with pytest.raises(dcp_ext.DcpExtError, match="saved by 1 ranks but this load expects 4"):
+        r.read_metadata()
+    dcp_ext.storage_reader(tmp_path, expect_world_size=1).read_metadata()
+
+
+def test_checkpoint_id_reset(tmp_path):
+    w = dcp_ext.storage_writer(tmp_path / "first")
+    dcp.save({"w": torch.ones(2)}, storage_writer=w, checkpoint_id=tmp_path / "second")
+    assert (tmp_path / "second" / METADATA_NAME).exists() and not (tmp_path / "first").exists()
+
+
+# -- multi-rank (real gloo groups) --------------------------------------------------------------
+
+@pytest.mark.parametrize("n_save,n_load", [(2, 4), (4, 2), (1, 2)])
+def test_multirank_resharded_round_trip(ranks, tmp_path, n_save, n_load):
+    url = str(tmp_path / "ck")
+    save_layout = {"w": "row", "b": "row", "emb": "col"}
+    load_layout = {"w": "col", "b": "rep", "emb": "row"}
+    if n_save == 1:
+        from dcp_ext.testing import run_on_ranks
+
+        run_on_ranks(F.save_dtensors, 1, url, 11, save_layout)
+    else:
+        ranks(n_save).run(F.save_dtensors, url, 11, save_layout)
+    for res in ranks(n_load).run(F.load_dtensors_and_compare, url, 11, load_layout):
+        assert all(res["equal"].values()), res["equal"]
+        assert res["step"] == 7 and res["meta"] == {"note": "hello", "ranks": n_save}
+
+
+def test_multirank_interop_with_stock(ranks, tmp_path):
+    ranks(4).run(F.save_dtensors, str(tmp_path / "ours"), 3, {"w": "row", "emb": "col"})
+    for res in ranks(2).run(F.load_dtensors_and_compare, str(tmp_path / "ours"), 3, {"w": "col"}, "stock"):
+        assert all(res["equal"].values())
+    ranks(2).run(F.save_stock, str(tmp_path / "stock"), 4, {"w": "row"})
+    for res in ranks(4).run(F.load_dtensors_and_compare, str(tmp_path / "stock"), 4, {"w": "col", "emb": "row"}):
+        assert all(res["equal"].values())
+
+
+def test_multirank_reads_only_its_share(ranks, tmp_path):
+    url = str(tmp_path / "ck")
+    ranks(2).run(F.save_dtensors, url, 5, {"w": "rep"}, {"checksum_block_size": "4KiB"})
+    res = ranks(4).run(F.load_dtensors_and_compare, url, 5, {"w": "row", "emb": "row"})
+    for r in res:
+        assert all(r["equal"].values())
+        assert r["bytes_read"] <= 1.3 * r["bytes_needed"] + 16384, r
+
+
+def test_replicated_plain_tensors_written_once(ranks, tmp_path):
+    written = ranks(2).run(F.save_plain_replicated, str(tmp_path))
+    total = sum(w[0] for w in written)
+    data = 8 * 256 * 256 * 4
+    assert data <= total < data * 1.05  # each tensor stored once, not once per rank
+
+
+def test_failed_save_keeps_earlier_checkpoints(ranks, tmp_path):
+    good = str(tmp_path / "good")
+    ranks(2).run(F.save_dtensors, good, 1, {"w": "row"})
+    before = {p: (tmp_path / "good" / p).read_bytes() for p in os.listdir(good)}
+    # a failing save in another directory
+    with pytest.raises(Exception, match="refuses to be saved"):
+        ranks(2).run(F.save_failing, str(tmp_path / "other"), 1)
+    assert {p: (tmp_path / "good" / p).read_bytes() for p in os.listdir(good)} == before
+    assert not (tmp_path / "other" / METADATA_NAME).exists()
+    # a failing overwrite of the same directory leaves it incomplete, never half-old/half-new
+    with pytest.raises(Exception, match="refuses to be saved"):
+        ranks(2).run(F.save_failing, str(tmp_path / "good"), 0)
+    with pytest.raises(IncompleteCheckpointError):
+        dcp_ext.storage_reader(good).read_metadata()
+
+
+def test_async_save_with_our_writer(ranks, tmp_path):
+    assert ranks(2).run(F.async_save_and_load, str(tmp_path)) == [True, True]
