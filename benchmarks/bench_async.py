@@ -155,8 +155,13 @@ def main() -> None:
     ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
     ap.add_argument("--out", default="bench_out/bench_async.json")
     ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default). On a small shared machine, 1 "
+                         "avoids a parallel copy waiting for a descheduled worker thread")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     configs = [c for c in args.configs.split(",") if c]
     if DefaultStager is None:
         configs = [c for c in configs if not c.startswith("default_stager")]
@@ -184,7 +189,8 @@ def main() -> None:
         rss = {}
         for c in configs:
             out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", c, "--size",
-                                  str(args.size), "--rss-saves", str(args.rss_saves), "--dir", args.dir],
+                                  str(args.size), "--rss-saves", str(args.rss_saves), "--dir", args.dir,
+                                  "--threads", str(args.threads)],
                                  capture_output=True, text=True, check=True)
             rss[c] = json.loads(out.stdout.strip().splitlines()[-1])
         result = {

@@ -296,8 +296,7 @@ class PooledStager(AsyncStager):
         by_id: dict[int, _Ref] = {}
         template = self._collect(state_dict, "", leaves, by_id)
         signature = tuple((leaf.tensor.dtype, tuple(leaf.tensor.shape)) for leaf in leaves)
-        lease = self._acquire(signature, leaves)
-        lease.staging = True
+        lease = self._acquire(signature, leaves)  # leased with staging=True: never reaped mid-copy
         try:
             views = lease.pool.views
             self._copy_in(leaves, views)
@@ -568,7 +567,7 @@ class PooledStager(AsyncStager):
             pool.ptrs = [v.data_ptr() for v in pool.views]
             pool.shared = True
         self._seq += 1
-        lease = _Lease(pool, self._seq)
+        lease = _Lease(pool, self._seq, staging=True)
         pool.lease = lease
         return lease
 

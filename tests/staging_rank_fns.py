@@ -151,15 +151,15 @@ def compare(loaded: Any, ref: Any, path: str = "") -> list[str]:
     return bad
 
 
-def load_and_compare(path: str, template: dict[str, Any], ref: Any) -> list[str]:
+def load_and_compare(path: str, template: dict[str, Any], ref: Any, ext: bool = False) -> list[str]:
     out = _zeros_like_state(template)
-    dcp.load(out, storage_reader=FileSystemReader(path))
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(path) if ext else FileSystemReader(path))
     return compare(out, ref)
 
 
 def save_mutate_check(root: str, *, n_saves: int = 3, delay: float = 0.0, mode: str = "wrapper",
                       executor: str = "thread", stager_kw: dict | None = None,
-                      with_dtensor: bool = True, wait_each: bool = False) -> dict[str, Any]:
+                      with_dtensor: bool = True, wait_each: bool = False, ext_writer: bool = False) -> dict[str, Any]:
     """Back-to-back async saves; the state is mutated right after each call returns.
 
     mode: "wrapper" (dcp_ext.async_save), "stock" (dcp.async_save, untracked lease),
@@ -185,7 +185,10 @@ def save_mutate_check(root: str, *, n_saves: int = 3, delay: float = 0.0, mode: 
     refs, futs = [], []
     for i in range(n_saves):
         refs.append(snapshot(sd))
-        writer = SlowWriter(f"{root}/ckpt{i}", delay) if delay else FileSystemWriter(f"{root}/ckpt{i}")
+        if ext_writer:  # dcp_ext's own storage writer
+            writer: Any = dcp_ext.storage_writer(f"{root}/ckpt{i}")
+        else:
+            writer = SlowWriter(f"{root}/ckpt{i}", delay) if delay else FileSystemWriter(f"{root}/ckpt{i}")
         kw = dict(storage_writer=writer, async_stager=stager, async_checkpointer_type=ex)
         if mode == "wrapper":
             fut = dcp_ext.async_save(sd, **kw)
@@ -199,7 +202,7 @@ def save_mutate_check(root: str, *, n_saves: int = 3, delay: float = 0.0, mode: 
             getattr(fut, "upload_completion", fut).result()
     for f in futs:
         getattr(f, "upload_completion", f).result()  # AsyncSaveResponse when max_pools > 1
-    bad = [load_and_compare(f"{root}/ckpt{i}", sd, refs[i]) for i in range(n_saves)]
+    bad = [load_and_compare(f"{root}/ckpt{i}", sd, refs[i], ext=ext_writer) for i in range(n_saves)]
     out = {"bad": bad, "ptrs": getattr(stager, "ptrs", None), "stats": dict(getattr(stager, "stats", {}))}
     if isinstance(stager, PooledStager):
         out["pool_bytes"] = stager.pool_bytes

@@ -119,6 +119,14 @@ def test_process_executor(ranks, tmp_path, share):
         assert r["shared"] == [True]
 
 
+def test_with_dcp_ext_storage_writer(ranks, tmp_path):
+    """Back-to-back saves through dcp_ext.storage_writer / storage_reader: exact."""
+    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=3, ext_writer=True)
+    _no_mismatch(res)
+    for r in res:
+        assert r["stats"]["pools_allocated"] == 1 and r["ptrs"][0] == r["ptrs"][2]
+
+
 def test_structure_change_rebuilds_pool(ranks, tmp_path):
     res = ranks(2).run(fns.restructure, str(tmp_path))
     _no_mismatch(res)
