@@ -251,6 +251,8 @@ class PooledStager(AsyncStager):
                              f"got {memory_budget!r}")
         if wait_timeout is not None and wait_timeout < 0:
             raise ValueError(f"PooledStager: wait_timeout must be >= 0 seconds or None, got {wait_timeout!r}")
+        if not warn_every_s > 0:
+            raise ValueError(f"PooledStager: warn_every_s must be > 0 seconds, got {warn_every_s!r}")
         if max_pools > 1 and not _STAGE_FUTURE_OK:
             raise ValueError(f"PooledStager: max_pools={max_pools} needs torch >= 2.8 (dcp.async_save must accept "
                              f"a staging Future to keep uploads in order); this is torch {torch.__version__}")

@@ -150,6 +150,8 @@ def test_budget_exceeded_message():
     ({"max_pools": 0}, "max_pools must be an int >= 1"),
     ({"memory_budget": -5}, "memory_budget must be a positive int"),
     ({"wait_timeout": -1}, "wait_timeout must be >= 0"),
+    ({"warn_every_s": 0}, "warn_every_s must be > 0"),
+    ({"max_pools": True}, "max_pools must be an int >= 1"),
 ])
 def test_bad_arguments(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -252,3 +254,44 @@ def test_staged_tensor_storage_layout(share):
         assert all(base <= v.data_ptr() < base + st.pool_bytes for k, v in staged.items() if k != "e")
     del staged, k, v
     st.close()  # no staged tensor referenced any more: returns at once
+
+
+def test_two_pools_uploads_do_not_overlap(tmp_path):
+    """max_pools=2: the 2nd save stages into a second pool without waiting, but its upload
+    starts only after the 1st upload ended (AsyncSaveResponse; its upload_completion)."""
+    import threading
+    import time
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
+
+    spans: list[tuple[str, float, float]] = []
+    lock = threading.Lock()
+
+    class Timed(fns.SlowWriter):
+        def write_data(self, plan, planner):
+            t0 = time.monotonic()
+            fut = super().write_data(plan, planner)
+            fut.wait()
+            with lock:
+                spans.append((str(self.fs.concat_path(self.path, "")), t0, time.monotonic()))
+            return fut
+
+    st = PooledStager(max_pools=2)
+    sd = {"w": torch.arange(64.0)}
+    res = []
+    for i in range(2):
+        res.append(dcp_ext.async_save(sd, async_stager=st, no_dist=True,
+                                      storage_writer=Timed(str(tmp_path / str(i)), 0.3)))
+        sd["w"].add_(1)
+    assert all(isinstance(r, AsyncSaveResponse) for r in res)
+    for r in res:
+        r.upload_completion.result()
+    assert st.stats["waits"] == 0 and st.stats["pools_allocated"] == 2
+    (_, s0, e0), (_, s1, e1) = sorted(spans, key=lambda s: s[1])
+    assert s1 >= e0, f"uploads overlapped: {spans}"
+    for i in range(2):
+        out = {"w": torch.zeros(64)}
+        dcp.load(out, checkpoint_id=str(tmp_path / str(i)), no_dist=True)
+        assert torch.equal(out["w"], torch.arange(64.0) + i)
+    st.close()
