@@ -45,7 +45,7 @@ from dcp_ext.staging import PooledStager  # noqa: E402
 
 try:
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-except ImportError:  # torch < 2.8
+except ImportError:  # torch < 2.9
     DefaultStager = None  # type: ignore[assignment,misc]
 
 CONFIGS = ["pooled", "stock_default", "default_stager_new", "default_stager_reused", "bare_copy"]

@@ -51,7 +51,7 @@ try:  # torch >= 2.4 exposes the storage reference count; used for implicit rele
 except AttributeError:  # pragma: no cover - older torch
     _use_count = None
 
-try:  # torch >= 2.8(ish): async_save accepts a Future from stage() and returns AsyncSaveResponse
+try:  # torch >= 2.9(ish): async_save accepts a Future from stage() and returns AsyncSaveResponse
     from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse as _AsyncSaveResponse  # noqa: F401
 
     _STAGE_FUTURE_OK = True
@@ -254,7 +254,7 @@ class PooledStager(AsyncStager):
         if not warn_every_s > 0:
             raise ValueError(f"PooledStager: warn_every_s must be > 0 seconds, got {warn_every_s!r}")
         if max_pools > 1 and not _STAGE_FUTURE_OK:
-            raise ValueError(f"PooledStager: max_pools={max_pools} needs torch >= 2.8 (dcp.async_save must accept "
+            raise ValueError(f"PooledStager: max_pools={max_pools} needs torch >= 2.9 (dcp.async_save must accept "
                              f"a staging Future to keep uploads in order); this is torch {torch.__version__}")
         cuda = torch.cuda.is_available()
         if pin_memory and not cuda:
@@ -660,13 +660,71 @@ def _outcome(f: Future) -> str:
     return "upload failed" if f.exception() is not None else "upload finished"
 
 
+def _async_save_has_stager_arg() -> bool:
+    import inspect
+
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        return "async_stager" in inspect.signature(dcp.async_save).parameters
+    except (TypeError, ValueError):  # pragma: no cover - wrapped beyond inspection
+        return False
+
+
+#: torch >= 2.9 has ``dcp.async_save(..., async_stager=)``; older torch stages through the
+#: storage writer when it is an ``AsyncStager``, so we hand it a :class:`_StagingWriter`.
+_HAS_STAGER_ARG = _async_save_has_stager_arg()
+
+
+class _StagingWriter:
+    """A storage writer that stages with a :class:`PooledStager` (torch < 2.9 path).
+
+    Older ``dcp.async_save`` has no ``async_stager`` argument; it calls ``stage()`` on the
+    storage writer if that is an ``AsyncStager``. Everything else is delegated to the real
+    writer. Pickling (process executor) keeps only the real writer.
+    """
+
+    _synchronize_after_execute = False
+
+    def __init__(self, writer: Any, stager: PooledStager) -> None:
+        self._writer = writer
+        self._stager = stager
+
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def stage(self, state_dict: dict[str, Any]) -> Any:
+        return self._stager.stage(state_dict)
+
+    def synchronize_staging(self) -> None:
+        """No-op: staging is complete when ``stage()`` returns."""
+
+    def close(self) -> None:
+        """No-op: the caller owns (and closes) the PooledStager."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_writer", "_stager"):
+            raise AttributeError(name)
+        return getattr(self._writer, name)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_writer": self._writer}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._writer = state["_writer"]
+        self._stager = None  # type: ignore[assignment]
+
+
 def async_save(state_dict: dict[str, Any], *, async_stager: PooledStager | None = None,
                **kwargs: Any) -> Any:
     """``dcp.async_save`` that hands ``async_stager``'s pool back exactly when the upload ends.
 
     Same arguments and return value as ``torch.distributed.checkpoint.async_save``. With a
     :class:`PooledStager` it registers a done-callback on the upload future
-    (:meth:`PooledStager.track`); any other stager is passed through untouched.
+    (:meth:`PooledStager.track`); any other stager is passed through untouched. On torch
+    older than 2.9 (no ``async_stager`` argument) the stager is applied through a wrapper
+    around ``storage_writer``, which must then be given explicitly.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -674,7 +732,15 @@ def async_save(state_dict: dict[str, Any], *, async_stager: PooledStager | None 
         return dcp.async_save(state_dict, **kwargs)
     if not isinstance(async_stager, PooledStager):
         return dcp.async_save(state_dict, async_stager=async_stager, **kwargs)
-    result = dcp.async_save(state_dict, async_stager=async_stager, **kwargs)
+    if _HAS_STAGER_ARG:
+        result = dcp.async_save(state_dict, async_stager=async_stager, **kwargs)
+    else:
+        writer = kwargs.pop("storage_writer", None)
+        if writer is None:
+            raise StagingError(f"dcp_ext.async_save with a PooledStager needs storage_writer=... on torch "
+                               f"{torch.__version__} (its dcp.async_save has no async_stager argument, so the "
+                               f"stager is applied by wrapping the writer)")
+        result = dcp.async_save(state_dict, storage_writer=_StagingWriter(writer, async_stager), **kwargs)
     # If async_save raised after staging, the lease stays untracked: it ends once the staged
     # tensors are unreferenced, i.e. never while an upload could still read them.
     async_stager.track(result)
