@@ -324,3 +324,15 @@ def test_old_torch_path_wraps_writer(tmp_path, monkeypatch):
     clone = pickle.loads(pickle.dumps(proxy))  # the process executor pickles the writer
     assert clone.path == proxy.path and clone._stager is None
     st.close()
+
+
+def test_rebuild_log_line(caplog):
+    st = PooledStager()
+    with caplog.at_level(logging.INFO, logger="dcp_ext.staging"):
+        a = st.stage({"w": torch.ones(4)})
+        del a
+        b = st.stage({"w": torch.ones(4), "new": torch.zeros(2, 2)})
+    assert any("state dict structure changed; freeing pool 1" in r.message for r in caplog.records)
+    assert torch.equal(b["new"], torch.zeros(2, 2)) and st.stats["rebuilds"] == 1 and len(st._pools) == 1
+    del b
+    st.close()
