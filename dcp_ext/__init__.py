@@ -87,3 +87,7 @@ __all__ += [
     "optimizer_state",
     "range_to_boxes",
 ]
+from .errors import StagingBudgetError, StagingError, StagingPoolBusyError  # noqa: E402
+from .staging import PooledStager, async_save  # noqa: E402
+
+__all__ += ["PooledStager", "StagingBudgetError", "StagingError", "StagingPoolBusyError", "async_save"]

@@ -19,6 +19,9 @@ __all__ = [
     "StorageError",
     "LayoutError",
     "ReshardError",
+    "StagingError",
+    "StagingBudgetError",
+    "StagingPoolBusyError",
 ]
 
 
@@ -65,3 +68,14 @@ class LayoutError(DcpExtError, ValueError):
 class ReshardError(DcpExtError, RuntimeError):
     """A resharding save/load plan is inconsistent: colliding chunks, missing or unexpected keys,
     shape mismatches (the message names the saved and the target layout)."""
+
+class StagingError(DcpExtError):
+    """Staging a state dict into host memory failed (unsupported value, misuse of a stager)."""
+
+
+class StagingBudgetError(StagingError, ConfigError):
+    """The staging pool needed for a state dict does not fit the configured memory budget."""
+
+
+class StagingPoolBusyError(StagingError, TimeoutError):
+    """Every staging pool is still held by an unfinished upload and the wait timed out."""

@@ -1,0 +1,223 @@
+"""Training-blocking time of ``dcp.async_save`` on the 2nd and later saves of one state.
+
+Configs, measured interleaved in one process (round-robin, round 0 discarded as warm-up),
+median over ``--rounds``:
+
+* ``pooled``         ``dcp_ext.async_save(..., async_stager=PooledStager())``
+* ``stock_default``  ``dcp.async_save(state, storage_writer=FileSystemWriter(...))`` (the
+                     writer stages: fresh CPU copy every save)
+* ``default_stager_new``     a fresh ``DefaultStager`` per save (what async_save does when the
+                     writer is not a stager)
+* ``default_stager_reused``  one ``DefaultStager`` kept across saves (caches buffers, but
+                     with no ownership: unsafe for back-to-back saves, see tests)
+* ``bare_copy``      ``copy_`` of every tensor into preallocated buffers (the floor)
+
+Each save waits for the previous upload before the next one is timed, so only staging is
+measured. Uploads go to FileSystemWriter on tmpfs (``--dir``, default /dev/shm).
+
+Peak RSS: each config also runs alone in a fresh subprocess (``--rss-child``) that builds
+the state, saves ``--rss-saves`` times and reports VmHWM from /proc/self/status; the
+growth over the state itself is compared with the pool budget.
+
+    python benchmarks/bench_async.py --size 1024 --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dcp_ext  # noqa: E402
+from dcp_ext.staging import PooledStager  # noqa: E402
+
+try:
+    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+except ImportError:  # torch < 2.9
+    DefaultStager = None  # type: ignore[assignment,misc]
+
+CONFIGS = ["pooled", "stock_default", "default_stager_new", "default_stager_reused", "bare_copy"]
+
+
+def make_state(size_mib: int, n_tensors: int = 48) -> dict[str, Any]:
+    """A model-like state: ``n_tensors`` fp32/bf16 tensors of mixed sizes, ~``size_mib`` MiB."""
+    g = torch.Generator().manual_seed(0)
+    total = size_mib << 20
+    weights = [1 + (i % 7) for i in range(n_tensors)]
+    sd: dict[str, Any] = {"step": 100}
+    for i, w in enumerate(weights):
+        nbytes = total * w // sum(weights)
+        dtype = torch.bfloat16 if i % 3 == 2 else torch.float32
+        numel = nbytes // dtype.itemsize // 1024 * 1024
+        sd[f"layer{i}.w"] = torch.randn(numel // 1024, 1024, generator=g).to(dtype)
+    return sd
+
+
+def state_bytes(sd: dict[str, Any]) -> int:
+    return sum(v.numel() * v.element_size() for v in sd.values() if isinstance(v, torch.Tensor))
+
+
+class Runner:
+    """One config: ``save(i)`` returns the blocking seconds; ``wait()`` waits for the upload."""
+
+    def __init__(self, name: str, sd: dict[str, Any], root: str) -> None:
+        self.name, self.sd, self.root = name, sd, root
+        self.fut: Any = None
+        self.stager: Any = None
+        if name == "pooled":
+            self.stager = PooledStager()
+        elif name == "default_stager_reused":
+            self.stager = DefaultStager(StagingOptions(False, False, False, False))
+        elif name == "bare_copy":
+            self.bufs = {k: torch.empty_like(v) for k, v in sd.items() if isinstance(v, torch.Tensor)}
+            for k, b in self.bufs.items():
+                b.copy_(sd[k])  # fault the pages in once, like a pool after its first save
+
+    def _writer(self) -> FileSystemWriter:
+        path = os.path.join(self.root, self.name)
+        return FileSystemWriter(path, sync_files=False)
+
+    def save(self) -> float:
+        sd = self.sd
+        if self.name == "bare_copy":
+            t0 = time.perf_counter()
+            for k, b in self.bufs.items():
+                b.copy_(sd[k])
+            return time.perf_counter() - t0
+        w = self._writer()
+        t0 = time.perf_counter()
+        if self.name == "pooled":
+            self.fut = dcp_ext.async_save(sd, storage_writer=w, async_stager=self.stager, no_dist=True)
+        elif self.name == "stock_default":
+            self.fut = dcp.async_save(sd, storage_writer=w, no_dist=True)
+        elif self.name == "default_stager_new":
+            st = DefaultStager(StagingOptions(False, False, False, False))
+            self.fut = dcp.async_save(sd, storage_writer=w, async_stager=st, no_dist=True)
+            self.fut.add_done_callback(lambda _f, st=st: st.close())
+        else:
+            self.fut = dcp.async_save(sd, storage_writer=w, async_stager=self.stager, no_dist=True)
+        dt = time.perf_counter() - t0
+        return dt
+
+    def wait(self) -> None:
+        if self.fut is not None:
+            getattr(self.fut, "upload_completion", self.fut).result()
+            self.fut = None
+            # Keep tmpfs small: at 1 GiB, several configs' checkpoints left in /dev/shm put this
+            # shared machine under memory pressure and slowed every copy (even bare_copy) ~5x.
+            shutil.rmtree(os.path.join(self.root, self.name), ignore_errors=True)
+
+    def close(self) -> None:
+        self.wait()
+        if self.stager is not None:
+            self.stager.close()
+
+
+def _vm(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return -1
+
+
+def rss_child(config: str, size: int, saves: int, root: str) -> dict[str, Any]:
+    sd = make_state(size)
+    base = _vm("VmRSS")
+    r = Runner(config, sd, root)
+    for _ in range(saves):
+        r.save()
+        r.wait()
+    peak = _vm("VmHWM")
+    pool = r.stager.pool_bytes if isinstance(r.stager, PooledStager) else None
+    r.close()
+    return {"config": config, "rss_after_state": base, "vm_hwm": peak, "growth": peak - base,
+            "pool_bytes": pool, "state_bytes": state_bytes(sd)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", type=int, default=128, help="state size in MiB (default 128; the issue asks >= 1024)")
+    ap.add_argument("--rounds", type=int, default=7, help="timed rounds per config after one warm-up round")
+    ap.add_argument("--rss-saves", type=int, default=3)
+    ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
+    ap.add_argument("--out", default="bench_out/bench_async.json")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch intra-op threads (0: torch's default). On a small shared machine, 1 "
+                         "avoids a parallel copy waiting for a descheduled worker thread")
+    ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    configs = [c for c in args.configs.split(",") if c]
+    if DefaultStager is None:
+        configs = [c for c in configs if not c.startswith("default_stager")]
+    root = tempfile.mkdtemp(prefix="bench_async_", dir=args.dir)
+    try:
+        if args.rss_child:
+            print(json.dumps(rss_child(args.rss_child, args.size, args.rss_saves, root)))
+            return
+        sd = make_state(args.size)
+        nbytes = state_bytes(sd)
+        runners = {c: Runner(c, sd, root) for c in configs}
+        times: dict[str, list[float]] = {c: [] for c in configs}
+        for rnd in range(args.rounds + 1):
+            for c in configs:
+                dt = runners[c].save()
+                runners[c].wait()
+                if rnd > 0:  # round 0 is each config's first save (pool allocation, warm-up)
+                    times[c].append(dt)
+            print(f"round {rnd}: " + ", ".join(f"{c}={times[c][-1] * 1e3:.1f}ms" for c in configs if times[c]),
+                  flush=True)
+        for r in runners.values():
+            r.close()
+        del runners
+        med = {c: statistics.median(v) for c, v in times.items()}
+        rss = {}
+        for c in configs:
+            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--rss-child", c, "--size",
+                                  str(args.size), "--rss-saves", str(args.rss_saves), "--dir", args.dir,
+                                  "--threads", str(args.threads)],
+                                 capture_output=True, text=True, check=True)
+            rss[c] = json.loads(out.stdout.strip().splitlines()[-1])
+        result = {
+            "torch": torch.__version__, "size_mib": args.size, "state_bytes": nbytes, "rounds": args.rounds,
+            "threads": torch.get_num_threads(), "dir": args.dir,
+            "blocking_s": times, "median_s": med, "min_s": {c: min(v) for c, v in times.items()},
+            "load_avg_at_end": os.getloadavg(),
+            "gb_per_s": {c: nbytes / med[c] / 1e9 for c in configs},
+            "ratios": {
+                "pooled_vs_stock_default": med["pooled"] / med["stock_default"] if "stock_default" in med else None,
+                "pooled_vs_bare_copy": med["pooled"] / med["bare_copy"] if "bare_copy" in med else None,
+                "pooled_vs_default_stager_new": (med["pooled"] / med["default_stager_new"]
+                                                 if "default_stager_new" in med else None),
+            },
+            "peak_rss": rss,
+        }
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps({"median_ms": {c: round(v * 1e3, 1) for c, v in med.items()},
+                          "min_ms": {c: round(min(v) * 1e3, 1) for c, v in times.items()},
+                          "ratios": result["ratios"],
+                          "rss_growth_mib": {c: round(v["growth"] / 2**20) for c, v in rss.items()},
+                          "state_mib": round(nbytes / 2**20)}, indent=1))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
