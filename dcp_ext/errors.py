@@ -17,6 +17,7 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointExistsError",
     "StorageError",
+    "PersistError",
 ]
 
 
@@ -54,3 +55,10 @@ class CheckpointExistsError(DcpExtError, FileExistsError):
 
 class StorageError(DcpExtError, OSError):
     """An I/O operation failed for good (after retries); the message names the object."""
+
+
+class PersistError(StorageError):
+    """Persisting a fast-tier checkpoint to its durable location failed (tiered writer).
+
+    Raised by ``wait_persisted()`` / the ``persisted`` future; the message names the object.
+    """
