@@ -47,3 +47,17 @@ __all__ = [
 ]
 
 # --- feature modules (each issue adds its public names below this line) ---
+from .errors import PersistError  # noqa: E402
+from .storage.tiered import (  # noqa: E402
+    PersistHandle,
+    PersistResult,
+    TieredStorageReader,
+    TieredStorageWriter,
+    TierStatus,
+    pending_persists,
+    tier_status,
+    wait_persisted,
+)
+
+__all__ += ["PersistError", "PersistHandle", "PersistResult", "TieredStorageReader", "TieredStorageWriter",
+            "TierStatus", "pending_persists", "tier_status", "wait_persisted"]

@@ -365,6 +365,8 @@ class PersistHandle:
         self.bytes_done = 0
         self.bytes_total = 0
         self.started = time.time()
+        #: the outcome was handed to a caller (module-level wait_persisted skips it then)
+        self.reported = False
 
     def done(self) -> bool:
         return self.future.done()
@@ -373,12 +375,17 @@ class PersistHandle:
         """Block until persisted; :class:`~dcp_ext.errors.PersistError` if it failed,
         ``TimeoutError`` (naming the URL and what is still under way) after ``timeout`` s."""
         try:
-            return self.future.result(timeout)
+            res = self.future.result(timeout)
         except concurrent.futures.TimeoutError:
             raise TimeoutError(
                 f"{self.url} (save {self.save_id[:8]}) was not persisted to its durable location within "
                 f"{timeout}s on rank {self.rank}: {self.state} ({self.bytes_done}/{self.bytes_total} "
                 f"bytes copied); call wait_persisted() again, or with a longer timeout") from None
+        except BaseException:
+            self.reported = True
+            raise
+        self.reported = True
+        return res
 
     def __repr__(self) -> str:
         return f"PersistHandle({self.url!r}, save={self.save_id[:8]}, rank={self.rank}, {self.state})"
@@ -402,25 +409,30 @@ def _executor() -> concurrent.futures.ThreadPoolExecutor:
 def pending_persists() -> list[PersistHandle]:
     """Background persistences of this process that have not finished yet."""
     with _HANDLES_LOCK:
-        _HANDLES[:] = [h for h in _HANDLES if not h.done()]
-        return list(_HANDLES)
+        return [h for h in _HANDLES if not h.done()]
 
 
 def wait_persisted(timeout: float | None = None) -> list[PersistResult]:
-    """Wait for every background persistence started by this process (all tiered writers).
+    """Wait for every background persistence started by this process (all tiered writers)
+    whose outcome was not already collected through its writer's ``wait_persisted``.
 
-    Raises the first :class:`~dcp_ext.errors.PersistError`, or ``TimeoutError`` when
-    ``timeout`` seconds (in total) pass first.
+    Waits for all of them, then raises the first :class:`~dcp_ext.errors.PersistError`;
+    ``TimeoutError`` when ``timeout`` seconds (in total) pass first.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
     with _HANDLES_LOCK:
-        handles = list(_HANDLES)
-    out = []
+        handles = [h for h in _HANDLES if not h.reported]
+    out, errors = [], []
     for h in handles:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        out.append(h.wait(left))
+        try:
+            out.append(h.wait(left))
+        except PersistError as e:
+            errors.append(e)
     with _HANDLES_LOCK:
-        _HANDLES[:] = [h for h in _HANDLES if not h.done()]
+        _HANDLES[:] = [h for h in _HANDLES if not (h.done() and h.reported)]
+    if errors:
+        raise errors[0]
     return out
 
 
@@ -960,7 +972,7 @@ def _node_view(fast_dir: str) -> dict:
         for name in sorted(os.listdir(fast_dir)):
             p = os.path.join(fast_dir, name)
             if DATA_FILE_RE.match(name) and v["save_id"] is not None:
-                v["have"][name] = (p, "this node's fast tier", os.path.getsize(p), v["save_id"])
+                v["have"][name] = (p, "fast tier", os.path.getsize(p), v["save_id"])
             m = REPLICA_DIR_RE.match(name)
             if m and os.path.isdir(p):
                 try:
@@ -971,7 +983,7 @@ def _node_view(fast_dir: str) -> dict:
                 for fname, size in rep.get("files", {}).items():
                     fp = os.path.join(p, fname)
                     if fname not in v["have"] and os.path.exists(fp) and os.path.getsize(fp) == size:
-                        v["have"][fname] = (fp, f"replica of rank {m.group(1)} on this node", size, rep["save_id"])
+                        v["have"][fname] = (fp, f"replica of rank {m.group(1)}", size, rep["save_id"])
     except OSError as e:
         v["error"] = f"{fast_dir}: {e}"
     return v
@@ -1225,7 +1237,9 @@ class TieredStorageReader(StorageReader):
             self.sources = {f: f"durable tier {self.url}" for f in needed}
         else:
             self._restore(needed)
-            self.sources = {f: f"{self._paths[f][1]} ({self._paths[f][0]})" for f in needed if f in self._paths}
+            self.sources = {f: (f"{self._paths[f][1]} {self._paths[f][0]}" if self._paths[f][1].startswith("restored")
+                                else f"{self._paths[f][1]} on this node ({self._paths[f][0]})")
+                            for f in needed if f in self._paths}
         logger.info("rank %d: read %s from: %s", self.rank, self.url,
                     "; ".join(f"{f}: {s}" for f, s in sorted(self.sources.items())) or "(nothing)")
         return self.inner.read_data(plan, planner)
@@ -1284,8 +1298,8 @@ class TieredStorageReader(StorageReader):
             if gathered[dst][0] == node and f in missing:
                 kind = gathered[src][2][f][1]
                 self._paths[f] = (os.path.join(self.fast_dir, f),
-                                  f"restored over the process group from rank {src} (node {gathered[src][0]}, "
-                                  f"its {kind})")
+                                  f"restored over the process group from rank {src} on node {gathered[src][0]} "
+                                  f"(its {kind}) into")
         still = [f for f in missing if f not in self._paths]
         if still:
             raise IncompleteCheckpointError(f"{self.url}: no rank could provide {still} from its fast tier")
@@ -1316,7 +1330,7 @@ def restore_schedule(gathered: list[tuple[int, list[str], dict[str, tuple[int, s
             if not providers:
                 continue  # reported by the caller as not restorable
             # prefer a node's own copy over a replica, then the lowest rank
-            src = min(providers, key=lambda r: (gathered[r][2][f][1] != "this node's fast tier", r))
+            src = min(providers, key=lambda r: (gathered[r][2][f][1] != "fast tier", r))
             out.append((src, dst, f, gathered[src][2][f][0]))
             scheduled.add((node, f))
     return out
