@@ -1100,6 +1100,8 @@ class _NodeStore(LocalStore):
         return self.paths.get(relpath) or super()._abs(relpath)
 
     def exists(self, relpath: str = "") -> bool:
+        if relpath == "" and self.overlay:
+            return True
         return relpath in self.overlay or super().exists(relpath)
 
     def size(self, relpath: str) -> int:
