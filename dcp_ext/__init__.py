@@ -91,3 +91,18 @@ from .errors import StagingBudgetError, StagingError, StagingPoolBusyError  # no
 from .staging import PooledStager, async_save  # noqa: E402
 
 __all__ += ["PooledStager", "StagingBudgetError", "StagingError", "StagingPoolBusyError", "async_save"]
+
+from .errors import PersistError  # noqa: E402
+from .storage.tiered import (  # noqa: E402
+    PersistHandle,
+    PersistResult,
+    TieredStorageReader,
+    TieredStorageWriter,
+    TierStatus,
+    pending_persists,
+    tier_status,
+    wait_persisted,
+)
+
+__all__ += ["PersistError", "PersistHandle", "PersistResult", "TieredStorageReader", "TieredStorageWriter",
+            "TierStatus", "pending_persists", "tier_status", "wait_persisted"]

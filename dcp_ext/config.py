@@ -130,10 +130,19 @@ class TierOptions:
     cache: str | None = None
     #: keep this many complete checkpoints in the fast tier
     keep_last: int = 2
-    #: replicate each rank's fast-tier data to a partner rank
+    #: replicate each rank's fast-tier data to a partner rank (only with more than one node)
     replicate: bool = True
     #: ranks per node, used to pick the partner (default: LOCAL_WORLD_SIZE or world size)
     ranks_per_node: int | None = None
+    #: partner of rank r is (r + replica_offset) % world_size (default: ranks_per_node, i.e.
+    #: the same local rank on the next node)
+    replica_offset: int | None = None
+    #: bytes per message when replicating / restoring / persisting files (bounds memory)
+    chunk_size: ByteSize = ByteSize(16 * 1024 * 1024)
+    #: seconds the background persistence waits for the other ranks' parts / the commit
+    persist_timeout: float = 3600.0
+    #: seconds a fast-tier exchange between ranks (replication, restore) may take
+    exchange_timeout: float = 1800.0
 
 
 @dataclass
@@ -187,6 +196,15 @@ class Config:
                 raise ConfigError(f"part_size: must be >= 5MiB (S3 minimum), got {sec.part_size}")
             if sec.max_concurrency < 1 or sec.max_retries < 0:
                 raise ConfigError("max_concurrency must be >= 1 and max_retries >= 0")
+        t = self.tier
+        if t.keep_last < 1:
+            raise ConfigError(f"tier.keep_last: must be >= 1, got {t.keep_last}")
+        if t.ranks_per_node is not None and t.ranks_per_node < 1:
+            raise ConfigError(f"tier.ranks_per_node: must be >= 1, got {t.ranks_per_node}")
+        if t.chunk_size < 4096:
+            raise ConfigError(f"tier.chunk_size: must be >= 4096 bytes, got {t.chunk_size}")
+        if t.persist_timeout <= 0 or t.exchange_timeout <= 0:
+            raise ConfigError("tier.persist_timeout and tier.exchange_timeout must be > 0 seconds")
         return self
 
     def redacted(self) -> dict:

@@ -22,6 +22,7 @@ __all__ = [
     "StagingError",
     "StagingBudgetError",
     "StagingPoolBusyError",
+    "PersistError",
 ]
 
 
@@ -69,6 +70,7 @@ class ReshardError(DcpExtError, RuntimeError):
     """A resharding save/load plan is inconsistent: colliding chunks, missing or unexpected keys,
     shape mismatches (the message names the saved and the target layout)."""
 
+
 class StagingError(DcpExtError):
     """Staging a state dict into host memory failed (unsupported value, misuse of a stager)."""
 
@@ -79,3 +81,10 @@ class StagingBudgetError(StagingError, ConfigError):
 
 class StagingPoolBusyError(StagingError, TimeoutError):
     """Every staging pool is still held by an unfinished upload and the wait timed out."""
+
+
+class PersistError(StorageError):
+    """Persisting a fast-tier checkpoint to its durable location failed (tiered writer).
+
+    Raised by ``wait_persisted()`` / the ``persisted`` future; the message names the object.
+    """

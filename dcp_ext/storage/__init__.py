@@ -139,23 +139,76 @@ def _fsspec_fallback(scheme: str) -> str | None:
     return None
 
 
+def _tier_shorthand(options: dict) -> dict:
+    """``cache=DIR`` is short for ``tier={"cache": DIR}`` (a tiered checkpoint)."""
+    if "cache" not in options:
+        return options
+    options = dict(options)
+    cache = options.pop("cache")
+    tier = dict(options.get("tier") or {})
+    tier["cache"] = os.fspath(cache) if isinstance(cache, os.PathLike) else cache
+    options["tier"] = tier
+    return options
+
+
 def storage_writer(url: str | os.PathLike, *, config: Any = None, **options: Any):
     """A DCP ``StorageWriter`` for ``url``; options as in :class:`~dcp_ext.config.Config`.
 
     >>> dcp.save(state, storage_writer=dcp_ext.storage_writer("/ckpt/step_100"))
+
+    With ``cache="/dev/shm/dcp_ext"`` (or ``tier.cache`` in the config) the result is a
+    :class:`~dcp_ext.storage.tiered.TieredStorageWriter`: the save commits to that fast local
+    tier, and ``url`` (any byte-store backend) is written in the background.
     """
-    cfg = load_config(config, **options)
+    cfg = load_config(config, **_tier_shorthand(options))
     b = get_backend(url, cfg)
     logger.debug("storage_writer(%s): backend %s", url, b.name)
+    if cfg.tier.cache:  # tiered: fast local tier first, this backend as the durable tier
+        from .tiered import TieredStorageWriter
+
+        return TieredStorageWriter(os.fspath(url), cfg, _durable_store(os.fspath(url), cfg, b))
     return b.make_writer(os.fspath(url), cfg)
 
 
 def storage_reader(url: str | os.PathLike, *, config: Any = None, **options: Any):
-    """A DCP ``StorageReader`` for ``url``; options as in :class:`~dcp_ext.config.Config`."""
-    cfg = load_config(config, **options)
+    """A DCP ``StorageReader`` for ``url``; options as in :class:`~dcp_ext.config.Config`.
+
+    With ``cache=`` / ``tier.cache``: a :class:`~dcp_ext.storage.tiered.TieredStorageReader`
+    that loads the newest complete copy, preferring the fast tier.
+    """
+    cfg = load_config(config, **_tier_shorthand(options))
     b = get_backend(url, cfg)
     logger.debug("storage_reader(%s): backend %s", url, b.name)
+    if cfg.tier.cache:
+        from .tiered import TieredStorageReader
+
+        return TieredStorageReader(os.fspath(url), cfg, _durable_reader(os.fspath(url), cfg, b))
     return b.make_reader(os.fspath(url), cfg)
+
+
+def _durable_store(url: str, cfg: Config, b: Backend | None = None):
+    """The byte :class:`~dcp_ext.storage.base.Store` of the durable tier for ``url``."""
+    from ..errors import DcpExtError
+    from .writer import ExtStorageWriter
+
+    b = b or get_backend(url, cfg)
+    w = b.make_writer(url, cfg)
+    if not isinstance(w, ExtStorageWriter):
+        raise DcpExtError(f"tiered checkpoints need a byte-store backend for the durable tier; the {b.name!r} "
+                          f"backend for {url!r} is not one (use a file, fsspec, S3 or GCS URL)")
+    return w.store
+
+
+def _durable_reader(url: str, cfg: Config, b: Backend | None = None):
+    from ..errors import DcpExtError
+    from .reader import ExtStorageReader
+
+    b = b or get_backend(url, cfg)
+    r = b.make_reader(url, cfg)
+    if not isinstance(r, ExtStorageReader):
+        raise DcpExtError(f"tiered checkpoints need a byte-store backend for the durable tier; the {b.name!r} "
+                          f"backend for {url!r} is not one (use a file, fsspec, S3 or GCS URL)")
+    return r
 
 
 def _register_builtins() -> None:

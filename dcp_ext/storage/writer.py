@@ -225,7 +225,15 @@ class ExtStorageWriter(StorageWriter):
         fut.set_result(results)
         return fut
 
-    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+    def build_commit(self, metadata: Metadata, results: list[list[WriteResult]],
+                     created: float | None = None, checkpoint_id: str | None = None,
+                     ) -> tuple[bytes, bytes, dict[MetadataIndex, ItemLocation]]:
+        """Fill in ``metadata`` (version, storage data, storage meta) from every rank's write
+        results and return ``(manifest_bytes, pickled_metadata, locations)``.
+
+        Pure (no I/O), so a wrapper (the tiered writer) can compute the commit on any rank
+        and publish it where it needs to; ``checkpoint_id`` overrides the recorded location.
+        """
         locations: dict[MetadataIndex, ItemLocation] = {}
         for rank_results in results:
             for wr in rank_results:
@@ -239,12 +247,18 @@ class ExtStorageWriter(StorageWriter):
         metadata.storage_data = {idx: _StorageInfo(loc.relative_path, loc.offset, loc.length)
                                  for idx, loc in locations.items()}
         modules = list(metadata.storage_meta.modules) if metadata.storage_meta else []
-        metadata.storage_meta = StorageMeta(checkpoint_id=self.store.url, save_id=self.save_id, modules=modules)
+        metadata.storage_meta = StorageMeta(checkpoint_id=checkpoint_id or self.checkpoint_id, save_id=self.save_id,
+                                            modules=modules)
         pickled = pickle.dumps(metadata)
         manifest = encode_manifest(
             metadata, locations, self.save_id, checksum(pickled),
             ALGORITHM if self.config.checksum else None,
-            extra={"world_size": len(results), "writer": "dcp_ext", "created": time.time()})
+            extra={"world_size": len(results), "writer": "dcp_ext",
+                   "created": time.time() if created is None else created})
+        return manifest, pickled, locations
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        manifest, pickled, locations = self.build_commit(metadata, results)
         self.store.put_atomic(MANIFEST_NAME, manifest)
         self.store.put_atomic(METADATA_NAME, pickled)  # the commit point
         self._remove_stale(locations)

@@ -1,0 +1,389 @@
+"""Tiered checkpoints: fast-tier commit, background durable persistence, peer replicas,
+node-loss restore, crash safety, retention and every bad input a user can make."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import dcp_ext
+from dcp_ext.errors import (
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    ConfigError,
+    DcpExtError,
+    IncompleteCheckpointError,
+    PersistError,
+    StorageError,
+    UnknownBackendError,
+)
+from dcp_ext.storage.manifest import MANIFEST_NAME, METADATA_NAME
+from dcp_ext.storage.tiered import (
+    TieredStorageReader,
+    TieredStorageWriter,
+    apply_retention,
+    choose_copy,
+    fast_dir_for,
+    restore_schedule,
+    tier_status,
+)
+from tests import tiered_rank_fns as T
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {"w": torch.randn(64, 32, generator=g), "i": torch.arange(seed, seed + 10),
+            "nested": {"b": torch.randn(5, generator=g).to(torch.bfloat16)}, "epoch": seed}
+
+
+def _zeros(s):
+    if isinstance(s, torch.Tensor):
+        return torch.zeros_like(s)
+    if isinstance(s, dict):
+        return {k: _zeros(v) for k, v in s.items()}
+    return None
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
+    return a == b
+
+
+def _load(url, cache, seed=0, **opts):
+    dst = _zeros(_state(seed))
+    r = dcp_ext.storage_reader(url, cache=cache, **opts)
+    dcp.load(dst, storage_reader=r)
+    assert _same(_state(seed), dst)
+    return r
+
+
+# -- single process -------------------------------------------------------------------------------
+
+def test_commit_fast_then_persist_and_read_each_tier(tmp_path):
+    url, cache = str(tmp_path / "durable" / "step_1"), str(tmp_path / "cache")
+    w = dcp_ext.storage_writer(url, cache=cache)
+    assert isinstance(w, TieredStorageWriter)
+    dcp.save(_state(), storage_writer=w)
+    # committed in the fast tier when dcp.save returns
+    fd = fast_dir_for(url, cache)
+    assert w.fast_dir == fd and os.path.exists(os.path.join(fd, METADATA_NAME))
+    res = w.wait_persisted(30)
+    assert w.persisted.done() and res.committed_by_this_rank and res.bytes > 0
+    assert sorted(os.listdir(url)) == [MANIFEST_NAME, METADATA_NAME, "__0_0.distcp"]  # markers cleaned up
+    st = tier_status(url, cache=cache)
+    assert st.fast_complete and st.fast_persisted and st.durable_state == "complete"
+    assert st.fast_save_id == st.durable_save_id == res.save_id
+    # the fast tier is preferred, and the durable copy is standard DCP (stock reader loads it)
+    assert _load(url, cache).tier == "fast"
+    dst = _zeros(_state())
+    dcp.load(dst, storage_reader=dcp.FileSystemReader(url))
+    assert _same(_state(), dst)
+    shutil.rmtree(cache)  # node replaced: the durable copy is read
+    r = _load(url, cache)
+    assert r.tier == "durable" and all("durable tier" in s for s in r.sources.values())
+
+
+def test_config_section_and_env_select_the_tiered_writer(tmp_path, monkeypatch):
+    url = str(tmp_path / "d")
+    w = dcp_ext.storage_writer(url, config={"tier": {"cache": str(tmp_path / "c"), "keep_last": 3}})
+    assert isinstance(w, TieredStorageWriter) and w.config.tier.keep_last == 3
+    monkeypatch.setenv("DCP_EXT_TIER_CACHE", str(tmp_path / "c2"))
+    assert isinstance(dcp_ext.storage_writer(url), TieredStorageWriter)
+    assert isinstance(dcp_ext.storage_reader(url), TieredStorageReader)
+    monkeypatch.delenv("DCP_EXT_TIER_CACHE")
+    assert not isinstance(dcp_ext.storage_writer(url), TieredStorageWriter)
+
+
+def test_memory_durable_tier(tmp_path):
+    url = f"memory://tiered/{tmp_path.name}/step"
+    w = dcp_ext.storage_writer(url, cache=str(tmp_path / "c"))
+    dcp.save(_state(3), storage_writer=w)
+    w.wait_persisted(30)
+    shutil.rmtree(tmp_path / "c")
+    assert _load(url, str(tmp_path / "c"), seed=3).tier == "durable"
+
+
+def test_newest_complete_copy_wins(tmp_path):
+    url, cache = str(tmp_path / "d"), str(tmp_path / "c")
+    w = dcp_ext.storage_writer(url, cache=cache)
+    dcp.save(_state(1), storage_writer=w)
+    w.wait_persisted(30)
+    # a newer save of the same URL written without the fast tier: the durable copy is newer
+    dcp.save(_state(2), storage_writer=dcp_ext.storage_writer(url, overwrite=True))
+    r = _load(url, cache, seed=2)
+    assert r.tier == "durable"
+
+
+def test_incomplete_durable_copy_falls_back_to_fast_then_refuses(tmp_path, caplog):
+    url, cache = str(tmp_path / "d"), str(tmp_path / "c")
+    w = dcp_ext.storage_writer(url, cache=cache)
+    dcp.save(_state(), storage_writer=w)
+    w.wait_persisted(30)
+    os.unlink(os.path.join(url, METADATA_NAME))  # as if the persist had died before its commit
+    with caplog.at_level("INFO", logger="dcp_ext.storage.tiered"):
+        assert _load(url, cache).tier == "fast"
+    assert "the durable copy is incomplete" in caplog.text
+    shutil.rmtree(cache)
+    with pytest.raises(IncompleteCheckpointError, match=r"durable copy is incomplete \(1 data file\(s\) but no "
+                                                        r"\.metadata.*refusing to load"):
+        dcp_ext.storage_reader(url, cache=cache).read_metadata()
+
+
+def test_overwrite_is_refused_in_either_tier(tmp_path):
+    url, cache = str(tmp_path / "d"), str(tmp_path / "c")
+    w = dcp_ext.storage_writer(url, cache=cache)
+    dcp.save(_state(1), storage_writer=w)
+    w.wait_persisted(30)
+    with pytest.raises(BaseException, match="fast tier .* already holds a complete checkpoint"):
+        dcp.save(_state(2), storage_writer=dcp_ext.storage_writer(url, cache=cache))
+    shutil.rmtree(cache)
+    with pytest.raises(BaseException, match=r"d already holds a complete checkpoint; refusing"):
+        dcp.save(_state(2), storage_writer=dcp_ext.storage_writer(url, cache=cache))
+    w = dcp_ext.storage_writer(url, cache=cache, overwrite=True)
+    dcp.save(_state(2), storage_writer=w)
+    w.wait_persisted(30)
+    assert _load(url, cache, seed=2).tier == "fast"
+    shutil.rmtree(cache)
+    assert _load(url, cache, seed=2).tier == "durable"
+
+
+def test_retention_keeps_last_k_and_never_an_unpersisted_one(tmp_path, caplog):
+    cache = str(tmp_path / "c")
+    opts = {"cache": cache, "tier": {"keep_last": 1}}
+    good0, bad1, good2 = str(tmp_path / "step_0"), f"failfs://{tmp_path}/step_1", str(tmp_path / "step_2")
+    w = dcp_ext.storage_writer(good0, **opts)
+    dcp.save(_state(0), storage_writer=w)
+    w.wait_persisted(30)
+    # the durable tier of step 1 is broken: its fast copy is the only one and must survive
+    w = dcp_ext.storage_writer(bad1, **opts)
+    dcp.save(_state(1), storage_writer=w)
+    with pytest.raises(PersistError, match=r"persisting .*__0_0\.distcp to failfs://.*step_1/__0_0\.distcp failed "
+                                           r"after 0 of \d+ bytes: StorageError: injected failure"):
+        w.wait_persisted(30)
+    assert sorted(os.listdir(cache)) == sorted(os.path.basename(fast_dir_for(u, cache)) for u in (good0, bad1))
+    w = dcp_ext.storage_writer(good2, **opts)
+    dcp.save(_state(2), storage_writer=w)
+    with caplog.at_level("INFO", logger="dcp_ext.storage.tiered"):
+        w.wait_persisted(30)
+        time.sleep(0.2)  # retention runs right after the future resolves
+    # keep_last=1: step 2 is kept, step 0 (persisted) is removed, step 1 (not persisted) is kept
+    assert sorted(os.listdir(cache)) == sorted(os.path.basename(fast_dir_for(u, cache)) for u in (bad1, good2))
+    assert "its durable copy is not persisted" in caplog.text
+    assert _load(bad1, cache, seed=1).tier == "fast"  # the unpersisted copy is still loadable
+    assert _load(good0, cache, seed=0).tier == "durable"
+    assert apply_retention(cache, 1) == []
+
+
+# -- bad inputs -------------------------------------------------------------------------------------
+
+def test_cache_dir_not_usable(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(StorageError, match=r"tier.cache '.*file' is not usable: it exists and is not a directory"):
+        dcp_ext.storage_writer(str(tmp_path / "d"), cache=str(f))
+    with pytest.raises(StorageError, match=r"tier.cache '.*file/sub' is not usable: cannot create files there"):
+        dcp_ext.storage_writer(str(tmp_path / "d"), cache=str(f / "sub"))
+
+
+def test_durable_url_with_unknown_scheme(tmp_path):
+    with pytest.raises(UnknownBackendError, match=r"no backend for URL scheme 'nope' in 'nope://b/x'"):
+        dcp_ext.storage_writer("nope://b/x", cache=str(tmp_path))
+    with pytest.raises(UnknownBackendError, match="nope"):
+        dcp_ext.storage_reader("nope://b/x", cache=str(tmp_path))
+
+
+def test_bad_tier_options(tmp_path):
+    with pytest.raises(ConfigError, match=r"tier.keep_last: must be >= 1, got 0"):
+        dcp_ext.storage_writer(str(tmp_path), cache=str(tmp_path / "c"), tier={"keep_last": 0})
+    with pytest.raises(ConfigError, match=r"unknown option 'tier.bogus'"):
+        dcp_ext.storage_writer(str(tmp_path), cache=str(tmp_path / "c"), tier={"bogus": 1})
+    with pytest.raises(ConfigError, match=r"tier.chunk_size: must be >= 4096"):
+        dcp_ext.storage_writer(str(tmp_path), cache=str(tmp_path / "c"), tier={"chunk_size": 10})
+
+
+def test_wait_persisted_timeout_and_misuse(tmp_path, monkeypatch):
+    monkeypatch.setenv("DCP_EXT_TEST_SLOW_S", "0.3")
+    url = f"slowfs://{tmp_path}/slow"
+    w = dcp_ext.storage_writer(url, cache=str(tmp_path / "c"), tier={"chunk_size": "4KiB"})
+    with pytest.raises(DcpExtError, match="no checkpoint has been committed with this writer"):
+        w.wait_persisted(1)
+    dcp.save(_state(), storage_writer=w)
+    with pytest.raises(TimeoutError, match=r"slowfs://.*slow \(save [0-9a-f]{8}\) was not persisted to its durable "
+                                           r"location within 0.2s on rank 0: copying __0_0.distcp"):
+        w.wait_persisted(0.2)
+    with pytest.raises(TimeoutError, match="was not persisted"):
+        dcp_ext.wait_persisted(timeout=0.01)
+    monkeypatch.setenv("DCP_EXT_TEST_SLOW_S", "0")
+    assert dcp_ext.wait_persisted(timeout=60)
+    assert dcp_ext.pending_persists() == []
+    import pickle
+
+    with pytest.raises(DcpExtError, match="cannot be pickled.*thread executor"):
+        pickle.dumps(w)
+
+
+def test_reader_errors_name_what_is_missing(tmp_path):
+    url, cache = str(tmp_path / "d"), str(tmp_path / "c")
+    with pytest.raises(CheckpointNotFoundError, match="neither the durable location nor the fast tier"):
+        dcp_ext.storage_reader(url, cache=cache).read_metadata()
+    w = dcp_ext.storage_writer(url, cache=cache)
+    dcp.save(_state(), storage_writer=w)
+    w.wait_persisted(30)
+    os.unlink(os.path.join(url, METADATA_NAME))
+    os.unlink(os.path.join(fast_dir_for(url, cache), "__0_0.distcp"))
+    with pytest.raises(IncompleteCheckpointError, match=r"fast-tier copy [0-9a-f]{8} lacks __0_0.distcp on every node"):
+        dcp_ext.storage_reader(url, cache=cache).read_metadata()
+
+
+# -- pure decision logic ---------------------------------------------------------------------------
+
+def _view(sid, created, needed, have):
+    return {"save_id": sid, "created": created, "needed": needed,
+            "have": {f: ("/p/" + f, kind, size, sid) for f, (kind, size) in have.items()}, "error": None}
+
+
+def test_choose_copy_rules():
+    need = {"__0_0.distcp": 10, "__1_0.distcp": 10}
+    full = _view("a" * 8, 2.0, need, {"__0_0.distcp": ("fast tier", 10)})
+    other = _view("a" * 8, 2.0, need, {"__1_0.distcp": ("fast tier", 10)})
+    complete = {"state": "complete", "save_id": "a" * 8, "created": 2.0}
+    assert choose_copy("u", [full, other], complete)["tier"] == "fast"
+    # a file present on no node: the fast copy is not usable
+    d = choose_copy("u", [full, _view(None, None, None, {})], complete)
+    assert d["tier"] == "durable" and "lacks __1_0.distcp" in d["why"]
+    # the durable copy is a newer save
+    newer = {"state": "complete", "save_id": "b" * 8, "created": 3.0}
+    assert choose_copy("u", [full, other], newer)["tier"] == "durable"
+    assert choose_copy("u", [full, other], {"state": "incomplete", "files": 2})["tier"] == "fast"
+    # a truncated file does not count
+    short = _view("a" * 8, 2.0, need, {"__1_0.distcp": ("fast tier", 9)})
+    with pytest.raises(IncompleteCheckpointError, match="lacks __1_0.distcp"):
+        choose_copy("u", [full, short], {"state": "missing"})
+
+
+def test_restore_schedule_one_transfer_per_node_and_file():
+    have0 = {"__0_0.distcp": (5, "fast tier"), "__2_0.distcp": (7, "replica of rank 2")}
+    have1 = {"__1_0.distcp": (5, "fast tier"), "__3_0.distcp": (7, "replica of rank 3")}
+    gathered = [(0, [], have0), (0, [], have1 | {}), (1, ["__0_0.distcp", "__2_0.distcp"], {}),
+                (1, ["__2_0.distcp", "__3_0.distcp"], {})]
+    gathered[1] = (0, [], have0)  # ranks of one node see the same directory
+    gathered[0] = (0, [], have0)
+    sched = restore_schedule(gathered)
+    assert sched == [(0, 2, "__0_0.distcp", 5), (0, 2, "__2_0.distcp", 7)]  # __3_0 is on no node here
+    gathered[0] = (0, [], {**have0, **have1})
+    gathered[1] = (0, [], {**have0, **have1})
+    assert (0, 3, "__3_0.distcp", 7) in restore_schedule(gathered)
+
+
+# -- kill -9 during background persistence --------------------------------------------------------
+
+def test_kill_during_persist_then_restart_finds_last_complete(tmp_path, caplog):
+    root, cache = str(tmp_path / "ckpt"), str(tmp_path / "cache")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "tests.tiered_rank_fns", "killed_saver", root, cache], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.strip() == "FAST_COMMITTED", p.stderr.read()
+        deadline = time.time() + 60
+        while not os.path.exists(os.path.join(root, "step_2", "__0_0.distcp")):  # persisting now
+            assert time.time() < deadline and p.poll() is None
+            time.sleep(0.05)
+        p.kill()  # SIGKILL: no cleanup, no atexit
+        p.wait(30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    url2 = f"slowfs://{root}/step_2"
+    st = tier_status(url2, cache=cache)
+    assert st.fast_complete and not st.fast_persisted and st.durable_state == "incomplete"
+    # restart on the same node: the fast tier has step 2
+    dst = _zeros(T.single_state(2))
+    with caplog.at_level("INFO", logger="dcp_ext.storage.tiered"):
+        r = dcp_ext.storage_reader(url2, cache=cache)
+        dcp.load(dst, storage_reader=r)
+    assert r.tier == "fast" and _same(T.single_state(2), dst)
+    assert "the durable copy is incomplete (a persist did not finish)" in caplog.text
+    # restart on a replaced node (empty fast tier): step 2 is refused, step 1 is the newest complete
+    shutil.rmtree(cache)
+    with pytest.raises(IncompleteCheckpointError, match="durable copy is incomplete"):
+        dcp_ext.storage_reader(url2, cache=cache).read_metadata()
+    with pytest.raises(BaseException, match="durable copy is incomplete .* refusing to load it"):
+        dcp.load(_zeros(T.single_state(2)), storage_reader=dcp_ext.storage_reader(url2, cache=cache))
+    candidates = [f"slowfs://{root}/step_2", f"{root}/step_1"]
+    latest = next(u for u in candidates if tier_status(u, cache=cache).loadable)
+    assert latest == f"{root}/step_1"
+    dst = _zeros(T.single_state(1))
+    r = dcp_ext.storage_reader(latest, cache=cache)
+    dcp.load(dst, storage_reader=r)
+    assert r.tier == "durable" and _same(T.single_state(1), dst)
+
+
+# -- multi-rank (4 gloo ranks pretending to be 2 nodes of 2) ----------------------------------------
+
+def test_node_loss_restores_from_partner_replicas(ranks, tmp_path):
+    pool = ranks(4)
+    url, base = str(tmp_path / "durable"), str(tmp_path / "nodes")
+    saved = pool.run(T.save_two_nodes, url, base, 5)
+    assert all(s["replicate"] for s in saved)
+    # node 1 (ranks 2, 3) holds replicas of ranks 0 and 1, and node 0 of ranks 2 and 3
+    assert {"replica_of_rank0", "replica_of_rank1", METADATA_NAME} <= set(saved[2]["fast_files"])
+    assert {"replica_of_rank2", "replica_of_rank3", METADATA_NAME} <= set(saved[0]["fast_files"])
+    # make the durable data unreadable: any read from it would fail the load
+    for f in os.listdir(url):
+        if f.endswith(".distcp"):
+            os.unlink(os.path.join(url, f))
+    loaded = pool.run(T.load_two_nodes, url, base, 5)
+    for r, res in enumerate(loaded):
+        assert res["tier"] == "fast" and all(res["equal"].values()) and res["step"] == 7, (r, res)
+    # node 1's ranks read node 0's files from the replicas they hold
+    assert any(re.match(r"replica of rank [01] on this node", s) for s in loaded[2]["sources"].values())
+    shutil.rmtree(os.path.join(base, "node1"))  # node 1 replaced: its fast tier is gone
+    loaded = pool.run(T.load_two_nodes, url, base, 5)
+    for r, res in enumerate(loaded):
+        assert res["tier"] == "fast" and all(res["equal"].values()), (r, res)
+    src2 = loaded[2]["sources"]
+    assert "restored over the process group from rank 0 on node 0 (its replica of rank 2)" in src2["__2_0.distcp"]
+    assert any("restored over the process group" in line for line in loaded[2]["logs"])
+    assert any(line.startswith("rank 2: read ") and "__2_0.distcp: restored" in line for line in loaded[2]["logs"])
+    # node 1's commit was restored too: the next load is local again
+    assert os.path.exists(os.path.join(saved[2]["fast_dir"], METADATA_NAME))
+    loaded = pool.run(T.load_two_nodes, url, base, 5)
+    assert all(all(res["equal"].values()) for res in loaded)
+    assert "fast tier on this node" in loaded[2]["sources"]["__2_0.distcp"]
+
+
+def test_async_save_holds_values_as_of_the_call(ranks, tmp_path):
+    out = ranks(4).run(T.async_save_then_mutate, str(tmp_path / "d"), str(tmp_path / "nodes"), 9)
+    for r, res in enumerate(out):
+        assert res["fast"]["tier"] == "fast" and all(res["fast"]["equal"].values()), (r, res["fast"])
+        assert res["durable"]["tier"] == "durable" and all(res["durable"]["equal"].values()), (r, res["durable"])
+
+
+def test_back_to_back_saves_with_a_slow_durable_tier(ranks, tmp_path):
+    n = 3
+    out = ranks(4).run(T.back_to_back, str(tmp_path / "d"), str(tmp_path / "nodes"), n)
+    for r, res in enumerate(out):
+        assert len(res["persisted"]) == n, res["persisted"]
+        for i, ld in enumerate(res["loads"]):
+            assert ld["fast"]["tier"] == "fast" and all(ld["fast"]["equal"].values()), (r, i, ld["fast"])
+            assert ld["durable"]["tier"] == "durable" and all(ld["durable"]["equal"].values()), (r, i)
+    for i in range(n):
+        files = os.listdir(tmp_path / "d" / f"step_{i}")
+        assert METADATA_NAME in files and not [f for f in files if f.startswith(".dcp_ext_persist")]
