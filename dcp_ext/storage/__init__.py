@@ -14,10 +14,13 @@ import importlib
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..config import Config, load_config
 from ..errors import MissingDependencyError, UnknownBackendError
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint import StorageReader, StorageWriter
 
 __all__ = ["Backend", "register_backend", "get_backend", "backends", "storage_writer",
            "storage_reader", "split_url"]
@@ -151,7 +154,7 @@ def _tier_shorthand(options: dict) -> dict:
     return options
 
 
-def storage_writer(url: str | os.PathLike, *, config: Any = None, **options: Any):
+def storage_writer(url: str | os.PathLike, *, config: Any = None, **options: Any) -> StorageWriter:
     """A DCP ``StorageWriter`` for ``url``; options as in :class:`~dcp_ext.config.Config`.
 
     >>> dcp.save(state, storage_writer=dcp_ext.storage_writer("/ckpt/step_100"))
@@ -170,7 +173,7 @@ def storage_writer(url: str | os.PathLike, *, config: Any = None, **options: Any
     return b.make_writer(os.fspath(url), cfg)
 
 
-def storage_reader(url: str | os.PathLike, *, config: Any = None, **options: Any):
+def storage_reader(url: str | os.PathLike, *, config: Any = None, **options: Any) -> StorageReader:
     """A DCP ``StorageReader`` for ``url``; options as in :class:`~dcp_ext.config.Config`.
 
     With ``cache=`` / ``tier.cache``: a :class:`~dcp_ext.storage.tiered.TieredStorageReader`
