@@ -7,10 +7,12 @@
    optimizer state as DTensors (``Shard(0)``, FSDP-style) and saves them with stock
    ``dcp.async_save`` (through :func:`dcp_ext.async_save` with a :class:`dcp_ext.PooledStager`)
    + :func:`dcp_ext.storage_writer` to a local directory;
-2. spawns ``load_ranks`` processes with a *different* sharding (``Shard(1)`` where a
-   tensor has two dims) and loads with stock ``dcp.load`` + :func:`dcp_ext.storage_reader`;
-3. compares every tensor exactly (``torch.equal``) with a reference the training ranks
-   kept, and prints sizes, throughputs and where the files are.
+2. spawns ``load_ranks`` processes as a *Megatron-style tensor-parallel* job: plain local
+   tensors, vocab-parallel embedding, column/row-parallel linears, a fused QKV whose q, k, v
+   parts are split separately - described as data (:class:`dcp_ext.ParallelLayout`) and loaded
+   with stock ``dcp.load`` + :class:`dcp_ext.ReshardLoadPlanner` + :func:`dcp_ext.storage_reader`;
+3. compares every tensor exactly (``torch.equal``) with shards cut by hand from a reference
+   the training ranks kept, and prints sizes, throughputs and where the files are.
 """
 
 from __future__ import annotations
@@ -139,46 +141,82 @@ def _rank_train_and_save(ckpt: str, ref_path: str, steps: int) -> dict:
             "loss": loss}
 
 
+# Megatron-style tensor parallelism for TinyGPT, as data: which tensors are split along which
+# dimension (fused QKV: each of q, k, v is split separately), for weights and their Adam moments.
+def _tp_rules(d: int) -> dict:
+    from .layout import ShardSpec
+
+    specs = {
+        "tok.weight": ShardSpec(0),                 # vocab-parallel embedding
+        "qkv.weight": ShardSpec(0, (d, d, d)),      # column-parallel, fused q|k|v
+        "qkv.bias": ShardSpec(0, (d, d, d)),
+        "proj.weight": ShardSpec(1),                # row-parallel
+        "fc1.weight": ShardSpec(0),                 # column-parallel
+        "fc1.bias": ShardSpec(0),
+        "fc2.weight": ShardSpec(1),                 # row-parallel
+        "head.weight": ShardSpec(0),                # column-parallel LM head
+    }
+    return {f"*{name}{suffix}": spec for name, spec in specs.items() for suffix in ("", ".exp_avg", ".exp_avg_sq")}
+
+
+def _tp_slice(fqn: str, full: torch.Tensor, tp_rank: int, tp: int) -> torch.Tensor:
+    """This TP rank's plain local shard of ``full``, cut by hand (independent of the planner)."""
+    name = fqn.removesuffix(".exp_avg_sq").removesuffix(".exp_avg")
+    if name.endswith(("qkv.weight", "qkv.bias")):
+        return torch.cat([part.chunk(tp, 0)[tp_rank] for part in full.chunk(3, 0)]).clone()
+    if name.endswith(("tok.weight", "fc1.weight", "fc1.bias", "head.weight")):
+        return full.chunk(tp, 0)[tp_rank].clone()
+    if name.endswith(("proj.weight", "fc2.weight")):
+        return full.chunk(tp, 1)[tp_rank].clone()
+    return full.clone()  # replicated: norms, biases of row-parallel layers, positions, step counts
+
+
+def _flat(state: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in state.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _rank_load_and_check(ckpt: str, ref_path: str) -> dict:
+    """Load the FSDP-style checkpoint as Megatron-style plain TP shards (fused QKV split per part)."""
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor
 
     import dcp_ext
 
     ref = torch.load(ref_path, weights_only=True)
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    target = _shard({k: v for k, v in ref.items()}, mesh, 1)  # a different sharding
-    # fill with garbage so a load that does nothing cannot pass
-    for part in ("model", "optim"):
-        stack = [target[part]]
-        while stack:
-            d = stack.pop()
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    stack.append(v)
-                elif isinstance(v, DTensor):
-                    v.to_local().fill_(-7)
+    rank, tp = dist.get_rank(), dist.get_world_size()
+    layout = dcp_ext.ParallelLayout(tp_rank=rank, tp_size=tp, rules=_tp_rules(ref["model"]["tok.weight"].shape[1]))
+    expect = {part: {k: _tp_slice(k, v, rank, tp) for k, v in _flat(ref[part]).items()}
+              for part in ("model", "optim")}
+    # plain local tensors of the right shapes, filled with garbage so a load that does nothing fails
+    target = {part: {k: torch.full_like(v, -7) for k, v in expect[part].items()} for part in expect}
+    target["optim"] = _unflat(target["optim"])
     target["trainer"] = {"step": None, "loss": None}
     reader = dcp_ext.storage_reader(ckpt)
+    planner = dcp_ext.ReshardLoadPlanner(layout)
     dist.barrier()
     t0 = time.perf_counter()
-    dcp.load(target, storage_reader=reader)
+    dcp.load(target, storage_reader=reader, planner=planner)
     dt = time.perf_counter() - t0
-    mismatched = []
-
-    def walk(a, b, path):
-        for k, v in b.items():
-            if isinstance(v, dict):
-                walk(a[k], v, f"{path}{k}.")
-            elif not torch.equal(a[k].full_tensor(), v):
-                mismatched.append(f"{path}{k}")
-
-    walk(target, ref, "")
+    got = {"model": target["model"], "optim": _flat(target["optim"])}
+    mismatched = [f"{part}.{k}" for part in expect for k, v in expect[part].items()
+                  if not torch.equal(got[part][k], v)]
     return {"seconds": dt, "bytes_read": reader.stats.bytes_read, "bytes_needed": reader.stats.bytes_needed,
-            "mismatched": mismatched,
-            "trainer": target["trainer"]}
+            "mismatched": mismatched, "trainer": target["trainer"]}
+
+
+def _unflat(flat: dict) -> dict:
+    """``{"a.w.exp_avg": t}`` -> ``{"a.w": {"exp_avg": t}}`` (optimizer state keyed by param FQN)."""
+    out: dict = {}
+    for k, v in flat.items():
+        fqn, _, key = k.rpartition(".")
+        out.setdefault(fqn, {})[key] = v
+    return out
 
 
 @dataclass
@@ -223,14 +261,15 @@ def run_demo(out_dir: str | None = None, save_ranks: int = 4, load_ranks: int = 
         p(f"  saved {_fmt(nbytes)} (model + AdamW state, sharded Shard(0) over {save_ranks} ranks) "
           f"with dcp.async_save + PooledStager: training blocked {blocked:.2f}s, committed after "
           f"{save_s:.2f}s = {_fmt(nbytes / save_s)}/s to {ckpt}")
-        p(f"reloading on {load_ranks} ranks with a different sharding (Shard(1)) ...")
+        p(f"reloading on {load_ranks} ranks as Megatron-style tensor parallelism (TP={load_ranks}: plain local "
+          f"shards, fused QKV split per part, vocab-parallel embedding) with ReshardLoadPlanner ...")
         loaded = run_on_ranks(_rank_load_and_check, load_ranks, ckpt, ref_path, timeout=600)
         load_s = max(r["seconds"] for r in loaded)
         mism = sorted({m for r in loaded for m in r["mismatched"]})
         read = sum(r["bytes_read"] for r in loaded)
         needed = sum(r["bytes_needed"] for r in loaded)
-        p(f"  loaded in {load_s:.2f}s = {_fmt(needed / load_s)}/s (read {_fmt(read)} for {_fmt(needed)} needed: a "
-          f"Shard(1) slice cuts every saved row; gaps under 4 KiB and whole checksum blocks are read "
+        p(f"  loaded in {load_s:.2f}s = {_fmt(needed / load_s)}/s (read {_fmt(read)} for {_fmt(needed)} needed: "
+          f"row-parallel shards cut every saved row; gaps under 4 KiB and whole checksum blocks are read "
           f"through); trainer state {loaded[0]['trainer']}")
         files = sorted(os.listdir(ckpt))
         data = [f for f in files if f.endswith(".distcp")]
@@ -257,13 +296,17 @@ def main(argv: list[str] | None = None) -> int:
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--dir", default=None, help="where to write the checkpoint (default ./demo_ckpt)")
     ap.add_argument("--save-ranks", type=int, default=4)
-    ap.add_argument("--load-ranks", type=int, default=2)
+    ap.add_argument("--load-ranks", type=int, default=2, help="tensor-parallel size of the reload (divides 256)")
     ap.add_argument("--steps", type=int, default=3)
 
 
 def run_from_args(args) -> int:
     if args.save_ranks < 1 or args.load_ranks < 1 or args.steps < 1:
         print("dcp-ext demo: --save-ranks, --load-ranks and --steps must be >= 1", file=sys.stderr)
+        return 2
+    if 256 % args.load_ranks:
+        print(f"dcp-ext demo: --load-ranks is the tensor-parallel size and must divide the model width 256 "
+              f"(1, 2, 4, 8, ...), got {args.load_ranks}", file=sys.stderr)
         return 2
     report = run_demo(args.dir, args.save_ranks, args.load_ranks, args.steps)
     return 0 if report.ok else 1

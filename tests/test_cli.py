@@ -25,15 +25,18 @@ def _save(path, **opts):
 
 
 def test_demo_end_to_end(tmp_path):
-    r = _cli("demo", "--dir", str(tmp_path), "--save-ranks", "2", "--load-ranks", "1", "--steps", "2")
+    r = _cli("demo", "--dir", str(tmp_path), "--save-ranks", "2", "--load-ranks", "2", "--steps", "2")
     assert r.returncode == 0, r.stdout + r.stderr
     assert "OK: every tensor matches" in r.stdout
+    assert "training blocked" in r.stdout and "TP=2" in r.stdout
     assert (tmp_path / "step_2" / ".metadata").exists()
 
 
 def test_demo_bad_arguments():
     r = _cli("demo", "--save-ranks", "0")
     assert r.returncode == 2 and "must be >= 1" in r.stderr
+    r = _cli("demo", "--load-ranks", "3")
+    assert r.returncode == 2 and "must divide the model width 256" in r.stderr and "got 3" in r.stderr
 
 
 def test_inspect(tmp_path):
