@@ -26,7 +26,6 @@ import pickle
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -48,6 +47,7 @@ from ..progress import Progress
 from .base import Store
 from .manifest import MANIFEST_NAME, METADATA_NAME, ItemLocation, decode_manifest
 from .ranges import box_spans, merge_ranges
+from .threads import run_all
 
 __all__ = ["ExtStorageReader", "LoadStats"]
 
@@ -381,12 +381,7 @@ class ExtStorageReader(StorageReader):
         # big parts first keeps all threads busy to the end
         fetches.sort(key=lambda jf: -len(jf[1].out))
         try:
-            if fetches:
-                with ThreadPoolExecutor(max(1, min(self.config.io_threads, len(fetches))),
-                                        thread_name_prefix="dcp_ext-read") as pool:
-                    futs = [pool.submit(run_fetch, j, f) for j, f in fetches]
-                    for fut in futs:
-                        fut.result()
+            run_all("read", self.config.io_threads, run_fetch, fetches)
             for j in jobs:
                 if j.finalize is not None:
                     j.finalize()

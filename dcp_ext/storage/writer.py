@@ -27,7 +27,6 @@ import re
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -43,6 +42,7 @@ from ..progress import Progress
 from .base import Store
 from .manifest import MANIFEST_NAME, METADATA_NAME, ItemLocation, encode_manifest
 from .records import write_bytes_record, write_tensor_record, zip_crc_disabled
+from .threads import run_all
 
 try:  # the stock on-disk structure for .metadata entries (what stock readers expect)
     from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -212,13 +212,17 @@ class ExtStorageWriter(StorageWriter):
                 for k, items in enumerate(buckets):
                     write_file(k, items)
             else:
-                with ThreadPoolExecutor(min(len(buckets), self.config.io_threads),
-                                        thread_name_prefix="dcp_ext-write") as pool:
-                    futs = [pool.submit(write_file, k, items) for k, items in enumerate(buckets)]
-                    errors = [f.exception() for f in futs]
-                real = [e for e in errors if e is not None and not isinstance(e, _Cancelled)]
-                if real:
-                    raise real[0]
+                errors: list[BaseException] = []
+
+                def job(k: int, items: list[WriteItem]) -> None:
+                    try:
+                        write_file(k, items)
+                    except BaseException as e:  # noqa: BLE001 - collected: raise the root cause
+                        errors.append(e)
+
+                run_all("write", self.config.io_threads, job, list(enumerate(buckets)))
+                if errors:  # the root cause, not the files cancelled because of it
+                    raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
         dt = progress.close()
         self.stats = SaveStats(sum(r.size_in_bytes for r in results), len(buckets), len(results), dt)
         fut: Future[list[WriteResult]] = Future()
