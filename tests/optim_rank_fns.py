@@ -78,6 +78,12 @@ def make_opt(kind: str, named: list[tuple[str, torch.nn.Parameter]]) -> torch.op
     if kind == "sgd":
         return torch.optim.SGD([{"params": groups[0]}, {"params": groups[1], "lr": 0.02}],
                                lr=0.05, momentum=0.9, foreach=False)
+    if kind == "rmsprop":  # three per-parameter states: square_avg, momentum_buffer, grad_avg
+        return torch.optim.RMSprop([{"params": groups[0]}, {"params": groups[1], "lr": 0.02}],
+                                   lr=0.01, momentum=0.5, centered=True, foreach=False)
+    if kind == "adagrad":  # state created eagerly in __init__ (state_sum), not lazily
+        return torch.optim.Adagrad([{"params": groups[0]}, {"params": groups[1], "lr": 0.02}],
+                                   lr=0.05, foreach=False)
     raise ValueError(kind)
 
 

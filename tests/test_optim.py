@@ -7,7 +7,7 @@ import pytest
 from tests import optim_rank_fns as f
 
 
-@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd", "rmsprop", "adagrad"])
 def test_plain_dp_change(ranks, tmp_path, kind):
     # saved at DP 2, loaded at DP 4 and DP 1 into fresh, never-stepped optimizers
     ck = str(tmp_path / "ck")
@@ -64,7 +64,7 @@ def test_state_dict_is_fqn_keyed():
     assert sd["param_groups"][1]["params"] == [n for n, _ in m.named_parameters() if f.group_of(n) == 1]
 
 
-@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd"])
+@pytest.mark.parametrize("kind", ["adam", "adamw", "sgd", "rmsprop", "adagrad"])
 def test_lazy_init_is_equivalent_to_fresh(kind):
     # state_dict() on a never-stepped optimizer initialises state; training must be unaffected
     m1, m2 = f.Net(n_layers=1), f.Net(n_layers=1)
