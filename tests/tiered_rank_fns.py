@@ -167,7 +167,12 @@ def async_save_then_mutate(url: str, base: str, seed: int) -> dict:
 
 def back_to_back(root: str, base: str, n: int) -> dict:
     """``n`` async saves in a row (each waits only for the previous *fast* commit)."""
-    opts = {"cache": node_cache(base), "tier": {"ranks_per_node": 2, "chunk_size": "64KiB"}}
+    # keep_last=n: every save stays in the fast tier (retention has tests of its own)
+    opts = {"cache": node_cache(base), "tier": {"ranks_per_node": 2, "chunk_size": "64KiB", "keep_last": n}}
+    # The next state is built (distribute_tensor: a scatter on the default group) while the
+    # previous async save's thread still runs DCP's collectives: as stock DCP advises, the
+    # async saves get a process group of their own, or the two threads' collectives interleave.
+    ckpt_group = dist.new_group(backend="gloo")
     fut = None
     t0 = time.perf_counter()
     writers = []
@@ -177,7 +182,7 @@ def back_to_back(root: str, base: str, n: int) -> dict:
             fut.result()  # the previous save's synchronous part (fast tier) only
         w = dcp_ext.storage_writer(f"slowfs://{root}/step_{i}", **opts)
         writers.append(w)
-        fut = dcp.async_save(state, storage_writer=w)
+        fut = dcp.async_save(state, storage_writer=w, process_group=ckpt_group)
     fut.result()
     pending_after_saves = len(pending_persists())
     t_fast = time.perf_counter() - t0

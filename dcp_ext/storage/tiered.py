@@ -490,13 +490,13 @@ class _PersistJob:
                 pass
             h.future.set_exception(err)
             return
-        h.state = "persisted"
-        h.future.set_result(res)
-        if self.run_retention:
+        if self.run_retention:  # before the future resolves: a caller of wait_persisted() sees it done
             try:
                 apply_retention(self.cache_root, self.keep_last)
             except Exception as e:  # noqa: BLE001 - retention must never fail a checkpoint
                 logger.warning("fast-tier retention in %s failed: %s", self.cache_root, e)
+        h.state = "persisted"
+        h.future.set_result(res)
 
     def _copy(self, name: str, buf: torch.Tensor) -> int:
         h = self.handle
