@@ -86,40 +86,49 @@ class FsspecOptions:
 
 @dataclass
 class S3Options:
-    """S3 backend (s3fs / botocore). Credentials follow the AWS conventions unless given."""
+    """S3 backend (botocore). Credentials, endpoint and region follow the AWS conventions
+    (``AWS_*`` environment variables, ``~/.aws`` files, instance roles) unless given here."""
 
+    #: e.g. ``http://127.0.0.1:9000`` for MinIO; default: ``AWS_ENDPOINT_URL(_S3)`` or AWS
     endpoint_url: str | None = None
+    #: default: ``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile's region, ``us-east-1``
     region: str | None = None
+    #: a named profile of ``~/.aws/config`` / ``~/.aws/credentials`` (default: ``AWS_PROFILE``)
     profile: str | None = None
-    access_key_id: str | None = None
-    secret_access_key: str | None = None
-    session_token: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    #: ``"path"`` or ``"virtual"`` bucket addressing (default: botocore's choice)
+    addressing_style: str | None = None
     #: multipart part size; every part but the last has exactly this size
     part_size: ByteSize = ByteSize(16 * 1024 * 1024)
-    #: parts uploaded concurrently per file (bounds memory: part_size x this x files)
+    #: parts uploaded concurrently per process (bounds memory: about part_size x (this + files))
     max_concurrency: int = 8
-    #: attempts per request on throttling / 5xx / dropped connections
+    #: retries per request on throttling (503 SlowDown), 5xx and dropped connections
     max_retries: int = 8
-    #: first backoff delay in seconds (doubles per attempt, with full jitter)
+    #: first backoff delay in seconds (doubles per retry, with full jitter, at most 20 s)
     retry_base_delay: float = 0.2
-    #: extra ``s3fs.S3FileSystem`` keyword arguments
-    storage_options: dict = field(default_factory=dict)
+    #: extra ``botocore.config.Config`` keyword arguments (e.g. ``{"read_timeout": 120}``)
+    client_config: dict = field(default_factory=dict)
 
 
 @dataclass
 class GCSOptions:
-    """GCS backend (gcsfs). Application-default credentials unless a token is given."""
+    """GCS backend (JSON API). Application-default credentials unless a token is given."""
 
     project: str | None = None
-    #: gcsfs token: None (default credentials), "anon", a path to a JSON key, ...
-    token: str | None = None
-    #: emulator / custom endpoint; defaults to ``STORAGE_EMULATOR_HOST`` when set
+    #: None (application-default credentials; anonymous for an emulator), "anon", the path
+    #: of a service-account JSON key, or "google_default"
+    token: str | None = field(default=None, repr=False)
+    #: emulator / custom endpoint; default: ``STORAGE_EMULATOR_HOST`` when set, else Google's
     endpoint_url: str | None = None
+    #: parts of a large object, uploaded concurrently and composed into it
     part_size: ByteSize = ByteSize(16 * 1024 * 1024)
     max_concurrency: int = 8
     max_retries: int = 8
     retry_base_delay: float = 0.2
-    storage_options: dict = field(default_factory=dict)
+    #: seconds to wait for a connection / for data before a request counts as dropped
+    timeout: float = 60.0
 
 
 @dataclass
@@ -191,11 +200,20 @@ class Config:
         if self.checksum_block_size < 4096:
             raise ConfigError(
                 f"checksum_block_size: must be >= 4096 bytes, got {self.checksum_block_size}")
-        for sec in (self.s3, self.gcs):
+        for name, sec in (("s3", self.s3), ("gcs", self.gcs)):
             if sec.part_size < 5 * 1024 * 1024:
-                raise ConfigError(f"part_size: must be >= 5MiB (S3 minimum), got {sec.part_size}")
-            if sec.max_concurrency < 1 or sec.max_retries < 0:
-                raise ConfigError("max_concurrency must be >= 1 and max_retries >= 0")
+                raise ConfigError(f"{name}.part_size: must be >= 5MiB (S3 minimum), got {sec.part_size}")
+            if sec.max_concurrency < 1:
+                raise ConfigError(f"{name}.max_concurrency: must be >= 1, got {sec.max_concurrency}")
+            if sec.max_retries < 0:
+                raise ConfigError(f"{name}.max_retries: must be >= 0, got {sec.max_retries}")
+            if sec.retry_base_delay < 0:
+                raise ConfigError(f"{name}.retry_base_delay: must be >= 0 seconds, got {sec.retry_base_delay}")
+        if self.s3.addressing_style not in (None, "path", "virtual", "auto"):
+            raise ConfigError(f"s3.addressing_style: must be 'path', 'virtual' or 'auto', got "
+                              f"{self.s3.addressing_style!r}")
+        if self.gcs.timeout <= 0:
+            raise ConfigError(f"gcs.timeout: must be > 0 seconds, got {self.gcs.timeout}")
         t = self.tier
         if t.keep_last < 1:
             raise ConfigError(f"tier.keep_last: must be >= 1, got {t.keep_last}")

@@ -17,6 +17,8 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointExistsError",
     "StorageError",
+    "StorageAuthError",
+    "BucketNotFoundError",
     "LayoutError",
     "ReshardError",
     "StagingError",
@@ -60,6 +62,14 @@ class CheckpointExistsError(DcpExtError, FileExistsError):
 
 class StorageError(DcpExtError, OSError):
     """An I/O operation failed for good (after retries); the message names the object."""
+
+
+class StorageAuthError(StorageError, PermissionError):
+    """The object store refused our credentials (or found none); the message says where to set them."""
+
+
+class BucketNotFoundError(StorageError, FileNotFoundError):
+    """The bucket named in an ``s3://`` / ``gs://`` URL does not exist."""
 
 
 class LayoutError(DcpExtError, ValueError):

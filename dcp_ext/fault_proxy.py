@@ -1,0 +1,308 @@
+"""A fault-injecting HTTP proxy on 127.0.0.1, for testing object-store clients against
+throttling and dropped connections without touching the server.
+
+The proxy forwards TCP connections to a target server and follows HTTP/1.1 request framing
+(``Content-Length`` or chunked bodies, ``Expect: 100-continue``), so faults can be aimed at
+*requests*, also on kept-alive connections. A :class:`FaultRule` matches the request line
+(``"PUT /bucket/key?partNumber=2&uploadId=..."``) with a regular expression and does one of:
+
+* ``"503"`` (or any status): answer with that status (an S3 ``SlowDown`` XML body for 503,
+  JSON for the rest) and close the connection, as a throttling server does;
+* ``"drop"``: close the connection the moment the request head arrives (a reset);
+* ``"cut"``: forward the request, then cut the connection after ``after_bytes`` bytes of the
+  response (a connection dropped mid-download).
+
+Each rule fires ``times`` times (``None``: until removed) or for ``seconds``. Requests that
+match no rule pass through untouched. Used by the S3/GCS fault-injection tests::
+
+    with FaultProxy("127.0.0.1", 9000) as proxy:
+        proxy.add(FaultRule(r"^PUT ", "503", times=5))
+        ... client with endpoint proxy.endpoint ...
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["FaultProxy", "FaultRule"]
+
+logger = logging.getLogger(__name__)
+
+_S3_SLOWDOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                b'<Message>Please reduce your request rate.</Message></Error>')
+
+
+@dataclass
+class FaultRule:
+    """What to do to requests whose request line matches ``pattern`` (see the module doc)."""
+
+    pattern: str
+    action: str = "503"
+    times: int | None = 1
+    seconds: float | None = None
+    after_bytes: int = 0
+    hits: int = 0
+    _re: re.Pattern = field(init=False, repr=False)
+    _until: float | None = field(init=False, repr=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.action not in ("drop", "cut") and not self.action.isdigit():
+            raise ValueError(f"FaultRule action must be 'drop', 'cut' or an HTTP status, got {self.action!r}")
+        self._re = re.compile(self.pattern)
+        if self.seconds is not None:
+            self._until = time.monotonic() + self.seconds
+
+    def live(self) -> bool:
+        if self._until is not None and time.monotonic() > self._until:
+            return False
+        return self.times is None or self.hits < self.times
+
+
+class _Conn:
+    def __init__(self, client: socket.socket):
+        self.client = client
+        self.server: socket.socket | None = None
+        self.back = 0  # response bytes forwarded so far
+        self.cut_at: int | None = None  # reset the connection once `back` reaches this
+        self.closed = False
+        self.lock = threading.Lock()
+
+    def close(self) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+        for s in (self.client, self.server):
+            if s is None:
+                continue
+            try:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            except OSError:
+                pass
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+class _Reader:
+    """Buffered reads from a socket: lines, exact byte counts."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buf = b""
+
+    def _more(self) -> bool:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def until(self, sep: bytes, limit: int = 1 << 20) -> bytes | None:
+        while sep not in self.buf:
+            if len(self.buf) > limit or not self._more():
+                return None
+        i = self.buf.index(sep) + len(sep)
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out
+
+    def exactly(self, n: int, sink) -> bool:
+        while n > 0:
+            if not self.buf and not self._more():
+                return False
+            take = self.buf[:n]
+            self.buf = self.buf[len(take):]
+            n -= len(take)
+            sink(take)
+        return True
+
+
+class FaultProxy:
+    """Forward ``127.0.0.1:<port>`` to ``target_host:target_port``, injecting faults by rule."""
+
+    def __init__(self, target_host: str, target_port: int, port: int = 0):
+        self.target = (target_host, target_port)
+        self.rules: list[FaultRule] = []
+        self.requests = 0
+        self.faults = 0
+        self._lock = threading.Lock()
+        self._conns: set[_Conn] = set()
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind(("127.0.0.1", port))
+        self._sock.listen(128)
+        self.port = self._sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # -- rules -------------------------------------------------------------------------
+    def add(self, rule: FaultRule) -> FaultRule:
+        with self._lock:
+            self.rules.append(rule)
+        return rule
+
+    def clear(self) -> None:
+        with self._lock:
+            self.rules.clear()
+
+    def drop_all_connections(self) -> None:
+        """Reset every open connection now (in-flight requests see a dropped connection)."""
+        with self._lock:
+            conns = list(self._conns)
+        for c in conns:
+            c.close()
+
+    def _match(self, line: str) -> FaultRule | None:
+        with self._lock:
+            self.requests += 1
+            for r in self.rules:
+                if r.live() and r._re.search(line):
+                    r.hits += 1
+                    self.faults += 1
+                    return r
+        return None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> "FaultProxy":
+        self._thread = threading.Thread(target=self._accept_loop, name="fault-proxy", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+        self.drop_all_connections()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> "FaultProxy":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _accept_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._sock.accept()
+            except OSError:
+                return
+            c = _Conn(client)
+            with self._lock:
+                self._conns.add(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True, name="fault-proxy-conn").start()
+
+    # -- per connection ----------------------------------------------------------------
+    def _serve(self, c: _Conn) -> None:
+        try:
+            c.server = socket.create_connection(self.target, timeout=30)
+            c.server.settimeout(None)
+            threading.Thread(target=self._pump_back, args=(c,), daemon=True, name="fault-proxy-back").start()
+            rd = _Reader(c.client)
+            while not c.closed:
+                head = rd.until(b"\r\n\r\n")
+                if head is None:
+                    break
+                line = head.split(b"\r\n", 1)[0].decode("latin-1")
+                rule = self._match(line)
+                if rule is not None:
+                    logger.debug("fault proxy: %s -> %s", line, rule.action)
+                    if rule.action == "drop":
+                        break
+                    if rule.action.isdigit():
+                        self._answer(c, int(rule.action))
+                        break
+                    c.cut_at = c.back + rule.after_bytes
+                headers = _headers(head)
+                c.server.sendall(head)
+                if headers.get("transfer-encoding", "").lower() == "chunked":
+                    if not self._forward_chunked(rd, c):
+                        break
+                else:
+                    n = int(headers.get("content-length", "0") or 0)
+                    if n and not rd.exactly(n, c.server.sendall):
+                        break
+        except OSError:
+            pass
+        finally:
+            c.close()
+            with self._lock:
+                self._conns.discard(c)
+
+    def _forward_chunked(self, rd: _Reader, c: _Conn) -> bool:
+        while True:
+            line = rd.until(b"\r\n")
+            if line is None:
+                return False
+            c.server.sendall(line)
+            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:  # trailers, then the blank line
+                while True:
+                    t = rd.until(b"\r\n")
+                    if t is None:
+                        return False
+                    c.server.sendall(t)
+                    if t == b"\r\n":
+                        return True
+            if not rd.exactly(size + 2, c.server.sendall):
+                return False
+
+    def _answer(self, c: _Conn, status: int) -> None:
+        if status == 503:
+            body, ctype, reason = _S3_SLOWDOWN, "application/xml", "Slow Down"
+        else:
+            body = (b'{"error":{"code":%d,"message":"injected by FaultProxy"}}' % status)
+            ctype, reason = "application/json", "Injected Fault"
+        head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+                f"Retry-After: 0\r\nConnection: close\r\n\r\n").encode()
+        try:
+            c.client.sendall(head + body)
+            c.client.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    def _pump_back(self, c: _Conn) -> None:
+        try:
+            while not c.closed:
+                data = c.server.recv(1 << 16)
+                if not data:
+                    break
+                cut = c.cut_at
+                if cut is not None and c.back + len(data) >= cut:
+                    room = cut - c.back
+                    c.back = cut
+                    if room > 0:
+                        c.client.sendall(data[:room])
+                    break
+                c.back += len(data)  # before sending: the client's next request comes after it
+                c.client.sendall(data)
+        except OSError:
+            pass
+        finally:
+            c.close()
+
+
+def _headers(head: bytes) -> dict[str, str]:
+    out = {}
+    for line in head.split(b"\r\n")[1:]:
+        if b":" in line:
+            k, v = line.split(b":", 1)
+            out[k.strip().lower().decode("latin-1")] = v.strip().decode("latin-1")
+    return out

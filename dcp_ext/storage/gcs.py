@@ -1,0 +1,344 @@
+"""Google Cloud Storage backend (``gs://bucket/prefix``), over the GCS JSON API.
+
+We talk to the JSON API with urllib3 and google-auth (both come with ``pip install
+'dcp-ext[gcs]'``) instead of going through gcsfs, for two reasons:
+
+* **Parallel uploads.** GCS has no S3-style multipart upload; a resumable upload sends its
+  chunks one after another. Like ``gcloud storage``'s parallel composite uploads, a large
+  data file is uploaded as ``part_size`` part objects, ``max_concurrency`` at a time, which
+  one ``compose`` call (or a tree of them beyond 32 parts) joins into the final object; the
+  parts are then deleted. A failed file deletes its parts.
+* **One retry policy.** gcsfs repeats every failing request up to six times with its own
+  backoff (about 30 s) before we would see it; here ``gcs.max_retries`` and
+  ``gcs.retry_base_delay`` mean what they say, and the error names the object.
+
+Credentials: ``gcs.token`` = None uses application-default credentials
+(``GOOGLE_APPLICATION_CREDENTIALS``, ``gcloud auth application-default login``, the metadata
+server) against Google, and none against an emulator (``gcs.endpoint_url`` or
+``STORAGE_EMULATOR_HOST``); ``"anon"`` sends no credentials; a path names a service-account
+or authorized-user JSON key; ``"google_default"`` forces application-default credentials.
+Tokens are never logged nor written into a checkpoint. Stock ``FsspecWriter``/``FsspecReader``
+with gcsfs read and write the same files.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import os
+import socket
+import threading
+import uuid
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from ..config import Config
+from ..errors import BucketNotFoundError, MissingDependencyError, StorageAuthError, StorageError
+from .object_store import NotFound, ObjectStore, RangeNotSatisfiable
+from .retry import TRANSIENT_HTTP_STATUS
+from .threads import run_all
+
+__all__ = ["GCSStore", "GCSHTTPError"]
+
+logger = logging.getLogger(__name__)
+
+GOOGLE_ENDPOINT = "https://storage.googleapis.com"
+_SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
+#: a composite object may have at most 1024 components, and one compose joins 32 objects
+_COMPOSE_FANIN = 32
+_PART_TAG = ".dcp_ext-part."
+_AUTH_HINT = ("check gcs.token (a service-account JSON key, 'google_default' or 'anon'), "
+              "GOOGLE_APPLICATION_CREDENTIALS or `gcloud auth application-default login`, and gcs.endpoint_url / "
+              "STORAGE_EMULATOR_HOST")
+
+
+class GCSHTTPError(Exception):
+    """A GCS JSON API request answered with an HTTP error status."""
+
+    def __init__(self, status: int, message: str, method: str, what: str):
+        self.status, self.message = status, message
+        super().__init__(f"HTTP {status} for {method} {what}: {message}")
+
+
+def _endpoint(opts) -> str:
+    ep = opts.endpoint_url or os.environ.get("STORAGE_EMULATOR_HOST") or GOOGLE_ENDPOINT
+    if "://" not in ep:
+        ep = "http://" + ep
+    return ep.rstrip("/")
+
+
+class _Auth:
+    """Bearer tokens from google-auth credentials, refreshed under a lock; or nothing (anon)."""
+
+    def __init__(self, token: str | None, endpoint: str):
+        self.creds = None
+        self.lock = threading.Lock()
+        emulator = endpoint != GOOGLE_ENDPOINT
+        if token == "anon" or (token is None and emulator):
+            return
+        try:
+            import google.auth
+            import google.auth.exceptions
+            import google.auth.transport.requests
+        except ImportError as e:
+            raise MissingDependencyError("the 'gcs' backend needs google-auth: pip install 'dcp-ext[gcs]'") from e
+        try:
+            if token in (None, "google_default"):
+                self.creds, _ = google.auth.default(scopes=_SCOPES)
+            elif os.path.isfile(os.path.expanduser(token)):
+                self.creds, _ = google.auth.load_credentials_from_file(os.path.expanduser(token), scopes=_SCOPES)
+            else:
+                raise StorageAuthError(f"gcs.token must be None, 'anon', 'google_default' or the path of a JSON key "
+                                       f"file; {token[:4]!r}... is none of these (and no such file exists)")
+        except google.auth.exceptions.DefaultCredentialsError as e:
+            raise StorageAuthError(f"no Google credentials were found ({e}); {_AUTH_HINT}") from e
+        self._request = google.auth.transport.requests.Request()
+
+    def headers(self) -> dict[str, str]:
+        if self.creds is None:
+            return {}
+        with self.lock:
+            if not self.creds.valid:
+                try:
+                    self.creds.refresh(self._request)
+                except Exception as e:  # noqa: BLE001 - google.auth raises several types
+                    raise StorageAuthError(f"refreshing the Google credentials failed ({type(e).__name__}); "
+                                           f"{_AUTH_HINT}") from e
+            return {"Authorization": f"Bearer {self.creds.token}"}
+
+
+_SHARED: dict[tuple, tuple[Any, _Auth]] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _client(config: Config) -> tuple[Any, _Auth, str]:
+    """The process-wide (connection pool, credentials, endpoint) for ``config.gcs``."""
+    opts = config.gcs
+    ep = _endpoint(opts)
+    key = (os.getpid(), ep, opts.token, opts.timeout, config.io_threads, opts.max_concurrency)
+    with _SHARED_LOCK:
+        hit = _SHARED.get(key)
+        if hit is None:
+            try:
+                import urllib3
+            except ImportError as e:  # pragma: no cover - botocore/requests bring it
+                raise MissingDependencyError("the 'gcs' backend needs urllib3: pip install 'dcp-ext[gcs]'") from e
+            pool = urllib3.PoolManager(maxsize=max(16, config.io_threads + opts.max_concurrency + 4), block=False,
+                                       retries=False, timeout=urllib3.Timeout(connect=min(10.0, opts.timeout),
+                                                                              read=opts.timeout))
+            hit = _SHARED[key] = (pool, _Auth(opts.token, ep))
+            logger.debug("created a GCS client for %s", ep)
+    return hit[0], hit[1], ep
+
+
+def _forget_in_child() -> None:
+    global _SHARED_LOCK
+    _SHARED.clear()
+    _SHARED_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
+class GCSStore(ObjectStore):
+    """A checkpoint under ``gs://BUCKET/PREFIX``."""
+
+    schemes = ("gs", "gcs")
+    backend_name = "gcs"
+    max_parts = 1024
+    _unpicklable = ("_conn",)
+
+    def __init__(self, url: str, config: Config | None = None):
+        super().__init__(url, config)
+        self._conn = None
+
+    def options(self):
+        return self.config.gcs
+
+    def _c(self) -> tuple[Any, _Auth, str]:
+        c = getattr(self, "_conn", None)
+        if c is None:
+            c = self._conn = _client(self.config)
+        return c
+
+    # -- HTTP --------------------------------------------------------------------------
+    def _o(self, key: str) -> str:
+        return f"/storage/v1/b/{quote(self.bucket, safe='')}/o/{quote(key, safe='')}"
+
+    def _request(self, method: str, path: str, what: str, *, params: dict | None = None, body: Any = None,
+                 headers: dict | None = None, stream: bool = False, ok404: bool = False):
+        pool, auth, ep = self._c()
+        url = ep + path + (("?" + urlencode(params)) if params else "")
+        h = auth.headers()
+        if headers:
+            h.update(headers)
+        r = pool.request(method, url, body=body, headers=h, preload_content=not stream, redirect=False)
+        if r.status >= 400:
+            if r.status == 404 and ok404:
+                if stream:
+                    r.drain_conn()
+                    r.release_conn()
+                return None
+            raw = r.data if not stream else r.read()
+            if stream:
+                r.release_conn()
+            try:
+                err = json.loads(raw or b"{}").get("error")
+                msg = err.get("message", "") if isinstance(err, dict) else str(err or "")
+            except (ValueError, AttributeError):
+                msg = (raw or b"")[:200].decode(errors="replace")
+            raise GCSHTTPError(r.status, msg or http.client.responses.get(r.status, ""), method, what)
+        return r
+
+    def _json(self, r) -> dict:
+        return json.loads(r.data or b"{}")
+
+    # -- error classification ------------------------------------------------------------
+    def _is_transient(self, exc: BaseException) -> bool:
+        if isinstance(exc, GCSHTTPError):
+            return exc.status in TRANSIENT_HTTP_STATUS
+        try:
+            import urllib3.exceptions as ue
+
+            if isinstance(exc, (ue.ProtocolError, ue.TimeoutError, ue.IncompleteRead, ue.SSLError,
+                                ue.NewConnectionError, ue.MaxRetryError)):
+                return True
+        except ImportError:  # pragma: no cover
+            pass
+        try:
+            import google.auth.exceptions as ge
+
+            if isinstance(exc, ge.TransportError):
+                return True
+        except ImportError:
+            pass
+        return isinstance(exc, (ConnectionError, socket.timeout, TimeoutError, http.client.IncompleteRead,
+                                http.client.RemoteDisconnected))
+
+    def _translate(self, exc: BaseException, what: str) -> BaseException:
+        if isinstance(exc, GCSHTTPError):
+            if exc.status in (401, 403):
+                return StorageAuthError(f"{what}: the GCS server refused the request (HTTP {exc.status}: "
+                                        f"{exc.message}); {_AUTH_HINT}")
+            if exc.status == 404 and "bucket" in exc.message.lower():
+                return BucketNotFoundError(f"{what}: the bucket gs://{self.bucket} does not exist")
+            return StorageError(f"{what}: HTTP {exc.status}: {exc.message}")
+        return exc
+
+    # -- primitives ----------------------------------------------------------------------
+    def _check_bucket(self) -> None:
+        def probe() -> None:
+            r = self._request("GET", f"/storage/v1/b/{quote(self.bucket, safe='')}", f"gs://{self.bucket}",
+                              params={"fields": "name"}, ok404=True)
+            if r is None:
+                raise BucketNotFoundError(f"cannot use gs://{self.bucket}/{self.prefix}: the bucket "
+                                          f"{self.bucket!r} does not exist")
+            # listing needs its own permission (we list to find incomplete checkpoints)
+            self._list(self._dir_prefix(), 1)
+
+        self.retry.call(probe, f"checking access to gs://{self.bucket}/{self.prefix}")
+
+    def _put_object(self, key: str, data) -> None:
+        r = self._request("POST", f"/upload/storage/v1/b/{quote(self.bucket, safe='')}/o", self.describe_key(key),
+                          params={"uploadType": "media", "name": key}, body=data,
+                          headers={"Content-Type": "application/octet-stream"}, ok404=True)
+        if r is None:
+            raise BucketNotFoundError(f"writing {self.describe_key(key)}: the bucket gs://{self.bucket} does not exist")
+
+    def _create_multipart(self, key: str) -> str:
+        return uuid.uuid4().hex[:16]
+
+    def _part_key(self, key: str, upload_id: str, name: str) -> str:
+        return f"{key}{_PART_TAG}{upload_id}.{name}"
+
+    def _upload_part(self, key: str, upload_id: str, number: int, body) -> Any:
+        pk = self._part_key(key, upload_id, f"{number:05d}")
+        self._put_object(pk, body)
+        return pk
+
+    def _compose(self, dest: str, sources: list[str]) -> None:
+        doc = {"kind": "storage#composeRequest", "sourceObjects": [{"name": s} for s in sources],
+               "destination": {"contentType": "application/octet-stream"}}
+        self._request("POST", self._o(dest) + "/compose", self.describe_key(dest), body=json.dumps(doc).encode(),
+                      headers={"Content-Type": "application/json"})
+
+    def _complete_multipart(self, key: str, upload_id: str, parts: list, size: int) -> None:
+        level, temps, srcs = 0, [], list(parts)
+        while len(srcs) > _COMPOSE_FANIN:  # a tree of composes; each level joins 32 objects
+            nxt = []
+            for i in range(0, len(srcs), _COMPOSE_FANIN):
+                t = self._part_key(key, upload_id, f"c{level}-{i // _COMPOSE_FANIN:04d}")
+                self.retry.call(lambda t=t, i=i: self._compose(t, srcs[i:i + _COMPOSE_FANIN]),
+                                f"composing {self.describe_key(t)}")
+                nxt.append(t)
+            temps.extend(nxt)
+            srcs, level = nxt, level + 1
+        self._compose(key, srcs)
+        try:
+            self._delete(list(parts) + temps)
+        except Exception as e:  # noqa: BLE001 - the object is complete; parts are only clutter
+            logger.warning("could not delete the part objects of %s: %s", self.describe_key(key), e)
+
+    def _abort_multipart(self, key: str, upload_id: str) -> None:
+        self._delete(self._list(f"{key}{_PART_TAG}{upload_id}."))
+
+    def _open_range(self, key: str, start: int, end: int):
+        try:
+            r = self._request("GET", self._o(key), self.describe_key(key), params={"alt": "media"},
+                              headers={"Range": f"bytes={start}-{end - 1}"}, stream=True, ok404=True)
+        except GCSHTTPError as e:
+            if e.status == 416:
+                raise RangeNotSatisfiable(key) from e
+            raise
+        if r is None:
+            raise NotFound(key)
+        if r.status == 200 and start > 0:  # the server ignored the range: don't misread from byte 0
+            r.release_conn()
+            raise StorageError(f"{self.describe_key(key)}: the server ignored the Range header")
+        length = r.headers.get("Content-Length")
+        return r, (int(length) if length is not None else end - start)
+
+    def _head(self, key: str) -> int:
+        r = self._request("GET", self._o(key), self.describe_key(key), params={"fields": "size"}, ok404=True)
+        if r is None:
+            raise NotFound(key)
+        return int(self._json(r)["size"])
+
+    def _list(self, prefix: str, limit: int | None = None) -> list[str]:
+        keys: list[str] = []
+        params: dict[str, Any] = {"prefix": prefix, "fields": "items(name),nextPageToken"}
+        while True:
+            params["maxResults"] = 1000 if limit is None else max(1, min(1000, limit - len(keys)))
+            r = self._request("GET", f"/storage/v1/b/{quote(self.bucket, safe='')}/o",
+                              f"gs://{self.bucket}/{prefix}", params=params, ok404=True)
+            if r is None:
+                raise BucketNotFoundError(f"listing gs://{self.bucket}/{prefix}: the bucket gs://{self.bucket} "
+                                          f"does not exist")
+            doc = self._json(r)
+            keys.extend(o["name"] for o in doc.get("items", []))
+            tok = doc.get("nextPageToken")
+            if (limit is not None and len(keys) >= limit) or not tok:
+                return keys[:limit] if limit is not None else keys
+            params["pageToken"] = tok
+
+    def _delete(self, keys: list[str]) -> None:
+        def one(k: str) -> None:
+            self.retry.call(lambda: self._request("DELETE", self._o(k), self.describe_key(k), ok404=True),
+                            f"deleting {self.describe_key(k)}")
+
+        run_all("gcs-delete", min(8, self.max_concurrency), one, [(k,) for k in keys])
+
+    # -- housekeeping ----------------------------------------------------------------------
+    def incomplete_uploads(self) -> list[str]:
+        """Part objects of uploads that never completed (left by a killed process)."""
+        return [k for k in self._list_keys() if _PART_TAG in k]
+
+    def abort_incomplete_uploads(self) -> int:
+        """Delete every leftover part object under this prefix; returns how many."""
+        junk = self.incomplete_uploads()
+        if junk:
+            self._delete(junk)
+            logger.info("deleted %d leftover part object(s) under gs://%s/%s", len(junk), self.bucket, self.prefix)
+        return len(junk)

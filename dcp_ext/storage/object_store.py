@@ -1,0 +1,481 @@
+"""What every object-store backend (S3, GCS) shares: keys under a prefix, parallel multipart
+uploads with bounded memory, ranged reads that resume, retries, and commit-by-last-PUT.
+
+A backend subclasses :class:`ObjectStore` and implements a handful of primitives against its
+client library (``_put_object``, ``_create_multipart`` ... ``_delete``); the generic
+:class:`~dcp_ext.storage.writer.ExtStorageWriter` / :class:`~dcp_ext.storage.reader.ExtStorageReader`
+then handle plans, records, checksums and the commit protocol exactly as on a file system.
+
+Why not stock ``FsspecWriter`` (and s3torchconnector):
+
+* **Parts upload concurrently.** A data file is cut into ``part_size`` parts that up to
+  ``max_concurrency`` threads upload at once (fsspec's file objects upload one part at a time).
+  Part buffers come from a process-wide free list, so the second checkpoint does not page-fault
+  fresh memory again; at most ``max_concurrency`` parts per process are in flight, plus one
+  filling buffer per open file: memory is bounded whatever the checkpoint size.
+* **Commit without rename.** Object stores have no atomic rename (fsspec's ``mv`` and
+  s3torchconnector's commit are copy + delete). We never rename: data objects first, then the
+  manifest, then ``.metadata`` as one PUT; an object appears whole or not at all, so a prefix
+  without ``.metadata`` is simply an incomplete checkpoint, which the reader refuses.
+* **Failed uploads leave nothing behind.** A file whose upload fails aborts its multipart
+  upload (S3) or deletes its part objects (GCS).
+* **Ranged reads resume.** A read is one ranged GET straight into the destination memory; a
+  connection that drops halfway is resumed from the byte where it stopped.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import logging
+import threading
+from concurrent.futures import Future
+from typing import Any, ClassVar, Iterable
+
+from ..config import Config
+from ..errors import CorruptCheckpointError, StorageError
+from .base import BlobWriter, Store
+from .retry import RetryPolicy
+from .threads import io_pool
+
+__all__ = ["ObjectStore", "split_bucket_url", "NotFound", "RangeNotSatisfiable"]
+
+logger = logging.getLogger(__name__)
+
+
+class NotFound(Exception):
+    """Raised by a backend primitive when an object does not exist."""
+
+
+class RangeNotSatisfiable(Exception):
+    """Raised by ``_open_range`` when the range starts at or beyond the object's end."""
+
+
+def split_bucket_url(url: str, schemes: tuple[str, ...]) -> tuple[str, str]:
+    """``"s3://bucket/a/b/"`` -> ``("bucket", "a/b")``; a bare ``"bucket/a"`` is accepted too
+    (``backend="s3"`` with a scheme-less URL)."""
+    rest = url
+    if "://" in url:
+        scheme, rest = url.split("://", 1)
+        if scheme.lower() not in schemes:
+            raise StorageError(f"{url!r}: expected a URL starting with "
+                               + " or ".join(f"{s}://" for s in schemes))
+    rest = rest.strip("/")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise StorageError(f"{url!r} names no bucket: expected {schemes[0]}://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
+class _BufferPool:
+    """A process-wide free list of ``bytearray`` part buffers, one list per size.
+
+    Fresh memory costs a page fault per 4 KiB (about 0.65 GB/s here, versus ~10 GB/s for a
+    copy into memory already mapped), so buffers are kept between files and checkpoints, up to
+    ``max_idle`` per size. :func:`release_buffers` frees them.
+    """
+
+    def __init__(self) -> None:
+        self._free: dict[int, collections.deque] = {}
+        self._lock = threading.Lock()
+        self.max_idle = 32
+
+    def get(self, size: int) -> bytearray:
+        with self._lock:
+            q = self._free.get(size)
+            if q:
+                return q.pop()
+        return bytearray(size)
+
+    def put(self, buf: bytearray) -> None:
+        with self._lock:
+            q = self._free.setdefault(len(buf), collections.deque())
+            if len(q) < self.max_idle:
+                q.append(buf)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._free.clear()
+
+
+BUFFERS = _BufferPool()
+
+
+def release_buffers() -> None:
+    """Free the idle part buffers kept for the next upload (they are reused otherwise)."""
+    BUFFERS.clear()
+
+
+class _PartSlots:
+    """At most ``n`` parts in flight per (process, backend settings): bounds upload memory."""
+
+    _all: ClassVar[dict[tuple, threading.BoundedSemaphore]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def get(cls, key: tuple, n: int) -> threading.BoundedSemaphore:
+        with cls._lock:
+            s = cls._all.get((key, n))
+            if s is None:
+                s = cls._all[(key, n)] = threading.BoundedSemaphore(n)
+            return s
+
+
+class _ObjectWriter(BlobWriter):
+    """Streams one object: whole-object PUT if it fits in one part, else a parallel multipart
+    upload (parts of exactly ``part_size`` bytes but the last)."""
+
+    def __init__(self, store: "ObjectStore", key: str):
+        self.store = store
+        self.key = key
+        self.part_size = store.part_size
+        self.buf: bytearray | None = None
+        self.fill = 0
+        self.pos = 0
+        self.upload_id: str | None = None
+        self.next_part = 1
+        self.parts: dict[int, Any] = {}
+        self.futures: list[Future] = []
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def _what(self) -> str:
+        return f"uploading {self.store.describe_key(self.key)}"
+
+    def write(self, data) -> int:
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        off = 0
+        while off < n:
+            if self.buf is None:
+                self.buf = BUFFERS.get(self.part_size)
+                self.fill = 0
+            take = min(self.part_size - self.fill, n - off)
+            self.buf[self.fill:self.fill + take] = mv[off:off + take]
+            self.fill += take
+            off += take
+            if self.fill == self.part_size:
+                self._send_part(final=False)
+        self.pos += n
+        return n
+
+    def tell(self) -> int:
+        return self.pos
+
+    def _raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def _send_part(self, final: bool) -> None:
+        self._raise_if_failed()
+        st = self.store
+        if self.upload_id is None:
+            self.upload_id = st.retry.call(lambda: st._create_multipart(self.key),
+                                           f"starting the multipart upload of {st.describe_key(self.key)}")
+        number = self.next_part
+        if number > st.max_parts:
+            raise StorageError(
+                f"{st.describe_key(self.key)} would need more than {st.max_parts} parts of {self.part_size} "
+                f"bytes: raise {st.backend_name}.part_size, or spread the rank's data over more files "
+                f"(files_per_rank)")
+        self.next_part += 1
+        buf, fill = self.buf, self.fill
+        self.buf, self.fill = None, 0
+        if final and fill < len(buf):
+            body: Any = bytes(memoryview(buf)[:fill])
+            BUFFERS.put(buf)
+            buf = None
+        else:
+            body = buf
+        slots = st.part_slots
+        slots.acquire()  # blocks while max_concurrency parts are in flight: bounded memory
+        try:
+            fut = io_pool(f"{st.backend_name}-parts", st.max_concurrency).submit(
+                self._upload_part, number, body)
+        except BaseException:
+            slots.release()
+            raise
+
+        def done(f: Future, buf=buf) -> None:
+            slots.release()
+            if buf is not None:
+                BUFFERS.put(buf)
+
+        fut.add_done_callback(done)
+        self.futures.append(fut)
+
+    def _upload_part(self, number: int, body) -> None:
+        if self.error is not None:  # a sibling part failed: don't bother
+            return
+        st = self.store
+        try:
+            rec = st.retry.call(lambda: st._upload_part(self.key, self.upload_id, number, body),
+                                f"uploading part {number} of {st.describe_key(self.key)}")
+        except BaseException as e:  # noqa: BLE001 - raised by close()/write()
+            with self.lock:
+                if self.error is None:
+                    self.error = e
+            return
+        with self.lock:
+            self.parts[number] = rec
+
+    def _wait_parts(self) -> None:
+        futs, self.futures = self.futures, []
+        for f in futs:
+            f.result()
+        self._raise_if_failed()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        st = self.store
+        try:
+            if self.upload_id is None:  # small object: one PUT
+                body = bytes(memoryview(self.buf)[:self.fill]) if self.buf is not None else b""
+                if self.buf is not None:
+                    BUFFERS.put(self.buf)
+                    self.buf = None
+                st.retry.call(lambda: st._put_object(self.key, body), self._what())
+            else:
+                if self.fill:
+                    self._send_part(final=True)
+                elif self.buf is not None:
+                    BUFFERS.put(self.buf)
+                    self.buf = None
+                self._wait_parts()
+                parts = [self.parts[k] for k in sorted(self.parts)]
+                st.retry.call(lambda: st._complete_multipart(self.key, self.upload_id, parts, self.pos),
+                              f"completing the upload of {st.describe_key(self.key)}")
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.error is None:
+            self.error = StorageError(f"the upload of {self.store.describe_key(self.key)} was aborted")
+        for f in self.futures:
+            f.cancel()
+        for f in self.futures:
+            try:
+                f.result()
+            except BaseException:  # noqa: BLE001 - cancelled or failed: we are aborting anyway
+                pass
+        self.futures = []
+        if self.buf is not None:
+            BUFFERS.put(self.buf)
+            self.buf = None
+        if self.upload_id is not None:
+            try:
+                self.store.retry.call(lambda: self.store._abort_multipart(self.key, self.upload_id),
+                                      f"aborting the upload of {self.store.describe_key(self.key)}")
+                logger.info("aborted the partial upload of %s", self.store.describe_key(self.key))
+            except BaseException as e:  # noqa: BLE001 - abort must not raise
+                logger.warning("could not abort the partial upload of %s (upload id %s): %s",
+                               self.store.describe_key(self.key), self.upload_id, e)
+
+
+class ObjectStore(Store):
+    """A checkpoint location ``SCHEME://BUCKET/PREFIX`` in an object store.
+
+    Subclasses set ``schemes``/``backend_name`` and implement the primitives below; every
+    primitive raises :class:`NotFound` for a missing object and lets the client's own
+    exceptions through otherwise (they are classified by ``_is_transient`` and turned into
+    clear errors by ``_translate``).
+    """
+
+    coalesce_gap = 1024 * 1024  # a request costs milliseconds: read small gaps instead
+    io_concurrency = 16
+    schemes: ClassVar[tuple[str, ...]] = ()
+    backend_name: ClassVar[str] = "object"
+    #: most parts one multipart upload may have (S3: 10,000)
+    max_parts: ClassVar[int] = 10000
+
+    def __init__(self, url: str, config: Config | None = None):
+        super().__init__(url)
+        self.config = config or Config()
+        self.bucket, self.prefix = split_bucket_url(url, self.schemes)
+        opts = self.options()
+        self.part_size = int(opts.part_size)
+        self.max_concurrency = int(opts.max_concurrency)
+        self.retry = RetryPolicy(max_retries=opts.max_retries, base_delay=opts.retry_base_delay,
+                                 is_transient=self._is_transient, describe=self._describe,
+                                 translate=self._translate)
+        self._bucket_checked = False
+
+    # -- for subclasses ------------------------------------------------------------------
+    @abc.abstractmethod
+    def options(self) -> Any:
+        """This backend's config section (part_size, max_concurrency, max_retries, ...)."""
+
+    @property
+    def part_slots(self) -> threading.BoundedSemaphore:
+        return _PartSlots.get((self.backend_name,), self.max_concurrency)
+
+    @abc.abstractmethod
+    def _check_bucket(self) -> None:
+        """Raise a clear error if the bucket is missing or the credentials are refused."""
+
+    @abc.abstractmethod
+    def _put_object(self, key: str, data: bytes) -> None: ...
+
+    @abc.abstractmethod
+    def _create_multipart(self, key: str) -> str: ...
+
+    @abc.abstractmethod
+    def _upload_part(self, key: str, upload_id: str, number: int, body) -> Any: ...
+
+    @abc.abstractmethod
+    def _complete_multipart(self, key: str, upload_id: str, parts: list, size: int) -> None: ...
+
+    @abc.abstractmethod
+    def _abort_multipart(self, key: str, upload_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def _open_range(self, key: str, start: int, end: int) -> tuple[Any, int]:
+        """``(stream, length)``: a stream with ``readinto`` over bytes ``[start, end)``, and the
+        number of bytes the server promised (fewer than asked if the object ends sooner).
+        Raises :class:`NotFound` or :class:`RangeNotSatisfiable`."""
+
+    @abc.abstractmethod
+    def _head(self, key: str) -> int:
+        """Size of an object; :class:`NotFound` if absent."""
+
+    @abc.abstractmethod
+    def _list(self, prefix: str, limit: int | None = None) -> list[str]:
+        """Keys starting with ``prefix`` (flat, recursive; at most ``limit`` if given)."""
+
+    @abc.abstractmethod
+    def _delete(self, keys: list[str]) -> None:
+        """Delete keys (missing ones are fine)."""
+
+    def _is_transient(self, exc: BaseException) -> bool:
+        return False
+
+    def _describe(self, exc: BaseException) -> str:
+        return f"{type(exc).__name__}: {exc}"
+
+    def _translate(self, exc: BaseException, what: str) -> BaseException:
+        return exc
+
+    # -- helpers -------------------------------------------------------------------------
+    def _key(self, relpath: str) -> str:
+        if not relpath:
+            return self.prefix
+        return f"{self.prefix}/{relpath}" if self.prefix else relpath
+
+    def describe_key(self, key: str) -> str:
+        return f"{self.schemes[0]}://{self.bucket}/{key}"
+
+    def _dir_prefix(self) -> str:
+        return f"{self.prefix}/" if self.prefix else ""
+
+    # -- Store API -----------------------------------------------------------------------
+    def prepare_for_write(self) -> None:
+        if not self._bucket_checked:
+            self._check_bucket()
+            self._bucket_checked = True
+
+    def open_writer(self, relpath: str) -> BlobWriter:
+        return _ObjectWriter(self, self._key(relpath))
+
+    def put_atomic(self, relpath: str, data: bytes) -> None:
+        """One PUT: an object appears whole or not at all (no rename, no copy + delete)."""
+        key = self._key(relpath)
+        self.retry.call(lambda: self._put_object(key, bytes(data)), f"writing {self.describe_key(key)}")
+
+    def read_into(self, relpath: str, offset: int, out: memoryview) -> None:
+        key = self._key(relpath)
+        want = len(out)
+        state = {"pos": 0}
+
+        def attempt() -> None:
+            pos = state["pos"]
+            if pos >= want:
+                return
+            try:
+                stream, promised = self._open_range(key, offset + pos, offset + want)
+            except NotFound as e:
+                raise CorruptCheckpointError(f"{self.describe_key(key)} is missing: the checkpoint is damaged") from e
+            except RangeNotSatisfiable as e:
+                raise CorruptCheckpointError(
+                    f"{self.describe_key(key)} is truncated: expected {want} bytes at offset {offset}, the "
+                    f"object ends before byte {offset + pos}") from e
+            if promised < want - pos:  # the object is shorter than the checkpoint says
+                raise CorruptCheckpointError(
+                    f"{self.describe_key(key)} is truncated: expected {want} bytes at offset {offset}, the object "
+                    f"ends after {offset + pos + promised}")
+            try:
+                while state["pos"] < want:
+                    n = stream.readinto(out[state["pos"]:])
+                    if not n:  # fewer bytes than promised: the connection dropped (retried from here)
+                        raise ConnectionResetError(
+                            f"the connection closed after {state['pos'] - pos} of {want - pos} bytes")
+                    state["pos"] += n
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:  # noqa: BLE001
+                        pass
+
+        self.retry.call(attempt, f"reading {self.describe_key(key)} bytes {offset}-{offset + want}")
+
+    def read_bytes(self, relpath: str) -> bytes:
+        key = self._key(relpath)
+        try:
+            size = self.size(relpath)
+        except FileNotFoundError as e:
+            raise CorruptCheckpointError(f"{self.describe_key(key)} is missing") from e
+        buf = bytearray(size)
+        if size:
+            self.read_into(relpath, 0, memoryview(buf))
+        return bytes(buf)
+
+    def size(self, relpath: str) -> int:
+        key = self._key(relpath)
+
+        def head() -> int:
+            try:
+                return self._head(key)
+            except NotFound as e:
+                raise FileNotFoundError(self.describe_key(key)) from e
+
+        return self.retry.call(head, f"looking up {self.describe_key(key)}")
+
+    def exists(self, relpath: str = "") -> bool:
+        if not relpath:  # the location "exists" once any object lives under the prefix
+            return bool(self._list_keys(limit_one=True))
+        try:
+            self.size(relpath)
+            return True
+        except FileNotFoundError:
+            return False
+
+    def _list_keys(self, limit_one: bool = False) -> list[str]:
+        prefix = self._dir_prefix()
+        limit = 1 if limit_one else None
+        return self.retry.call(lambda: self._list(prefix, limit), f"listing {self.describe_key(prefix)}")
+
+    def list(self) -> list[str]:
+        n = len(self._dir_prefix())
+        return sorted(k[n:] for k in self._list_keys() if len(k) > n)
+
+    def remove(self, relpaths: Iterable[str]) -> None:
+        keys = [self._key(p) for p in relpaths]
+        if keys:
+            self.retry.call(lambda: self._delete(keys), f"deleting {len(keys)} object(s) under "
+                                                        f"{self.describe_key(self._dir_prefix())}")
+
+    def __getstate__(self) -> dict:  # clients hold sockets and locks: rebuild them after pickling
+        d = dict(self.__dict__)
+        for k in self._unpicklable:
+            d.pop(k, None)
+        return d
+
+    _unpicklable: ClassVar[tuple[str, ...]] = ()
