@@ -16,6 +16,7 @@ and are stopped by PID (terminate, then kill) by :meth:`stop` / the context mana
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -39,6 +40,28 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    """Linux: the server gets SIGTERM if the process that started it dies (even by kill -9)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+_LIVE: set = set()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for srv in list(_LIVE):
+        try:
+            srv.stop()
+        except Exception:  # noqa: BLE001
+            pass
 
 
 def _stop_process(proc: subprocess.Popen | None, name: str, timeout: float = 15.0) -> None:
@@ -71,7 +94,7 @@ class S3TestServer:
     """An S3-compatible server for tests: external, MinIO, or SeaweedFS ``weed mini``."""
 
     def __init__(self, bucket: str = "ckpt-test", access_key: str = "minioadmin",
-                 secret_key: str = "minioadmin", region: str = "us-east-1"):
+                 secret_key: str = "dcp-ext-test-secret", region: str = "us-east-1"):
         self.bucket = bucket
         self.access_key = access_key
         self.secret_key = secret_key
@@ -105,9 +128,11 @@ class S3TestServer:
         log = open(self.log_path, "wb")
         try:
             self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         cwd=self.workdir, env=env, start_new_session=True)
+                                         cwd=self.workdir, env=env, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         finally:
             log.close()
+        _LIVE.add(self)
 
     def _start_minio(self) -> None:
         port, console = free_port(), free_port()
@@ -191,6 +216,7 @@ class S3TestServer:
     def stop(self) -> None:
         _stop_process(self.proc, f"{self.kind} S3 server")
         self.proc = None
+        _LIVE.discard(self)
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None
@@ -241,9 +267,11 @@ class GCSTestServer:
                 [str(_get_binary_path()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
                  "-backend", "filesystem", "-filesystem-root", os.path.join(self.workdir, "data"),
                  "-external-url", self.endpoint, "-log-level", "warn"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                preexec_fn=_die_with_parent)
         finally:
             log.close()
+        _LIVE.add(self)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -276,6 +304,7 @@ class GCSTestServer:
     def stop(self) -> None:
         _stop_process(self.proc, "fake-gcs-server")
         self.proc = None
+        _LIVE.discard(self)
         if self.workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
             self.workdir = None

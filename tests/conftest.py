@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from dcp_ext.testing import RankPool
+# gcsfs (stock FsspecWriter on GCS in the interop tests) must not look for Google credentials
+# or probe bucket types: set before anything imports it, and inherited by the rank processes.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("NO_GCE_CHECK", "true")
+
+import pytest  # noqa: E402
+
+from dcp_ext.testing import RankPool  # noqa: E402
 
 _POOLS: dict[int, RankPool] = {}
 
@@ -24,7 +31,36 @@ def ranks():
     return get_pool
 
 
+_SERVERS: dict[str, object] = {}
+
+
+def _server(kind: str):
+    """The session's S3 / GCS test server, started on first use and stopped at session end."""
+    srv = _SERVERS.get(kind)
+    if srv is None:
+        from dcp_ext.testing_servers import GCSTestServer, S3TestServer
+
+        srv = (S3TestServer() if kind == "s3" else GCSTestServer()).start()
+        _SERVERS[kind] = srv
+    return srv
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (SeaweedFS ``weed mini``, MinIO, or DCP_EXT_TEST_S3_ENDPOINT)."""
+    return _server("s3")
+
+
+@pytest.fixture(scope="session")
+def gcs_server():
+    """fake-gcs-server on 127.0.0.1."""
+    return _server("gcs")
+
+
 def pytest_sessionfinish(session, exitstatus):
     for pool in _POOLS.values():
         pool.close()
     _POOLS.clear()
+    for srv in _SERVERS.values():
+        srv.stop()
+    _SERVERS.clear()

@@ -81,6 +81,7 @@ class _RecordTap(io.RawIOBase):
         self._pending_header: bytes | None = None  # a local header awaiting its file name
         self.hasher = BlockHasher(block_size) if block_size else None
         self.rest = 0
+        self.error: BaseException | None = None  # the first failure of the store's writer
 
     def writable(self) -> bool:
         return True
@@ -99,9 +100,15 @@ class _RecordTap(io.RawIOBase):
                 if n >= name_len and bytes(mv[:name_len]).endswith(b"/data/0"):
                     self.data_offset = pos + name_len + extra_len
                 self._pending_header = None
-        if self.hasher is not None:
+        if self.error is None:
+            try:
+                self.out.write(mv)
+            except BaseException as e:  # noqa: BLE001 - re-raised by write_tensor_record
+                # torch.save's C++ writer turns an exception raised here into a confusing
+                # "unexpected pos" error: keep ours, swallow the rest of the record, raise after
+                self.error = e
+        if self.error is None and self.hasher is not None:
             self._hash(mv, pos)
-        self.out.write(mv)
         self.pos += n
         return n
 
@@ -129,7 +136,14 @@ def write_tensor_record(out: BlobWriter, relative_path: str, tensor: torch.Tenso
     t = compact_cpu(tensor)
     nbytes = t.numel() * t.element_size()
     tap = _RecordTap(out, nbytes, block_size)
-    torch.save(t, tap)
+    try:
+        torch.save(t, tap)
+    except BaseException:
+        if tap.error is not None:
+            raise tap.error from None
+        raise
+    if tap.error is not None:
+        raise tap.error
     data_offset = tap.data_offset
     if nbytes and data_offset is None:  # pragma: no cover - torch changed its zip writer
         raise RuntimeError("could not locate the tensor data inside the torch.save record")
