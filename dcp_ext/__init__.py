@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from .config import Config, load_config
 from .errors import (
+    BucketNotFoundError,
     CheckpointExistsError,
     CheckpointNotFoundError,
     ConfigError,
@@ -20,6 +21,7 @@ from .errors import (
     DcpExtError,
     IncompleteCheckpointError,
     MissingDependencyError,
+    StorageAuthError,
     StorageError,
     UnknownBackendError,
 )
@@ -29,6 +31,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Backend",
+    "BucketNotFoundError",
     "CheckpointExistsError",
     "CheckpointNotFoundError",
     "Config",
@@ -37,6 +40,7 @@ __all__ = [
     "DcpExtError",
     "IncompleteCheckpointError",
     "MissingDependencyError",
+    "StorageAuthError",
     "StorageError",
     "UnknownBackendError",
     "backends",
