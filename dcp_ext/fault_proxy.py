@@ -222,23 +222,22 @@ class FaultProxy:
                     break
                 line = head.split(b"\r\n", 1)[0].decode("latin-1")
                 rule = self._match(line)
+                headers = _headers(head)
                 if rule is not None:
                     logger.debug("fault proxy: %s -> %s", line, rule.action)
                     if rule.action == "drop":
                         break
                     if rule.action.isdigit():
+                        # like a throttling server: take the body (unless the client waits for a
+                        # 100 Continue before sending it), answer, close gracefully
+                        if "100-continue" not in headers.get("expect", "").lower():
+                            self._body(rd, headers, lambda b: None)
                         self._answer(c, int(rule.action))
                         break
                     c.cut_at = c.back + rule.after_bytes
-                headers = _headers(head)
                 c.server.sendall(head)
-                if headers.get("transfer-encoding", "").lower() == "chunked":
-                    if not self._forward_chunked(rd, c):
-                        break
-                else:
-                    n = int(headers.get("content-length", "0") or 0)
-                    if n and not rd.exactly(n, c.server.sendall):
-                        break
+                if not self._body(rd, headers, c.server.sendall):
+                    break
         except OSError:
             pass
         finally:
@@ -246,23 +245,27 @@ class FaultProxy:
             with self._lock:
                 self._conns.discard(c)
 
-    def _forward_chunked(self, rd: _Reader, c: _Conn) -> bool:
-        while True:
-            line = rd.until(b"\r\n")
-            if line is None:
-                return False
-            c.server.sendall(line)
-            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
-            if size == 0:  # trailers, then the blank line
-                while True:
-                    t = rd.until(b"\r\n")
-                    if t is None:
-                        return False
-                    c.server.sendall(t)
-                    if t == b"\r\n":
-                        return True
-            if not rd.exactly(size + 2, c.server.sendall):
-                return False
+    def _body(self, rd: _Reader, headers: dict[str, str], sink) -> bool:
+        """Pass a request body (Content-Length or chunked) to ``sink``; False if the client left."""
+        if headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                line = rd.until(b"\r\n")
+                if line is None:
+                    return False
+                sink(line)
+                size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+                if size == 0:  # trailers, then the blank line
+                    while True:
+                        t = rd.until(b"\r\n")
+                        if t is None:
+                            return False
+                        sink(t)
+                        if t == b"\r\n":
+                            return True
+                if not rd.exactly(size + 2, sink):
+                    return False
+        n = int(headers.get("content-length", "0") or 0)
+        return rd.exactly(n, sink) if n else True
 
     def _answer(self, c: _Conn, status: int) -> None:
         if status == 503:
@@ -275,6 +278,9 @@ class FaultProxy:
         try:
             c.client.sendall(head + body)
             c.client.shutdown(socket.SHUT_WR)
+            c.client.settimeout(2)
+            while c.client.recv(1 << 16):  # until the client closes: no reset eats the answer
+                pass
         except OSError:
             pass
 

@@ -60,7 +60,7 @@ def split_bucket_url(url: str, schemes: tuple[str, ...]) -> tuple[str, str]:
         if scheme.lower() not in schemes:
             raise StorageError(f"{url!r}: expected a URL starting with "
                                + " or ".join(f"{s}://" for s in schemes))
-    rest = rest.strip("/")
+    rest = rest.rstrip("/")
     bucket, _, prefix = rest.partition("/")
     if not bucket:
         raise StorageError(f"{url!r} names no bucket: expected {schemes[0]}://BUCKET/PREFIX")
