@@ -104,10 +104,13 @@ class S3Options:
     part_size: ByteSize = ByteSize(16 * 1024 * 1024)
     #: parts uploaded concurrently per process (bounds memory: about part_size x (this + files))
     max_concurrency: int = 8
-    #: retries per request on throttling (503 SlowDown), 5xx and dropped connections
-    max_retries: int = 8
-    #: first backoff delay in seconds (doubles per retry, with full jitter, at most 20 s)
+    #: retries per request on throttling (503 SlowDown), 5xx and dropped connections (the
+    #: default rides out a minute or two of outage: 24 retries, backoff capped at 10 s)
+    max_retries: int = 24
+    #: first backoff delay in seconds (doubles per retry, with full jitter)
     retry_base_delay: float = 0.2
+    #: longest backoff delay in seconds
+    retry_max_delay: float = 10.0
     #: extra ``botocore.config.Config`` keyword arguments (e.g. ``{"read_timeout": 120}``)
     client_config: dict = field(default_factory=dict)
 
@@ -125,8 +128,9 @@ class GCSOptions:
     #: parts of a large object, uploaded concurrently and composed into it
     part_size: ByteSize = ByteSize(16 * 1024 * 1024)
     max_concurrency: int = 8
-    max_retries: int = 8
+    max_retries: int = 24
     retry_base_delay: float = 0.2
+    retry_max_delay: float = 10.0
     #: seconds to wait for a connection / for data before a request counts as dropped
     timeout: float = 60.0
 
@@ -209,6 +213,9 @@ class Config:
                 raise ConfigError(f"{name}.max_retries: must be >= 0, got {sec.max_retries}")
             if sec.retry_base_delay < 0:
                 raise ConfigError(f"{name}.retry_base_delay: must be >= 0 seconds, got {sec.retry_base_delay}")
+            if sec.retry_max_delay < sec.retry_base_delay:
+                raise ConfigError(f"{name}.retry_max_delay: must be >= retry_base_delay ({sec.retry_base_delay}), "
+                                  f"got {sec.retry_max_delay}")
         if self.s3.addressing_style not in (None, "path", "virtual", "auto"):
             raise ConfigError(f"s3.addressing_style: must be 'path', 'virtual' or 'auto', got "
                               f"{self.s3.addressing_style!r}")

@@ -378,7 +378,7 @@ def test_transient_faults_are_retried_and_the_checkpoint_is_exact(env):
     state, url = _state(4), env.url()
     with env.proxy() as px:
         opts = env.opts(endpoint=px.endpoint, part_size="5MiB", retry_base_delay=0.01)
-        # (4 + 3 faults may all hit one request: fewer than its 8 retries)
+        # (4 + 3 faults may all hit one request: fewer than its 24 retries)
         rules = [px.add(FaultRule(r"^(PUT|POST) ", "503", times=4)),       # throttled uploads
                  px.add(FaultRule(r"^(PUT|POST) ", "drop", times=3)),      # connections reset
                  px.add(FaultRule(r"^GET .*(alt=media|__0_)", "cut", times=3, after_bytes=64 * 1024))]  # cut reads
@@ -429,6 +429,18 @@ def test_commit_failure_leaves_an_incomplete_checkpoint(env):
     assert METADATA_NAME not in names and any(n.endswith(".distcp") for n in names), names
     msg = _error_of(lambda: _load(url, state, **env.opts()))
     assert "is an incomplete checkpoint" in msg, msg
+
+
+def test_default_retries_ride_out_21_dropped_connections_in_a_row(env):
+    """Stock FsspecWriter survives 21 faulty connections in a row here (botocore and s3fs both
+    retry); with the default max_retries ours does too, even when one request meets all of them."""
+    state, url = {"w": torch.randn(128, 128)}, env.url()
+    with env.proxy() as px:
+        rule = px.add(FaultRule(".", "drop", times=21))
+        opts = env.opts(endpoint=px.endpoint, retry_base_delay=0.001, retry_max_delay=0.01)
+        _save(url, state, **opts)
+    assert rule.hits == 21
+    _assert_same(_load(url, state, **env.opts()), state)
 
 
 def test_retry_limit_names_the_object(env):

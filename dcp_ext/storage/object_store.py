@@ -303,6 +303,7 @@ class ObjectStore(Store):
         self.part_size = int(opts.part_size)
         self.max_concurrency = int(opts.max_concurrency)
         self.retry = RetryPolicy(max_retries=opts.max_retries, base_delay=opts.retry_base_delay,
+                                 max_delay=opts.retry_max_delay,
                                  is_transient=self._is_transient, describe=self._describe,
                                  translate=self._translate)
         self._bucket_checked = False
