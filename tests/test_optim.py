@@ -191,6 +191,7 @@ def test_example_resume_different_layout(tmp_path):
                         str(tmp_path / "ex")], capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "bit for bit: OK" in r.stdout
+    assert "uninterrupted 5-step run at TP=1 (up to TP=2's rounding): OK" in r.stdout
 
 
 def test_dropped_pieces_are_an_error():
