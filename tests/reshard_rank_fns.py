@@ -173,14 +173,23 @@ def dtensor_roundtrip(root: str) -> list[str]:
     # a mixed state: DTensors, a plain tensor column-sharded Megatron-style, a replicated one, bytes
     col = ParallelLayout(tp_rank=rank, tp_size=4, rules={"plain.col": ShardSpec(0)})
     col_full = torch.arange(8.0)
+    rep_full = torch.arange(4096.0)  # a replicated DTensor: written once, by one of its 4 holders
     sd = {"model": {k: distribute_tensor(v, mesh, placement(k)) for k, v in full.items()},
+          "rep_dt": distribute_tensor(rep_full, mesh, [Replicate()]),
           "plain": {"col": col.shard("plain.col", col_full), "rep": torch.ones(3)}, "step": 11}
     path = os.path.join(root, "dtensor")
     dcp.save(sd, storage_writer=FileSystemWriter(path), planner=ReshardSavePlanner(col))
     problems = []
+    md = FileSystemReader(path).read_metadata()
+    if [tuple(c.offsets) for c in md.state_dict_metadata["rep_dt"].chunks] != [(0,)]:
+        problems.append(f"replicated DTensor chunks {md.state_dict_metadata['rep_dt'].chunks}")
+    writers = {info.relative_path for idx, info in md.storage_data.items() if idx.fqn == "rep_dt"}
+    if len(writers) != 1:
+        problems.append(f"replicated DTensor written {len(writers)} times")
     mesh2 = init_device_mesh("cpu", (2, 2))
     tgt = {"model": {k: distribute_tensor(torch.zeros_like(v), mesh2, [Shard(v.dim() - 1), Replicate()])
                      for k, v in full.items()},
+           "rep_dt": distribute_tensor(torch.zeros(4096), mesh2, [Replicate(), Shard(0)]),
            "plain": {"col": torch.zeros(4), "rep": torch.zeros(3)}, "step": 0}
     col2 = ParallelLayout(tp_rank=rank % 2, tp_size=2, dp_rank=rank // 2, dp_size=2,
                           rules={"plain.col": ShardSpec(0)})
@@ -192,11 +201,13 @@ def dtensor_roundtrip(root: str) -> list[str]:
     for k, v in full.items():
         if not torch.equal(tgt["model"][k].full_tensor(), v):
             problems.append(f"dtensor {k}")
+    if not torch.equal(tgt["rep_dt"].full_tensor(), rep_full):
+        problems.append("replicated dtensor")
     topo = mg.Topo(2, 1, 2)
     plain = {"model": mg.empty_like_local(topo, rank)}
     lp = ReshardLoadPlanner(topo.layout(rank), strict=False)
     dcp.load(plain, storage_reader=FileSystemReader(path), planner=lp)
-    if lp.report.unexpected_keys != ["plain.col", "plain.rep", "step"] or lp.report.missing_keys:
+    if lp.report.unexpected_keys != ["plain.col", "plain.rep", "rep_dt", "step"] or lp.report.missing_keys:
         problems.append(f"report {lp.report}")
     problems += [f"plain {k}" for k in check_loaded(topo, rank, plain["model"], full)]
     return problems
