@@ -1,9 +1,11 @@
 """Benchmark the resharding planners.
 
 1. Load time of a resharded load vs a same-layout load of the *same* checkpoint (4 gloo ranks,
-   stock FileSystemReader on tmpfs, interleaved repetitions, median; ratio reported).
+   on tmpfs, interleaved repetitions, median; ratio reported), with stock FileSystemReader and
+   with dcp_ext's reader (ranged reads; checksum verification on and off).
 2. Bytes per rank: bytes the planner asks for (sum of read-item lengths) vs the bytes the rank's
-   tensors need, and bytes the stock FileSystemReader actually reads (it loads whole stored items).
+   tensors need, bytes the stock FileSystemReader actually reads (it loads whole stored items)
+   and bytes dcp_ext's reader fetches.
 3. Planning cost at scale, simulated in one process: the coordinator's global save plan for
    R ranks x T tensors per rank (R = 64, 256, 1024), our byte-balanced dedup vs stock
    ``dedup_save_plans`` on the same local plans, and one rank's local load plan against the
@@ -71,36 +73,53 @@ def _bench_cfg(scale: int):
                   ffn=1024 * scale, n_layers=4)
 
 
-def rank_save(path: str, scale: int, topo_args: tuple) -> None:
+#: readers compared: stock FileSystemReader on a stock-written checkpoint, dcp_ext's reader on a
+#: dcp_ext-written one (same model, same planner), with and without checksum verification
+READERS = ("stock", "dcp_ext", "dcp_ext verify=False")
+
+
+def rank_save(path: str, scale: int, topo_args: tuple, writer: str = "stock") -> None:
     import torch.distributed as dist
 
+    import dcp_ext
     from tests import megatron_gpt as mg
 
     cfg = _bench_cfg(scale)
     topo = mg.Topo(*topo_args)
     rank = dist.get_rank()
     params = mg.local_params(topo, rank, mg.full_params(0, cfg), cfg)
-    dcp.save({"model": params}, storage_writer=FileSystemWriter(path),
-             planner=ReshardSavePlanner(topo.layout(rank, cfg)))
+    w = FileSystemWriter(path) if writer == "stock" else dcp_ext.storage_writer(path)
+    dcp.save({"model": params}, storage_writer=w, planner=ReshardSavePlanner(topo.layout(rank, cfg)))
 
 
-def rank_load(path: str, scale: int, topo_args: tuple) -> dict:
+def rank_load(path: str, scale: int, topo_args: tuple, reader_name: str = "stock") -> dict:
     import torch.distributed as dist
 
+    import dcp_ext
     from tests import megatron_gpt as mg
 
     cfg = _bench_cfg(scale)
     topo = mg.Topo(*topo_args)
     rank = dist.get_rank()
-    sd = {"model": {k: torch.empty_like(v) for k, v in
-                    mg.local_params(topo, rank, mg.full_params(0, cfg), cfg).items()}}
+    full = mg.full_params(0, cfg)
+    expect = mg.local_params(topo, rank, full, cfg)
+    sd = {"model": {k: torch.empty_like(v) for k, v in expect.items()}}
     local_bytes = sum(v.numel() * v.element_size() for v in sd["model"].values())
-    reader = CountingReader(path)
+    if reader_name == "stock":
+        reader = CountingReader(path)
+    else:
+        reader = dcp_ext.storage_reader(path, verify=reader_name == "dcp_ext")
     dist.barrier()
     t0 = time.perf_counter()
     dcp.load(sd, storage_reader=reader, planner=ReshardLoadPlanner(topo.layout(rank, cfg)))
     dist.barrier()
-    return {"seconds": time.perf_counter() - t0, "local_bytes": local_bytes, **reader.stats}
+    seconds = time.perf_counter() - t0
+    assert all(torch.equal(sd["model"][k], v) for k, v in expect.items()), "loaded tensors differ"
+    if reader_name == "stock":
+        stats = reader.stats
+    else:
+        stats = {"bytes_requested": reader.stats.bytes_needed, "bytes_read": reader.stats.bytes_read}
+    return {"seconds": seconds, "local_bytes": local_bytes, **stats}
 
 
 def bench_load(scale: int, reps: int, root: str) -> dict:
@@ -110,31 +129,38 @@ def bench_load(scale: int, reps: int, root: str) -> dict:
     saved = mg.Topo(2, 1, 2)
     targets = {"same 2x1x2": mg.Topo(2, 1, 2), "reshard 4x1x1": mg.Topo(4, 1, 1),
                "reshard 1x2x2": mg.Topo(1, 2, 2), "reshard 2x2x1": mg.Topo(2, 2, 1)}
-    path = os.path.join(root, "ckpt")
+    paths = {"stock": os.path.join(root, "ckpt-stock"), "dcp_ext": os.path.join(root, "ckpt-dcp_ext")}
     out: dict = {"saved_layout": saved.name, "scale": scale, "reps": reps}
     with RankPool(4, env={"DCP_EXT_TEST_THREADS": "1"}) as pool:
-        pool.run(rank_save, path, scale, (saved.tp, saved.pp, saved.dp))
+        for writer, path in paths.items():
+            pool.run(rank_save, path, scale, (saved.tp, saved.pp, saved.dp), writer)
+        path = paths["stock"]
         total = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path) if f.endswith(".distcp"))
         out["checkpoint_bytes"] = total
-        times: dict[str, list[float]] = {k: [] for k in targets}
-        stats: dict[str, list[dict]] = {}
+        times: dict[tuple[str, str], list[float]] = {(r, k): [] for r in READERS for k in targets}
+        stats: dict[tuple[str, str], list[dict]] = {}
         for _ in range(reps):  # interleaved
             for name, t in targets.items():
-                res = pool.run(rank_load, path, scale, (t.tp, t.pp, t.dp, t.stages))
-                times[name].append(res[0]["seconds"])
-                stats[name] = res
-    same = statistics.median(times["same 2x1x2"])
-    out["loads"] = {}
-    for name, ts in times.items():
-        per_rank = stats[name]
-        out["loads"][name] = {
-            "median_s": statistics.median(ts),
-            "needed_bytes_per_rank": [r["local_bytes"] for r in per_rank],
-            "all_s": ts,
-            "ratio_vs_same_layout": statistics.median(ts) / same,
-            "requested_over_needed": [r["bytes_requested"] / r["local_bytes"] for r in per_rank],
-            "stock_reader_read_over_needed": [r["bytes_read"] / r["local_bytes"] for r in per_rank],
-        }
+                for rd in READERS:
+                    p = paths["stock" if rd == "stock" else "dcp_ext"]
+                    res = pool.run(rank_load, p, scale, (t.tp, t.pp, t.dp, t.stages), rd)
+                    times[(rd, name)].append(res[0]["seconds"])
+                    stats[(rd, name)] = res
+    out["readers"] = {}
+    for rd in READERS:
+        same = statistics.median(times[(rd, "same 2x1x2")])
+        loads = out["readers"][rd] = {}
+        for name in targets:
+            ts, per_rank = times[(rd, name)], stats[(rd, name)]
+            loads[name] = {
+                "median_s": statistics.median(ts),
+                "needed_bytes_per_rank": [r["local_bytes"] for r in per_rank],
+                "all_s": ts,
+                "ratio_vs_same_layout": statistics.median(ts) / same,
+                "requested_over_needed": [r["bytes_requested"] / r["local_bytes"] for r in per_rank],
+                "read_over_needed": [r["bytes_read"] / r["local_bytes"] for r in per_rank],
+            }
+    out["loads"] = out["readers"]["stock"]  # (key kept for older readers of the JSON)
     return out
 
 
@@ -256,7 +282,11 @@ def main() -> None:
     try:
         if not args.skip_load:
             result["load"] = bench_load(scale, reps, root)
-            logger.info("load: %s", json.dumps(result["load"]["loads"], indent=1))
+            for rd, loads in result["load"]["readers"].items():
+                for name, r in loads.items():
+                    logger.info("load %-22s %-14s median %.3f s  %.2fx same layout  read/needed max %.3f  "
+                                "requested/needed max %.3f", rd, name, r["median_s"], r["ratio_vs_same_layout"],
+                                max(r["read_over_needed"]), max(r["requested_over_needed"]))
     finally:
         shutil.rmtree(root, ignore_errors=True)
     result["planning"] = []

@@ -173,7 +173,7 @@ def build_local(topo: Topo, ref: Net, seed_offset: int | None = None) -> tuple[L
         lf = topo.local_fqn(gfqn)
         t = topo.slice_global(lf, p)
         if gen is not None:
-            t = torch.randn(t.shape, generator=gen)
+            t = torch.randn(t.shape, generator=gen).to(t.dtype)
         local.add(lf, t)
         names[lf] = gfqn
     return local, names
@@ -258,21 +258,56 @@ def load_plain(path: str, grid: tuple[int, int, int], kind: str, steps: int, use
     return _check_against_ref(topo, ref, ref_opt, local, local_opt, names)
 
 
+def _self_grads(local: LocalModel, step: int) -> None:
+    """Gradients of the *local* model's own weights (a whole-model replica): forward through a
+    ``Net`` with the local parameters swapped in, DP-average over the group (identical batches)."""
+    from torch.func import functional_call
+
+    params = dict(local.named_parameters())
+    for p in params.values():
+        p.grad = None
+    x, y = batch(step)
+    torch.nn.functional.mse_loss(functional_call(_SHELL, params, (x,)), y).backward()
+    for p in params.values():
+        dist.all_reduce(p.grad)
+        p.grad.div_(dist.get_world_size())
+
+
+_SHELL = Net()
+
+
+def _opt_snapshot(local: LocalModel, opt) -> dict:
+    return {lf: {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in opt.state[p].items()}
+            for lf, p in local.named_parameters()}
+
+
 def resume_same(path: str, grid: tuple[int, int, int], kind: str, n: int, m: int, use_layout: bool) -> int:
-    """(b): train n, save, train m more == fresh + load + train m, bit for bit."""
+    """(b): train n, save, train m more == fresh + load + train m, bit for bit (weights and every
+    optimizer state). Without a layout every rank holds the whole model and the gradients come from
+    its own (loaded) weights; with TP/PP they are the matching slices of the reference gradients."""
     topo = Topo(*grid, use_layout=use_layout)
+    whole = topo.layout is None
     ref = Net()
     ref_opt = make_opt(kind, list(ref.named_parameters()))
     local, names = build_local(topo, ref)
     local_opt = make_opt(kind, list(local.named_parameters()))
-    train(topo, ref, ref_opt, local, local_opt, names, range(n))
+
+    def run(ref, ref_opt, local, local_opt, names, steps):
+        if not whole:
+            return train(topo, ref, ref_opt, local, local_opt, names, steps)
+        for s in steps:
+            _self_grads(local, s)
+            local_opt.step()
+
+    run(ref, ref_opt, local, local_opt, names, range(n))
     sp, lp = planners(topo)
     dcp.save({"model": local.state_dict(), "optim": optimizer_state(local, local_opt, topo.layout)},
              storage_writer=dcp.FileSystemWriter(path), planner=sp)
     ref_at_n = {k: v.detach().clone() for k, v in ref.state_dict().items()}
     ref_opt_at_n = copy.deepcopy(ref_opt.state_dict())
-    train(topo, ref, ref_opt, local, local_opt, names, range(n, n + m))
+    run(ref, ref_opt, local, local_opt, names, range(n, n + m))
     final = {k: v.detach().clone() for k, v in local.state_dict().items()}
+    final_opt = _opt_snapshot(local, local_opt)
 
     ref2 = Net()
     ref2.load_state_dict(ref_at_n)
@@ -282,9 +317,16 @@ def resume_same(path: str, grid: tuple[int, int, int], kind: str, n: int, m: int
     local2_opt = make_opt(kind, list(local2.named_parameters()))
     state = {"model": local2.state_dict(), "optim": optimizer_state(local2, local2_opt, topo.layout)}
     dcp.load(state, storage_reader=dcp.FileSystemReader(path), planner=lp)
-    train(topo, ref2, ref2_opt, local2, local2_opt, names2, range(n, n + m))
+    run(ref2, ref2_opt, local2, local2_opt, names2, range(n, n + m))
     for k, v in local2.state_dict().items():
         assert torch.equal(v, final[k]), f"{k} diverged after resume"
+    got_opt = _opt_snapshot(local2, local2_opt)
+    assert got_opt.keys() == final_opt.keys()
+    for lf, st in final_opt.items():
+        assert st.keys() == got_opt[lf].keys(), (lf, st.keys(), got_opt[lf].keys())
+        for k, v in st.items():
+            assert torch.equal(got_opt[lf][k], v) if isinstance(v, torch.Tensor) else got_opt[lf][k] == v, \
+                f"optimizer state {lf}.{k} diverged after resume"
     return len(final)
 
 
@@ -397,17 +439,18 @@ def make_zero(topo: Topo, named, alignment: int, bucket: int | None) -> ZeroAdam
                     lr=0.01, weight_decay=0.1, alignment=alignment, bucket_numel=bucket, average_grads=False)
 
 
-def ref_zero(steps: int, alignment: int, bucket: int | None):
-    """Single-process reference: ZeroAdam at DP 1 on the global model; returns (ref, full states)."""
+def ref_zero(steps: int, alignment: int, bucket: int | None, dtype: str = "float32"):
+    """Single-process reference: ZeroAdam at DP 1 on the global model (parameters in ``dtype``, fp32
+    master weights and moments); returns (ref, its optimizer, full fp32 states by FQN)."""
     from dcp_ext.optim import unpack_flat
 
-    ref = Net()
+    ref = Net().to(getattr(torch, dtype))
     opt = ZeroAdam(list(ref.named_parameters()), lr=0.01, weight_decay=0.1, alignment=alignment,
                    bucket_numel=bucket, average_grads=False)
     for s in range(steps):
         x, y = batch(s)
         opt.zero_grad()
-        torch.nn.functional.mse_loss(ref(x), y).backward()
+        torch.nn.functional.mse_loss(ref(x.to(ref.emb.weight.dtype)), y.to(ref.emb.weight.dtype)).backward()
         opt.step()
     full = {}
     for name, buf in opt.flat_state.items():
@@ -423,19 +466,19 @@ def _zero_expected(topo, names, local, full, opt: ZeroAdam) -> dict[str, torch.T
             for name in full}
 
 
-def zero_save(path: str, grid, steps: int, alignment: int, bucket: int | None) -> int:
+def zero_save(path: str, grid, steps: int, alignment: int, bucket: int | None, dtype: str = "float32") -> int:
     topo = Topo(*grid)
-    ref, ref_opt, _ = ref_zero(0, alignment, bucket)
+    ref, ref_opt, _ = ref_zero(0, alignment, bucket, dtype)
     local, names = build_local(topo, ref)
     opt = make_zero(topo, list(local.named_parameters()), alignment, bucket)
     for s in range(steps):
         x, y = batch(s)
         ref_opt.zero_grad()
-        torch.nn.functional.mse_loss(ref(x), y).backward()
+        torch.nn.functional.mse_loss(ref(x.to(ref.emb.weight.dtype)), y.to(ref.emb.weight.dtype)).backward()
         push_grads(topo, ref, local, names)
         ref_opt.step()
         opt.step()
-    _, _, full = ref_zero(steps, alignment, bucket)
+    _, _, full = ref_zero(steps, alignment, bucket, dtype)
     want = _zero_expected(topo, names, local, full, opt)
     for name, buf in opt.flat_state.items():
         assert torch.equal(buf, want[name]), f"ZeRO {name} slice differs from the DP-1 reference before saving"
@@ -445,23 +488,48 @@ def zero_save(path: str, grid, steps: int, alignment: int, bucket: int | None) -
     return opt.flat_spec.local_numel
 
 
-def zero_load(path: str, grid, steps: int, alignment: int, bucket: int | None, target: str) -> int:
-    """Load a ZeRO checkpoint at ``grid`` into a fresh ZeroAdam (any DP size/alignment) or a plain Adam."""
+_SENTINEL = -7.0
+
+
+def _padding_mask(spec) -> torch.Tensor:
+    """True where a rank's local slice buffer holds padding (no parameter element)."""
+    mask = torch.ones(spec.local_numel, dtype=torch.bool)
+    for seg in spec.segments():
+        mask[seg.local_offset: seg.local_offset + seg.param_end - seg.param_start] = False
+    return mask
+
+
+def zero_load(path: str, grid, steps: int, alignment: int, bucket: int | None, target: str,
+              resave: str | None = None, dtype: str = "float32") -> int:
+    """Load a ZeRO checkpoint at ``grid`` into a fresh ZeroAdam (any DP size/alignment/buckets) or a
+    plain Adam and compare with the single-process reference. For ZeroAdam the slice buffers start
+    filled with a sentinel: every parameter element must be loaded and the padding left alone.
+    ``resave``: then save the *loaded* state (no training in between) there, for the next hop."""
     topo = Topo(*grid)
-    ref, ref_opt, full = ref_zero(steps, alignment, bucket)
+    ref, ref_opt, full = ref_zero(steps, alignment, bucket, dtype)
     local, names = build_local(topo, ref, seed_offset=5 + dist.get_rank())
-    _, lp = planners(topo)
+    sp, lp = planners(topo)
     if target == "zero":
         opt = make_zero(topo, list(local.named_parameters()), alignment, bucket)
         opt.param_groups[0]["lr"] = 9.0
+        for buf in opt.flat_state.values():
+            buf.fill_(_SENTINEL)
+        opt.scalar_state["step"].fill_(-1)
         dcp.load({"model": local.state_dict(), "optim": optimizer_state(local, opt, topo.layout)},
                  storage_reader=dcp.FileSystemReader(path), planner=lp)
         want = _zero_expected(topo, names, local, full, opt)
+        pad = _padding_mask(opt.flat_spec)
         for name, buf in opt.flat_state.items():
-            assert torch.equal(buf, want[name]), f"ZeRO {name} slice differs after load on rank {dist.get_rank()}"
+            assert buf.dtype == torch.float32, (name, buf.dtype)
+            assert torch.equal(buf[~pad], want[name][~pad]), \
+                f"ZeRO {name} slice differs after load on rank {dist.get_rank()}"
+            assert bool((buf[pad] == _SENTINEL).all()), f"ZeRO {name}: the load wrote into the padding"
         assert opt.scalar_state["step"].item() == steps
         assert opt.param_groups[0]["lr"] == 0.01
         checked = len(want)
+        if resave is not None:
+            dcp.save({"model": local.state_dict(), "optim": optimizer_state(local, opt, topo.layout)},
+                     storage_writer=dcp.FileSystemWriter(resave), planner=sp)
     else:
         opt = torch.optim.Adam(local.parameters(), lr=0.5)
         # a plain Adam has no fp32 master weights: they are the only keys left unread
@@ -479,6 +547,7 @@ def zero_load(path: str, grid, steps: int, alignment: int, bucket: int | None, t
             assert opt.state[p]["step"].item() == steps
     rp = dict(ref.named_parameters())
     for lf, p in local.named_parameters():
+        assert p.dtype == getattr(torch, dtype), (lf, p.dtype)
         assert torch.equal(p.detach(), topo.slice_global(lf, rp[names[lf]].detach())), f"param {lf} differs"
     return checked
 

@@ -25,15 +25,34 @@ def state_for(topo: mg.Topo, rank: int, full: dict[str, torch.Tensor] | None = N
     return {"model": params, "step": 7, "extra": {"note": f"saved at {topo.name}"}}
 
 
+_SINGLETONS: list = []
+
+
+def singleton_group():
+    """A gloo group holding only this rank (every rank creates all of them, in the same order), so a
+    rank of a larger pool can save or load as a real one-rank job (world size 1)."""
+    if not _SINGLETONS:
+        _SINGLETONS.extend(dist.new_group([r]) for r in range(dist.get_world_size()))
+    return _SINGLETONS[dist.get_rank()]
+
+
 def save_topos(root: str, topos: list[mg.Topo]) -> list[str]:
-    """Save the seeded model at every topology of this world size; returns the paths."""
+    """Save the seeded model at every topology; world-size-1 topologies are saved by rank 0 alone
+    on its one-rank group. Returns the paths."""
     rank = dist.get_rank()
     full = mg.full_params(SEED)
     paths = []
+    group = singleton_group()
     for topo in topos:
         path = os.path.join(root, topo.name)
-        sd = state_for(topo, rank, full)
-        dcp.save(sd, storage_writer=FileSystemWriter(path), planner=ReshardSavePlanner(topo.layout(rank)))
+        if topo.world == 1:
+            if rank == 0:
+                dcp.save(state_for(topo, 0, full), storage_writer=FileSystemWriter(path),
+                         planner=ReshardSavePlanner(topo.layout(0)), process_group=group)
+            dist.barrier()
+        else:
+            sd = state_for(topo, rank, full)
+            dcp.save(sd, storage_writer=FileSystemWriter(path), planner=ReshardSavePlanner(topo.layout(rank)))
         paths.append(path)
     return paths
 
@@ -47,28 +66,34 @@ def check_loaded(topo: mg.Topo, rank: int, params: dict[str, torch.Tensor], full
 def load_matrix(root: str, sources: list[str], targets: list[mg.Topo]) -> list[tuple[str, str, str]]:
     """Load every saved layout at every target topology; compare params exactly and the forward.
 
+    A world-size-1 target is loaded by every rank on its own one-rank group (a real 1-rank job).
     Returns ``(source, target, problem)`` triples, ``problem == ""`` when all matched.
     """
     rank = dist.get_rank()
     full = mg.full_params(SEED)
     ref_logits = mg.reference_forward(full, IDS)
+    group = singleton_group()
     results = []
     for src in sources:
         for topo in targets:
             problem = ""
             try:
-                params = mg.empty_like_local(topo, rank)
+                alone = topo.world == 1
+                trank = 0 if alone else rank
+                params = mg.empty_like_local(topo, trank)
                 sd = {"model": params, "step": -1, "extra": {"note": ""}}
-                planner = ReshardLoadPlanner(topo.layout(rank))
-                dcp.load(sd, storage_reader=FileSystemReader(os.path.join(root, src)), planner=planner)
-                bad = check_loaded(topo, rank, sd["model"], full)
+                planner = ReshardLoadPlanner(topo.layout(trank))
+                dcp.load(sd, storage_reader=FileSystemReader(os.path.join(root, src)), planner=planner,
+                         process_group=group if alone else None)
+                bad = check_loaded(topo, trank, sd["model"], full)
                 if bad:
                     problem += f"params differ: {bad}; "
                 if sd["step"] != 7 or sd["extra"]["note"] != f"saved at {src}":
                     problem += f"objects differ: {sd['step']} {sd['extra']}; "
                 if planner.report is None or not planner.report.ok:
                     problem += f"report: {planner.report}; "
-                out = mg.distributed_forward(topo, sd["model"], IDS)
+                out = (mg.reference_forward(sd["model"], IDS) if alone
+                       else mg.distributed_forward(topo, sd["model"], IDS))
                 if out is not None:
                     if not torch.allclose(out, ref_logits, rtol=1e-5, atol=1e-5):
                         problem += f"forward differs by {(out - ref_logits).abs().max().item()}; "
@@ -78,6 +103,28 @@ def load_matrix(root: str, sources: list[str], targets: list[mg.Topo]) -> list[t
                 problem += f"{type(e).__name__}: {e}\n{traceback.format_exc()[-800:]}"
             results.append((src, topo.name, problem))
     return results
+
+
+def strict_errors(root: str, src: str) -> dict:
+    """4 ranks load ``src`` at 2x1x2 with three kinds of faults spread over the ranks: rank 0 wants a
+    tensor the checkpoint lacks, rank 1's embedding has a shape no saved layout gives, and no rank
+    asks for the saved ``extra.note``. Every rank must get the same strict error; nothing is loaded."""
+    rank = dist.get_rank()
+    topo = mg.Topo(2, 1, 2)
+    params = mg.empty_like_local(topo, rank)
+    if rank == 0:
+        params["layers.1.attn.extra.weight"] = torch.full((3,), float("nan"))
+    if rank == 1:
+        params["embed.weight"] = torch.full((5, 16), float("nan"))
+    sd = {"model": params, "step": -1}
+    try:
+        dcp.load(sd, storage_reader=FileSystemReader(os.path.join(root, src)), planner=ReshardLoadPlanner(topo.layout(rank)))
+    except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        msg = f"{type(e).__name__}: {e}"
+    else:
+        msg = "no error"
+    untouched = all(bool(torch.isnan(t).all()) for t in params.values()) and sd["step"] == -1
+    return {"msg": msg, "untouched": untouched}
 
 
 def save_wrong_pp(path: str) -> None:
@@ -126,14 +173,23 @@ def dtensor_roundtrip(root: str) -> list[str]:
     # a mixed state: DTensors, a plain tensor column-sharded Megatron-style, a replicated one, bytes
     col = ParallelLayout(tp_rank=rank, tp_size=4, rules={"plain.col": ShardSpec(0)})
     col_full = torch.arange(8.0)
+    rep_full = torch.arange(4096.0)  # a replicated DTensor: written once, by one of its 4 holders
     sd = {"model": {k: distribute_tensor(v, mesh, placement(k)) for k, v in full.items()},
+          "rep_dt": distribute_tensor(rep_full, mesh, [Replicate()]),
           "plain": {"col": col.shard("plain.col", col_full), "rep": torch.ones(3)}, "step": 11}
     path = os.path.join(root, "dtensor")
     dcp.save(sd, storage_writer=FileSystemWriter(path), planner=ReshardSavePlanner(col))
     problems = []
+    md = FileSystemReader(path).read_metadata()
+    if [tuple(c.offsets) for c in md.state_dict_metadata["rep_dt"].chunks] != [(0,)]:
+        problems.append(f"replicated DTensor chunks {md.state_dict_metadata['rep_dt'].chunks}")
+    writers = {info.relative_path for idx, info in md.storage_data.items() if idx.fqn == "rep_dt"}
+    if len(writers) != 1:
+        problems.append(f"replicated DTensor written {len(writers)} times")
     mesh2 = init_device_mesh("cpu", (2, 2))
     tgt = {"model": {k: distribute_tensor(torch.zeros_like(v), mesh2, [Shard(v.dim() - 1), Replicate()])
                      for k, v in full.items()},
+           "rep_dt": distribute_tensor(torch.zeros(4096), mesh2, [Replicate(), Shard(0)]),
            "plain": {"col": torch.zeros(4), "rep": torch.zeros(3)}, "step": 0}
     col2 = ParallelLayout(tp_rank=rank % 2, tp_size=2, dp_rank=rank // 2, dp_size=2,
                           rules={"plain.col": ShardSpec(0)})
@@ -145,11 +201,13 @@ def dtensor_roundtrip(root: str) -> list[str]:
     for k, v in full.items():
         if not torch.equal(tgt["model"][k].full_tensor(), v):
             problems.append(f"dtensor {k}")
+    if not torch.equal(tgt["rep_dt"].full_tensor(), rep_full):
+        problems.append("replicated dtensor")
     topo = mg.Topo(2, 1, 2)
     plain = {"model": mg.empty_like_local(topo, rank)}
     lp = ReshardLoadPlanner(topo.layout(rank), strict=False)
     dcp.load(plain, storage_reader=FileSystemReader(path), planner=lp)
-    if lp.report.unexpected_keys != ["plain.col", "plain.rep", "step"] or lp.report.missing_keys:
+    if lp.report.unexpected_keys != ["plain.col", "plain.rep", "rep_dt", "step"] or lp.report.missing_keys:
         problems.append(f"report {lp.report}")
     problems += [f"plain {k}" for k in check_loaded(topo, rank, plain["model"], full)]
     return problems

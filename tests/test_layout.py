@@ -215,3 +215,103 @@ def test_layout_description_ranges():
     assert _ranges([]) == "none"
     lay = ParallelLayout(tp_rank=1, tp_size=2, pp_rank=1, pp_size=2, stage_layers=(2, 3))
     assert lay.describe() == "TPxPPxDP=2x2x1 (tp 1, pp 1 [layers 2,3], dp 0)"
+
+
+# ---- whole models: any TP x PP split -> global -> any other TP x PP split ----------------------
+
+H = 4  # hidden size of the property-test model
+
+
+def _model_rules(tp_lcm: int) -> tuple[dict[str, ShardSpec], tuple[int, int, int]]:
+    qkv = (2 * tp_lcm, tp_lcm, tp_lcm)  # GQA-like unequal fused parts, each divisible by every TP size
+    return {"*.qkv.weight": ShardSpec(0, qkv), "*.qkv.bias": ShardSpec(0, qkv),
+            "*.proj.weight": ShardSpec(1), "*.gate_up.weight": ShardSpec(0, (tp_lcm, tp_lcm)),
+            "embed.weight": ShardSpec(0)}, qkv
+
+
+def _model(n_layers: int, tp_lcm: int) -> dict[str, torch.Tensor]:
+    _, qkv = _model_rules(tp_lcm)
+    g = torch.Generator().manual_seed(n_layers * 100 + tp_lcm)
+    full = {"embed.weight": torch.randn(2 * tp_lcm, H, generator=g)}
+    for i in range(n_layers):
+        full[f"layers.{i}.qkv.weight"] = torch.randn(sum(qkv), H, generator=g)
+        full[f"layers.{i}.qkv.bias"] = torch.randn(sum(qkv), generator=g)
+        full[f"layers.{i}.proj.weight"] = torch.randn(H, 3 * tp_lcm, generator=g)
+        full[f"layers.{i}.gate_up.weight"] = torch.randn(2 * tp_lcm, H, generator=g)
+        full[f"layers.{i}.norm.weight"] = torch.randn(H, generator=g)
+    full["final_norm.weight"] = torch.randn(H, generator=g)
+    return full
+
+
+@st.composite
+def model_splits(draw):
+    """A model and several TP x PP splits of it: even splits use layer_offset, others stage_layers."""
+    n_layers = draw(st.integers(1, 5))
+    splits = []
+    for _ in range(draw(st.integers(2, 3))):
+        tp = draw(st.sampled_from([1, 2, 3, 4]))
+        pp = draw(st.integers(1, n_layers))
+        cuts = sorted(draw(st.lists(st.integers(1, n_layers - 1), min_size=pp - 1, max_size=pp - 1,
+                                    unique=True))) if pp > 1 else []
+        bounds = [0] + cuts + [n_layers]
+        stages = [tuple(range(a, b)) for a, b in zip(bounds, bounds[1:])]
+        even = len({len(s) for s in stages}) == 1
+        splits.append((tp, stages, even and draw(st.booleans())))
+    return n_layers, splits
+
+
+def _split_model(full: dict[str, torch.Tensor], tp: int, stages, use_offset: bool, rules):
+    """Every rank's (layout, local state) at this split, Megatron-style (the first stage holds the
+    embedding, the last one the final norm)."""
+    ranks = []
+    for pp_rank, layers in enumerate(stages):
+        for tp_rank in range(tp):
+            kw = dict(tp_rank=tp_rank, tp_size=tp, pp_rank=pp_rank, pp_size=len(stages), rules=rules)
+            lay = (ParallelLayout(**kw, layer_offset=layers[0]) if use_offset
+                   else ParallelLayout(**kw, stage_layers=layers))
+            local = {}
+            for g, t in full.items():
+                if g.startswith("layers."):
+                    if int(g.split(".")[1]) not in layers:
+                        continue
+                elif g == "embed.weight" and pp_rank != 0:
+                    continue
+                elif g == "final_norm.weight" and pp_rank != len(stages) - 1:
+                    continue
+                lf = lay.local_fqn(g)
+                assert lf is not None and lay.global_fqn(lf) == g
+                local[lf] = lay.shard(lf, t)
+            ranks.append((lay, local))
+    return ranks
+
+
+def _compose_model(ranks) -> dict[str, torch.Tensor]:
+    groups: dict[str, list] = {}
+    for lay, local in ranks:
+        for lf, t in local.items():
+            m = lay.map_tensor(lf, t.shape)
+            groups.setdefault(m.global_fqn, []).append((m, t))
+    return {g: compose_global(parts) for g, parts in groups.items()}
+
+
+@settings(max_examples=60, deadline=None)
+@given(model_splits())
+def test_any_tp_pp_split_to_global_to_any_other_split_is_identity(case):
+    n_layers, splits = case
+    tp_lcm = 12  # divisible by every TP size drawn (1, 2, 3, 4)
+    rules, _ = _model_rules(tp_lcm)
+    full = _model(n_layers, tp_lcm)
+    current = full
+    for tp, stages, use_offset in splits:
+        ranks = _split_model(current, tp, stages, use_offset, rules)
+        for lay, local in ranks:  # every local tensor is the independent Megatron-style cut of `full`
+            for lf, t in local.items():
+                g = lay.global_fqn(lf)
+                spec = lay.spec_for(lf) or lay.spec_for(g)
+                want = full[g] if spec is None else megatron_split(full[g], spec.dim, spec.segments,
+                                                                   lay.tp_rank, tp)
+                assert torch.equal(t, want), (tp, stages, lf)
+        current = _compose_model(ranks)
+        assert current.keys() == full.keys()
+        for g in full:
+            assert torch.equal(current[g], full[g]), (tp, stages, g)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch.distributed.checkpoint as dcp
 
 from tests import optim_rank_fns as f
 
@@ -141,15 +142,35 @@ def test_plain_resume_bit_identical_tp_pp(ranks, tmp_path):
 
 
 def test_zero_dp_1_2_3_4_with_padding(ranks, tmp_path):
-    # DP 1 -> 2 -> 3 -> 4, each load checked against the single-process reference, then saved again
-    alignment, bucket = 4, 150
-    prev = str(tmp_path / "dp1")
-    ranks(1).run(f.zero_save, prev, (1, 1, 1), 2, alignment, bucket)
-    for dp in (2, 3, 4):
-        out = ranks(dp).run(f.zero_load, prev, (1, 1, dp), 2, alignment, bucket, "zero")
-        assert all(n == 3 for n in out)
-        prev = str(tmp_path / f"dp{dp}")
-        ranks(dp).run(f.zero_save, prev, (1, 1, dp), 2, alignment, bucket)
+    """(c) One state hops DP 1 -> 2 -> 3 -> 4 -> 1, each hop with another alignment padding and
+    bucket size: every load is compared exactly with the single-process reference (padding left
+    untouched, every parameter element filled) and the *loaded* state is what the next hop saves."""
+    steps = 2
+    hops = [(1, 4, 150), (2, 8, 100), (3, 1, None), (4, 16, 64), (1, 4, 150)]
+    dp, alignment, bucket = hops[0]
+    prev = str(tmp_path / "hop0")
+    ranks(dp).run(f.zero_save, prev, (1, 1, dp), steps, alignment, bucket)
+    for i, (dp, alignment, bucket) in enumerate(hops[1:], 1):
+        nxt = str(tmp_path / f"hop{i}")
+        out = ranks(dp).run(f.zero_load, prev, (1, 1, dp), steps, alignment, bucket, "zero", nxt)
+        assert out == [3] * dp  # master, exp_avg, exp_avg_sq slices checked on every rank
+        prev = nxt
+
+
+def test_zero_bf16_model_fp32_master(ranks, tmp_path):
+    """A bf16 model with fp32 master weights and moments in the flat buffers: saved at TP 2 x DP 2,
+    loaded at DP 3; the checkpoint keeps the dtypes (bf16 weights, fp32 master/exp_avg)."""
+    ck = str(tmp_path / "ck")
+    ranks(4).run(f.zero_save, ck, (2, 1, 2), 2, 4, 100, "bfloat16")
+    md = dcp.FileSystemReader(ck).read_metadata().state_dict_metadata
+    dtypes: dict[str, set] = {}
+    for k, v in md.items():
+        if k.startswith(("optim.state.", "model.")) and hasattr(v, "properties"):
+            dtypes.setdefault(k.rsplit(".", 1)[-1] if k.startswith("optim.") else "model", set()).add(v.properties.dtype)
+    assert dtypes == {"model": {torch.bfloat16}, "master": {torch.float32}, "exp_avg": {torch.float32},
+                      "exp_avg_sq": {torch.float32}, "step": {torch.float32}}
+    out = ranks(3).run(f.zero_load, ck, (1, 1, 3), 2, 8, None, "zero", None, "bfloat16")
+    assert out == [3] * 3
 
 
 def test_zero_reshard_tp_pp_and_into_plain_adam(ranks, tmp_path):
@@ -170,6 +191,7 @@ def test_example_resume_different_layout(tmp_path):
                         str(tmp_path / "ex")], capture_output=True, text=True, timeout=300, env=env, cwd=root)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "bit for bit: OK" in r.stdout
+    assert "uninterrupted 5-step run at TP=1 (up to TP=2's rounding): OK" in r.stdout
 
 
 def test_dropped_pieces_are_an_error():

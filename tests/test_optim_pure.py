@@ -222,6 +222,13 @@ def test_flat_state_pieces_tile_global_params():
                     continue
                 gp = entry["exp_avg"]
                 assert gp.replicated == (f == "layers.0.norm.weight")
+                # at most 3 rectangular chunks (partial first row, full rows, partial last row) per
+                # parameter piece, i.e. per fused part of the rank's TP shard of a 2-d parameter
+                per_part: dict[int, int] = {}
+                for p in gp.pieces:
+                    part = sum(p.global_offsets[0] >= b for b in (8, 12)) if "qkv" in f else 0
+                    per_part[part] = per_part.get(part, 0) + 1
+                assert max(per_part.values()) <= 3, (tr, dr, f, per_part)
                 for p in gp.pieces:
                     assert p.global_fqn == f"optim.state.{f}.exp_avg"
                     box = tuple(slice(o, o + s) for o, s in zip(p.global_offsets, p.view.shape))
@@ -254,3 +261,70 @@ def test_flat_state_errors():
         st.load_state_dict(bad)
     with pytest.raises(OptimizerStateError, match="ZeroAdam got the same parameter FQN twice"):
         ZeroAdam([("w", model.weight), ("w", model.bias)])
+
+
+@st.composite
+def zero_tp_cases(draw):
+    tp = draw(st.sampled_from([1, 2, 3]))
+    dim = draw(st.integers(0, 1))
+    segments = tuple(tp * draw(st.integers(1, 3)) for _ in range(draw(st.integers(1, 3))))
+    other = draw(st.integers(1, 5))
+    shape = (sum(segments), other) if dim == 0 else (other, sum(segments))
+    dp = draw(st.integers(1, 4))
+    alignment = draw(st.sampled_from([1, 2, 4]))
+    bucket = draw(st.sampled_from([None, 3, 7]))
+    return tp, dim, segments, shape, dp, alignment, bucket
+
+
+@settings(max_examples=150, deadline=None)
+@given(zero_tp_cases())
+def test_flat_state_pieces_property(case):
+    """Any 2-d fused parameter, TP size, DP size, alignment and bucketing: the ZeRO slices' pieces
+    are exact boxes of the global parameter, tile it exactly once (a TP-replicated neighbour once per
+    TP rank), and every fused part of a rank's shard gives at most 3 chunks per slice."""
+    from dcp_ext.layout import ParallelLayout, ShardSpec
+    from dcp_ext.optim import flat_state_pieces
+
+    tp, dim, segments, shape, dp, alignment, bucket = case
+    rules = {"w": ShardSpec(dim, segments)}
+    glob = {"w": torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape),
+            "norm": torch.arange(5, dtype=torch.float64) + 0.5}
+    cover = {f: torch.zeros(t.shape, dtype=torch.int64) for f, t in glob.items()}
+    bounds = [sum(segments[:i + 1]) for i in range(len(segments) - 1)]
+    for tr in range(tp):
+        lay = ParallelLayout(tp_rank=tr, tp_size=tp, rules=rules)
+        local = {f: lay.shard(f, t) for f, t in glob.items()}
+        for dr in range(dp):
+            spec = FlatBufferSpec.build([("norm", (5,)), ("w", tuple(local["w"].shape))], dp_size=dp, dp_rank=dr,
+                                        alignment=alignment, bucket_numel=bucket)
+            buf = pack_flat(spec, local)
+            for f, entry in flat_state_pieces(spec, {"m": buf}, layout=lay).items():
+                per_part: dict[int, int] = {}
+                for p in entry["m"].pieces:
+                    box = tuple(slice(o, o + s) for o, s in zip(p.global_offsets, p.view.shape))
+                    assert p.global_shape == tuple(glob[f].shape)
+                    assert torch.equal(p.view, glob[f][box])
+                    cover[f][box] += 1
+                    part = sum(p.global_offsets[dim] >= b for b in bounds) if f == "w" else 0
+                    per_part[part] = per_part.get(part, 0) + 1
+                assert max(per_part.values()) <= 3, (tr, dr, f, per_part)
+    assert torch.equal(cover["w"], torch.ones(shape, dtype=torch.int64))
+    assert torch.equal(cover["norm"], torch.full((5,), tp, dtype=torch.int64))
+
+
+def test_flat_state_pieces_three_chunks_for_a_ragged_slice():
+    """A slice starting and ending mid-row of one fused part gives exactly the 3 chunks."""
+    from dcp_ext.layout import ParallelLayout, ShardSpec
+    from dcp_ext.optim import flat_state_pieces
+
+    lay = ParallelLayout(tp_rank=1, tp_size=2, rules={"w": ShardSpec(0, (8, 4))})
+    glob = torch.arange(12 * 3, dtype=torch.float32).reshape(12, 3)
+    local = lay.shard("w", glob)  # rows 4-7 (second half of part 0) and 10-11 (of part 1)
+    # a hand-made slice of local flat elements [2, 10): row 0 cols 2, rows 1-2, row 3 col 0
+    spec = FlatBufferSpec((FlatParam("w", (6, 3), 0),), 18, ((2, 10),))
+    pieces = flat_state_pieces(spec, {"m": pack_flat(spec, {"w": local})}, layout=lay)["w"]["m"].pieces
+    assert [(p.global_offsets, tuple(p.view.shape)) for p in pieces] == [((4, 2), (1, 1)), ((5, 0), (2, 3)),
+                                                                         ((7, 0), (1, 1))]
+    for p in pieces:
+        assert torch.equal(p.view, glob[p.global_offsets[0]:p.global_offsets[0] + p.view.shape[0],
+                                        p.global_offsets[1]:p.global_offsets[1] + p.view.shape[1]])

@@ -35,35 +35,53 @@ SAVE_TOPOS = [mg.Topo(2, 1, 2), mg.Topo(1, 2, 2), mg.Topo(4, 1, 1), mg.Topo(2, 2
 UNEVEN = mg.Topo(1, 2, 2, stages=((0,), (1, 2, 3)))
 UNEVEN_TP = mg.Topo(2, 2, 1, stages=((0, 1, 2), (3,)))
 ONE = mg.Topo(1, 1, 1)
-LOAD_TOPOS = SAVE_TOPOS + [UNEVEN, UNEVEN_TP]
-
-
-def _save_one(path: str, topo: mg.Topo = ONE) -> None:
-    dcp.save(rf.state_for(topo, 0), storage_writer=FileSystemWriter(path),
-             planner=ReshardSavePlanner(topo.layout(0)))
+#: the issue's matrix: save at each of these and load at every one (all ordered pairs, same layout too)
+ISSUE_TOPOS = ["2x1x2", "1x2x2", "4x1x1", "2x2x1", "1x1x1"]
+LOAD_TOPOS = SAVE_TOPOS + [UNEVEN, UNEVEN_TP, ONE]
 
 
 @pytest.fixture(scope="session")
 def saved(tmp_path_factory):
-    """Every layout saved once: 4-rank layouts in one pool run, 1x1x1 in this process."""
+    """Every layout saved once in one pool run (1x1x1 by rank 0 alone, on a one-rank gloo group)."""
     root = str(tmp_path_factory.mktemp("reshard"))
-    get_pool(4).run(rf.save_topos, root, SAVE_TOPOS + [UNEVEN])
-    _save_one(os.path.join(root, ONE.name))
+    get_pool(4).run(rf.save_topos, root, SAVE_TOPOS + [UNEVEN, ONE])
     return root
 
 
 SOURCES = [t.name for t in SAVE_TOPOS + [UNEVEN, ONE]]
 
 
-def test_load_matrix_on_four_ranks(saved):
+def test_load_matrix_on_gloo_ranks(saved):
+    """Every saved layout loaded at every target on real gloo groups (4 ranks, or 1 rank for 1x1x1):
+    params torch.equal to the single-process reference, saved objects back, a clean report, and the
+    model's distributed forward pass equal to the reference forward (bit-identical at TP=1)."""
     results = get_pool(4).run(rf.load_matrix, saved, SOURCES, LOAD_TOPOS, timeout=600)
     problems = [(r, s, t, p) for r, res in enumerate(results) for s, t, p in res if p]
     assert not problems, problems[:5]
-    assert len(results[0]) == len(SOURCES) * len(LOAD_TOPOS)
+    pairs = {(s, t) for s, t, _ in results[0]}
+    assert len(results[0]) == len(pairs) == len(SOURCES) * len(LOAD_TOPOS) == 42
+    assert {(s, t) for s in ISSUE_TOPOS for t in ISSUE_TOPOS} <= pairs  # all 25 ordered pairs
+
+
+def test_strict_errors_on_every_rank(saved):
+    """A strict load with faults on different ranks: every rank gets one error that lists them all
+    and names the saved and the target layout; nothing is loaded anywhere."""
+    out = get_pool(4).run(rf.strict_errors, saved, "2x2x1")
+    for r, res in enumerate(out):
+        msg = res["msg"]
+        assert "ReshardLoadPlanner (strict): the checkpoint does not match the target layout" in msg, (r, msg)
+        assert "saved layout: TPxPPxDP=2x2x1 on 4 ranks (stage 0: layers 0-1; stage 1: layers 2-3)" in msg
+        assert "target layout: TPxPPxDP=2x1x2 on 4 ranks (stage 0: layers 0-3)" in msg
+        assert "1 missing keys (in the target, not in the checkpoint): model.layers.1.attn.extra.weight" in msg
+        assert "1 unexpected keys (in the checkpoint, not loaded by any rank): extra.note" in msg
+        assert ("1 shape mismatches: model.embed.weight: checkpoint global shape [64, 16], target layout "
+                "TPxPPxDP=2x1x2 (tp 1, pp 0 [layer_offset 0], dp 0) (local shape [5, 16], "
+                "ShardSpec(dim=0, segments=None)) implies [10, 16]") in msg
+        assert res["untouched"], f"rank {r} loaded something despite the strict error"
 
 
 @pytest.mark.parametrize("src", SOURCES)
-def test_load_at_one_rank(saved, src):
+def test_load_at_one_rank_without_a_process_group(saved, src):
     full = mg.full_params(rf.SEED)
     sd = {"model": mg.empty_like_local(ONE, 0), "step": -1, "extra": {"note": ""}}
     planner = ReshardLoadPlanner(ONE.layout(0))
@@ -178,9 +196,12 @@ def test_strict_missing_and_unexpected_keys(saved):
         dcp.load({"model": params, "step": 0}, storage_reader=FileSystemReader(os.path.join(saved, "1x1x1")),
                  planner=ReshardLoadPlanner(ParallelLayout(rules=mg.rules())))
     msg = str(ei.value)
+    assert "saved layout: TPxPPxDP=1x1x1 on 1 ranks (stage 0: layers 0-3)" in msg
+    assert "target layout: TPxPPxDP=1x1x1 on 1 ranks (stage 0: layers 0-1)" in msg
     assert "1 missing keys (in the target, not in the checkpoint): model.layers.0.extra.weight" in msg
     assert "15 unexpected keys (in the checkpoint, not loaded by any rank): extra.note, " in msg
     assert "model.layers.2.attn.proj.weight" in msg
+    assert "shape mismatches" not in msg
 
 
 def test_non_strict_loads_what_matches_and_reports(saved, caplog):

@@ -44,3 +44,29 @@ def test_timeout():
 def test_bad_world_size():
     with pytest.raises(ValueError, match="world_size must be >= 1"):
         RankPool(0)
+
+
+def test_children_see_parent_env_cwd_and_path(tmp_path, monkeypatch):
+    # forkserver children are forked from a server started earlier: they must still see the
+    # parent's environment *now* (and the pool's env), its working directory and sys.path
+    import os
+    import sys
+
+    monkeypatch.setenv("DCP_EXT_HARNESS_PROBE", "parent-now")
+    monkeypatch.chdir(tmp_path)
+    out = run_on_ranks(rank_fns.env_and_cwd, 2, "DCP_EXT_HARNESS_PROBE")  # forkserver
+    assert [o[0] for o in out] == ["parent-now"] * 2
+    assert [o[1] for o in out] == [os.getcwd()] * 2
+    assert all(set(sys.path) <= set(o[2]) for o in out)
+    assert [o[3] for o in out] == [0, 1]
+    with RankPool(1, env={"DCP_EXT_HARNESS_PROBE": "from-env"}) as pool:
+        assert pool.run(rank_fns.env_and_cwd, "DCP_EXT_HARNESS_PROBE")[0][0] == "from-env"
+    # the slower spawn method (one import of torch per rank) still works the same way
+    with RankPool(1, env={"DCP_EXT_HARNESS_PROBE": "spawned"}, start_method="spawn") as pool:
+        got = pool.run(rank_fns.env_and_cwd, "DCP_EXT_HARNESS_PROBE")[0]
+    assert got[0] == "spawned" and got[1] == os.getcwd()
+
+
+def test_bad_start_method():
+    with pytest.raises(ValueError, match="start_method must be 'forkserver', 'spawn' or None, got 'fork'"):
+        RankPool(1, start_method="fork")
