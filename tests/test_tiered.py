@@ -180,8 +180,7 @@ def test_retention_keeps_last_k_and_never_an_unpersisted_one(tmp_path, caplog):
     w = dcp_ext.storage_writer(good2, **opts)
     dcp.save(_state(2), storage_writer=w)
     with caplog.at_level("INFO", logger="dcp_ext.storage.tiered"):
-        w.wait_persisted(30)
-        time.sleep(0.2)  # retention runs right after the future resolves
+        w.wait_persisted(120)  # retention has run when the persist future resolves: no sleep needed
     # keep_last=1: step 2 is kept, step 0 (persisted) is removed, step 1 (not persisted) is kept
     assert sorted(os.listdir(cache)) == sorted(os.path.basename(fast_dir_for(u, cache)) for u in (bad1, good2))
     assert "its durable copy is not persisted" in caplog.text
@@ -218,19 +217,28 @@ def test_bad_tier_options(tmp_path):
 
 
 def test_wait_persisted_timeout_and_misuse(tmp_path, monkeypatch):
-    monkeypatch.setenv("DCP_EXT_TEST_SLOW_S", "0.3")
+    gate = tmp_path / "gate"
+    gate.touch()  # the durable tier is stuck after its first write until the gate is removed
+    monkeypatch.setenv(T.GATE_ENV, str(gate))
     url = f"slowfs://{tmp_path}/slow"
     w = dcp_ext.storage_writer(url, cache=str(tmp_path / "c"), tier={"chunk_size": "4KiB"})
     with pytest.raises(DcpExtError, match="no checkpoint has been committed with this writer"):
         w.wait_persisted(1)
     dcp.save(_state(), storage_writer=w)
+    h = [p for p in dcp_ext.pending_persists() if p.url == url]
+    assert len(h) == 1
+    deadline = time.monotonic() + 300
+    while not (h[0].state == "copying __0_0.distcp" and h[0].bytes_done == 4096):  # stuck at the 2nd write
+        assert time.monotonic() < deadline and not h[0].done(), h[0]
+        time.sleep(0.01)
     with pytest.raises(TimeoutError, match=r"slowfs://.*slow \(save [0-9a-f]{8}\) was not persisted to its durable "
-                                           r"location within 0.2s on rank 0: copying __0_0.distcp"):
+                                           r"location within 0.2s on rank 0: copying __0_0.distcp \(4096/\d+ bytes "
+                                           r"copied\); call wait_persisted\(\) again"):
         w.wait_persisted(0.2)
     with pytest.raises(TimeoutError, match="was not persisted"):
         dcp_ext.wait_persisted(timeout=0.01)
-    monkeypatch.setenv("DCP_EXT_TEST_SLOW_S", "0")
-    assert dcp_ext.wait_persisted(timeout=60)
+    gate.unlink()
+    assert url in [r.url for r in dcp_ext.wait_persisted(timeout=300)]
     assert dcp_ext.pending_persists() == []
     import pickle
 
@@ -295,21 +303,28 @@ def test_restore_schedule_one_transfer_per_node_and_file():
 
 def test_kill_during_persist_then_restart_finds_last_complete(tmp_path, caplog):
     root, cache = str(tmp_path / "ckpt"), str(tmp_path / "cache")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    gate = tmp_path / "durable.gate"
+    gate.touch()  # the durable tier of step 2 gets stuck after its first write: killed mid-file
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **{T.GATE_ENV: str(gate)})
     p = subprocess.Popen([sys.executable, "-m", "tests.tiered_rank_fns", "killed_saver", root, cache], cwd=ROOT,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = p.stdout.readline()
         assert line.strip() == "FAST_COMMITTED", p.stderr.read()
-        deadline = time.time() + 60
-        while not os.path.exists(os.path.join(root, "step_2", "__0_0.distcp")):  # persisting now
-            assert time.time() < deadline and p.poll() is None
+        data = os.path.join(root, "step_2", "__0_0.distcp")
+        deadline = time.monotonic() + 300
+        while not (os.path.exists(data) and os.path.getsize(data) > 0):  # persisting now, and stuck
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else ""
             time.sleep(0.05)
         p.kill()  # SIGKILL: no cleanup, no atexit
-        p.wait(30)
+        p.wait(60)
     finally:
         if p.poll() is None:
             p.kill()
+            p.wait(60)
+    assert 0 < os.path.getsize(data) < os.path.getsize(os.path.join(fast_dir_for(f"slowfs://{root}/step_2", cache),
+                                                                    "__0_0.distcp"))  # a partial durable file
     url2 = f"slowfs://{root}/step_2"
     st = tier_status(url2, cache=cache)
     assert st.fast_complete and not st.fast_persisted and st.durable_state == "incomplete"
@@ -380,6 +395,11 @@ def test_back_to_back_saves_with_a_slow_durable_tier(ranks, tmp_path):
     n = 3
     out = ranks(4).run(T.back_to_back, str(tmp_path / "d"), str(tmp_path / "nodes"), n)
     for r, res in enumerate(out):
+        # the durable tier was stuck: every save had committed fast and none was durable yet ...
+        assert res["pending_after_saves"] == n, res
+        for i, ld in enumerate(res["fast_while_stuck"]):
+            assert ld["tier"] == "fast" and all(ld["equal"].values()), (r, i, ld)
+        # ... then all of them persisted, in both tiers with their own values
         assert len(res["persisted"]) == n, res["persisted"]
         for i, ld in enumerate(res["loads"]):
             assert ld["fast"]["tier"] == "fast" and all(ld["fast"]["equal"].values()), (r, i, ld["fast"])
@@ -387,3 +407,16 @@ def test_back_to_back_saves_with_a_slow_durable_tier(ranks, tmp_path):
     for i in range(n):
         files = os.listdir(tmp_path / "d" / f"step_{i}")
         assert METADATA_NAME in files and not [f for f in files if f.startswith(".dcp_ext_persist")]
+
+
+def test_pooled_stager_with_tiers_mutate_in_place(ranks, tmp_path):
+    """The whole stack: dcp_ext.async_save + PooledStager into tiered writers, one state
+    mutated in place right after each call, durable tier stuck until all saves returned."""
+    n = 3
+    out = ranks(4).run(T.pooled_back_to_back, str(tmp_path / "d"), str(tmp_path / "nodes"), n)
+    for r, res in enumerate(out):
+        assert res["pending_after_saves"] == n, res
+        assert res["stats"]["pools_allocated"] == 1 and res["stats"]["stages"] == n, res["stats"]
+        for i, ld in enumerate(res["loads"]):
+            assert ld["fast"]["tier"] == "fast" and all(ld["fast"]["equal"].values()), (r, i, ld["fast"])
+            assert ld["durable"]["tier"] == "durable" and all(ld["durable"]["equal"].values()), (r, i, ld)
