@@ -37,10 +37,10 @@ def test_mutate_after_return_exact_and_pool_reused(ranks, tmp_path):
 def test_back_to_back_slow_upload_waits_never_overwrites(ranks, tmp_path):
     """One pool, uploads slower than the save interval: each save waits for the previous
     upload (it must not overwrite the pool the upload still reads); all exact."""
-    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=3, delay=0.4)
+    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=3, gated=True)
     _no_mismatch(res)
     for r in res:
-        assert r["stats"]["waits"] >= 1, r["stats"]  # the 2nd save found the pool busy
+        assert r["stats"]["waits"] == 2, r["stats"]  # the 2nd and 3rd saves found the pool busy
         assert r["stats"]["pools_allocated"] == 1
         assert r["ptrs"][0] == r["ptrs"][1] == r["ptrs"][2]
 
@@ -49,19 +49,29 @@ def test_control_reused_default_stager_corrupts(tmp_path):
     """Control for the test above (one process, no_dist): stock DefaultStager reused across
     saves caches buffers without ownership, so a save issued while the previous upload still
     runs overwrites it: the checkpoint holds already-mutated values. This proves the scenario
-    detects overwriting (and is why PooledStager exists). Our stager, same scenario: exact."""
+    detects overwriting (and is why PooledStager exists). Our stager, same scenario: exact.
+    The 1st upload is held until the 2nd save has been issued (DefaultStager) or is waiting
+    for the pool (PooledStager): no sleeps, the same outcome on a loaded machine."""
+    import threading
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
     def run(stager):
         sd = {"w": torch.arange(1000.0), "b": torch.ones(7, dtype=torch.int64)}
+        second_issued = threading.Event()
+
+        def release_first() -> bool:
+            return second_issued.is_set() or (isinstance(stager, PooledStager) and stager.stats["waits"] >= 1)
+
         refs, futs = [], []
         for i in range(2):
             refs.append({k: v.clone() for k, v in sd.items()})
-            futs.append(dcp_ext.async_save(sd, async_stager=stager, no_dist=True,
-                                           storage_writer=fns.SlowWriter(str(tmp_path / f"{id(stager)}_{i}"), 0.4)))
+            writer = fns.GatedWriter(str(tmp_path / f"{id(stager)}_{i}"), release_first if i == 0 else lambda: True)
+            futs.append(dcp_ext.async_save(sd, async_stager=stager, no_dist=True, storage_writer=writer))
             for v in sd.values():
                 v.add_(1)
+        second_issued.set()
         for f in futs:
             f.result()
         ok = []
@@ -73,12 +83,13 @@ def test_control_reused_default_stager_corrupts(tmp_path):
         return ok
 
     assert run(DefaultStager(StagingOptions(False, False, False, False))) == [False, True]
-    assert run(PooledStager()) == [True, True]
+    pooled = PooledStager()
+    assert run(pooled) == [True, True] and pooled.stats["waits"] == 1
 
 
 def test_second_pool_within_budget(ranks, tmp_path):
     """max_pools=2 and a budget for two: the 2nd save uses a second pool instead of waiting."""
-    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=2, delay=0.4,
+    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=2, gated=True,
                        stager_kw={"max_pools": 2, "memory_budget": 1 << 20})
     _no_mismatch(res)
     for r in res:
@@ -88,7 +99,7 @@ def test_second_pool_within_budget(ranks, tmp_path):
 
 def test_budget_for_one_pool_only_waits(ranks, tmp_path):
     """max_pools=2 but a budget that fits one pool: the 2nd save waits, no 2nd pool."""
-    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=2, delay=0.4, with_dtensor=False,
+    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=2, gated=True, with_dtensor=False,
                        stager_kw={"max_pools": 2, "memory_budget": 16 * 1024})
     _no_mismatch(res)
     for r in res:
@@ -100,10 +111,10 @@ def test_budget_for_one_pool_only_waits(ranks, tmp_path):
 def test_stock_dcp_async_save_is_safe(ranks, tmp_path, mode):
     """Plain dcp.async_save(async_stager=stager) with no tracking (reference-count release)
     and with stager.track(future): back-to-back slow uploads still exact."""
-    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=3, delay=0.3, mode=mode)
+    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=3, gated=True, mode=mode)
     _no_mismatch(res)
     for r in res:
-        assert r["stats"]["pools_allocated"] == 1 and r["stats"]["waits"] >= 1
+        assert r["stats"]["pools_allocated"] == 1 and r["stats"]["waits"] == 2, r["stats"]
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -268,7 +279,7 @@ def test_two_pools_uploads_do_not_overlap(tmp_path):
     spans: list[tuple[str, float, float]] = []
     lock = threading.Lock()
 
-    class Timed(fns.SlowWriter):
+    class Timed(fns.GatedWriter):
         def write_data(self, plan, planner):
             t0 = time.monotonic()
             fut = super().write_data(plan, planner)
@@ -281,8 +292,10 @@ def test_two_pools_uploads_do_not_overlap(tmp_path):
     sd = {"w": torch.arange(64.0)}
     res = []
     for i in range(2):
+        # the 1st upload is held until the 2nd save has staged (into the second pool)
+        release = (lambda: st.stats["stages"] >= 2) if i == 0 else (lambda: True)
         res.append(dcp_ext.async_save(sd, async_stager=st, no_dist=True,
-                                      storage_writer=Timed(str(tmp_path / str(i)), 0.3)))
+                                      storage_writer=Timed(str(tmp_path / str(i)), release)))
         sd["w"].add_(1)
     assert all(isinstance(r, AsyncSaveResponse) for r in res)
     for r in res:
