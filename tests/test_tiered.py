@@ -285,6 +285,24 @@ def test_choose_copy_rules():
         choose_copy("u", [full, short], {"state": "missing"})
 
 
+def test_partner_and_node_rules(monkeypatch, caplog):
+    from dcp_ext.config import load_config
+    from dcp_ext.storage.tiered import partner_offset, ranks_per_node, replicas_on_own_node
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = load_config(None, tier={"cache": "/x"})
+    assert ranks_per_node(cfg, 8) == 8 and partner_offset(cfg, 8) == 0  # one node: no partner
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert ranks_per_node(cfg, 8) == 4 and partner_offset(cfg, 8) == 4  # same local rank, next node
+    assert replicas_on_own_node(cfg, 8) == []
+    cfg = load_config(None, tier={"cache": "/x", "ranks_per_node": 2, "replica_offset": 6})
+    assert partner_offset(cfg, 8) == 6 and replicas_on_own_node(cfg, 8) == []
+    cfg = load_config(None, tier={"cache": "/x", "ranks_per_node": 2, "replica_offset": 1})
+    assert replicas_on_own_node(cfg, 4) == [0, 2]  # 0 -> 1 and 2 -> 3 stay on their node
+    cfg = load_config(None, tier={"cache": "/x", "ranks_per_node": 4})
+    assert replicas_on_own_node(cfg, 6) == [2, 3]  # uneven nodes {0..3}, {4, 5}: 2 -> 0, 3 -> 1
+
+
 def test_restore_schedule_one_transfer_per_node_and_file():
     have0 = {"__0_0.distcp": (5, "fast tier"), "__2_0.distcp": (7, "replica of rank 2")}
     have1 = {"__1_0.distcp": (5, "fast tier"), "__3_0.distcp": (7, "replica of rank 3")}
@@ -382,6 +400,33 @@ def test_node_loss_restores_from_partner_replicas(ranks, tmp_path):
     loaded = pool.run(T.load_two_nodes, url, base, 5)
     assert all(all(res["equal"].values()) for res in loaded)
     assert "fast tier on this node" in loaded[2]["sources"]["__2_0.distcp"]
+
+
+def test_replica_partner_is_configurable(ranks, tmp_path):
+    """Four 1-rank "nodes", tier.replica_offset=3: rank r's replica goes to rank r-1 (the
+    default would be r+1); a wiped node's data comes back from that partner, durable untouched."""
+    pool = ranks(4)
+    url, base = str(tmp_path / "durable"), str(tmp_path / "nodes")
+    tier = {"ranks_per_node": 1, "replica_offset": 3}
+    saved = pool.run(T.save_nodes, url, base, 11, tier)
+    for r, res in enumerate(saved):
+        assert res["replicate"] and res["replicas"] == [f"replica_of_rank{(r + 1) % 4}"], (r, res)
+        assert any(f"replicated 1 file(s) to rank {(r + 3) % 4}" in line for line in res["logs"]), res["logs"]
+    for f in os.listdir(url):  # any read of the durable data would now fail the load
+        if f.endswith(".distcp"):
+            os.unlink(os.path.join(url, f))
+    shutil.rmtree(os.path.join(base, "node2"))
+    loaded = pool.run(T.load_nodes, url, base, 11, tier)
+    for r, res in enumerate(loaded):
+        assert res["tier"] == "fast" and all(res["equal"].values()), (r, res)
+    assert ("restored over the process group from rank 1 on node 1 (its replica of rank 2)"
+            in loaded[2]["sources"]["__2_0.distcp"]), loaded[2]["sources"]
+    # a partner on the rank's own node protects nothing against node loss: rank 0 says so
+    bad = pool.run(T.save_nodes, str(tmp_path / "d2"), str(tmp_path / "nodes2"), 11,
+                   {"ranks_per_node": 2, "replica_offset": 1})
+    assert any(re.search(r"replica partner \(r \+ 1\) % 4 of rank\(s\) \[0, 2\] is on the same node "
+                         r"\(tier.ranks_per_node=2\).*set tier.replica_offset to a multiple of ranks_per_node", line)
+               for line in bad[0]["logs"]), bad[0]["logs"]
 
 
 def test_async_save_holds_values_as_of_the_call(ranks, tmp_path):

@@ -135,9 +135,9 @@ class LogCapture(logging.Handler):
 LAYOUT = {"w": "row", "emb": "col"}
 
 
-def node_cache(base: str) -> str:
-    """Two fake "nodes" of two ranks each: rank // 2 picks the node's cache dir."""
-    return os.path.join(base, f"node{dist.get_rank() // 2}")
+def node_cache(base: str, ranks_per_node: int = 2) -> str:
+    """Fake "nodes" (two ranks each by default): rank // ranks_per_node picks the node's cache dir."""
+    return os.path.join(base, f"node{dist.get_rank() // ranks_per_node}")
 
 
 def _check(target: dict, seed: int) -> dict[str, bool]:
@@ -168,6 +168,21 @@ def save_two_nodes(url: str, base: str, seed: int) -> dict:
 
 def load_two_nodes(url: str, base: str, seed: int) -> dict:
     return _load(url, seed, node_cache(base), tier={"ranks_per_node": 2})
+
+
+def save_nodes(url: str, base: str, seed: int, tier: dict) -> dict:
+    """Save with the given ``tier`` options, one cache dir per fake node; report the replicas."""
+    state = make_dtensor_state(seed, LAYOUT)
+    with LogCapture() as logs:
+        w = dcp_ext.storage_writer(url, cache=node_cache(base, tier["ranks_per_node"]), tier=tier)
+        dcp.save(state, storage_writer=w)
+    w.wait_persisted(300)
+    return {"replicas": sorted(f for f in os.listdir(w.fast_dir) if f.startswith("replica_of_rank")),
+            "replicate": w.replicate, "logs": logs.lines}
+
+
+def load_nodes(url: str, base: str, seed: int, tier: dict) -> dict:
+    return _load(url, seed, node_cache(base, tier["ranks_per_node"]), tier=tier)
 
 
 # -- async save: the checkpoint holds the values as of the call ------------------------------

@@ -151,7 +151,16 @@ def partner_offset(config: Config, world_size: int) -> int:
     return off % world_size if world_size else 0
 
 
+def replicas_on_own_node(config: Config, world_size: int) -> list[int]:
+    """Ranks whose replica partner ``(r + offset) % world_size`` is on their own node: their
+    replica does not survive the loss of that node (pure; used for a warning)."""
+    rpn = ranks_per_node(config, world_size)
+    off = partner_offset(config, world_size)
+    return [r for r in range(world_size) if (r + off) % world_size // rpn == r // rpn]
+
+
 _GROUPS: dict[tuple, Any] = {}
+_WARNED: dict[tuple, bool] = {}
 _GROUPS_LOCK = threading.Lock()
 
 
@@ -685,6 +694,18 @@ class TieredStorageWriter(StorageWriter):
         self._group = _side_group("write", config.tier.exchange_timeout) if self.world_size > 1 else None
         self.replicate = bool(config.tier.replicate and self.world_size > 1 and self.nodes > 1
                               and partner_offset(config, self.world_size) != 0)
+        off = partner_offset(config, self.world_size)
+        warn_key = ("own_node", off, self.ranks_per_node, self.world_size)
+        if self.replicate and self.rank == 0 and warn_key not in _WARNED:  # once per layout, not per save
+            same = replicas_on_own_node(config, self.world_size)
+            if same:
+                _WARNED[warn_key] = True
+                logger.warning(
+                    "fast-tier replication: the replica partner (r + %d) %% %d of rank(s) %s is on the same node "
+                    "(tier.ranks_per_node=%d), so their fast-tier data is lost with that node; set "
+                    "tier.replica_offset to a multiple of ranks_per_node (default: ranks_per_node)", off,
+                    self.world_size, same if len(same) <= 8 else f"{same[:8]} and {len(same) - 8} more",
+                    self.ranks_per_node)
         self._handle: PersistHandle | None = None
         self._commit: tuple[bytes, bytes] | None = None
         self._created: float | None = None
