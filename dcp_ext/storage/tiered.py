@@ -6,7 +6,7 @@ config section) returns a :class:`TieredStorageWriter`:
 1. **Inside** ``dcp.save`` each rank writes its data files into the fast tier (a directory
    ``<cache>/<name>-<hash>`` on its node, named after the durable URL), then, if there is more
    than one node, sends them to a partner rank on another node, which keeps them under
-   ``replica_of_rank{r}/`` (:ref:`replication`). The ranks agree that every write succeeded,
+   ``replica_of_rank{r}/`` (``tier.replica_offset``). The ranks agree that every write succeeded,
    and every rank publishes the manifest and ``.metadata`` in its node's directory (temp name +
    ``os.replace``): the checkpoint is *committed in the fast tier* when ``dcp.save`` returns
    (or the synchronous part of ``dcp.async_save`` finishes).
@@ -21,7 +21,7 @@ config section) returns a :class:`TieredStorageWriter`:
 :class:`TieredStorageReader` picks the newest *complete* copy, preferring the fast tier when it
 is as new as the durable one, and restores files a node lacks (lost node, or data another node
 wrote) from other ranks over a dedicated gloo group before reading: node B never reads node A's
-disk. See ``docs/tiered.md`` for the guarantees and limits.
+disk. See ``docs/async.md`` (section "Tiered checkpoints") for the guarantees and limits.
 """
 
 from __future__ import annotations
@@ -674,7 +674,8 @@ class TieredStorageWriter(StorageWriter):
 
     Build it with ``dcp_ext.storage_writer(url, cache=...)``. Every rank must build its writer
     (a dedicated gloo group is created on first use when ``torch.distributed`` is initialised),
-    and the save must use the default process group.
+    and the save's process group must span all ranks (the default group, or a ``new_group`` of
+    all ranks kept for checkpointing).
     """
 
     def __init__(self, url: str, config: Config, durable: Store):
