@@ -189,6 +189,28 @@ def test_retention_keeps_last_k_and_never_an_unpersisted_one(tmp_path, caplog):
     assert apply_retention(cache, 1) == []
 
 
+def test_retention_removes_leftovers_of_crashed_saves(tmp_path):
+    """A fast-tier directory without a commit (a save that died) is never loaded; retention
+    removes it once it is older than the oldest checkpoint it keeps, not before."""
+    cache = str(tmp_path / "c")
+    old_crash = fast_dir_for(str(tmp_path / "crashed_old"), cache)
+    os.makedirs(old_crash)
+    with open(os.path.join(old_crash, "__0_0.distcp"), "wb") as f:
+        f.write(b"partial")
+    os.utime(old_crash, (1, 1))  # long ago
+    url = str(tmp_path / "step_1")
+    w = dcp_ext.storage_writer(url, cache=cache, tier={"keep_last": 1})
+    new_crash = fast_dir_for(str(tmp_path / "crashed_new"), cache)
+    dcp.save(_state(1), storage_writer=w)
+    os.makedirs(new_crash)  # newer than the kept checkpoint: may be a save still being written
+    with pytest.raises(CheckpointNotFoundError):
+        dcp_ext.storage_reader(str(tmp_path / "crashed_old"), cache=cache).read_metadata()
+    w.wait_persisted(120)  # retention ran
+    left = sorted(os.listdir(cache))
+    assert os.path.basename(old_crash) not in left
+    assert left == sorted([os.path.basename(fast_dir_for(url, cache)), os.path.basename(new_crash)])
+
+
 # -- bad inputs -------------------------------------------------------------------------------------
 
 def test_cache_dir_not_usable(tmp_path):
@@ -427,6 +449,21 @@ def test_replica_partner_is_configurable(ranks, tmp_path):
     assert any(re.search(r"replica partner \(r \+ 1\) % 4 of rank\(s\) \[0, 2\] is on the same node "
                          r"\(tier.ranks_per_node=2\).*set tier.replica_offset to a multiple of ranks_per_node", line)
                for line in bad[0]["logs"]), bad[0]["logs"]
+
+
+def test_one_rank_failing_to_persist_fails_every_rank(ranks, tmp_path):
+    """Rank 1's durable writes fail: every rank's persisted future raises (none waits for a
+    commit that cannot come), the durable copy is not committed, the fast copy still loads."""
+    out = ranks(4).run(T.one_rank_fails_to_persist, str(tmp_path / "d"), str(tmp_path / "nodes"), 13)
+    assert re.search(r"PersistError: persisting .*__1_0\.distcp to fail1fs://.*__1_0\.distcp failed: cannot open "
+                     r"it for writing: injected failure", out[1]["error"]), out[1]["error"]
+    assert re.search(r"PersistError: not committing fail1fs://.*: another rank failed to persist its part "
+                     r"\(\.dcp_ext_persist\.[0-9a-f]+\.rank1\.failed\)", out[0]["error"]), out[0]["error"]
+    for r in (2, 3):
+        assert re.search(r"PersistError: the coordinator did not commit fail1fs://", out[r]["error"]), out[r]["error"]
+    assert METADATA_NAME not in os.listdir(tmp_path / "d" / "step")
+    for r, res in enumerate(out):
+        assert res["fast"]["tier"] == "fast" and all(res["fast"]["equal"].values()), (r, res["fast"])
 
 
 def test_async_save_holds_values_as_of_the_call(ranks, tmp_path):

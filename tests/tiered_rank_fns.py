@@ -7,6 +7,7 @@ Importing this module registers two test-only durable backends:
   named by ``DCP_EXT_TEST_GATE`` exists, every write but a file's first, and its close, block
   (a durable tier stuck mid-file, for as long as a test needs: no timing involved).
 * ``failfs://PATH``: a local directory whose data-file writes fail: a broken durable tier.
+* ``fail1fs://PATH``: only rank 1's data files cannot be created there.
 """
 
 from __future__ import annotations
@@ -97,11 +98,20 @@ class FailStore(SlowStore):
         return W(inner, 0)
 
 
+class FailRank1Store(SlowStore):
+    """Only rank 1's data files fail to persist: the other ranks must learn it, not hang."""
+
+    def open_writer(self, relpath: str) -> BlobWriter:
+        if relpath.startswith("__1_"):
+            raise StorageError(f"injected failure creating {self.root}/{relpath}")
+        return super().open_writer(relpath)
+
+
 def _register() -> None:
     from dcp_ext.storage.reader import ExtStorageReader
     from dcp_ext.storage.writer import ExtStorageWriter
 
-    for name, cls in (("slowfs", SlowStore), ("failfs", FailStore)):
+    for name, cls in (("slowfs", SlowStore), ("failfs", FailStore), ("fail1fs", FailRank1Store)):
         register_backend(Backend(name, (name,), lambda url, cfg, c=cls: ExtStorageWriter(c(url, cfg), cfg),
                                  lambda url, cfg, c=cls: ExtStorageReader(c(url, cfg), cfg),
                                  description="test backend"), replace=True)
@@ -199,6 +209,21 @@ def async_save_then_mutate(url: str, base: str, seed: int) -> dict:
     fast = _load(url, seed, node_cache(base), tier={"ranks_per_node": 2})
     durable = _load(url, seed, os.path.join(base, f"empty{dist.get_rank()}"))  # no fast copy there
     return {"fast": fast, "durable": durable}
+
+
+# -- one rank cannot persist ------------------------------------------------------------------
+
+def one_rank_fails_to_persist(root: str, base: str, seed: int) -> dict:
+    url = f"fail1fs://{root}/step"
+    tier = {"ranks_per_node": 2, "persist_timeout": 300}
+    w = dcp_ext.storage_writer(url, cache=node_cache(base), tier=tier)
+    dcp.save(make_dtensor_state(seed, LAYOUT), storage_writer=w)
+    try:
+        w.wait_persisted(600)
+        err = None
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        err = f"{type(e).__name__}: {e}"
+    return {"error": err, "fast": _load(url, seed, node_cache(base), tier={"ranks_per_node": 2})}
 
 
 # -- back-to-back saves with a slow durable tier -------------------------------------------
