@@ -268,6 +268,22 @@ def test_wait_persisted_timeout_and_misuse(tmp_path, monkeypatch):
         pickle.dumps(w)
 
 
+def test_persist_logs_progress(tmp_path, monkeypatch, caplog):
+    from dcp_ext.storage import tiered
+
+    monkeypatch.setattr(tiered, "PROGRESS_EVERY_S", 0.0)  # a line per chunk instead of every 30 s
+    url = f"slowfs://{tmp_path}/p"
+    w = dcp_ext.storage_writer(url, cache=str(tmp_path / "c"), tier={"chunk_size": "4KiB"})
+    with caplog.at_level("INFO", logger="dcp_ext.storage.tiered"):
+        dcp.save(_state(), storage_writer=w)
+        res = w.wait_persisted(120)
+    total = res.bytes / 2**20
+    lines = [r.getMessage() for r in caplog.records if ": persisting slowfs://" in r.getMessage()]
+    assert len(lines) >= 2 and re.search(rf"rank 0: persisting {re.escape(url)}: 0\.0 of {total:.1f} MiB \(\d+%\)",
+                                         lines[0]), lines
+    assert lines[-1].endswith("s so far") and "(100%)" in lines[-1], lines
+
+
 def test_reader_errors_name_what_is_missing(tmp_path):
     url, cache = str(tmp_path / "d"), str(tmp_path / "c")
     with pytest.raises(CheckpointNotFoundError, match="neither the durable location nor the fast tier"):

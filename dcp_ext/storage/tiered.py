@@ -400,6 +400,9 @@ class PersistHandle:
         return f"PersistHandle({self.url!r}, save={self.save_id[:8]}, rank={self.rank}, {self.state})"
 
 
+#: seconds between INFO progress lines of a background persistence (bytes copied so far)
+PROGRESS_EVERY_S = 30.0
+
 _EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
 _HANDLES: list[PersistHandle] = []
 _HANDLES_LOCK = threading.Lock()
@@ -478,6 +481,7 @@ class _PersistJob:
     cache_root: str
     keep_last: int
     run_retention: bool
+    _last_progress: float = dataclasses.field(default_factory=time.monotonic)
 
     def run(self) -> None:
         h = self.handle
@@ -524,6 +528,12 @@ class _PersistJob:
                 out.write(mv[:n])
                 pos += n
                 h.bytes_done += n
+                now = time.monotonic()
+                if now - self._last_progress >= PROGRESS_EVERY_S:  # long uploads say how far they are
+                    self._last_progress = now
+                    logger.info("rank %d: persisting %s: %.1f of %.1f MiB (%.0f%%), %.1fs so far", h.rank,
+                                self.durable.url, h.bytes_done / 2**20, h.bytes_total / 2**20,
+                                100.0 * h.bytes_done / max(h.bytes_total, 1), time.time() - h.started)
             out.close()
         except BaseException as e:
             out.abort()
@@ -949,7 +959,8 @@ class TieredStorageWriter(StorageWriter):
                           int(self.config.tier.chunk_size), self.cache_root, self.config.tier.keep_last,
                           run_retention=self.rank % self.ranks_per_node == 0)
         self._handle = h
-        with _HANDLES_LOCK:
+        with _HANDLES_LOCK:  # forget finished handles whose outcome was collected (long runs)
+            _HANDLES[:] = [x for x in _HANDLES if not (x.done() and x.reported)]
             _HANDLES.append(h)
         _executor().submit(job.run)
 
