@@ -20,6 +20,19 @@ the state, saves ``--rss-saves`` times and reports VmHWM from /proc/self/status;
 growth over the state itself is compared with the pool budget.
 
     python benchmarks/bench_async.py --size 1024 --rounds 7
+
+``--tiered``: time until the checkpoint is *safe* vs *durable*, same state, interleaved:
+
+* ``tiered``  ``dcp_ext.async_save`` + ``PooledStager`` into ``storage_writer(disk_url,
+              cache=<tmpfs>)``: safe = the fast-tier commit (the save future), durable =
+              ``wait_persisted()`` (the background copy to the disk URL committed there)
+* ``direct``  the same stager into ``storage_writer(disk_url)``: safe = durable = the future
+* ``stock``   ``dcp.async_save`` + ``FileSystemWriter(disk_url)`` (fsync on): safe = durable
+
+All three fsync the durable copy. ``--durable-dir`` must be on a real disk (default
+/var/tmp), ``--dir`` (the fast tier) in memory (default /dev/shm).
+
+    python benchmarks/bench_async.py --tiered --size 1024 --rounds 5 --threads 1
 """
 
 from __future__ import annotations
@@ -147,6 +160,71 @@ def rss_child(config: str, size: int, saves: int, root: str) -> dict[str, Any]:
             "pool_bytes": pool, "state_bytes": state_bytes(sd)}
 
 
+TIERED_CONFIGS = ["tiered", "direct", "stock"]
+
+
+def tiered_main(args: argparse.Namespace) -> None:
+    """Time until safe (first complete copy anywhere) and until durable, per config (median)."""
+    sd = make_state(args.size)
+    nbytes = state_bytes(sd)
+    fast_root = tempfile.mkdtemp(prefix="bench_tier_fast_", dir=args.dir)
+    disk_root = tempfile.mkdtemp(prefix="bench_tier_disk_", dir=args.durable_dir)
+    stagers = {"tiered": PooledStager(), "direct": PooledStager()}
+    rows: dict[str, dict[str, list[float]]] = {c: {"blocked": [], "safe": [], "durable": []} for c in TIERED_CONFIGS}
+    try:
+        for rnd in range(args.rounds + 1):
+            for c in TIERED_CONFIGS:
+                url = os.path.join(disk_root, f"{c}_{rnd}")
+                if c == "tiered":
+                    w: Any = dcp_ext.storage_writer(url, cache=fast_root)
+                elif c == "direct":
+                    w = dcp_ext.storage_writer(url)
+                else:
+                    w = FileSystemWriter(url, sync_files=True)
+                t0 = time.perf_counter()
+                if c == "stock":
+                    fut = dcp.async_save(sd, storage_writer=w, no_dist=True)
+                else:
+                    fut = dcp_ext.async_save(sd, storage_writer=w, async_stager=stagers[c], no_dist=True)
+                t_blocked = time.perf_counter() - t0
+                fut.result()
+                t_safe = time.perf_counter() - t0
+                if c == "tiered":
+                    w.wait_persisted()
+                t_durable = time.perf_counter() - t0
+                if rnd > 0:  # round 0: pool allocation, warm-up
+                    for k, v in (("blocked", t_blocked), ("safe", t_safe), ("durable", t_durable)):
+                        rows[c][k].append(v)
+                shutil.rmtree(url, ignore_errors=True)
+                if c == "tiered":
+                    shutil.rmtree(w.fast_dir, ignore_errors=True)
+            print(f"round {rnd}: " + ", ".join(
+                f"{c} safe={rows[c]['safe'][-1] * 1e3:.0f}ms durable={rows[c]['durable'][-1] * 1e3:.0f}ms"
+                for c in TIERED_CONFIGS if rows[c]["safe"]), flush=True)
+    finally:
+        for st in stagers.values():
+            st.close()
+        shutil.rmtree(fast_root, ignore_errors=True)
+        shutil.rmtree(disk_root, ignore_errors=True)
+    med = {c: {k: statistics.median(v) for k, v in r.items()} for c, r in rows.items()}
+    ratios = {
+        "tiered_safe_vs_direct_durable": med["tiered"]["safe"] / med["direct"]["durable"],
+        "tiered_safe_vs_stock_durable": med["tiered"]["safe"] / med["stock"]["durable"],
+        "tiered_durable_vs_direct_durable": med["tiered"]["durable"] / med["direct"]["durable"],
+        "tiered_safe_vs_tiered_durable": med["tiered"]["safe"] / med["tiered"]["durable"],
+    }
+    result = {"torch": torch.__version__, "size_mib": args.size, "state_bytes": nbytes, "rounds": args.rounds,
+              "threads": torch.get_num_threads(), "fast_dir": args.dir, "durable_dir": args.durable_dir,
+              "seconds": rows, "median_s": med, "ratios": ratios, "load_avg_at_end": os.getloadavg()}
+    out = args.out if args.out != "bench_out/bench_async.json" else "bench_out/bench_async_tiered.json"
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps({"median_ms": {c: {k: round(v * 1e3) for k, v in m.items()} for c, m in med.items()},
+                      "ratios": {k: round(v, 3) for k, v in ratios.items()}, "state_mib": round(nbytes / 2**20)},
+                     indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=128, help="state size in MiB (default 128; the issue asks >= 1024)")
@@ -158,10 +236,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0,
                     help="torch intra-op threads (0: torch's default). On a small shared machine, 1 "
                          "avoids a parallel copy waiting for a descheduled worker thread")
+    ap.add_argument("--tiered", action="store_true",
+                    help="measure time until safe (fast tier) vs durable instead of the blocking time")
+    ap.add_argument("--durable-dir", default="/var/tmp", help="a directory on a real disk (--tiered)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tiered:
+        tiered_main(args)
+        return
     configs = [c for c in args.configs.split(",") if c]
     if DefaultStager is None:
         configs = [c for c in configs if not c.startswith("default_stager")]

@@ -137,7 +137,9 @@ def _rank_train_and_save(ckpt: str, ref_path: str, steps: int) -> dict:
     fut = dcp_ext.async_save(state, storage_writer=writer, async_stager=stager)
     blocked = time.perf_counter() - t0
     fut.result()  # a training loop would keep going here; the demo waits for the commit
-    return {"seconds": time.perf_counter() - t0, "blocked": blocked, "bytes": writer.stats.bytes_written,
+    seconds = time.perf_counter() - t0
+    stager.close()  # frees the pool (after the last save of a run)
+    return {"seconds": seconds, "blocked": blocked, "bytes": writer.stats.bytes_written,
             "loss": loss}
 
 

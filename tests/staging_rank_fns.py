@@ -29,6 +29,25 @@ class SlowWriter(FileSystemWriter):
         return super().write_data(plan, planner)
 
 
+class GatedWriter(FileSystemWriter):
+    """A FileSystemWriter whose upload starts reading the staged data only once ``release()``
+    is true: a test holds an upload "in flight" until the next save has provably arrived
+    (no sleeps, so the outcome cannot depend on how loaded the machine is)."""
+
+    def __init__(self, path: str, release, max_s: float = 300.0) -> None:
+        super().__init__(path)
+        self.release = release
+        self.max_s = max_s
+
+    def write_data(self, plan, planner):  # type: ignore[override]
+        deadline = time.monotonic() + self.max_s
+        while not self.release():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"GatedWriter({self.path}): not released within {self.max_s}s")
+            time.sleep(0.005)
+        return super().write_data(plan, planner)
+
+
 class RecordingStager(PooledStager):
     """PooledStager that remembers the data_ptr of every staged plain tensor, per save."""
 
@@ -158,9 +177,13 @@ def load_and_compare(path: str, template: dict[str, Any], ref: Any, ext: bool = 
 
 
 def save_mutate_check(root: str, *, n_saves: int = 3, delay: float = 0.0, mode: str = "wrapper",
-                      executor: str = "thread", stager_kw: dict | None = None,
+                      executor: str = "thread", stager_kw: dict | None = None, gated: bool = False,
                       with_dtensor: bool = True, wait_each: bool = False, ext_writer: bool = False) -> dict[str, Any]:
     """Back-to-back async saves; the state is mutated right after each call returns.
+
+    gated (thread executor): upload ``i`` starts only once save ``i + 1`` has arrived at the
+    stager and either waits for a pool or has staged into another one, so every save but the
+    last finds the previous upload still in flight, deterministically.
 
     mode: "wrapper" (dcp_ext.async_save), "stock" (dcp.async_save, untracked lease),
     "track" (dcp.async_save + stager.track), "default_reused" (one stock DefaultStager reused
@@ -183,10 +206,21 @@ def save_mutate_check(root: str, *, n_saves: int = 3, delay: float = 0.0, mode: 
     else:
         stager = RecordingStager(**(stager_kw or {}))
     refs, futs = [], []
+    waits_after: dict[int, int] = {}  # save i -> the stager's wait count once save i had staged
+
+    def next_save_arrived(i: int) -> bool:
+        if i == n_saves - 1 or i not in waits_after:
+            return i == n_saves - 1
+        st = stager.stats
+        return st["waits"] > waits_after[i] or st["stages"] >= i + 2
+
     for i in range(n_saves):
         refs.append(snapshot(sd))
         if ext_writer:  # dcp_ext's own storage writer
             writer: Any = dcp_ext.storage_writer(f"{root}/ckpt{i}")
+        elif gated:
+            assert executor == "thread" and isinstance(stager, PooledStager), "gating reads the stager's counters"
+            writer = GatedWriter(f"{root}/ckpt{i}", lambda i=i: next_save_arrived(i))
         else:
             writer = SlowWriter(f"{root}/ckpt{i}", delay) if delay else FileSystemWriter(f"{root}/ckpt{i}")
         kw = dict(storage_writer=writer, async_stager=stager, async_checkpointer_type=ex)
@@ -196,6 +230,8 @@ def save_mutate_check(root: str, *, n_saves: int = 3, delay: float = 0.0, mode: 
             fut = dcp.async_save(sd, **kw)
             if mode == "track":
                 stager.track(fut)
+        if isinstance(stager, PooledStager):
+            waits_after[i] = stager.stats["waits"]
         mutate(sd, i)  # at once: the checkpoint must still hold refs[i]
         futs.append(fut)
         if wait_each:

@@ -37,10 +37,10 @@ def test_mutate_after_return_exact_and_pool_reused(ranks, tmp_path):
 def test_back_to_back_slow_upload_waits_never_overwrites(ranks, tmp_path):
     """One pool, uploads slower than the save interval: each save waits for the previous
     upload (it must not overwrite the pool the upload still reads); all exact."""
-    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=3, delay=0.4)
+    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=3, gated=True)
     _no_mismatch(res)
     for r in res:
-        assert r["stats"]["waits"] >= 1, r["stats"]  # the 2nd save found the pool busy
+        assert r["stats"]["waits"] == 2, r["stats"]  # the 2nd and 3rd saves found the pool busy
         assert r["stats"]["pools_allocated"] == 1
         assert r["ptrs"][0] == r["ptrs"][1] == r["ptrs"][2]
 
@@ -49,19 +49,29 @@ def test_control_reused_default_stager_corrupts(tmp_path):
     """Control for the test above (one process, no_dist): stock DefaultStager reused across
     saves caches buffers without ownership, so a save issued while the previous upload still
     runs overwrites it: the checkpoint holds already-mutated values. This proves the scenario
-    detects overwriting (and is why PooledStager exists). Our stager, same scenario: exact."""
+    detects overwriting (and is why PooledStager exists). Our stager, same scenario: exact.
+    The 1st upload is held until the 2nd save has been issued (DefaultStager) or is waiting
+    for the pool (PooledStager): no sleeps, the same outcome on a loaded machine."""
+    import threading
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
     def run(stager):
         sd = {"w": torch.arange(1000.0), "b": torch.ones(7, dtype=torch.int64)}
+        second_issued = threading.Event()
+
+        def release_first() -> bool:
+            return second_issued.is_set() or (isinstance(stager, PooledStager) and stager.stats["waits"] >= 1)
+
         refs, futs = [], []
         for i in range(2):
             refs.append({k: v.clone() for k, v in sd.items()})
-            futs.append(dcp_ext.async_save(sd, async_stager=stager, no_dist=True,
-                                           storage_writer=fns.SlowWriter(str(tmp_path / f"{id(stager)}_{i}"), 0.4)))
+            writer = fns.GatedWriter(str(tmp_path / f"{id(stager)}_{i}"), release_first if i == 0 else lambda: True)
+            futs.append(dcp_ext.async_save(sd, async_stager=stager, no_dist=True, storage_writer=writer))
             for v in sd.values():
                 v.add_(1)
+        second_issued.set()
         for f in futs:
             f.result()
         ok = []
@@ -73,12 +83,13 @@ def test_control_reused_default_stager_corrupts(tmp_path):
         return ok
 
     assert run(DefaultStager(StagingOptions(False, False, False, False))) == [False, True]
-    assert run(PooledStager()) == [True, True]
+    pooled = PooledStager()
+    assert run(pooled) == [True, True] and pooled.stats["waits"] == 1
 
 
 def test_second_pool_within_budget(ranks, tmp_path):
     """max_pools=2 and a budget for two: the 2nd save uses a second pool instead of waiting."""
-    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=2, delay=0.4,
+    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=2, gated=True,
                        stager_kw={"max_pools": 2, "memory_budget": 1 << 20})
     _no_mismatch(res)
     for r in res:
@@ -88,7 +99,7 @@ def test_second_pool_within_budget(ranks, tmp_path):
 
 def test_budget_for_one_pool_only_waits(ranks, tmp_path):
     """max_pools=2 but a budget that fits one pool: the 2nd save waits, no 2nd pool."""
-    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=2, delay=0.4, with_dtensor=False,
+    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=2, gated=True, with_dtensor=False,
                        stager_kw={"max_pools": 2, "memory_budget": 16 * 1024})
     _no_mismatch(res)
     for r in res:
@@ -100,10 +111,10 @@ def test_budget_for_one_pool_only_waits(ranks, tmp_path):
 def test_stock_dcp_async_save_is_safe(ranks, tmp_path, mode):
     """Plain dcp.async_save(async_stager=stager) with no tracking (reference-count release)
     and with stager.track(future): back-to-back slow uploads still exact."""
-    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=3, delay=0.3, mode=mode)
+    res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=3, gated=True, mode=mode)
     _no_mismatch(res)
     for r in res:
-        assert r["stats"]["pools_allocated"] == 1 and r["stats"]["waits"] >= 1
+        assert r["stats"]["pools_allocated"] == 1 and r["stats"]["waits"] == 2, r["stats"]
 
 
 @pytest.mark.parametrize("share", [True, False])
@@ -268,7 +279,7 @@ def test_two_pools_uploads_do_not_overlap(tmp_path):
     spans: list[tuple[str, float, float]] = []
     lock = threading.Lock()
 
-    class Timed(fns.SlowWriter):
+    class Timed(fns.GatedWriter):
         def write_data(self, plan, planner):
             t0 = time.monotonic()
             fut = super().write_data(plan, planner)
@@ -281,8 +292,10 @@ def test_two_pools_uploads_do_not_overlap(tmp_path):
     sd = {"w": torch.arange(64.0)}
     res = []
     for i in range(2):
+        # the 1st upload is held until the 2nd save has staged (into the second pool)
+        release = (lambda: st.stats["stages"] >= 2) if i == 0 else (lambda: True)
         res.append(dcp_ext.async_save(sd, async_stager=st, no_dist=True,
-                                      storage_writer=Timed(str(tmp_path / str(i)), 0.3)))
+                                      storage_writer=Timed(str(tmp_path / str(i)), release)))
         sd["w"].add_(1)
     assert all(isinstance(r, AsyncSaveResponse) for r in res)
     for r in res:
@@ -335,4 +348,140 @@ def test_rebuild_log_line(caplog):
     assert any("state dict structure changed; freeing pool 1" in r.message for r in caplog.records)
     assert torch.equal(b["new"], torch.zeros(2, 2)) and st.stats["rebuilds"] == 1 and len(st._pools) == 1
     del b
+    st.close()
+
+
+# ---------------------------------------------------------------- CUDA logic, without a device
+# No GPU is available to this test suite. These tests run the CUDA branches of the stager
+# against fakes (a recording cudart, fake streams/events, a CPU tensor that reports a CUDA
+# device) to pin down their logic: page-locking of the one pool allocation and its release,
+# and the ordering that makes the non-blocking device-to-host copies safe (side stream waits
+# for the current stream, copies issued on the side stream, event recorded after the last
+# copy and synchronized before stage() returns). The real device path is unmeasured.
+class _FakeCudart:
+    def __init__(self, rc: int = 0) -> None:
+        self.rc, self.calls = rc, []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):  # noqa: N802 - CUDA's name
+        self.calls.append(("register", ptr, nbytes, flags))
+        return self.rc
+
+    def cudaHostUnregister(self, ptr):  # noqa: N802
+        self.calls.append(("unregister", ptr))
+        return 0
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    rt = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: rt)
+    return rt
+
+
+def test_pinned_pool_is_registered_once_and_unregistered_on_close(fake_cuda):
+    st = PooledStager()  # pin_memory=None: pinned because "CUDA is available"
+    assert st.pin_memory
+    for i in range(3):
+        staged = st.stage({"a": torch.full((100,), float(i)), "b": torch.ones(3, dtype=torch.int64)})
+        assert torch.equal(staged["a"], torch.full((100,), float(i)))
+        del staged
+    pool = st._pools[0]
+    ptr, nbytes = pool.base.data_ptr(), pool.nbytes
+    assert pool.pinned and nbytes == 448 + 64  # 400 and 24 bytes, each rounded up to 64: no power-of-2 rounding
+    assert fake_cuda.calls == [("register", ptr, nbytes, 1)]  # one registration, reused by every save
+    st.close()
+    assert fake_cuda.calls[-1] == ("unregister", ptr)
+
+
+def test_pinning_failure_is_reported(fake_cuda):
+    fake_cuda.rc = 2
+    st = PooledStager()
+    with pytest.raises(StagingError, match=r"cudaHostRegister of 512 B staging pool failed \(cudaError 2\)"):
+        st.stage({"a": torch.zeros(100), "b": torch.ones(3, dtype=torch.int64)})
+    assert st.pool_bytes == 0
+    fake_cuda.rc = 0
+    assert torch.equal(st.stage({"a": torch.ones(2)})["a"], torch.ones(2))  # nothing leaked: works after
+    gc.collect()
+    st.close()
+
+
+def test_pinned_pool_moved_to_shared_memory_is_an_error(fake_cuda):
+    """The process executor moves a non-shared pool into shared memory (new pages): that
+    would silently drop the page-locking, so the next save refuses with a remedy."""
+    st = PooledStager()
+    staged = st.stage({"a": torch.zeros(100)})
+    del staged
+    gc.collect()
+    for v in st._pools[0].views:
+        v.share_memory_()  # what torch.multiprocessing does when the executor pickles the staged dict
+    with pytest.raises(StagingError, match="pinned pool was moved into shared memory.*share_memory=True"):
+        st.stage({"a": torch.ones(100)})
+    st._pools[0].pinned = False  # let close() free it
+    st.close()
+
+
+def test_device_to_host_copy_ordering(monkeypatch):
+    """stage()'s CUDA branch: for a tensor on a CUDA device the side stream first waits for
+    the current stream, the copy is issued on the side stream with non_blocking=True, an
+    event is recorded on it after the last copy and synchronized before _copy_in returns;
+    CPU tensors are copied synchronously outside the side stream."""
+    import contextlib
+
+    from dcp_ext.staging import _Leaf
+
+    trace: list[tuple] = []
+    active: list[object] = [None]
+
+    class Stream:
+        def __init__(self, device=None):
+            self.device = device
+            trace.append(("new_stream", str(device)))
+
+        def wait_stream(self, other):
+            trace.append(("wait_stream", other))
+
+    class Event:
+        def record(self, stream):
+            trace.append(("record", stream.device and str(stream.device)))
+
+        def synchronize(self):
+            trace.append(("synchronize",))
+
+    @contextlib.contextmanager
+    def stream_ctx(s):
+        active[0] = s
+        try:
+            yield
+        finally:
+            active[0] = None
+
+    class FakeCuda(torch.Tensor):
+        """A CPU tensor that reports cuda:0 and logs its copies (with the active stream)."""
+
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.Tensor.copy_:
+                trace.append(("copy", "side" if active[0] is not None else "none", kwargs.get("non_blocking", False)))
+            return super().__torch_function__(func, types, args, kwargs)
+
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "stream", stream_ctx)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: "current")
+    st = PooledStager()
+    srcs = [torch.Tensor._make_subclass(FakeCuda, torch.arange(6.0)),
+            torch.Tensor._make_subclass(FakeCuda, torch.ones(2, 3).t()),  # non-contiguous
+            torch.arange(4, dtype=torch.int64)]  # a CPU tensor in the same state dict
+    dsts = [torch.empty(6), torch.empty(3, 2), torch.empty(4, dtype=torch.int64)]
+    st._copy_in([_Leaf(f"t{i}", s) for i, s in enumerate(srcs)], dsts)
+    assert all(torch.equal(d, s.as_subclass(torch.Tensor)) for d, s in zip(dsts, srcs))
+    assert trace == [("new_stream", "cuda:0"), ("wait_stream", "current"), ("copy", "side", True),
+                     ("wait_stream", "current"), ("copy", "side", True),
+                     ("record", "cuda:0"), ("synchronize",)]
     st.close()

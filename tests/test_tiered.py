@@ -180,14 +180,35 @@ def test_retention_keeps_last_k_and_never_an_unpersisted_one(tmp_path, caplog):
     w = dcp_ext.storage_writer(good2, **opts)
     dcp.save(_state(2), storage_writer=w)
     with caplog.at_level("INFO", logger="dcp_ext.storage.tiered"):
-        w.wait_persisted(30)
-        time.sleep(0.2)  # retention runs right after the future resolves
+        w.wait_persisted(120)  # retention has run when the persist future resolves: no sleep needed
     # keep_last=1: step 2 is kept, step 0 (persisted) is removed, step 1 (not persisted) is kept
     assert sorted(os.listdir(cache)) == sorted(os.path.basename(fast_dir_for(u, cache)) for u in (bad1, good2))
     assert "its durable copy is not persisted" in caplog.text
     assert _load(bad1, cache, seed=1).tier == "fast"  # the unpersisted copy is still loadable
     assert _load(good0, cache, seed=0).tier == "durable"
     assert apply_retention(cache, 1) == []
+
+
+def test_retention_removes_leftovers_of_crashed_saves(tmp_path):
+    """A fast-tier directory without a commit (a save that died) is never loaded; retention
+    removes it once it is older than the oldest checkpoint it keeps, not before."""
+    cache = str(tmp_path / "c")
+    old_crash = fast_dir_for(str(tmp_path / "crashed_old"), cache)
+    os.makedirs(old_crash)
+    with open(os.path.join(old_crash, "__0_0.distcp"), "wb") as f:
+        f.write(b"partial")
+    os.utime(old_crash, (1, 1))  # long ago
+    url = str(tmp_path / "step_1")
+    w = dcp_ext.storage_writer(url, cache=cache, tier={"keep_last": 1})
+    new_crash = fast_dir_for(str(tmp_path / "crashed_new"), cache)
+    dcp.save(_state(1), storage_writer=w)
+    os.makedirs(new_crash)  # newer than the kept checkpoint: may be a save still being written
+    with pytest.raises(CheckpointNotFoundError):
+        dcp_ext.storage_reader(str(tmp_path / "crashed_old"), cache=cache).read_metadata()
+    w.wait_persisted(120)  # retention ran
+    left = sorted(os.listdir(cache))
+    assert os.path.basename(old_crash) not in left
+    assert left == sorted([os.path.basename(fast_dir_for(url, cache)), os.path.basename(new_crash)])
 
 
 # -- bad inputs -------------------------------------------------------------------------------------
@@ -218,24 +239,49 @@ def test_bad_tier_options(tmp_path):
 
 
 def test_wait_persisted_timeout_and_misuse(tmp_path, monkeypatch):
-    monkeypatch.setenv("DCP_EXT_TEST_SLOW_S", "0.3")
+    gate = tmp_path / "gate"
+    gate.touch()  # the durable tier is stuck after its first write until the gate is removed
+    monkeypatch.setenv(T.GATE_ENV, str(gate))
     url = f"slowfs://{tmp_path}/slow"
     w = dcp_ext.storage_writer(url, cache=str(tmp_path / "c"), tier={"chunk_size": "4KiB"})
     with pytest.raises(DcpExtError, match="no checkpoint has been committed with this writer"):
         w.wait_persisted(1)
     dcp.save(_state(), storage_writer=w)
+    h = [p for p in dcp_ext.pending_persists() if p.url == url]
+    assert len(h) == 1
+    deadline = time.monotonic() + 300
+    while not (h[0].state == "copying __0_0.distcp" and h[0].bytes_done == 4096):  # stuck at the 2nd write
+        assert time.monotonic() < deadline and not h[0].done(), h[0]
+        time.sleep(0.01)
     with pytest.raises(TimeoutError, match=r"slowfs://.*slow \(save [0-9a-f]{8}\) was not persisted to its durable "
-                                           r"location within 0.2s on rank 0: copying __0_0.distcp"):
+                                           r"location within 0.2s on rank 0: copying __0_0.distcp \(4096/\d+ bytes "
+                                           r"copied\); call wait_persisted\(\) again"):
         w.wait_persisted(0.2)
     with pytest.raises(TimeoutError, match="was not persisted"):
         dcp_ext.wait_persisted(timeout=0.01)
-    monkeypatch.setenv("DCP_EXT_TEST_SLOW_S", "0")
-    assert dcp_ext.wait_persisted(timeout=60)
+    gate.unlink()
+    assert url in [r.url for r in dcp_ext.wait_persisted(timeout=300)]
     assert dcp_ext.pending_persists() == []
     import pickle
 
     with pytest.raises(DcpExtError, match="cannot be pickled.*thread executor"):
         pickle.dumps(w)
+
+
+def test_persist_logs_progress(tmp_path, monkeypatch, caplog):
+    from dcp_ext.storage import tiered
+
+    monkeypatch.setattr(tiered, "PROGRESS_EVERY_S", 0.0)  # a line per chunk instead of every 30 s
+    url = f"slowfs://{tmp_path}/p"
+    w = dcp_ext.storage_writer(url, cache=str(tmp_path / "c"), tier={"chunk_size": "4KiB"})
+    with caplog.at_level("INFO", logger="dcp_ext.storage.tiered"):
+        dcp.save(_state(), storage_writer=w)
+        res = w.wait_persisted(120)
+    total = res.bytes / 2**20
+    lines = [r.getMessage() for r in caplog.records if ": persisting slowfs://" in r.getMessage()]
+    assert len(lines) >= 2 and re.search(rf"rank 0: persisting {re.escape(url)}: 0\.0 of {total:.1f} MiB \(\d+%\)",
+                                         lines[0]), lines
+    assert lines[-1].endswith("s so far") and "(100%)" in lines[-1], lines
 
 
 def test_reader_errors_name_what_is_missing(tmp_path):
@@ -277,6 +323,24 @@ def test_choose_copy_rules():
         choose_copy("u", [full, short], {"state": "missing"})
 
 
+def test_partner_and_node_rules(monkeypatch, caplog):
+    from dcp_ext.config import load_config
+    from dcp_ext.storage.tiered import partner_offset, ranks_per_node, replicas_on_own_node
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cfg = load_config(None, tier={"cache": "/x"})
+    assert ranks_per_node(cfg, 8) == 8 and partner_offset(cfg, 8) == 0  # one node: no partner
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert ranks_per_node(cfg, 8) == 4 and partner_offset(cfg, 8) == 4  # same local rank, next node
+    assert replicas_on_own_node(cfg, 8) == []
+    cfg = load_config(None, tier={"cache": "/x", "ranks_per_node": 2, "replica_offset": 6})
+    assert partner_offset(cfg, 8) == 6 and replicas_on_own_node(cfg, 8) == []
+    cfg = load_config(None, tier={"cache": "/x", "ranks_per_node": 2, "replica_offset": 1})
+    assert replicas_on_own_node(cfg, 4) == [0, 2]  # 0 -> 1 and 2 -> 3 stay on their node
+    cfg = load_config(None, tier={"cache": "/x", "ranks_per_node": 4})
+    assert replicas_on_own_node(cfg, 6) == [2, 3]  # uneven nodes {0..3}, {4, 5}: 2 -> 0, 3 -> 1
+
+
 def test_restore_schedule_one_transfer_per_node_and_file():
     have0 = {"__0_0.distcp": (5, "fast tier"), "__2_0.distcp": (7, "replica of rank 2")}
     have1 = {"__1_0.distcp": (5, "fast tier"), "__3_0.distcp": (7, "replica of rank 3")}
@@ -295,21 +359,28 @@ def test_restore_schedule_one_transfer_per_node_and_file():
 
 def test_kill_during_persist_then_restart_finds_last_complete(tmp_path, caplog):
     root, cache = str(tmp_path / "ckpt"), str(tmp_path / "cache")
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    gate = tmp_path / "durable.gate"
+    gate.touch()  # the durable tier of step 2 gets stuck after its first write: killed mid-file
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               **{T.GATE_ENV: str(gate)})
     p = subprocess.Popen([sys.executable, "-m", "tests.tiered_rank_fns", "killed_saver", root, cache], cwd=ROOT,
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = p.stdout.readline()
         assert line.strip() == "FAST_COMMITTED", p.stderr.read()
-        deadline = time.time() + 60
-        while not os.path.exists(os.path.join(root, "step_2", "__0_0.distcp")):  # persisting now
-            assert time.time() < deadline and p.poll() is None
+        data = os.path.join(root, "step_2", "__0_0.distcp")
+        deadline = time.monotonic() + 300
+        while not (os.path.exists(data) and os.path.getsize(data) > 0):  # persisting now, and stuck
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read() if p.poll() is not None else ""
             time.sleep(0.05)
         p.kill()  # SIGKILL: no cleanup, no atexit
-        p.wait(30)
+        p.wait(60)
     finally:
         if p.poll() is None:
             p.kill()
+            p.wait(60)
+    assert 0 < os.path.getsize(data) < os.path.getsize(os.path.join(fast_dir_for(f"slowfs://{root}/step_2", cache),
+                                                                    "__0_0.distcp"))  # a partial durable file
     url2 = f"slowfs://{root}/step_2"
     st = tier_status(url2, cache=cache)
     assert st.fast_complete and not st.fast_persisted and st.durable_state == "incomplete"
@@ -369,6 +440,48 @@ def test_node_loss_restores_from_partner_replicas(ranks, tmp_path):
     assert "fast tier on this node" in loaded[2]["sources"]["__2_0.distcp"]
 
 
+def test_replica_partner_is_configurable(ranks, tmp_path):
+    """Four 1-rank "nodes", tier.replica_offset=3: rank r's replica goes to rank r-1 (the
+    default would be r+1); a wiped node's data comes back from that partner, durable untouched."""
+    pool = ranks(4)
+    url, base = str(tmp_path / "durable"), str(tmp_path / "nodes")
+    tier = {"ranks_per_node": 1, "replica_offset": 3}
+    saved = pool.run(T.save_nodes, url, base, 11, tier)
+    for r, res in enumerate(saved):
+        assert res["replicate"] and res["replicas"] == [f"replica_of_rank{(r + 1) % 4}"], (r, res)
+        assert any(f"replicated 1 file(s) to rank {(r + 3) % 4}" in line for line in res["logs"]), res["logs"]
+    for f in os.listdir(url):  # any read of the durable data would now fail the load
+        if f.endswith(".distcp"):
+            os.unlink(os.path.join(url, f))
+    shutil.rmtree(os.path.join(base, "node2"))
+    loaded = pool.run(T.load_nodes, url, base, 11, tier)
+    for r, res in enumerate(loaded):
+        assert res["tier"] == "fast" and all(res["equal"].values()), (r, res)
+    assert ("restored over the process group from rank 1 on node 1 (its replica of rank 2)"
+            in loaded[2]["sources"]["__2_0.distcp"]), loaded[2]["sources"]
+    # a partner on the rank's own node protects nothing against node loss: rank 0 says so
+    bad = pool.run(T.save_nodes, str(tmp_path / "d2"), str(tmp_path / "nodes2"), 11,
+                   {"ranks_per_node": 2, "replica_offset": 1})
+    assert any(re.search(r"replica partner \(r \+ 1\) % 4 of rank\(s\) \[0, 2\] is on the same node "
+                         r"\(tier.ranks_per_node=2\).*set tier.replica_offset to a multiple of ranks_per_node", line)
+               for line in bad[0]["logs"]), bad[0]["logs"]
+
+
+def test_one_rank_failing_to_persist_fails_every_rank(ranks, tmp_path):
+    """Rank 1's durable writes fail: every rank's persisted future raises (none waits for a
+    commit that cannot come), the durable copy is not committed, the fast copy still loads."""
+    out = ranks(4).run(T.one_rank_fails_to_persist, str(tmp_path / "d"), str(tmp_path / "nodes"), 13)
+    assert re.search(r"PersistError: persisting .*__1_0\.distcp to fail1fs://.*__1_0\.distcp failed: cannot open "
+                     r"it for writing: injected failure", out[1]["error"]), out[1]["error"]
+    assert re.search(r"PersistError: not committing fail1fs://.*: another rank failed to persist its part "
+                     r"\(\.dcp_ext_persist\.[0-9a-f]+\.rank1\.failed\)", out[0]["error"]), out[0]["error"]
+    for r in (2, 3):
+        assert re.search(r"PersistError: the coordinator did not commit fail1fs://", out[r]["error"]), out[r]["error"]
+    assert METADATA_NAME not in os.listdir(tmp_path / "d" / "step")
+    for r, res in enumerate(out):
+        assert res["fast"]["tier"] == "fast" and all(res["fast"]["equal"].values()), (r, res["fast"])
+
+
 def test_async_save_holds_values_as_of_the_call(ranks, tmp_path):
     out = ranks(4).run(T.async_save_then_mutate, str(tmp_path / "d"), str(tmp_path / "nodes"), 9)
     for r, res in enumerate(out):
@@ -380,6 +493,11 @@ def test_back_to_back_saves_with_a_slow_durable_tier(ranks, tmp_path):
     n = 3
     out = ranks(4).run(T.back_to_back, str(tmp_path / "d"), str(tmp_path / "nodes"), n)
     for r, res in enumerate(out):
+        # the durable tier was stuck: every save had committed fast and none was durable yet ...
+        assert res["pending_after_saves"] == n, res
+        for i, ld in enumerate(res["fast_while_stuck"]):
+            assert ld["tier"] == "fast" and all(ld["equal"].values()), (r, i, ld)
+        # ... then all of them persisted, in both tiers with their own values
         assert len(res["persisted"]) == n, res["persisted"]
         for i, ld in enumerate(res["loads"]):
             assert ld["fast"]["tier"] == "fast" and all(ld["fast"]["equal"].values()), (r, i, ld["fast"])
@@ -387,3 +505,16 @@ def test_back_to_back_saves_with_a_slow_durable_tier(ranks, tmp_path):
     for i in range(n):
         files = os.listdir(tmp_path / "d" / f"step_{i}")
         assert METADATA_NAME in files and not [f for f in files if f.startswith(".dcp_ext_persist")]
+
+
+def test_pooled_stager_with_tiers_mutate_in_place(ranks, tmp_path):
+    """The whole stack: dcp_ext.async_save + PooledStager into tiered writers, one state
+    mutated in place right after each call, durable tier stuck until all saves returned."""
+    n = 3
+    out = ranks(4).run(T.pooled_back_to_back, str(tmp_path / "d"), str(tmp_path / "nodes"), n)
+    for r, res in enumerate(out):
+        assert res["pending_after_saves"] == n, res
+        assert res["stats"]["pools_allocated"] == 1 and res["stats"]["stages"] == n, res["stats"]
+        for i, ld in enumerate(res["loads"]):
+            assert ld["fast"]["tier"] == "fast" and all(ld["fast"]["equal"].values()), (r, i, ld["fast"])
+            assert ld["durable"]["tier"] == "durable" and all(ld["durable"]["equal"].values()), (r, i, ld)

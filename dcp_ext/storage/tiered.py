@@ -6,7 +6,7 @@ config section) returns a :class:`TieredStorageWriter`:
 1. **Inside** ``dcp.save`` each rank writes its data files into the fast tier (a directory
    ``<cache>/<name>-<hash>`` on its node, named after the durable URL), then, if there is more
    than one node, sends them to a partner rank on another node, which keeps them under
-   ``replica_of_rank{r}/`` (:ref:`replication`). The ranks agree that every write succeeded,
+   ``replica_of_rank{r}/`` (``tier.replica_offset``). The ranks agree that every write succeeded,
    and every rank publishes the manifest and ``.metadata`` in its node's directory (temp name +
    ``os.replace``): the checkpoint is *committed in the fast tier* when ``dcp.save`` returns
    (or the synchronous part of ``dcp.async_save`` finishes).
@@ -21,7 +21,7 @@ config section) returns a :class:`TieredStorageWriter`:
 :class:`TieredStorageReader` picks the newest *complete* copy, preferring the fast tier when it
 is as new as the durable one, and restores files a node lacks (lost node, or data another node
 wrote) from other ranks over a dedicated gloo group before reading: node B never reads node A's
-disk. See ``docs/tiered.md`` for the guarantees and limits.
+disk. See ``docs/async.md`` (section "Tiered checkpoints") for the guarantees and limits.
 """
 
 from __future__ import annotations
@@ -151,7 +151,16 @@ def partner_offset(config: Config, world_size: int) -> int:
     return off % world_size if world_size else 0
 
 
+def replicas_on_own_node(config: Config, world_size: int) -> list[int]:
+    """Ranks whose replica partner ``(r + offset) % world_size`` is on their own node: their
+    replica does not survive the loss of that node (pure; used for a warning)."""
+    rpn = ranks_per_node(config, world_size)
+    off = partner_offset(config, world_size)
+    return [r for r in range(world_size) if (r + off) % world_size // rpn == r // rpn]
+
+
 _GROUPS: dict[tuple, Any] = {}
+_WARNED: dict[tuple, bool] = {}
 _GROUPS_LOCK = threading.Lock()
 
 
@@ -391,6 +400,9 @@ class PersistHandle:
         return f"PersistHandle({self.url!r}, save={self.save_id[:8]}, rank={self.rank}, {self.state})"
 
 
+#: seconds between INFO progress lines of a background persistence (bytes copied so far)
+PROGRESS_EVERY_S = 30.0
+
 _EXECUTOR: concurrent.futures.ThreadPoolExecutor | None = None
 _HANDLES: list[PersistHandle] = []
 _HANDLES_LOCK = threading.Lock()
@@ -469,6 +481,7 @@ class _PersistJob:
     cache_root: str
     keep_last: int
     run_retention: bool
+    _last_progress: float = dataclasses.field(default_factory=time.monotonic)
 
     def run(self) -> None:
         h = self.handle
@@ -515,6 +528,12 @@ class _PersistJob:
                 out.write(mv[:n])
                 pos += n
                 h.bytes_done += n
+                now = time.monotonic()
+                if now - self._last_progress >= PROGRESS_EVERY_S:  # long uploads say how far they are
+                    self._last_progress = now
+                    logger.info("rank %d: persisting %s: %.1f of %.1f MiB (%.0f%%), %.1fs so far", h.rank,
+                                self.durable.url, h.bytes_done / 2**20, h.bytes_total / 2**20,
+                                100.0 * h.bytes_done / max(h.bytes_total, 1), time.time() - h.started)
             out.close()
         except BaseException as e:
             out.abort()
@@ -665,7 +684,8 @@ class TieredStorageWriter(StorageWriter):
 
     Build it with ``dcp_ext.storage_writer(url, cache=...)``. Every rank must build its writer
     (a dedicated gloo group is created on first use when ``torch.distributed`` is initialised),
-    and the save must use the default process group.
+    and the save's process group must span all ranks (the default group, or a ``new_group`` of
+    all ranks kept for checkpointing).
     """
 
     def __init__(self, url: str, config: Config, durable: Store):
@@ -685,6 +705,18 @@ class TieredStorageWriter(StorageWriter):
         self._group = _side_group("write", config.tier.exchange_timeout) if self.world_size > 1 else None
         self.replicate = bool(config.tier.replicate and self.world_size > 1 and self.nodes > 1
                               and partner_offset(config, self.world_size) != 0)
+        off = partner_offset(config, self.world_size)
+        warn_key = ("own_node", off, self.ranks_per_node, self.world_size)
+        if self.replicate and self.rank == 0 and warn_key not in _WARNED:  # once per layout, not per save
+            same = replicas_on_own_node(config, self.world_size)
+            if same:
+                _WARNED[warn_key] = True
+                logger.warning(
+                    "fast-tier replication: the replica partner (r + %d) %% %d of rank(s) %s is on the same node "
+                    "(tier.ranks_per_node=%d), so their fast-tier data is lost with that node; set "
+                    "tier.replica_offset to a multiple of ranks_per_node (default: ranks_per_node)", off,
+                    self.world_size, same if len(same) <= 8 else f"{same[:8]} and {len(same) - 8} more",
+                    self.ranks_per_node)
         self._handle: PersistHandle | None = None
         self._commit: tuple[bytes, bytes] | None = None
         self._created: float | None = None
@@ -927,7 +959,8 @@ class TieredStorageWriter(StorageWriter):
                           int(self.config.tier.chunk_size), self.cache_root, self.config.tier.keep_last,
                           run_retention=self.rank % self.ranks_per_node == 0)
         self._handle = h
-        with _HANDLES_LOCK:
+        with _HANDLES_LOCK:  # forget finished handles whose outcome was collected (long runs)
+            _HANDLES[:] = [x for x in _HANDLES if not (x.done() and x.reported)]
             _HANDLES.append(h)
         _executor().submit(job.run)
 
