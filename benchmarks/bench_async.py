@@ -33,6 +33,12 @@ All three fsync the durable copy. ``--durable-dir`` must be on a real disk (defa
 /var/tmp), ``--dir`` (the fast tier) in memory (default /dev/shm).
 
     python benchmarks/bench_async.py --tiered --size 1024 --rounds 5 --threads 1
+
+``--tiered --durable s3``: the durable tier is an S3 server started on this machine
+(SeaweedFS, see ``dcp_ext.testing_servers``), where a fast tier pays off most; ``stock`` is then
+``dcp.async_save`` + stock ``FsspecWriter`` over s3fs.
+
+    python benchmarks/bench_async.py --tiered --durable s3 --size 512 --rounds 5 --threads 1
 """
 
 from __future__ import annotations
@@ -169,16 +175,29 @@ def tiered_main(args: argparse.Namespace) -> None:
     nbytes = state_bytes(sd)
     fast_root = tempfile.mkdtemp(prefix="bench_tier_fast_", dir=args.dir)
     disk_root = tempfile.mkdtemp(prefix="bench_tier_disk_", dir=args.durable_dir)
+    srv = None
+    if args.durable == "s3":  # the durable tier is an S3 server on this machine (started here)
+        import s3fs
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
+
+        from dcp_ext.testing_servers import S3TestServer
+
+        srv = S3TestServer().start()
+        raw = s3fs.S3FileSystem(skip_instance_cache=True, **srv.fsspec_options())
+        disk_root = f"s3://{srv.bucket}/bench_tiered"
     stagers = {"tiered": PooledStager(), "direct": PooledStager()}
     rows: dict[str, dict[str, list[float]]] = {c: {"blocked": [], "safe": [], "durable": []} for c in TIERED_CONFIGS}
     try:
         for rnd in range(args.rounds + 1):
             for c in TIERED_CONFIGS:
-                url = os.path.join(disk_root, f"{c}_{rnd}")
+                url = f"{disk_root}/{c}_{rnd}"
+                opts = srv.options() if srv is not None else {}
                 if c == "tiered":
-                    w: Any = dcp_ext.storage_writer(url, cache=fast_root)
+                    w: Any = dcp_ext.storage_writer(url, cache=fast_root, **opts)
                 elif c == "direct":
-                    w = dcp_ext.storage_writer(url)
+                    w = dcp_ext.storage_writer(url, **opts)
+                elif srv is not None:  # stock on S3: FsspecWriter (s3fs)
+                    w = FsspecWriter(url, **srv.fsspec_options())
                 else:
                     w = FileSystemWriter(url, sync_files=True)
                 t0 = time.perf_counter()
@@ -195,7 +214,11 @@ def tiered_main(args: argparse.Namespace) -> None:
                 if rnd > 0:  # round 0: pool allocation, warm-up
                     for k, v in (("blocked", t_blocked), ("safe", t_safe), ("durable", t_durable)):
                         rows[c][k].append(v)
-                shutil.rmtree(url, ignore_errors=True)
+                if srv is not None:
+                    raw.rm(url.split("://", 1)[1], recursive=True)
+                    raw.invalidate_cache()
+                else:
+                    shutil.rmtree(url, ignore_errors=True)
                 if c == "tiered":
                     shutil.rmtree(w.fast_dir, ignore_errors=True)
             print(f"round {rnd}: " + ", ".join(
@@ -205,7 +228,10 @@ def tiered_main(args: argparse.Namespace) -> None:
         for st in stagers.values():
             st.close()
         shutil.rmtree(fast_root, ignore_errors=True)
-        shutil.rmtree(disk_root, ignore_errors=True)
+        if srv is not None:
+            srv.stop()
+        else:
+            shutil.rmtree(disk_root, ignore_errors=True)
     med = {c: {k: statistics.median(v) for k, v in r.items()} for c, r in rows.items()}
     ratios = {
         "tiered_safe_vs_direct_durable": med["tiered"]["safe"] / med["direct"]["durable"],
@@ -214,9 +240,11 @@ def tiered_main(args: argparse.Namespace) -> None:
         "tiered_safe_vs_tiered_durable": med["tiered"]["safe"] / med["tiered"]["durable"],
     }
     result = {"torch": torch.__version__, "size_mib": args.size, "state_bytes": nbytes, "rounds": args.rounds,
-              "threads": torch.get_num_threads(), "fast_dir": args.dir, "durable_dir": args.durable_dir,
+              "threads": torch.get_num_threads(), "fast_dir": args.dir,
+              "durable": args.durable if args.durable == "s3" else args.durable_dir,
               "seconds": rows, "median_s": med, "ratios": ratios, "load_avg_at_end": os.getloadavg()}
-    out = args.out if args.out != "bench_out/bench_async.json" else "bench_out/bench_async_tiered.json"
+    out = args.out if args.out != "bench_out/bench_async.json" else \
+        f"bench_out/bench_async_tiered{'_s3' if args.durable == 's3' else ''}.json"
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
         json.dump(result, f, indent=1)
@@ -239,6 +267,9 @@ def main() -> None:
     ap.add_argument("--tiered", action="store_true",
                     help="measure time until safe (fast tier) vs durable instead of the blocking time")
     ap.add_argument("--durable-dir", default="/var/tmp", help="a directory on a real disk (--tiered)")
+    ap.add_argument("--durable", choices=["disk", "s3"], default="disk",
+                    help="--tiered: the durable tier on local disk (--durable-dir) or on a local S3 server "
+                         "(started here; stock = FsspecWriter over s3fs)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
