@@ -74,6 +74,9 @@ class LocalStore(Store):
 
     coalesce_gap = 4096  # a pread is cheap: read gaps only when they are tiny
     io_concurrency = 8
+    #: ... and only while that reads at most 5% more than needed: a column shard of rows of a
+    #: few KiB is read as many small preads (vectored, a group per thread task), not twice over
+    max_read_amplification = 1.05
 
     def __init__(self, url: str, config: Config | None = None):
         super().__init__(url)

@@ -74,13 +74,25 @@ def _as_bytes_view(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
+#: small spans of one item are read in groups of about this many bytes per thread task
+GROUP_BYTES = 4 * 1024 * 1024
+#: ... and at most this many spans per group
+GROUP_SPANS = 2048
+
+
 @dataclass
 class _Fetch:
-    """One contiguous byte range of one file to read into ``out``."""
+    """One contiguous byte range of one file to read into ``out`` (plus, for a group of small
+    spans of one item, further ``(offset, out)`` ranges read by the same task)."""
 
     relpath: str
     offset: int  # absolute file offset
     out: memoryview
+    more: list[tuple[int, memoryview]] | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.out) + (sum(len(o) for _, o in self.more) if self.more else 0)
 
 
 @dataclass
@@ -241,7 +253,7 @@ class ExtStorageReader(StorageReader):
         shape, dtype = meta
         esize = torch._utils._element_size(dtype)
         spans = box_spans(list(shape), list(req.storage_offsets), list(req.lengths), esize,
-                          gap=self.store.coalesce_gap)
+                          gap=self.store.coalesce_gap, max_amplification=self.store.max_read_amplification)
         stats.bytes_needed += spans.needed_bytes
         target = planner.resolve_tensor(req).detach()
         if tuple(target.shape) != tuple(req.lengths):
@@ -263,6 +275,29 @@ class ExtStorageReader(StorageReader):
             out = _as_bytes_view(target)
             self._add_fetches(job, data_base, ranges[0][0], out, verify)
             job.finalize = lambda: planner.commit_tensor(req, target)
+            return job
+        if not verify and spans.count > 1:
+            # read every span straight into its place in one packed buffer (small spans grouped
+            # into one task each), then one strided copy into the target
+            sb = spans.span_bytes
+            packed = torch.empty(spans.count * sb, dtype=torch.uint8)
+            pv = _as_bytes_view(packed)
+            group: _Fetch | None = None
+            for k, st in enumerate(spans.starts):
+                view = pv[k * sb:(k + 1) * sb]
+                if sb >= GROUP_BYTES:
+                    self._add_fetches(job, data_base, st, view, False)
+                elif group is not None and group.nbytes + sb <= GROUP_BYTES and len(group.more) < GROUP_SPANS:
+                    group.more.append((data_base + st, view))
+                else:
+                    group = _Fetch(loc.relative_path, data_base + st, view, [])
+                    job.fetches.append(group)
+
+            def finalize_packed() -> None:
+                target.copy_(packed.view(dtype).as_strided(spans.lengths, spans.strides))
+                planner.commit_tensor(req, target)
+
+            job.finalize = finalize_packed
             return job
         # read the ranges into scratch, then copy the box out of them
         scratch = [torch.empty(e - s, dtype=torch.uint8) for s, e in ranges]
@@ -352,7 +387,7 @@ class ExtStorageReader(StorageReader):
         t0 = time.perf_counter()
         stats = LoadStats(items=len(plan.items))
         jobs = [self._plan_item(req, planner, stats) for req in plan.items]
-        total = sum(len(f.out) for j in jobs for f in j.fetches)
+        total = sum(f.nbytes for j in jobs for f in j.fetches)
         progress = Progress(f"rank {self.rank}: loading from {self.store.url}", total,
                             self.config.progress if self.rank == 0 else False, logger)
         lock = threading.Lock()
@@ -361,14 +396,17 @@ class ExtStorageReader(StorageReader):
         def run_fetch(job: _ItemJob, f: _Fetch) -> None:
             try:
                 self.store.read_into(f.relpath, f.offset, f.out)
+                for off, out in f.more or ():
+                    self.store.read_into(f.relpath, off, out)
             except CorruptCheckpointError as e:
                 raise CorruptCheckpointError(f"{e} (while reading {job.req.storage_index.fqn})") from e
             vat = getattr(f, "verify_at", None)
             nblocks = self._verify(job, vat, f.out) if vat is not None else 0
-            progress.advance(len(f.out))
+            n = f.nbytes
+            progress.advance(n)
             with lock:
-                stats.bytes_read += len(f.out)
-                stats.requests += 1
+                stats.bytes_read += n
+                stats.requests += 1 + len(f.more or ())
                 stats.blocks_verified += nblocks
                 job.remaining -= 1
                 last = job.remaining == 0
@@ -379,7 +417,7 @@ class ExtStorageReader(StorageReader):
             j.remaining = len(j.fetches)
         fetches = [(j, f) for j in jobs for f in j.fetches]
         # big parts first keeps all threads busy to the end
-        fetches.sort(key=lambda jf: -len(jf[1].out))
+        fetches.sort(key=lambda jf: -jf[1].nbytes)
         try:
             run_all("read", self.config.io_threads, run_fetch, fetches)
             for j in jobs:
