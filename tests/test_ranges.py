@@ -99,29 +99,3 @@ def test_record_tap_locates_raw_data(t):
     assert c.rest == checksum(rec[loc.data_offset + loc.data_length:], checksum(rec[:loc.data_offset]))
     assert torch.serialization.get_crc32_options() is True  # restored
 
-
-def test_box_spans_amplification_limit():
-    # columns [256, 512) of 8 rows of 1024 float32: 1 KiB needed per 4 KiB row, 3 KiB gaps
-    wide = box_spans([8, 1024], [0, 256], [8, 256], 4, gap=4096)
-    assert wide.count == 1 and wide.span_bytes == (7 * 1024 + 256) * 4  # read through the gaps
-    exact = box_spans([8, 1024], [0, 256], [8, 256], 4, gap=4096, max_amplification=1.05)
-    assert exact.count == 8 and exact.span_bytes == 1024 and exact.exact
-    # a small gap relative to the data is still read through (1000 of 1024 columns: 1.02x)
-    most = box_spans([8, 1024], [0, 0], [8, 1000], 4, gap=4096, max_amplification=1.05)
-    assert most.count == 1 and most.span_bytes == (7 * 1024 + 1000) * 4
-    # above max_spans, merging goes on regardless of the limit
-    capped = box_spans([8, 1024], [0, 256], [8, 256], 4, gap=4096, max_spans=4, max_amplification=1.05)
-    assert capped.count == 1
-
-
-@settings(max_examples=200, deadline=None)
-@given(boxes(), st.sampled_from([16, 10_000]), st.sampled_from([1.0, 1.05, 2.0]))
-def test_box_spans_with_amplification_limit_extract_the_box(box, gap, amp):
-    shape, offs, lens = box
-    t = torch.arange(torch.Size(shape).numel()).to(torch.int16).reshape(shape)
-    bs = box_spans(shape, offs, lens, 2, gap, 65536, amp)
-    raw = t.contiguous().reshape(-1).view(torch.uint8)
-    buf = torch.cat([raw[s:s + bs.span_bytes] for s in bs.starts])
-    view = buf.view(torch.int16).as_strided(bs.lengths, bs.strides)
-    assert torch.equal(view, t[tuple(slice(o, o + n) for o, n in zip(offs, lens))])
-    assert bs.count * bs.span_bytes <= max(amp * bs.needed_bytes, bs.span_bytes)  # within the limit

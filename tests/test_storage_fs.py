@@ -171,25 +171,25 @@ def test_ranged_read_fetches_only_needed_bytes(tmp_path):
     assert r2.stats.bytes_read == r2.stats.bytes_needed == 64 * 1024 * 4
     assert r2.stats.requests == 64
 
-    # rows of 4 KiB (a TP 2 -> 4 column shard of a small layer): gaps of 3 KiB are under the 4 KiB
-    # coalescing gap, but reading through them would read 4x; local disk reads the spans instead
-    narrow = torch.arange(512 * 1024, dtype=torch.float32).reshape(512, 1024)
+    # many spans of one item (rows of 16 KiB, 4 KiB needed from each): read straight into one
+    # packed buffer, several spans per thread task
+    narrow = torch.arange(256 * 4096, dtype=torch.float32).reshape(256, 4096)
     dcp.save({"narrow": narrow}, storage_writer=dcp_ext.storage_writer(tmp_path / "narrow"))
     r3 = dcp_ext.storage_reader(tmp_path / "narrow", verify=False)
     r3.set_up_storage_reader(r3.read_metadata(), True)
-    part = torch.zeros(512, 256)
+    part = torch.zeros(256, 1024)
 
     class P3(P):
         def resolve_tensor(self, read_item):
             return part
 
     nidx = MetadataIndex("narrow", torch.Size([0, 0]))
-    req3 = ReadItem(LoadItemType.TENSOR, nidx, torch.Size([0, 0]), nidx, torch.Size([0, 256]),
-                    torch.Size([512, 256]))
+    req3 = ReadItem(LoadItemType.TENSOR, nidx, torch.Size([0, 0]), nidx, torch.Size([0, 3072]),
+                    torch.Size([256, 1024]))
     r3.read_data(LoadPlan([req3]), P3()).wait()
-    assert torch.equal(part, narrow[:, 256:512])
-    assert r3.stats.bytes_read == r3.stats.bytes_needed == 512 * 256 * 4
-    assert r3.stats.requests == 512
+    assert torch.equal(part, narrow[:, 3072:4096])
+    assert r3.stats.bytes_read == r3.stats.bytes_needed == 256 * 1024 * 4
+    assert r3.stats.requests == 256
 
 
 # -- errors a user can run into ---------------------------------------------------------------

@@ -53,15 +53,10 @@ class Store(abc.ABC):
     * ``coalesce_gap``: two byte ranges closer than this are read as one request
       (small on local disk, where a request is cheap; ~1 MiB on object stores).
     * ``io_concurrency``: default number of requests in flight.
-    * ``max_read_amplification``: the most gap bytes a merge may add, relative to the needed ones.
     """
 
     coalesce_gap: ClassVar[int] = 64 * 1024
     io_concurrency: ClassVar[int] = 8
-    #: merging ranges through gaps may read at most this many times the needed bytes (None:
-    #: no limit, only ``coalesce_gap`` decides). Where a request is cheap (local disk) many
-    #: small reads beat reading twice the bytes; where it costs milliseconds, they do not.
-    max_read_amplification: ClassVar[float | None] = None
 
     def __init__(self, url: str):
         self.url = url

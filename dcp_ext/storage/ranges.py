@@ -47,13 +47,8 @@ def _c_strides(shape: Sequence[int]) -> list[int]:
 
 
 def box_spans(shape: Sequence[int], offsets: Sequence[int], lengths: Sequence[int], esize: int,
-              gap: int = 0, max_spans: int = 65536, max_amplification: float | None = None) -> BoxSpans:
-    """Spans covering the box ``offsets + [0, lengths)`` of a C-contiguous ``shape`` array.
-
-    Spans less than ``gap`` bytes apart are merged (the gap is read too), unless the merged
-    spans would read more than ``max_amplification`` times the needed bytes (None: no limit);
-    above ``max_spans`` spans, merging goes on regardless.
-    """
+              gap: int = 0, max_spans: int = 65536) -> BoxSpans:
+    """Spans covering the box ``offsets + [0, lengths)`` of a C-contiguous ``shape`` array."""
     nd = len(shape)
     if not (len(offsets) == len(lengths) == nd):
         raise ValueError(f"box rank mismatch: shape {list(shape)}, offsets {list(offsets)}, "
@@ -74,11 +69,7 @@ def box_spans(shape: Sequence[int], offsets: Sequence[int], lengths: Sequence[in
         inner_full = all(lengths[j] == shape[j] for j in range(m, nd))
         nspans = math.prod(lengths[:m])
         gap_bytes = (st[m - 1] - extent) * esize
-        small_gap = gap_bytes <= gap
-        if small_gap and max_amplification is not None and gap_bytes > 0:
-            merged = (lengths[m - 1] - 1) * st[m - 1] + extent
-            small_gap = merged <= max_amplification * math.prod(lengths[m - 1:])
-        if inner_full or lengths[m - 1] == 1 or small_gap or nspans > max_spans:
+        if inner_full or lengths[m - 1] == 1 or gap_bytes <= gap or nspans > max_spans:
             m -= 1
             extent = (lengths[m] - 1) * st[m] + extent
         else:

@@ -253,7 +253,7 @@ class ExtStorageReader(StorageReader):
         shape, dtype = meta
         esize = torch._utils._element_size(dtype)
         spans = box_spans(list(shape), list(req.storage_offsets), list(req.lengths), esize,
-                          gap=self.store.coalesce_gap, max_amplification=self.store.max_read_amplification)
+                          gap=self.store.coalesce_gap)
         stats.bytes_needed += spans.needed_bytes
         target = planner.resolve_tensor(req).detach()
         if tuple(target.shape) != tuple(req.lengths):
