@@ -44,3 +44,17 @@ def test_timeout():
 def test_bad_world_size():
     with pytest.raises(ValueError, match="world_size must be >= 1"):
         RankPool(0)
+
+
+def test_forkserver_with_preload():
+    """The demo's fast start: ranks forked from a server that imported torch (and more) once."""
+    assert run_on_ranks(rank_fns.allreduce_rank, 2, start_method="forkserver", preload=["tests.rank_fns"]) == [1.0, 1.0]
+    with pytest.raises(RankFailedError, match=r"(?s)rank 1 failed with ValueError.*in fail_on_rank.*boom on 1"):
+        run_on_ranks(rank_fns.fail_on_rank, 2, 1, start_method="forkserver")
+
+
+def test_bad_start_method():
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        RankPool(1, start_method="teleport")
+    with pytest.raises(ValueError, match="preload= needs start_method='forkserver'"):
+        RankPool(1, preload=["torch"])
