@@ -265,6 +265,35 @@ def test_writes_and_reads_run_on_several_threads(tmp_path, monkeypatch):
     assert len(readers) >= 2 and all(n.startswith("dcp_ext-read") for n in readers), readers
 
 
+def test_close_ranges_are_coalesced_into_one_request(tmp_path):
+    """Row pieces separated by less than the store's coalesce gap (4 KiB on local disk) are read as
+    one request, gaps included; the box is still copied out exactly."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    wide = torch.arange(64 * 1024, dtype=torch.float32).reshape(64, 1024)  # 4 KiB rows
+    dcp.save({"wide": wide}, storage_writer=dcp_ext.storage_writer(tmp_path))
+    r = dcp_ext.storage_reader(tmp_path, verify=False)
+    r.set_up_storage_reader(r.read_metadata(), True)
+    got = torch.zeros(64, 800)
+
+    class P(DefaultLoadPlanner):
+        def resolve_tensor(self, read_item):
+            return got
+
+        def commit_tensor(self, read_item, tensor):
+            pass
+
+    idx = MetadataIndex("wide", torch.Size([0, 0]))
+    req = ReadItem(LoadItemType.TENSOR, idx, torch.Size([0, 0]), idx, torch.Size([0, 100]), torch.Size([64, 800]))
+    r.read_data(LoadPlan([req]), P()).wait()
+    assert torch.equal(got, wide[:, 100:900])
+    assert r.stats.requests == 1  # 64 row pieces, 896-byte gaps: one read
+    assert r.stats.bytes_needed == 64 * 800 * 4
+    assert r.stats.bytes_read == (63 * 1024 + 800) * 4
+
+
 # -- errors a user can run into ---------------------------------------------------------------
 
 def test_missing_location(tmp_path):
