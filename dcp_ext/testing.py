@@ -17,7 +17,9 @@ failed is killed, and the error says which ranks finished and which did not.
 children are started with the ``spawn`` method by default. ``start_method="forkserver"`` with
 ``preload=["my_module"]`` imports torch and ``my_module`` once, in a server process, and forks
 every rank from it: on a small machine that saves several CPU-seconds of imports per rank
-(the demo uses it; the test suite keeps ``spawn``, the most isolated).
+(the demo uses it; the test suite keeps ``spawn``, the most isolated). Forked ranks inherit
+the fork server's environment and working directory, i.e. the parent's when it first started
+the server, not later changes (pass ``env=`` and absolute paths).
 """
 
 from __future__ import annotations
