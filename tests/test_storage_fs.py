@@ -216,6 +216,44 @@ def test_commit_order_data_then_manifest_then_metadata_then_dir_fsync(tmp_path, 
     assert [e for e in events if e[0] == "fsync"] == []
 
 
+@pytest.mark.parametrize("result", [0, -1])
+def test_writeback_started_while_writing(tmp_path, monkeypatch, result):
+    """Data files start their disk writeback as they grow (not all at the final fsync); a file
+    system that refuses (-1) just stops being asked, and the save still succeeds."""
+    from dcp_ext.storage import fs as fsmod
+
+    calls = []
+
+    def fake_sync_file_range(fd, offset, nbytes, flags):
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, nbytes, flags))
+        return result
+
+    monkeypatch.setattr(fsmod, "_sync_file_range", fake_sync_file_range)
+    monkeypatch.setattr(fsmod, "WRITEBACK_EVERY", 64 * 1024)
+    src = {f"t{i}": torch.randn(64 * 1024) for i in range(4)}  # 256 KiB each, one file
+    dcp.save(src, storage_writer=dcp_ext.storage_writer(tmp_path / "a", io_threads=1))
+    assert calls and {c[0] for c in calls} == {str(tmp_path / "a" / "__0_0.distcp")}
+    assert all(c[1:] == (0, 0, 2) for c in calls)  # whole file, SYNC_FILE_RANGE_WRITE
+    assert len(calls) == (4 if result == 0 else 1)
+    dst = _zeros_like(src)
+    dcp.load(dst, storage_reader=dcp_ext.storage_reader(tmp_path / "a"))
+    _assert_same(src, dst)
+    calls.clear()
+    dcp.save(src, storage_writer=dcp_ext.storage_writer(tmp_path / "b", io_threads=1, fs={"fsync": False}))
+    assert calls == []  # no fsync wanted: no early writeback either
+
+
+def test_writeback_starter_exists_on_linux():
+    from dcp_ext.storage import fs as fsmod
+
+    if not os.uname().sysname == "Linux":
+        pytest.skip("Linux only")
+    fn = fsmod._writeback_starter()
+    assert fn is not None
+    with open(os.devnull, "wb") as f:
+        assert fn(f.fileno(), 0, 0, 2) in (0, -1)
+
+
 def test_failure_while_publishing_metadata_leaves_an_incomplete_checkpoint(tmp_path, monkeypatch):
     real_replace = os.replace
 
