@@ -12,14 +12,18 @@ Contenders (save / load):
   ours          dcp_ext.storage_writer / storage_reader (defaults: checksums on, verify on, fsync)
   stock         FileSystemWriter / FileSystemReader with their defaults (thread_count=1)
   stock_t8      FileSystemWriter(thread_count=8) / FileSystemReader   (stock, tuned)
-  torch_save    torch.save + fsync / torch.load   (1 rank only: one file, no sharding)
+  torch_save    torch.save + fsync / torch.load of each rank's own state to / from its own
+                file (no DCP: no plan, no metadata, no resharding; the floor for one file)
 Loads are measured with a warm page cache (the files were just written): they measure the
-CPU efficiency of each reader, not the disk.
+CPU efficiency of each reader, not the disk. Before every timed save and load the garbage
+collector runs (untimed), so no contender pays for a full collection of another's garbage;
+each contender's files are deleted after its load (on tmpfs they are memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -88,24 +92,28 @@ def run_one(kind: str, state: dict, path: str, check: bool = True) -> tuple[floa
 
     if os.path.exists(path):
         shutil.rmtree(path, ignore_errors=True)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    pt_file = os.path.join(path, f"rank{rank}.pt")
+    gc.collect()
     if dist.is_initialized():
         dist.barrier()
     t0 = time.perf_counter()
     if kind == "torch_save":
         os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "state.pt"), "wb") as f:
+        with open(pt_file, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
     else:
         dcp.save(state, storage_writer=_writer(kind, path))
     save_s = time.perf_counter() - t0
+    target = None if kind == "torch_save" else _zeros(state)
+    gc.collect()
     if dist.is_initialized():
         dist.barrier()
-    target = _zeros(state)
     t0 = time.perf_counter()
     if kind == "torch_save":
-        target = torch.load(os.path.join(path, "state.pt"), weights_only=True)
+        target = torch.load(pt_file, weights_only=True)
     else:
         dcp.load(target, storage_reader=_reader(kind, path))
     load_s = time.perf_counter() - t0
@@ -113,6 +121,11 @@ def run_one(kind: str, state: dict, path: str, check: bool = True) -> tuple[floa
         for k, v in state.items():
             if isinstance(v, torch.Tensor) and not torch.equal(v, target[k]):
                 raise AssertionError(f"{kind}: {k} differs after load")
+    del target
+    if dist.is_initialized():
+        dist.barrier()  # every rank finished loading before the files go
+    if rank == 0:
+        shutil.rmtree(path, ignore_errors=True)
     return save_s, load_s
 
 
@@ -155,6 +168,29 @@ def summarise(raw: dict, nbytes: int) -> dict:
     return res
 
 
+def _fs_type(path: str) -> str:
+    """The file system type of ``path`` (from /proc/mounts: tmpfs, ext4, xfs, nfs, ...)."""
+    best, fstype = "", "unknown"
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                mnt = parts[1]
+                if os.path.abspath(path).startswith(mnt.rstrip("/") + "/") or os.path.abspath(path) == mnt:
+                    if len(mnt) > len(best):
+                        best, fstype = mnt, parts[2]
+    except OSError:
+        pass
+    return fstype
+
+
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=1024, help="total state size (all ranks)")
@@ -168,7 +204,8 @@ def main(argv=None) -> int:
     base = args.dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "fs_tmp")
     os.makedirs(base, exist_ok=True)
     report = {"size_bytes": total, "runs": args.runs, "torch": torch.__version__, "cpus": os.cpu_count(),
-              "results": {}}
+              "dir": base, "fs_type": _fs_type(base), "loadavg_before": _loadavg(), "results": {}}
+    print(f"writing under {base} ({report['fs_type']}), load average {report['loadavg_before']}")
     for n in [int(x) for x in args.ranks.split(",")]:
         root = tempfile.mkdtemp(dir=base)
         try:
@@ -186,8 +223,7 @@ def main(argv=None) -> int:
             else:
                 from dcp_ext.testing import run_on_ranks
 
-                contenders = [c for c in CONTENDERS if c != "torch_save"]
-                raw = run_on_ranks(rank_worker, n, root, total, args.runs, contenders, timeout=3600)[0]
+                raw = run_on_ranks(rank_worker, n, root, total, args.runs, CONTENDERS, timeout=3600)[0]
                 nbytes = _nbytes(make_state(total, 0, n)) * n
             res = summarise(raw, nbytes)
             report["results"][f"{n}_ranks"] = res
@@ -201,6 +237,7 @@ def main(argv=None) -> int:
                       f"{cols[2]:>12s} {cols[3]:>12s}")
         finally:
             shutil.rmtree(root, ignore_errors=True)
+    report["loadavg_after"] = _loadavg()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
     print(f"\nwritten {args.out}")

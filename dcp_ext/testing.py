@@ -18,8 +18,9 @@ share the parent's memory. They are started with the ``forkserver`` method where
 has it: one server process imports torch once and every rank is forked from it, so starting a
 pool costs a fraction of a second instead of one ``import torch`` per rank (seconds each on a
 small machine). Each child gets the parent's environment (as of the pool's creation), working
-directory and ``sys.path``, like ``spawn``. Pass ``start_method="spawn"`` for environment
-variables that torch reads at import time.
+directory and ``sys.path``, like ``spawn``. ``preload=["my_module"]`` imports
+more modules once in the server (the demo preloads dcp_ext). Pass ``start_method="spawn"`` for
+environment variables that torch reads at import time (the most isolated start).
 """
 
 from __future__ import annotations
@@ -86,15 +87,18 @@ def _init_group(rank: int, world_size: int, store_path: str, backend: str, timeo
 _PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint"]
 
 
-def _mp_context(start_method: str | None) -> Any:
+def _mp_context(start_method: str | None, preload: Sequence[str] = ()) -> Any:
     """The multiprocessing context for rank processes (``forkserver`` preloading torch by default)."""
     if start_method is None:
         start_method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     if start_method not in ("forkserver", "spawn"):
         raise ValueError(f"start_method must be 'forkserver', 'spawn' or None, got {start_method!r}")
+    if preload and start_method != "forkserver":
+        raise ValueError("preload= needs start_method='forkserver' (or None)")
     ctx = mp.get_context(start_method)
     if start_method == "forkserver":
-        ctx.set_forkserver_preload(_PRELOAD)  # only takes effect when the server (re)starts
+        # only takes effect when this process (re)starts its fork server
+        ctx.set_forkserver_preload([*_PRELOAD, *(m for m in preload if m not in _PRELOAD)])
     return ctx
 
 
@@ -150,14 +154,15 @@ class RankPool:
     ``env`` is added to the parent's environment in every rank. ``start_method``: ``None``
     (``forkserver`` with torch preloaded where available, else ``spawn``), ``"forkserver"`` or
     ``"spawn"`` (slower to start; use it when torch must see ``env`` at import time).
+    ``preload``: more modules for the fork server to import once (forkserver only).
     """
 
     def __init__(self, world_size: int, *, backend: str = "gloo", start_timeout: float = 120.0,
                  pg_timeout: float = 120.0, env: dict[str, str] | None = None,
-                 failure_grace: float = 10.0, start_method: str | None = None):
+                 failure_grace: float = 10.0, start_method: str | None = None, preload: Sequence[str] = ()):
         if world_size < 1:
             raise ValueError(f"world_size must be >= 1, got {world_size}")
-        ctx = _mp_context(start_method)
+        ctx = _mp_context(start_method, preload)
         self.world_size = world_size
         self.broken = False
         #: seconds to wait for the other ranks once one rank failed
@@ -264,13 +269,14 @@ class RankPool:
 
 def run_on_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 300.0,
                  backend: str = "gloo", env: dict[str, str] | None = None, start_method: str | None = None,
-                 **kwargs: Any) -> list[Any]:
+                 preload: Sequence[str] = (), **kwargs: Any) -> list[Any]:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` fresh gloo ranks; return per-rank results.
 
     Raises :class:`RankFailedError` (with the failing rank's traceback) if any rank raised,
     and :class:`RankTimeoutError` if ranks did not finish within ``timeout`` seconds.
+    ``start_method``/``preload``: see :class:`RankPool`.
     """
-    with RankPool(world_size, backend=backend, env=env, start_method=start_method) as pool:
+    with RankPool(world_size, backend=backend, env=env, start_method=start_method, preload=preload) as pool:
         return pool.run(fn, *args, timeout=timeout, **kwargs)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 import dcp_ext
@@ -142,3 +144,97 @@ def test_third_party_backend(tmp_path):
 def test_backend_forced_by_config(tmp_path):
     w = dcp_ext.storage_writer(str(tmp_path / "x"), backend="fsspec")
     assert type(w.store).__name__ == "FsspecStore"
+
+
+def test_entry_point_backends_are_loaded_and_broken_ones_ignored(monkeypatch, caplog):
+    """Third parties add backends through the ``dcp_ext.backends`` entry-point group."""
+    import importlib.metadata
+
+    import dcp_ext.storage as storage
+
+    monkeypatch.setattr(storage, "_REGISTRY", dict(storage._REGISTRY))
+    monkeypatch.setattr(storage, "_SCHEMES", dict(storage._SCHEMES))
+    monkeypatch.setattr(storage, "_ENTRY_POINTS_LOADED", False)
+
+    def mk(url, cfg):
+        return ("made", url, cfg.io_threads)
+
+    class EP:
+        def __init__(self, name, obj):
+            self.name, self._obj = name, obj
+
+        def load(self):
+            if isinstance(self._obj, Exception):
+                raise self._obj
+            return self._obj
+
+    eps = [EP("plug", Backend("plug", ("plug",), mk, mk)),
+           EP("factory", lambda: Backend("factory", ("fac",), mk, mk)),
+           EP("broken", ImportError("No module named 'plug_dep'")),
+           EP("wrong", 42)]
+    seen_groups = []
+
+    def entry_points(group=None):
+        seen_groups.append(group)
+        return eps
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    with caplog.at_level("WARNING", logger="dcp_ext"):
+        assert dcp_ext.storage_writer("plug://x/y", io_threads=2) == ("made", "plug://x/y", 2)
+    assert seen_groups == ["dcp_ext.backends"]
+    assert dcp_ext.storage_reader("fac://z") == ("made", "fac://z", 8)
+    assert {"plug", "factory"} <= set(dcp_ext.backends()) and "broken" not in dcp_ext.backends()
+    assert "ignoring dcp_ext backend entry point 'broken'" in caplog.text and "plug_dep" in caplog.text
+    assert "entry point wrong gave int, not a Backend" in caplog.text
+
+
+@pytest.mark.parametrize("url,extra,modules", [
+    ("s3://bucket/ckpt", "s3", ("boto3", "botocore")),
+    ("gs://bucket/ckpt", "gcs", ("google.auth",)),
+])
+def test_missing_real_optional_dependency_names_the_extra(monkeypatch, url, extra, modules):
+    """Simulate a machine without the S3 / GCS packages (a None entry in sys.modules makes
+    ``import`` fail): the error names the pip extra that installs them."""
+    import sys
+
+    for m in modules:
+        monkeypatch.setitem(sys.modules, m, None)
+    for make in (dcp_ext.storage_writer, dcp_ext.storage_reader):
+        with pytest.raises(MissingDependencyError, match=re.escape(f"pip install 'dcp-ext[{extra}]'")):
+            make(url)
+
+
+def test_missing_yaml_names_the_extra(tmp_path, monkeypatch):
+    import sys
+
+    y = tmp_path / "ck.yaml"
+    y.write_text("io_threads: 2\n")
+    monkeypatch.setitem(sys.modules, "yaml", None)
+    with pytest.raises(MissingDependencyError, match=re.escape("pip install 'dcp-ext[yaml]'")):
+        load_config(y, environ={})
+
+
+def test_docs_config_lists_every_option():
+    """docs/config.md has a row for every Config field and every section field (and no others)."""
+    import dataclasses
+    import os
+
+    from dcp_ext.config import _SECTIONS
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "config.md")
+    text = open(path, encoding="utf-8").read()
+    documented: dict[str, set[str]] = {}
+    section = ""
+    for line in text.splitlines():
+        m = re.match(r"^#+ .*`\[(\w+)\]`", line)
+        if m:
+            section = m.group(1)
+        elif line.startswith("## Top level"):
+            section = ""
+        elif line.startswith("| `"):
+            first_cell = line.split("|")[1]
+            documented.setdefault(section, set()).update(re.findall(r"`(\w+)`", first_cell))
+    expected = {"": {f.name for f in dataclasses.fields(Config) if f.name not in _SECTIONS}}
+    for name in _SECTIONS:
+        expected[name] = {f.name for f in dataclasses.fields(type(getattr(Config(), name)))}
+    assert documented == expected

@@ -6,6 +6,9 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
+import threading
+import time
 import warnings
 
 import pytest
@@ -21,6 +24,7 @@ from dcp_ext.errors import (
     StorageError,
 )
 from dcp_ext.storage.manifest import MANIFEST_NAME, METADATA_NAME
+from dcp_ext.testing import RankFailedError
 from tests import fs_rank_fns as F
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -192,6 +196,162 @@ def test_ranged_read_fetches_only_needed_bytes(tmp_path):
     assert r3.stats.requests == 256
 
 
+def test_commit_order_data_then_manifest_then_metadata_then_dir_fsync(tmp_path, monkeypatch):
+    """Atomic commit on a file system: every data file is fsynced before anything is published; the
+    manifest, then .metadata, are written under temporary names, fsynced, os.replace'd; .metadata
+    is the last file to appear, and the directory is fsynced after it."""
+    ck = tmp_path / "ck"
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        events.append(("fsync", "<dir>" if path == str(ck) else os.path.basename(path)))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(src), os.path.basename(dst)))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    src = _state()
+    dcp.save(src, storage_writer=dcp_ext.storage_writer(ck, files_per_rank=3))
+    data = {f"__0_{k}.distcp" for k in range(3)}
+    replaces = [e for e in events if e[0] == "replace"]
+    assert [e[2] for e in replaces] == [MANIFEST_NAME, METADATA_NAME]
+    assert all(re.fullmatch(re.escape(dst) + r"\.[0-9a-f]{8}\.tmp", tmp) for _, tmp, dst in replaces)
+    i_manifest, i_metadata = events.index(replaces[0]), events.index(replaces[1])
+    fsynced_data = [i for i, e in enumerate(events) if e[0] == "fsync" and e[1] in data]
+    assert {events[i][1] for i in fsynced_data} == data and max(fsynced_data) < i_manifest
+    assert ("fsync", replaces[1][1]) in events[i_manifest:i_metadata]  # the temp .metadata was fsynced
+    assert events[-1] == ("fsync", "<dir>") and events.index(events[-1], i_metadata) > i_metadata
+    assert not [p for p in os.listdir(ck) if p.endswith(".tmp")]
+    dst = _zeros_like(src)
+    dcp.load(dst, storage_reader=dcp_ext.storage_reader(ck))
+    _assert_same(src, dst)
+    # fsync can be switched off for scratch checkpoints (then nothing is fsynced)
+    events.clear()
+    dcp.save(src, storage_writer=dcp_ext.storage_writer(tmp_path / "scratch", fs={"fsync": False}))
+    assert [e for e in events if e[0] == "fsync"] == []
+
+
+@pytest.mark.parametrize("result", [0, -1])
+def test_writeback_started_while_writing(tmp_path, monkeypatch, result):
+    """Data files start their disk writeback as they grow (not all at the final fsync); a file
+    system that refuses (-1) just stops being asked, and the save still succeeds."""
+    from dcp_ext.storage import fs as fsmod
+
+    calls = []
+
+    def fake_sync_file_range(fd, offset, nbytes, flags):
+        calls.append((os.readlink(f"/proc/self/fd/{fd}"), offset, nbytes, flags))
+        return result
+
+    monkeypatch.setattr(fsmod, "_sync_file_range", fake_sync_file_range)
+    monkeypatch.setattr(fsmod, "WRITEBACK_EVERY", 64 * 1024)
+    src = {f"t{i}": torch.randn(64 * 1024) for i in range(4)}  # 256 KiB each, one file
+    dcp.save(src, storage_writer=dcp_ext.storage_writer(tmp_path / "a", io_threads=1))
+    assert calls and {c[0] for c in calls} == {str(tmp_path / "a" / "__0_0.distcp")}
+    assert all(c[1:] == (0, 0, 2) for c in calls)  # whole file, SYNC_FILE_RANGE_WRITE
+    assert len(calls) == (4 if result == 0 else 1)
+    dst = _zeros_like(src)
+    dcp.load(dst, storage_reader=dcp_ext.storage_reader(tmp_path / "a"))
+    _assert_same(src, dst)
+    calls.clear()
+    dcp.save(src, storage_writer=dcp_ext.storage_writer(tmp_path / "b", io_threads=1, fs={"fsync": False}))
+    assert calls == []  # no fsync wanted: no early writeback either
+
+
+def test_writeback_starter_exists_on_linux():
+    from dcp_ext.storage import fs as fsmod
+
+    if not os.uname().sysname == "Linux":
+        pytest.skip("Linux only")
+    fn = fsmod._writeback_starter()
+    assert fn is not None
+    with open(os.devnull, "wb") as f:
+        assert fn(f.fileno(), 0, 0, 2) in (0, -1)
+
+
+def test_failure_while_publishing_metadata_leaves_an_incomplete_checkpoint(tmp_path, monkeypatch):
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.basename(dst) == METADATA_NAME:
+            raise OSError(5, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(BaseException) as ei:
+        dcp.save({"w": torch.ones(4)}, storage_writer=dcp_ext.storage_writer(tmp_path))
+    assert f"cannot write {tmp_path / METADATA_NAME}: Input/output error" in str(ei.value)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not (tmp_path / METADATA_NAME).exists()
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]  # the temporary file was removed
+    with pytest.raises(IncompleteCheckpointError, match="incomplete checkpoint"):
+        dcp_ext.storage_reader(tmp_path).read_metadata()
+
+
+def test_writes_and_reads_run_on_several_threads(tmp_path, monkeypatch):
+    from dcp_ext.storage.fs import LocalStore
+
+    writers, readers = set(), set()
+    open_writer, read_into = LocalStore.open_writer, LocalStore.read_into
+
+    def slow_open(self, relpath):
+        writers.add(threading.current_thread().name)
+        time.sleep(0.05)  # so one thread cannot take every file before the others start
+        return open_writer(self, relpath)
+
+    def slow_read(self, relpath, offset, out):
+        if relpath.endswith(".distcp"):  # (metadata is read on the calling thread)
+            readers.add(threading.current_thread().name)
+            time.sleep(0.02)
+        return read_into(self, relpath, offset, out)
+
+    monkeypatch.setattr(LocalStore, "open_writer", slow_open)
+    monkeypatch.setattr(LocalStore, "read_into", slow_read)
+    g = torch.Generator().manual_seed(4)
+    src = {f"t{i}": torch.randn(128, 256, generator=g) for i in range(8)}
+    dcp.save(src, storage_writer=dcp_ext.storage_writer(tmp_path, files_per_rank=4, io_threads=4))
+    assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".distcp")) == [f"__0_{k}.distcp" for k in range(4)]
+    assert len(writers) >= 2 and all(n.startswith("dcp_ext-write") for n in writers), writers
+    dst = _zeros_like(src)
+    dcp.load(dst, storage_reader=dcp_ext.storage_reader(tmp_path, io_threads=4))
+    _assert_same(src, dst)
+    assert len(readers) >= 2 and all(n.startswith("dcp_ext-read") for n in readers), readers
+
+
+def test_close_ranges_are_coalesced_into_one_request(tmp_path):
+    """Row pieces separated by less than the store's coalesce gap (4 KiB on local disk) are read as
+    one request, gaps included; the box is still copied out exactly."""
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    wide = torch.arange(64 * 1024, dtype=torch.float32).reshape(64, 1024)  # 4 KiB rows
+    dcp.save({"wide": wide}, storage_writer=dcp_ext.storage_writer(tmp_path))
+    r = dcp_ext.storage_reader(tmp_path, verify=False)
+    r.set_up_storage_reader(r.read_metadata(), True)
+    got = torch.zeros(64, 800)
+
+    class P(DefaultLoadPlanner):
+        def resolve_tensor(self, read_item):
+            return got
+
+        def commit_tensor(self, read_item, tensor):
+            pass
+
+    idx = MetadataIndex("wide", torch.Size([0, 0]))
+    req = ReadItem(LoadItemType.TENSOR, idx, torch.Size([0, 0]), idx, torch.Size([0, 100]), torch.Size([64, 800]))
+    r.read_data(LoadPlan([req]), P()).wait()
+    assert torch.equal(got, wide[:, 100:900])
+    assert r.stats.requests == 1  # 64 row pieces, 896-byte gaps: one read
+    assert r.stats.bytes_needed == 64 * 800 * 4
+    assert r.stats.bytes_read == (63 * 1024 + 800) * 4
+
+
 # -- errors a user can run into ---------------------------------------------------------------
 
 def test_missing_location(tmp_path):
@@ -268,6 +428,35 @@ def test_metadata_and_manifest_from_different_saves(tmp_path):
         dcp_ext.storage_reader(tmp_path / "a").read_metadata()
 
 
+def test_corrupt_metadata_files(tmp_path):
+    dcp.save({"w": torch.randn(10)}, storage_writer=dcp_ext.storage_writer(tmp_path / "ours"))
+    md = tmp_path / "ours" / METADATA_NAME
+    raw = bytearray(md.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    md.write_bytes(bytes(raw))
+    with pytest.raises(CorruptCheckpointError, match=r"\.metadata does not match \.dcp_ext\.json"):
+        dcp_ext.storage_reader(tmp_path / "ours").read_metadata()
+    # a stock checkpoint (no manifest) with a truncated .metadata
+    dcp.save({"w": torch.randn(10)}, storage_writer=dcp.FileSystemWriter(tmp_path / "stock"))
+    md = tmp_path / "stock" / METADATA_NAME
+    md.write_bytes(md.read_bytes()[:40])
+    with pytest.raises(CorruptCheckpointError, match=rf"{re.escape(str(md))} is unreadable"):
+        dcp_ext.storage_reader(tmp_path / "stock").read_metadata()
+
+
+def test_truncated_file_in_the_middle_of_an_item(tmp_path):
+    """Truncation inside a tensor's data (not just its header): the error names the file and the FQN."""
+    g = torch.Generator().manual_seed(2)
+    src = {"a": torch.randn(1000, generator=g), "b": torch.randn(3000, generator=g)}
+    dcp.save(src, storage_writer=dcp_ext.storage_writer(tmp_path, io_threads=1))
+    it = _first_item(tmp_path, "b")
+    p = tmp_path / it["file"]
+    p.write_bytes(p.read_bytes()[:it["offset"] + it["data_offset"] + 5000])
+    with pytest.raises(BaseException) as ei:
+        dcp.load({"a": torch.zeros(1000), "b": torch.zeros(3000)}, storage_reader=dcp_ext.storage_reader(tmp_path))
+    assert re.search(rf"{re.escape(it['file'])} is truncated.*while reading b\b", str(ei.value)), str(ei.value)
+
+
 def test_garbage_manifest(tmp_path):
     dcp.save({"w": torch.randn(10)}, storage_writer=dcp_ext.storage_writer(tmp_path))
     (tmp_path / MANIFEST_NAME).write_text("{not json")
@@ -311,12 +500,49 @@ def test_unwritable_target(tmp_path):
         w.store.prepare_for_write()
 
 
+def test_unwritable_system_directory():
+    """A target the OS refuses even to root (/sys is not writable in any container or host)."""
+    target = "/sys/dcp_ext_test_ck"
+    if not os.path.isdir("/sys") or os.path.exists(target):
+        pytest.skip("needs a /sys that refuses new directories")
+    with pytest.raises(BaseException) as ei:
+        dcp.save({"w": torch.ones(3)}, storage_writer=dcp_ext.storage_writer(target))
+    assert f"cannot create checkpoint directory {target}:" in str(ei.value)
+    assert not os.path.exists(target)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(BaseException) as ei:
+            dcp.save({"w": torch.ones(3)}, storage_writer=dcp_ext.storage_writer(ro))
+        assert "permission denied" in str(ei.value)
+        with pytest.raises(BaseException) as ei:
+            dcp.save({"w": torch.ones(3)}, storage_writer=dcp_ext.storage_writer(ro / "sub"))
+        assert "cannot create checkpoint directory" in str(ei.value)
+    finally:
+        ro.chmod(0o755)
+
+
 def test_expect_world_size(tmp_path):
     dcp.save({"w": torch.ones(3)}, storage_writer=dcp_ext.storage_writer(tmp_path))
     r = dcp_ext.storage_reader(tmp_path, expect_world_size=4)
     with pytest.raises(dcp_ext.DcpExtError, match="saved by 1 ranks but this load expects 4"):
         r.read_metadata()
     dcp_ext.storage_reader(tmp_path, expect_world_size=1).read_metadata()
+
+
+def test_expect_world_size_of_a_stock_checkpoint(ranks, tmp_path, caplog):
+    """Stock checkpoints carry no world size: the data files' rank numbers give a lower bound."""
+    ranks(2).run(F.save_stock, str(tmp_path), 6, {"w": "row"})
+    with pytest.raises(dcp_ext.DcpExtError, match="saved by at least 2 ranks .* but this load expects 1"):
+        dcp_ext.storage_reader(tmp_path, expect_world_size=1).read_metadata()
+    with caplog.at_level("WARNING", logger="dcp_ext"):
+        dcp_ext.storage_reader(tmp_path, expect_world_size=2).read_metadata()
+    assert "expect_world_size=2 could not be checked" in caplog.text
 
 
 def test_checkpoint_id_reset(tmp_path):
@@ -386,3 +612,42 @@ def test_failed_save_keeps_earlier_checkpoints(ranks, tmp_path):
 
 def test_async_save_with_our_writer(ranks, tmp_path):
     assert ranks(2).run(F.async_save_and_load, str(tmp_path)) == [True, True]
+
+
+def test_multirank_refuses_to_overwrite(ranks, tmp_path):
+    url = str(tmp_path / "ck")
+    ranks(2).run(F.save_dtensors, url, 21, {"w": "row"})
+    before = {p: (tmp_path / "ck" / p).read_bytes() for p in os.listdir(url)}
+    with pytest.raises(RankFailedError, match=r"(?s)already holds a complete checkpoint.*overwrite=True"):
+        ranks(2).run(F.save_dtensors, url, 22, {"w": "col"})
+    assert {p: (tmp_path / "ck" / p).read_bytes() for p in os.listdir(url)} == before
+    for res in ranks(2).run(F.load_dtensors_and_compare, url, 21, {"w": "col"}):
+        assert all(res["equal"].values()), res
+
+
+def test_multirank_world_size_mismatch(ranks, tmp_path):
+    url = str(tmp_path / "ck")
+    ranks(2).run(F.save_dtensors, url, 31, {"w": "row"})
+    with pytest.raises(RankFailedError, match="saved by 2 ranks but this load expects 4"):
+        ranks(4).run(F.load_dtensors_and_compare, url, 31, {"w": "row"}, "ours", {"expect_world_size": 4})
+    for res in ranks(2).run(F.load_dtensors_and_compare, url, 31, {"w": "col"}, "ours", {"expect_world_size": 2}):
+        assert all(res["equal"].values()), res
+
+
+def test_multirank_corrupt_byte_in_a_resharded_read(ranks, tmp_path):
+    """A flipped byte in rank 1's shard of w, found by the ranks whose ranged reads touch it."""
+    url = str(tmp_path / "ck")
+    ranks(2).run(F.save_dtensors, url, 41, {"w": "row"}, {"checksum_block_size": "4KiB"})
+    m = json.loads((tmp_path / "ck" / MANIFEST_NAME).read_text())
+    it = next(i for i in m["items"] if i["index"] == ["w", [32, 0]])
+    p = tmp_path / "ck" / it["file"]
+    raw = bytearray(p.read_bytes())
+    raw[it["offset"] + it["data_offset"] + 100] ^= 0x04  # row 32: read by rank 2 of 4
+    p.write_bytes(bytes(raw))
+    with pytest.raises(RankFailedError) as ei:
+        ranks(4).run(F.load_dtensors_and_compare, url, 41, {"w": "row"})
+    msg = str(ei.value)
+    assert "checksum mismatch" in msg and it["file"] in msg and "for w chunk [32, 0]" in msg, msg
+    # with verification off the flipped value loads as is (so the flip really hit w's data)
+    res = ranks(2).run(F.load_dtensors_and_compare, url, 41, {"w": "row"}, "ours", {"verify": False})
+    assert not res[0]["equal"]["w"] and res[0]["equal"]["emb"]

@@ -70,3 +70,12 @@ def test_children_see_parent_env_cwd_and_path(tmp_path, monkeypatch):
 def test_bad_start_method():
     with pytest.raises(ValueError, match="start_method must be 'forkserver', 'spawn' or None, got 'fork'"):
         RankPool(1, start_method="fork")
+    with pytest.raises(ValueError, match=r"preload= needs start_method='forkserver' \(or None\)"):
+        RankPool(1, start_method="spawn", preload=["torch"])
+
+
+def test_forkserver_with_preload():
+    """The demo's fast start: ranks forked from a server that imported torch (and more) once."""
+    assert run_on_ranks(rank_fns.allreduce_rank, 2, start_method="forkserver", preload=["tests.rank_fns"]) == [1.0, 1.0]
+    with pytest.raises(RankFailedError, match=r"(?s)rank 1 failed with ValueError.*in fail_on_rank.*boom on 1"):
+        run_on_ranks(rank_fns.fail_on_rank, 2, 1, start_method="forkserver")

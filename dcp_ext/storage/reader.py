@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import pickle
+import re
 import threading
 import time
 import uuid
@@ -52,6 +53,8 @@ from .threads import run_all
 __all__ = ["ExtStorageReader", "LoadStats"]
 
 logger = logging.getLogger(__name__)
+
+_RANK_FILE_RE = re.compile(r"^__(\d+)_\d+\.distcp$")
 
 #: large contiguous reads are split into parts of this size so threads share them
 PART_BYTES = 32 * 1024 * 1024
@@ -173,15 +176,32 @@ class ExtStorageReader(StorageReader):
                                       f"{si.transform_descriptors}, which dcp-ext cannot read; use stock "
                                       f"FileSystemReader")
             metadata.storage_data = dict(self.locations)
-        ws = self.manifest_extra.get("world_size")
-        want = self.config.expect_world_size
-        if want is not None and ws is not None and ws != want:
-            raise DcpExtError(f"{self.store.url} was saved by {ws} ranks but this load expects {want} "
-                              f"(expect_world_size); its per-rank state would not line up")
+        self._check_world_size()
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def _check_world_size(self) -> None:
+        """``expect_world_size``: refuse a checkpoint saved by another number of ranks."""
+        want = self.config.expect_world_size
+        if want is None:
+            return
+        ws = self.manifest_extra.get("world_size")
+        if ws is not None:
+            if ws != want:
+                raise DcpExtError(f"{self.store.url} was saved by {ws} ranks but this load expects {want} "
+                                  f"(expect_world_size); its per-rank state would not line up")
+            return
+        # no manifest (a stock checkpoint): data file names __{rank}_{n}.distcp give a lower bound
+        ranks = {int(m.group(1)) for loc in self.locations.values()
+                 if (m := _RANK_FILE_RE.match(os.path.basename(loc.relative_path)))}
+        if ranks and max(ranks) + 1 > want:
+            raise DcpExtError(f"{self.store.url} was saved by at least {max(ranks) + 1} ranks (it has data files "
+                              f"of rank {max(ranks)}) but this load expects {want} (expect_world_size); its "
+                              f"per-rank state would not line up")
+        logger.warning("%s has no dcp-ext manifest, so the number of ranks that saved it is unknown; "
+                       "expect_world_size=%d could not be checked", self.store.url, want)
 
     def _unpickle(self, raw: bytes) -> Metadata:
         try:

