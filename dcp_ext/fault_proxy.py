@@ -184,13 +184,13 @@ class FaultProxy:
 
     def stop(self) -> None:
         self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
         try:
             self._sock.close()
         except OSError:
             pass
         self.drop_all_connections()
-        if self._thread is not None:
-            self._thread.join(5)
 
     def __enter__(self) -> "FaultProxy":
         return self.start()
@@ -199,11 +199,15 @@ class FaultProxy:
         self.stop()
 
     def _accept_loop(self) -> None:
+        self._sock.settimeout(0.1)  # wake up to notice stop(): closing a socket does not end accept()
         while not self._stop.is_set():
             try:
                 client, _ = self._sock.accept()
+            except socket.timeout:
+                continue
             except OSError:
                 return
+            client.settimeout(None)
             c = _Conn(client)
             with self._lock:
                 self._conns.add(c)
