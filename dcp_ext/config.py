@@ -125,8 +125,12 @@ class GCSOptions:
     token: str | None = field(default=None, repr=False)
     #: emulator / custom endpoint; default: ``STORAGE_EMULATOR_HOST`` when set, else Google's
     endpoint_url: str | None = None
-    #: parts of a large object, uploaded concurrently and composed into it
+    #: chunk size of resumable uploads (a multiple of 256 KiB), or part size with composite uploads
     part_size: ByteSize = ByteSize(16 * 1024 * 1024)
+    #: upload a large file as parallel part objects composed at the end (like gcloud's parallel
+    #: composite uploads) instead of one resumable upload: faster for one huge file on real GCS,
+    #: but costs extra operations, and emulators copy the data again to compose it
+    composite_uploads: bool = False
     max_concurrency: int = 8
     max_retries: int = 24
     retry_base_delay: float = 0.2
@@ -219,6 +223,9 @@ class Config:
         if self.s3.addressing_style not in (None, "path", "virtual", "auto"):
             raise ConfigError(f"s3.addressing_style: must be 'path', 'virtual' or 'auto', got "
                               f"{self.s3.addressing_style!r}")
+        if self.gcs.part_size % (256 * 1024):
+            raise ConfigError(f"gcs.part_size: must be a multiple of 256 KiB (GCS resumable uploads), got "
+                              f"{self.gcs.part_size}")
         if self.gcs.timeout <= 0:
             raise ConfigError(f"gcs.timeout: must be > 0 seconds, got {self.gcs.timeout}")
         t = self.tier

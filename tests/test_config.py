@@ -58,6 +58,13 @@ def test_config_object_is_not_mutated():
     ({"io_threads": 0}, r"io_threads: must be >= 1"),
     ({"checksum_block_size": "1KiB"}, r"checksum_block_size: must be >= 4096"),
     ({"s3": {"part_size": "1MiB"}}, r"part_size: must be >= 5MiB"),
+    ({"gcs": {"part_size": 5 * 1024 * 1024 + 1}}, r"gcs.part_size: must be a multiple of 256 KiB"),
+    ({"s3": {"max_concurrency": 0}}, r"s3.max_concurrency: must be >= 1, got 0"),
+    ({"gcs": {"max_retries": -1}}, r"gcs.max_retries: must be >= 0, got -1"),
+    ({"s3": {"retry_base_delay": 1.0, "retry_max_delay": 0.5}}, r"s3.retry_max_delay: must be >= retry_base_delay"),
+    ({"s3": {"addressing_style": "sideways"}}, r"s3.addressing_style: must be 'path', 'virtual' or 'auto'"),
+    ({"gcs": {"timeout": 0}}, r"gcs.timeout: must be > 0 seconds"),
+    ({"s3": {"storage_options": {}}}, r"unknown option 's3.storage_options'; valid options in \[s3\]: .*client_config"),
     ({"s3": 5}, r"section 's3' must be a mapping"),
     ({"checksum_block_size": "lots"}, r"checksum_block_size: expected a byte size"),
 ])

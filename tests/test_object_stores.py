@@ -402,12 +402,14 @@ def test_throttling_window_is_survived(env):
 
 def test_permanent_part_failure_aborts_and_commits_nothing(env):
     """One part of one data file can never be uploaded: the save fails naming the object, the
-    multipart upload is aborted (no parts left behind), and nothing looks committed."""
+    multipart upload is aborted (no parts left behind), and nothing looks committed. (GCS: with
+    ``composite_uploads``, parallel part objects composed at the end.)"""
     state, url = _state(5), env.url()
     part = r"[?&]partNumber=2[& ]" if env.kind == "s3" else r"dcp_ext-part\.[0-9a-f]+\.00002"
+    extra = {} if env.kind == "s3" else {"composite_uploads": True}
     with env.proxy() as px:
         rule = px.add(FaultRule(part, "503", times=None))
-        opts = env.opts(endpoint=px.endpoint, part_size="5MiB", max_retries=2, retry_base_delay=0.01)
+        opts = env.opts(endpoint=px.endpoint, part_size="5MiB", max_retries=2, retry_base_delay=0.01, **extra)
         msg = _error_of(lambda: _save(url, state, files_per_rank=1, **opts))
     assert rule.hits == 3  # the first try and two retries
     assert "uploading part 2 of " in msg and "__0_0.distcp" in msg and "failed after 3 attempt(s)" in msg, msg
@@ -415,6 +417,29 @@ def test_permanent_part_failure_aborts_and_commits_nothing(env):
     assert env.pending_uploads(url) == []
     msg = _error_of(lambda: _load(url, state, **env.opts()))
     assert "no checkpoint at" in msg or "incomplete checkpoint" in msg, msg
+
+
+def test_gcs_resumable_upload_resumes_and_fails_cleanly(gcs_server):
+    """GCS streams a large file as one resumable upload: chunks cut or refused halfway are
+    resumed from what the server kept (exact result); a chunk that can never be sent cancels
+    the session, and nothing is committed."""
+    env = Env("gcs", gcs_server)
+    state, url = _state(7), env.url()
+    with env.proxy() as px:
+        cut = px.add(FaultRule(r"^PUT /upload/.*upload_id", "drop", times=2))
+        slow = px.add(FaultRule(r"^PUT /upload/.*upload_id", "503", times=2))
+        opts = env.opts(endpoint=px.endpoint, part_size="5MiB", retry_base_delay=0.01)
+        _save(url, state, files_per_rank=1, **opts)
+        assert cut.hits == 2 and slow.hits == 2 and px.requests > 8  # several chunks went through
+        _assert_same(_load(url, state, **opts), state)
+
+        url2 = env.url("fails")
+        rule = px.add(FaultRule(r"^PUT /upload/.*upload_id", "503", times=None))
+        opts = env.opts(endpoint=px.endpoint, part_size="5MiB", max_retries=2, retry_base_delay=0.01)
+        msg = _error_of(lambda: _save(url2, state, files_per_rank=1, **opts))
+    assert rule.hits == 5  # three tries of the first chunk, and a status query before each retry
+    assert "uploading bytes 0-5242880 of " in msg and "__0_0.distcp" in msg and "failed after 3 attempt(s)" in msg, msg
+    assert env.names(url2) == []  # the session was cancelled: no object, no metadata
 
 
 def test_commit_failure_leaves_an_incomplete_checkpoint(env):

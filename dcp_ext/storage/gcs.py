@@ -3,11 +3,13 @@
 We talk to the JSON API with urllib3 and google-auth (both come with ``pip install
 'dcp-ext[gcs]'``) instead of going through gcsfs, for two reasons:
 
-* **Parallel uploads.** GCS has no S3-style multipart upload; a resumable upload sends its
-  chunks one after another. Like ``gcloud storage``'s parallel composite uploads, a large
-  data file is uploaded as ``part_size`` part objects, ``max_concurrency`` at a time, which
-  one ``compose`` call (or a tree of them beyond 32 parts) joins into the final object; the
-  parts are then deleted. A failed file deletes its parts.
+* **Uploads.** GCS has no S3-style multipart upload. By default each data file is one
+  resumable upload (``part_size`` chunks in order, the next one filling while one is in flight;
+  a chunk that fails halfway resumes from the byte the server kept), and a rank's files upload
+  in parallel. With ``gcs.composite_uploads``, like ``gcloud storage``'s parallel composite
+  uploads, a file is uploaded as ``part_size`` part objects, ``max_concurrency`` at a time,
+  which one ``compose`` call (or a tree of them beyond 32 parts) joins into the final object;
+  the parts are then deleted. A failed file cancels its session / deletes its parts.
 * **One retry policy.** gcsfs repeats every failing request up to six times with its own
   backoff (about 30 s) before we would see it; here ``gcs.max_retries`` and
   ``gcs.retry_base_delay`` mean what they say, and the error names the object.
@@ -31,7 +33,7 @@ import socket
 import threading
 import uuid
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from ..config import Config
 from ..errors import BucketNotFoundError, MissingDependencyError, StorageAuthError, StorageError
@@ -247,6 +249,73 @@ class GCSStore(ObjectStore):
         if r is None:
             raise BucketNotFoundError(f"writing {self.describe_key(key)}: the bucket gs://{self.bucket} does not exist")
 
+    # -- resumable uploads (the default way to stream a large object) ---------------------
+    def resumable_uploads(self) -> bool:
+        return not self.config.gcs.composite_uploads
+
+    def _start_resumable(self, key: str) -> str:
+        r = self._request("POST", f"/upload/storage/v1/b/{quote(self.bucket, safe='')}/o", self.describe_key(key),
+                          params={"uploadType": "resumable", "name": key}, body=b"{}",
+                          headers={"Content-Type": "application/json; charset=UTF-8",
+                                   "X-Upload-Content-Type": "application/octet-stream"}, ok404=True)
+        if r is None:
+            raise BucketNotFoundError(f"writing {self.describe_key(key)}: the bucket gs://{self.bucket} does not exist")
+        loc = r.headers.get("Location")
+        if not loc:
+            raise StorageError(f"starting the upload of {self.describe_key(key)}: the server sent no session URI")
+        # the session's path and query, on *our* endpoint (an emulator names its external URL,
+        # which may not be the address we reach it by, e.g. through a proxy)
+        u = urlsplit(loc)
+        return u.path + ("?" + u.query if u.query else "")
+
+    def _session_request(self, session: str, headers: dict, body: Any, what: str):
+        pool, auth, ep = self._c()
+        h = auth.headers()
+        h.update(headers)
+        r = pool.request("PUT", ep + session, body=body, headers=h, redirect=False)
+        if r.status in (200, 201, 308):
+            return r
+        try:
+            err = json.loads(r.data or b"{}").get("error")
+            msg = err.get("message", "") if isinstance(err, dict) else str(err or "")
+        except (ValueError, AttributeError):
+            msg = (r.data or b"")[:200].decode(errors="replace")
+        if r.status in (404, 410):
+            raise StorageError(f"{what}: the upload session expired or was cancelled (HTTP {r.status}: {msg})")
+        raise GCSHTTPError(r.status, msg or http.client.responses.get(r.status, ""), "PUT", what)
+
+    @staticmethod
+    def _kept(r) -> int:
+        """Bytes the server holds, from a 308's ``Range: bytes=0-N`` (none: nothing yet)."""
+        rng = r.headers.get("Range")
+        if not rng:
+            return 0
+        return int(rng.rsplit("-", 1)[1]) + 1
+
+    def _put_chunk(self, session: str, offset: int, data: memoryview, total: int | None) -> int:
+        n = len(data)
+        if n:
+            crange = f"bytes {offset}-{offset + n - 1}/{'*' if total is None else total}"
+        else:
+            crange = f"bytes */{total}"
+        r = self._session_request(session, {"Content-Range": crange, "Content-Length": str(n)},
+                                  bytes(data) if n else b"", f"uploading to {session[:60]}")
+        if r.status in (200, 201):
+            return offset + n if total is None else total
+        return self._kept(r)
+
+    def _resumable_status(self, session: str, total: int | None) -> int:
+        r = self._session_request(session, {"Content-Range": f"bytes */{'*' if total is None else total}",
+                                            "Content-Length": "0"}, b"", f"querying {session[:60]}")
+        if r.status in (200, 201):
+            return total if total is not None else 1 << 62
+        return self._kept(r)
+
+    def _cancel_resumable(self, session: str) -> None:
+        pool, auth, ep = self._c()
+        pool.request("DELETE", ep + session, headers=auth.headers(), redirect=False)
+
+    # -- parallel composite uploads (gcs.composite_uploads = true) --------------------------
     def _create_multipart(self, key: str) -> str:
         return uuid.uuid4().hex[:16]
 

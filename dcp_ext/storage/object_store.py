@@ -38,7 +38,8 @@ from .base import BlobWriter, Store
 from .retry import RetryPolicy
 from .threads import io_pool
 
-__all__ = ["ObjectStore", "split_bucket_url", "NotFound", "RangeNotSatisfiable"]
+__all__ = ["ObjectStore", "split_bucket_url", "NotFound", "RangeNotSatisfiable", "IncompleteChunk",
+           "release_buffers"]
 
 logger = logging.getLogger(__name__)
 
@@ -279,6 +280,144 @@ class _ObjectWriter(BlobWriter):
                                self.store.describe_key(self.key), self.upload_id, e)
 
 
+class IncompleteChunk(ConnectionError):
+    """The server kept fewer bytes of a resumable-upload chunk than were sent (transient: the
+    rest is sent again from where the server stopped)."""
+
+
+class _ResumableWriter(BlobWriter):
+    """Streams one object as a resumable upload: ``part_size`` chunks sent in order, one in
+    flight while the next one fills (GCS has no parallel multipart upload). A chunk that fails
+    halfway is resumed from the byte the server reports having kept. Small objects are one PUT.
+    """
+
+    def __init__(self, store: "ObjectStore", key: str):
+        self.store = store
+        self.key = key
+        self.chunk = store.part_size
+        self.buf: bytearray | None = None
+        self.fill = 0
+        self.pos = 0  # bytes written by the caller
+        self.sent = 0  # bytes handed to the upload (a multiple of the chunk size until the end)
+        self.session: str | None = None
+        self.pending: Future | None = None
+        self.closed = False
+
+    def write(self, data) -> int:
+        mv = memoryview(data).cast("B")
+        n, off = len(mv), 0
+        while off < n:
+            if self.buf is None:
+                self.buf = BUFFERS.get(self.chunk)
+                self.fill = 0
+            take = min(self.chunk - self.fill, n - off)
+            self.buf[self.fill:self.fill + take] = mv[off:off + take]
+            self.fill += take
+            off += take
+            if self.fill == self.chunk:
+                self._hand_off(total=None)
+        self.pos += n
+        return n
+
+    def tell(self) -> int:
+        return self.pos
+
+    def _wait_pending(self) -> None:
+        if self.pending is not None:
+            f, self.pending = self.pending, None
+            f.result()
+
+    def _hand_off(self, total: int | None) -> None:
+        """Upload the filled buffer after the previous chunk (whose failure is raised here)."""
+        st = self.store
+        self._wait_pending()
+        if self.session is None:
+            self.session = st.retry.call(lambda: st._start_resumable(self.key),
+                                         f"starting the upload of {st.describe_key(self.key)}")
+        buf, fill, offset = self.buf, self.fill, self.sent
+        self.buf, self.fill = None, 0
+        self.sent += fill
+        slots = st.part_slots
+        slots.acquire()  # bounded memory: at most max_concurrency chunks in flight per process
+        try:
+            fut = io_pool(f"{st.backend_name}-parts", st.max_concurrency).submit(
+                self._send, buf, fill, offset, total)
+        except BaseException:
+            slots.release()
+            raise
+
+        def done(f: Future, buf=buf) -> None:
+            slots.release()
+            if buf is not None:
+                BUFFERS.put(buf)
+
+        fut.add_done_callback(done)
+        self.pending = fut
+
+    def _send(self, buf, fill: int, offset: int, total: int | None) -> None:
+        st = self.store
+        view = memoryview(buf)[:fill] if buf is not None else memoryview(b"")
+        end = offset + fill
+        state = {"at": offset}
+
+        def attempt() -> None:
+            at = state["at"]
+            kept = st._put_chunk(self.session, at, view[at - offset:], total)
+            state["at"] = max(at, min(kept, end))
+            if kept < end:
+                raise IncompleteChunk(f"the server kept {kept - offset} of {fill} bytes of the chunk at {offset}")
+
+        def resync() -> None:  # where did the server stop? (an unanswerable question is retried)
+            try:
+                state["at"] = max(offset, min(end, st._resumable_status(self.session, total)))
+            except Exception as e:  # noqa: BLE001 - the next attempt finds out again
+                logger.debug("resumable upload status of %s: %s", st.describe_key(self.key), e)
+
+        st.retry.call(attempt, f"uploading bytes {offset}-{end} of {st.describe_key(self.key)}", on_retry=resync)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        st = self.store
+        try:
+            if self.session is None:  # small object: one PUT
+                body = bytes(memoryview(self.buf)[:self.fill]) if self.buf is not None else b""
+                if self.buf is not None:
+                    BUFFERS.put(self.buf)
+                    self.buf = None
+                st.retry.call(lambda: st._put_object(self.key, body), f"uploading {st.describe_key(self.key)}")
+            else:
+                # the last chunk (empty if the object ended on a chunk boundary) names the size
+                self._hand_off(total=self.pos)
+                self._wait_pending()
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.pending is not None:
+            try:
+                self.pending.result()
+            except BaseException:  # noqa: BLE001 - we are aborting anyway
+                pass
+            self.pending = None
+        if self.buf is not None:
+            BUFFERS.put(self.buf)
+            self.buf = None
+        if self.session is not None:
+            try:
+                st = self.store
+                st.retry.call(lambda: st._cancel_resumable(self.session),
+                              f"cancelling the upload of {st.describe_key(self.key)}")
+                logger.info("cancelled the partial upload of %s", st.describe_key(self.key))
+            except BaseException as e:  # noqa: BLE001 - abort must not raise
+                logger.warning("could not cancel the partial upload of %s: %s", self.store.describe_key(self.key), e)
+
+
 class ObjectStore(Store):
     """A checkpoint location ``SCHEME://BUCKET/PREFIX`` in an object store.
 
@@ -382,7 +521,27 @@ class ObjectStore(Store):
             self._bucket_checked = True
 
     def open_writer(self, relpath: str) -> BlobWriter:
+        if self.resumable_uploads():
+            return _ResumableWriter(self, self._key(relpath))
         return _ObjectWriter(self, self._key(relpath))
+
+    def resumable_uploads(self) -> bool:
+        """Stream large objects as resumable uploads (chunks in order) instead of parallel parts."""
+        return False
+
+    def _start_resumable(self, key: str) -> str:
+        raise NotImplementedError
+
+    def _put_chunk(self, session: str, offset: int, data: memoryview, total: int | None) -> int:
+        """Send ``data`` at ``offset`` (the last chunk when ``total`` is given); returns how many
+        bytes of the object the server holds afterwards."""
+        raise NotImplementedError
+
+    def _resumable_status(self, session: str, total: int | None) -> int:
+        raise NotImplementedError
+
+    def _cancel_resumable(self, session: str) -> None:
+        raise NotImplementedError
 
     def put_atomic(self, relpath: str, data: bytes) -> None:
         """One PUT: an object appears whole or not at all (no rename, no copy + delete)."""
