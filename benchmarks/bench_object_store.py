@@ -183,7 +183,7 @@ def run_store(label: str, scheme: str, bucket: str, contenders: list[Contender],
 
 def print_table(label: str, res: dict) -> None:
     print(f"\n{label}: {res['bytes'] / MiB:.0f} MiB, median of {res['rounds']} interleaved rounds")
-    print(f"| config | save s | save MiB/s | load s | load MiB/s | dcp_ext speed-up save | load |")
+    print("| config | save s | save MiB/s | load s | load MiB/s | dcp_ext speed-up save | load |")
     print("|---|---|---|---|---|---|---|")
     for name, c in res["configs"].items():
         r = res["ratios"].get(name, {"save": 1.0, "load": 1.0})

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -118,7 +117,6 @@ def _shard(state: dict, mesh, dim_pref: int) -> dict:
 
 def _rank_train_and_save(ckpt: str, ref_path: str, steps: int) -> dict:
     import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
 
     import dcp_ext

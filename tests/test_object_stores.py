@@ -6,7 +6,6 @@ and resharded loads, compared exactly.
 
 from __future__ import annotations
 
-import io
 import logging
 import threading
 import time
@@ -18,8 +17,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 
 import dcp_ext
-from dcp_ext.errors import (BucketNotFoundError, CheckpointExistsError, CheckpointNotFoundError,
-                            CorruptCheckpointError, IncompleteCheckpointError, StorageAuthError, StorageError)
+from dcp_ext.errors import (BucketNotFoundError, CheckpointExistsError, CheckpointNotFoundError, StorageAuthError,
+                            StorageError)
 from dcp_ext.fault_proxy import FaultProxy, FaultRule
 from dcp_ext.storage.manifest import MANIFEST_NAME, METADATA_NAME
 from tests import fs_rank_fns as F
@@ -78,9 +77,6 @@ class Env:
             r = self.server.client().list_multipart_uploads(Bucket=self.server.bucket, Prefix=self.path(url).split("/", 1)[1])
             return [u["Key"] for u in r.get("Uploads", [])]
         return [n for n in self.names(url) if ".dcp_ext-part." in n]
-
-    def fsspec_url(self, url: str) -> str:
-        return url
 
 
 @pytest.fixture(params=["s3", "gcs"])
@@ -180,15 +176,14 @@ def test_ranged_read_fetches_only_the_needed_part(env):
     big = torch.randn(1536, 4096)
     opts = env.opts(part_size="5MiB")
     _save(url, {"big": big}, **opts)
-    from torch.distributed.checkpoint.planner import LoadItemType  # noqa: F401 - (stock names)
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
-    # a DTensor-free way to read a sub-box: a 1-rank reader asked for rows [0, 64) via a planner
+    # a DTensor-free way to read a sub-box: a 1-rank load whose planner asks for rows [0, 64)
     r = dcp_ext.storage_reader(url, **opts)
 
     class RowsPlanner(DefaultLoadPlanner):
         def create_local_plan(self):
-            from torch.distributed.checkpoint.metadata import MetadataIndex
-            from torch.distributed.checkpoint.planner import LoadPlan, ReadItem
 
             md = self.metadata.state_dict_metadata["big"]
             item = ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex("big", (0, 0)), dest_offsets=torch.Size([0, 0]),

@@ -25,7 +25,6 @@ import os
 import pickle
 import re
 import threading
-import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -43,7 +42,7 @@ from ..errors import (
     DcpExtError,
     IncompleteCheckpointError,
 )
-from ..integrity import ItemChecksums, checksum
+from ..integrity import checksum
 from ..progress import Progress
 from .base import Store
 from .manifest import MANIFEST_NAME, METADATA_NAME, ItemLocation, decode_manifest
@@ -404,7 +403,6 @@ class ExtStorageReader(StorageReader):
             pos += take
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        t0 = time.perf_counter()
         stats = LoadStats(items=len(plan.items))
         jobs = [self._plan_item(req, planner, stats) for req in plan.items]
         total = sum(f.nbytes for j in jobs for f in j.fetches)

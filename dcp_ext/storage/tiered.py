@@ -40,7 +40,7 @@ import shutil
 import threading
 import time
 import uuid
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata

@@ -165,7 +165,6 @@ class ExtStorageWriter(StorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         storage: _RankStorage = plan.storage_data
         self.save_id = storage.save_id
-        t0 = time.perf_counter()
         total = sum(_item_nbytes(i) for i in plan.items)
         nfiles = self.config.files_per_rank
         if nfiles is None:  # one file per thread, but no file smaller than MIN_FILE_BYTES
