@@ -181,14 +181,14 @@ class S3TestServer:
         self.kind, self.endpoint = "seaweedfs", f"http://127.0.0.1:{ports['s3']}"
 
     def client(self, secret_key: str | None = None):
-        """A boto3 S3 client for the server (plain, for test setup and inspection)."""
-        import boto3
+        """A plain botocore S3 client for the server (for test setup and inspection)."""
         import botocore.config
+        import botocore.session
 
-        return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
-                            aws_secret_access_key=secret_key or self.secret_key, region_name=self.region,
-                            config=botocore.config.Config(retries={"total_max_attempts": 2},
-                                                          connect_timeout=5, read_timeout=30))
+        return botocore.session.get_session().create_client(
+            "s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key, region_name=self.region,
+            config=botocore.config.Config(retries={"total_max_attempts": 2}, connect_timeout=5, read_timeout=30))
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -196,7 +196,7 @@ def test_entry_point_backends_are_loaded_and_broken_ones_ignored(monkeypatch, ca
 
 
 @pytest.mark.parametrize("url,extra,modules", [
-    ("s3://bucket/ckpt", "s3", ("boto3", "botocore")),
+    ("s3://bucket/ckpt", "s3", ("botocore",)),
     ("gs://bucket/ckpt", "gcs", ("google.auth",)),
 ])
 def test_missing_real_optional_dependency_names_the_extra(monkeypatch, url, extra, modules):

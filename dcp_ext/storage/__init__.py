@@ -237,7 +237,7 @@ def _register_builtins() -> None:
                   description="local disk or NFS: parallel writes, ranged reads, atomic commit")
     store_backend("fsspec", ["memory"], "fsspec", "FsspecStore",
                   description="any fsspec protocol")
-    store_backend("s3", ["s3", "s3a"], "s3", "S3Store", extra="s3", requires=("boto3", "botocore"),
+    store_backend("s3", ["s3", "s3a"], "s3", "S3Store", extra="s3", requires=("botocore",),
                   description="S3 and S3-compatible stores: parallel multipart, ranged GETs, retries")
     store_backend("gcs", ["gs", "gcs"], "gcs", "GCSStore", extra="gcs", requires=("urllib3", "google.auth"),
                   description="Google Cloud Storage: parallel composite uploads, ranged GETs, retries")

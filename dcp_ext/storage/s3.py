@@ -1,6 +1,6 @@
 """S3 backend (``s3://bucket/prefix``): any S3-compatible store (AWS, MinIO, SeaweedFS, ...).
 
-Built on botocore (through boto3) rather than s3fs: botocore clients are thread-safe and
+Built on botocore rather than s3fs: botocore clients are thread-safe and
 release the GIL while hashing and sending, so the generic :class:`ObjectStore` can run
 ``max_concurrency`` part uploads and ``io_threads`` ranged GETs in plain threads, and it lets
 us own the retry policy (botocore's own retries are switched off, so ``s3.max_retries`` means
@@ -57,7 +57,7 @@ _CLIENTS_LOCK = threading.Lock()
 
 def _region(opts, session) -> str:
     return (opts.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-            or session.region_name or "us-east-1")
+            or session.get_config_variable("region") or "us-east-1")
 
 
 def s3_client(config: Config):
@@ -79,17 +79,18 @@ def s3_client(config: Config):
         c = _CLIENTS.get(key)
         if c is not None:
             return c
-        import boto3
         import botocore.config
         import botocore.exceptions
+        import botocore.session
 
+        session = botocore.session.Session(profile=opts.profile) if opts.profile else botocore.session.Session()
         try:
-            session = boto3.session.Session(profile_name=opts.profile) if opts.profile else boto3.session.Session()
+            region = _region(opts, session)
         except botocore.exceptions.ProfileNotFound as e:
             raise StorageAuthError(f"the AWS profile {opts.profile!r} (s3.profile) is not defined in the AWS "
                                    f"config files") from e
         kwargs: dict[str, Any] = {
-            "region_name": _region(opts, session),
+            "region_name": region,
             # our RetryPolicy repeats transient failures (s3.max_retries): no retries inside botocore
             "retries": {"total_max_attempts": 1, "mode": "standard"},
             "max_pool_connections": max(16, config.io_threads + opts.max_concurrency + 4),
@@ -117,7 +118,11 @@ def s3_client(config: Config):
                 raise StorageAuthError("s3.access_key_id and s3.secret_access_key must be given together")
             ckw.update(aws_access_key_id=opts.access_key_id, aws_secret_access_key=opts.secret_access_key,
                        aws_session_token=opts.session_token)
-        c = session.client("s3", **ckw)
+        try:
+            c = session.create_client("s3", **ckw)
+        except botocore.exceptions.ProfileNotFound as e:
+            raise StorageAuthError(f"the AWS profile {opts.profile!r} (s3.profile) is not defined in the AWS "
+                                   f"config files") from e
         _CLIENTS[key] = c
         logger.debug("created an S3 client (endpoint %s, region %s)", c.meta.endpoint_url, c.meta.region_name)
         return c
