@@ -21,6 +21,7 @@ def test_distribution_extras_and_console_script():
     deps = {re.split(r"[<>=;\[ ]", d, maxsplit=1)[0]: d for d in proj["dependencies"]}
     assert deps["torch"].replace(" ", "") == "torch>=2.7"
     assert "fsspec" in deps and "aiofiles" in deps
+    assert "numpy" in deps  # not pulled in by torch's CPU wheel; DCP's object collectives need it
     extras = proj["optional-dependencies"]
     assert {"s3", "gcs", "tensorstore", "all", "test"} <= set(extras)
     # the S3 backend is built on botocore, the GCS one on the JSON API (google-auth + urllib3)

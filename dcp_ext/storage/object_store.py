@@ -122,9 +122,11 @@ class _PartSlots:
             return s
 
 
-class _ObjectWriter(BlobWriter):
-    """Streams one object: whole-object PUT if it fits in one part, else a parallel multipart
-    upload (parts of exactly ``part_size`` bytes but the last)."""
+class _Upload(BlobWriter):
+    """Streams one object through ``part_size`` buffers from the process-wide free list; an
+    object that fits in one buffer is a single PUT. Subclasses say what happens to a full
+    buffer (:meth:`_buffer_full`), how the upload ends (:meth:`_finish`) and how a partial
+    upload is discarded (:meth:`_stop`, :meth:`_discard_remote`)."""
 
     def __init__(self, store: "ObjectStore", key: str):
         self.store = store
@@ -132,22 +134,31 @@ class _ObjectWriter(BlobWriter):
         self.part_size = store.part_size
         self.buf: bytearray | None = None
         self.fill = 0
-        self.pos = 0
-        self.upload_id: str | None = None
-        self.next_part = 1
-        self.parts: dict[int, Any] = {}
-        self.futures: list[Future] = []
-        self.error: BaseException | None = None
-        self.lock = threading.Lock()
+        self.pos = 0  # bytes written by the caller
         self.closed = False
 
-    def _what(self) -> str:
-        return f"uploading {self.store.describe_key(self.key)}"
+    # -- for subclasses ------------------------------------------------------------------
+    def _started(self) -> bool:
+        """Whether a multi-part upload has begun (else close() is one PUT)."""
+        raise NotImplementedError
 
+    def _buffer_full(self) -> None:
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        raise NotImplementedError
+
+    def _stop(self) -> None:
+        """Wait for (or cancel) everything in flight; must not raise."""
+
+    def _discard_remote(self) -> str:
+        """Undo the started upload on the server; returns what was done, for the log."""
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------------
     def write(self, data) -> int:
         mv = memoryview(data).cast("B")
-        n = len(mv)
-        off = 0
+        n, off = len(mv), 0
         while off < n:
             if self.buf is None:
                 self.buf = BUFFERS.get(self.part_size)
@@ -157,19 +168,95 @@ class _ObjectWriter(BlobWriter):
             self.fill += take
             off += take
             if self.fill == self.part_size:
-                self._send_part(final=False)
+                self._buffer_full()
         self.pos += n
         return n
 
     def tell(self) -> int:
         return self.pos
 
-    def _raise_if_failed(self) -> None:
-        if self.error is not None:
-            raise self.error
+    def _take_buffer(self) -> tuple[bytearray | None, int]:
+        buf, fill = self.buf, self.fill
+        self.buf, self.fill = None, 0
+        return buf, fill
+
+    def _release_buffer(self) -> None:
+        if self.buf is not None:
+            BUFFERS.put(self.buf)
+            self.buf = None
+
+    def _submit(self, buf: bytearray | None, fn, *args) -> Future:
+        """Run ``fn(*args)`` on the part pool, within the process-wide in-flight bound; ``buf``
+        returns to the free list when it is done."""
+        st = self.store
+        slots = st.part_slots
+        slots.acquire()  # blocks while max_concurrency parts are in flight: bounded memory
+        try:
+            fut = io_pool(f"{st.backend_name}-parts", st.max_concurrency).submit(fn, *args)
+        except BaseException:
+            slots.release()
+            raise
+
+        def done(f: Future) -> None:
+            slots.release()
+            if buf is not None:
+                BUFFERS.put(buf)
+
+        fut.add_done_callback(done)
+        return fut
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        st = self.store
+        try:
+            if not self._started():  # small object: one PUT
+                body = bytes(memoryview(self.buf)[:self.fill]) if self.buf is not None else b""
+                self._release_buffer()
+                st.retry.call(lambda: st._put_object(self.key, body), f"uploading {st.describe_key(self.key)}")
+            else:
+                self._finish()
+        except BaseException:
+            self.abort()
+            raise
+        self.closed = True
+
+    def abort(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._stop()
+        self._release_buffer()
+        if self._started():
+            what = self.store.describe_key(self.key)
+            try:
+                logger.info("%s the partial upload of %s", self._discard_remote(), what)
+            except BaseException as e:  # noqa: BLE001 - abort must not raise
+                logger.warning("could not discard the partial upload of %s: %s", what, e)
+
+
+class _MultipartUpload(_Upload):
+    """A parallel multipart upload: parts of exactly ``part_size`` bytes but the last, up to
+    ``max_concurrency`` in flight per process, in any order."""
+
+    def __init__(self, store: "ObjectStore", key: str):
+        super().__init__(store, key)
+        self.upload_id: str | None = None
+        self.next_part = 1
+        self.parts: dict[int, Any] = {}
+        self.futures: list[Future] = []
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+
+    def _started(self) -> bool:
+        return self.upload_id is not None
+
+    def _buffer_full(self) -> None:
+        self._send_part(final=False)
 
     def _send_part(self, final: bool) -> None:
-        self._raise_if_failed()
+        if self.error is not None:
+            raise self.error
         st = self.store
         if self.upload_id is None:
             self.upload_id = st.retry.call(lambda: st._create_multipart(self.key),
@@ -181,30 +268,14 @@ class _ObjectWriter(BlobWriter):
                 f"bytes: raise {st.backend_name}.part_size, or spread the rank's data over more files "
                 f"(files_per_rank)")
         self.next_part += 1
-        buf, fill = self.buf, self.fill
-        self.buf, self.fill = None, 0
-        if final and fill < len(buf):
+        buf, fill = self._take_buffer()
+        if final and fill < len(buf):  # the last part: send just its bytes, recycle the buffer now
             body: Any = bytes(memoryview(buf)[:fill])
             BUFFERS.put(buf)
             buf = None
         else:
             body = buf
-        slots = st.part_slots
-        slots.acquire()  # blocks while max_concurrency parts are in flight: bounded memory
-        try:
-            fut = io_pool(f"{st.backend_name}-parts", st.max_concurrency).submit(
-                self._upload_part, number, body)
-        except BaseException:
-            slots.release()
-            raise
-
-        def done(f: Future, buf=buf) -> None:
-            slots.release()
-            if buf is not None:
-                BUFFERS.put(buf)
-
-        fut.add_done_callback(done)
-        self.futures.append(fut)
+        self.futures.append(self._submit(buf, self._upload_part, number, body))
 
     def _upload_part(self, number: int, body) -> None:
         if self.error is not None:  # a sibling part failed: don't bother
@@ -221,42 +292,21 @@ class _ObjectWriter(BlobWriter):
         with self.lock:
             self.parts[number] = rec
 
-    def _wait_parts(self) -> None:
+    def _finish(self) -> None:
+        if self.fill:
+            self._send_part(final=True)
+        self._release_buffer()
         futs, self.futures = self.futures, []
         for f in futs:
             f.result()
-        self._raise_if_failed()
-
-    def close(self) -> None:
-        if self.closed:
-            return
+        if self.error is not None:
+            raise self.error
         st = self.store
-        try:
-            if self.upload_id is None:  # small object: one PUT
-                body = bytes(memoryview(self.buf)[:self.fill]) if self.buf is not None else b""
-                if self.buf is not None:
-                    BUFFERS.put(self.buf)
-                    self.buf = None
-                st.retry.call(lambda: st._put_object(self.key, body), self._what())
-            else:
-                if self.fill:
-                    self._send_part(final=True)
-                elif self.buf is not None:
-                    BUFFERS.put(self.buf)
-                    self.buf = None
-                self._wait_parts()
-                parts = [self.parts[k] for k in sorted(self.parts)]
-                st.retry.call(lambda: st._complete_multipart(self.key, self.upload_id, parts, self.pos),
-                              f"completing the upload of {st.describe_key(self.key)}")
-        except BaseException:
-            self.abort()
-            raise
-        self.closed = True
+        parts = [self.parts[k] for k in sorted(self.parts)]
+        st.retry.call(lambda: st._complete_multipart(self.key, self.upload_id, parts, self.pos),
+                      f"completing the upload of {st.describe_key(self.key)}")
 
-    def abort(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
+    def _stop(self) -> None:
         if self.error is None:
             self.error = StorageError(f"the upload of {self.store.describe_key(self.key)} was aborted")
         for f in self.futures:
@@ -267,17 +317,12 @@ class _ObjectWriter(BlobWriter):
             except BaseException:  # noqa: BLE001 - cancelled or failed: we are aborting anyway
                 pass
         self.futures = []
-        if self.buf is not None:
-            BUFFERS.put(self.buf)
-            self.buf = None
-        if self.upload_id is not None:
-            try:
-                self.store.retry.call(lambda: self.store._abort_multipart(self.key, self.upload_id),
-                                      f"aborting the upload of {self.store.describe_key(self.key)}")
-                logger.info("aborted the partial upload of %s", self.store.describe_key(self.key))
-            except BaseException as e:  # noqa: BLE001 - abort must not raise
-                logger.warning("could not abort the partial upload of %s (upload id %s): %s",
-                               self.store.describe_key(self.key), self.upload_id, e)
+
+    def _discard_remote(self) -> str:
+        st = self.store
+        st.retry.call(lambda: st._abort_multipart(self.key, self.upload_id),
+                      f"aborting the upload of {st.describe_key(self.key)}")
+        return "aborted"
 
 
 class IncompleteChunk(ConnectionError):
@@ -285,42 +330,22 @@ class IncompleteChunk(ConnectionError):
     rest is sent again from where the server stopped)."""
 
 
-class _ResumableWriter(BlobWriter):
-    """Streams one object as a resumable upload: ``part_size`` chunks sent in order, one in
-    flight while the next one fills (GCS has no parallel multipart upload). A chunk that fails
-    halfway is resumed from the byte the server reports having kept. Small objects are one PUT.
-    """
+class _ResumableUpload(_Upload):
+    """A resumable upload: ``part_size`` chunks sent in order, one in flight while the next one
+    fills (GCS has no parallel multipart upload). A chunk that fails halfway is resumed from the
+    byte the server reports having kept."""
 
     def __init__(self, store: "ObjectStore", key: str):
-        self.store = store
-        self.key = key
-        self.chunk = store.part_size
-        self.buf: bytearray | None = None
-        self.fill = 0
-        self.pos = 0  # bytes written by the caller
+        super().__init__(store, key)
         self.sent = 0  # bytes handed to the upload (a multiple of the chunk size until the end)
         self.session: str | None = None
         self.pending: Future | None = None
-        self.closed = False
 
-    def write(self, data) -> int:
-        mv = memoryview(data).cast("B")
-        n, off = len(mv), 0
-        while off < n:
-            if self.buf is None:
-                self.buf = BUFFERS.get(self.chunk)
-                self.fill = 0
-            take = min(self.chunk - self.fill, n - off)
-            self.buf[self.fill:self.fill + take] = mv[off:off + take]
-            self.fill += take
-            off += take
-            if self.fill == self.chunk:
-                self._hand_off(total=None)
-        self.pos += n
-        return n
+    def _started(self) -> bool:
+        return self.session is not None
 
-    def tell(self) -> int:
-        return self.pos
+    def _buffer_full(self) -> None:
+        self._hand_off(total=None)
 
     def _wait_pending(self) -> None:
         if self.pending is not None:
@@ -334,25 +359,10 @@ class _ResumableWriter(BlobWriter):
         if self.session is None:
             self.session = st.retry.call(lambda: st._start_resumable(self.key),
                                          f"starting the upload of {st.describe_key(self.key)}")
-        buf, fill, offset = self.buf, self.fill, self.sent
-        self.buf, self.fill = None, 0
+        buf, fill = self._take_buffer()
+        offset = self.sent
         self.sent += fill
-        slots = st.part_slots
-        slots.acquire()  # bounded memory: at most max_concurrency chunks in flight per process
-        try:
-            fut = io_pool(f"{st.backend_name}-parts", st.max_concurrency).submit(
-                self._send, buf, fill, offset, total)
-        except BaseException:
-            slots.release()
-            raise
-
-        def done(f: Future, buf=buf) -> None:
-            slots.release()
-            if buf is not None:
-                BUFFERS.put(buf)
-
-        fut.add_done_callback(done)
-        self.pending = fut
+        self.pending = self._submit(buf, self._send, buf, fill, offset, total)
 
     def _send(self, buf, fill: int, offset: int, total: int | None) -> None:
         st = self.store
@@ -375,47 +385,21 @@ class _ResumableWriter(BlobWriter):
 
         st.retry.call(attempt, f"uploading bytes {offset}-{end} of {st.describe_key(self.key)}", on_retry=resync)
 
-    def close(self) -> None:
-        if self.closed:
-            return
-        st = self.store
-        try:
-            if self.session is None:  # small object: one PUT
-                body = bytes(memoryview(self.buf)[:self.fill]) if self.buf is not None else b""
-                if self.buf is not None:
-                    BUFFERS.put(self.buf)
-                    self.buf = None
-                st.retry.call(lambda: st._put_object(self.key, body), f"uploading {st.describe_key(self.key)}")
-            else:
-                # the last chunk (empty if the object ended on a chunk boundary) names the size
-                self._hand_off(total=self.pos)
-                self._wait_pending()
-        except BaseException:
-            self.abort()
-            raise
-        self.closed = True
+    def _finish(self) -> None:
+        # the last chunk (empty if the object ended on a chunk boundary) names the size
+        self._hand_off(total=self.pos)
+        self._wait_pending()
 
-    def abort(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        if self.pending is not None:
-            try:
-                self.pending.result()
-            except BaseException:  # noqa: BLE001 - we are aborting anyway
-                pass
-            self.pending = None
-        if self.buf is not None:
-            BUFFERS.put(self.buf)
-            self.buf = None
-        if self.session is not None:
-            try:
-                st = self.store
-                st.retry.call(lambda: st._cancel_resumable(self.session),
-                              f"cancelling the upload of {st.describe_key(self.key)}")
-                logger.info("cancelled the partial upload of %s", st.describe_key(self.key))
-            except BaseException as e:  # noqa: BLE001 - abort must not raise
-                logger.warning("could not cancel the partial upload of %s: %s", self.store.describe_key(self.key), e)
+    def _stop(self) -> None:
+        try:
+            self._wait_pending()
+        except BaseException:  # noqa: BLE001 - we are aborting anyway
+            pass
+
+    def _discard_remote(self) -> str:
+        st = self.store
+        st.retry.call(lambda: st._cancel_resumable(self.session), f"cancelling the upload of {st.describe_key(self.key)}")
+        return "cancelled"
 
 
 class ObjectStore(Store):
@@ -522,8 +506,8 @@ class ObjectStore(Store):
 
     def open_writer(self, relpath: str) -> BlobWriter:
         if self.resumable_uploads():
-            return _ResumableWriter(self, self._key(relpath))
-        return _ObjectWriter(self, self._key(relpath))
+            return _ResumableUpload(self, self._key(relpath))
+        return _MultipartUpload(self, self._key(relpath))
 
     def resumable_uploads(self) -> bool:
         """Stream large objects as resumable uploads (chunks in order) instead of parallel parts."""
