@@ -29,7 +29,6 @@ import http.client
 import json
 import logging
 import os
-import socket
 import threading
 import uuid
 from typing import Any
@@ -38,7 +37,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from ..config import Config
 from ..errors import BucketNotFoundError, MissingDependencyError, StorageAuthError, StorageError
 from .object_store import NotFound, ObjectStore, RangeNotSatisfiable
-from .retry import TRANSIENT_HTTP_STATUS
+from .retry import TRANSIENT_HTTP_STATUS, is_network_error
 from .threads import run_all
 
 __all__ = ["GCSStore", "GCSHTTPError"]
@@ -202,22 +201,13 @@ class GCSStore(ObjectStore):
         if isinstance(exc, GCSHTTPError):
             return exc.status in TRANSIENT_HTTP_STATUS
         try:
-            import urllib3.exceptions as ue
-
-            if isinstance(exc, (ue.ProtocolError, ue.TimeoutError, ue.IncompleteRead, ue.SSLError,
-                                ue.NewConnectionError, ue.MaxRetryError)):
-                return True
-        except ImportError:  # pragma: no cover
-            pass
-        try:
             import google.auth.exceptions as ge
 
             if isinstance(exc, ge.TransportError):
                 return True
-        except ImportError:
+        except ImportError:  # pragma: no cover - the backend requires google-auth
             pass
-        return isinstance(exc, (ConnectionError, socket.timeout, TimeoutError, http.client.IncompleteRead,
-                                http.client.RemoteDisconnected))
+        return is_network_error(exc)
 
     def _translate(self, exc: BaseException, what: str) -> BaseException:
         if isinstance(exc, GCSHTTPError):

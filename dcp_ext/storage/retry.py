@@ -22,7 +22,7 @@ from typing import Callable, TypeVar
 
 from ..errors import StorageError
 
-__all__ = ["RetryPolicy", "TRANSIENT_HTTP_STATUS"]
+__all__ = ["RetryPolicy", "TRANSIENT_HTTP_STATUS", "is_network_error"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +30,24 @@ T = TypeVar("T")
 
 #: HTTP statuses that mean "try again": request timeout, throttling, server-side trouble
 TRANSIENT_HTTP_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+
+
+def is_network_error(exc: BaseException) -> bool:
+    """A dropped, reset, refused or timed-out connection (urllib3's or the standard library's):
+    worth repeating whatever the backend."""
+    import http.client
+    import socket
+
+    try:
+        import urllib3.exceptions as ue
+
+        if isinstance(exc, (ue.ProtocolError, ue.TimeoutError, ue.IncompleteRead, ue.SSLError,
+                            ue.NewConnectionError, ue.MaxRetryError)):
+            return True
+    except ImportError:  # pragma: no cover - every backend's client brings urllib3
+        pass
+    return isinstance(exc, (ConnectionError, socket.timeout, TimeoutError, http.client.IncompleteRead,
+                            http.client.RemoteDisconnected))
 
 
 @dataclass

@@ -20,17 +20,15 @@ checkpoint.
 from __future__ import annotations
 
 import hashlib
-import http.client
 import logging
 import os
-import socket
 import threading
 from typing import Any
 
 from ..config import Config
 from ..errors import BucketNotFoundError, StorageAuthError, StorageError
 from .object_store import NotFound, ObjectStore, RangeNotSatisfiable
-from .retry import TRANSIENT_HTTP_STATUS
+from .retry import TRANSIENT_HTTP_STATUS, is_network_error
 
 __all__ = ["S3Store", "s3_client"]
 
@@ -177,16 +175,7 @@ class S3Store(ObjectStore):
         if isinstance(exc, (be.HTTPClientError, be.IncompleteReadError, be.ResponseStreamingError,
                             be.ConnectionError)):
             return True
-        try:
-            import urllib3.exceptions as ue
-
-            if isinstance(exc, (ue.ProtocolError, ue.TimeoutError, ue.IncompleteRead, ue.SSLError,
-                                ue.NewConnectionError)):
-                return True
-        except ImportError:  # pragma: no cover
-            pass
-        return isinstance(exc, (ConnectionError, socket.timeout, TimeoutError, http.client.IncompleteRead,
-                                http.client.RemoteDisconnected))
+        return is_network_error(exc)
 
     def _describe(self, exc: BaseException) -> str:
         import botocore.exceptions as be
