@@ -240,7 +240,7 @@ def _register_builtins() -> None:
     store_backend("s3", ["s3", "s3a"], "s3", "S3Store", extra="s3", requires=("botocore",),
                   description="S3 and S3-compatible stores: parallel multipart, ranged GETs, retries")
     store_backend("gcs", ["gs", "gcs"], "gcs", "GCSStore", extra="gcs", requires=("urllib3", "google.auth"),
-                  description="Google Cloud Storage: parallel composite uploads, ranged GETs, retries")
+                  description="Google Cloud Storage: resumable (or parallel composite) uploads, ranged GETs, retries")
 
 
 _register_builtins()
