@@ -84,7 +84,7 @@ def _init_group(rank: int, world_size: int, store_path: str, backend: str, timeo
 
 
 #: modules the forkserver imports once, so that forked ranks start without importing torch
-_PRELOAD = ["torch", "torch.distributed", "torch.distributed.checkpoint"]
+_PRELOAD = ["dcp_ext._forkserver_guard", "torch", "torch.distributed", "torch.distributed.checkpoint"]
 
 
 def _mp_context(start_method: str | None, preload: Sequence[str] = ()) -> Any:
@@ -102,8 +102,30 @@ def _mp_context(start_method: str | None, preload: Sequence[str] = ()) -> Any:
     return ctx
 
 
+def _watch_owner(owner: int) -> None:
+    """End this rank as soon as the process that owns its pool is gone (even after ``kill -9``:
+    no orphaned rank outlives a test run). A daemon thread polls, because a rank forked by the
+    fork server is not the owner's child; the fork server itself dies with the owner
+    (:mod:`dcp_ext._forkserver_guard`)."""
+    import threading
+
+    def watch() -> None:
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # pragma: no cover - the pid was reused by another user
+                os._exit(1)
+
+    threading.Thread(target=watch, name="dcp_ext-owner-watch", daemon=True).start()
+
+
 def _worker_main(rank: int, world_size: int, store_path: str, backend: str, pg_timeout_s: float,
-                 env: dict[str, str], inbox: Any, outbox: Any) -> None:
+                 env: dict[str, str], inbox: Any, outbox: Any, owner: int | None = None) -> None:
+    if owner is not None:
+        _watch_owner(owner)
     # forkserver children inherit the *server's* environment: replace it with the parent's
     os.environ.clear()
     os.environ.update(env)
@@ -176,7 +198,7 @@ class RankPool:
             ctx.Process(
                 target=_worker_main,
                 args=(r, world_size, store_path, backend, pg_timeout, child_env,
-                      self._inboxes[r], self._outbox),
+                      self._inboxes[r], self._outbox, os.getpid()),
                 daemon=True,
                 name=f"dcp_ext-rank{r}",
             )

@@ -79,3 +79,69 @@ def test_forkserver_with_preload():
     assert run_on_ranks(rank_fns.allreduce_rank, 2, start_method="forkserver", preload=["tests.rank_fns"]) == [1.0, 1.0]
     with pytest.raises(RankFailedError, match=r"(?s)rank 1 failed with ValueError.*in fail_on_rank.*boom on 1"):
         run_on_ranks(rank_fns.fail_on_rank, 2, 1, start_method="forkserver")
+
+
+def test_ranks_die_with_their_parent(tmp_path):
+    """A pool owner killed with SIGKILL takes its ranks with it (no orphaned processes)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "owner.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "sys.path.insert(0, os.getcwd())\n"
+        "from dcp_ext.testing import RankPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = RankPool(2)\n"
+        "    print(' '.join(str(p.pid) for p in pool._procs), flush=True)\n"
+        "    time.sleep(120)\n")
+    owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        pids = [int(x) for x in owner.stdout.readline().split()]
+        assert len(pids) == 2
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(30)
+        deadline = time.monotonic() + 30
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in pids if _alive(p)]
+            time.sleep(0.1)
+        assert alive == [], f"ranks {alive} outlived their killed parent"
+        # ... and so did the fork server (its command line names the owner script's directory)
+        while time.monotonic() < deadline and _processes_mentioning(str(tmp_path)):
+            time.sleep(0.1)
+        assert _processes_mentioning(str(tmp_path)) == []
+    finally:
+        owner.kill()
+
+
+def _alive(pid: int) -> bool:
+    import os
+
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"  # a zombie is gone, only not yet reaped
+    except FileNotFoundError:
+        return False
+    except OSError:
+        os.kill(pid, 0)
+        return True
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    import os
+
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and _alive(int(d)):
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        out.append(int(d))
+            except OSError:
+                pass
+    return out
