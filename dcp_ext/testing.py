@@ -11,7 +11,8 @@ Two ways to use it:
 Both rendezvous through a ``FileStore`` in a private temporary directory (nothing listens
 on the network), propagate the first failing rank's exception together with its
 traceback, and time out instead of hanging: a rank stuck in a collective because a peer
-failed is killed, and the error says which ranks finished and which did not.
+failed is killed, and the error says which ranks finished and which did not. Ranks (and the
+fork server) end when the process that owns the pool dies, even by ``kill -9``.
 
 ``fn`` must be importable by the child processes (a module-level function): children never
 share the parent's memory. They are started with the ``forkserver`` method where the platform
