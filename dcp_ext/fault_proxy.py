@@ -12,8 +12,8 @@ The proxy forwards TCP connections to a target server and follows HTTP/1.1 reque
 * ``"cut"``: forward the request, then cut the connection after ``after_bytes`` bytes of the
   response (a connection dropped mid-download).
 
-Each rule fires ``times`` times (``None``: until removed) or for ``seconds``. Requests that
-match no rule pass through untouched. Used by the S3/GCS fault-injection tests::
+Each rule fires ``times`` times (``None``: until removed) or for ``seconds`` from the first
+request it matches. Requests that match no rule pass through untouched. Used by the S3/GCS fault-injection tests::
 
     with FaultProxy("127.0.0.1", 9000) as proxy:
         proxy.add(FaultRule(r"^PUT ", "503", times=5))
@@ -54,13 +54,17 @@ class FaultRule:
         if self.action not in ("drop", "cut") and not self.action.isdigit():
             raise ValueError(f"FaultRule action must be 'drop', 'cut' or an HTTP status, got {self.action!r}")
         self._re = re.compile(self.pattern)
-        if self.seconds is not None:
-            self._until = time.monotonic() + self.seconds
 
     def live(self) -> bool:
         if self._until is not None and time.monotonic() > self._until:
             return False
         return self.times is None or self.hits < self.times
+
+    def hit(self) -> None:
+        """Count a matched request; the ``seconds`` window starts at the first one."""
+        if self.hits == 0 and self.seconds is not None:
+            self._until = time.monotonic() + self.seconds
+        self.hits += 1
 
 
 class _Conn:
@@ -171,7 +175,7 @@ class FaultProxy:
             self.requests += 1
             for r in self.rules:
                 if r.live() and r._re.search(line):
-                    r.hits += 1
+                    r.hit()
                     self.faults += 1
                     return r
         return None

@@ -214,7 +214,7 @@ def test_parts_upload_concurrently_within_the_bound(s3env, monkeypatch):
             live[0] += 1
             parts[0] += 1
             peak[0] = max(peak[0], live[0])
-        time.sleep(0.05)
+        time.sleep(0.2)  # long enough that the next parts are surely cut while this one is "sending"
         try:
             return orig(self, *a, **kw)
         finally:

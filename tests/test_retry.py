@@ -159,3 +159,15 @@ def test_proxy_forwards_keepalive_requests_and_injects_by_rule(echo):
 def test_fault_rule_rejects_unknown_actions():
     with pytest.raises(ValueError, match="action must be 'drop', 'cut' or an HTTP status"):
         FaultRule(".", "explode")
+
+
+def test_fault_rule_window_starts_at_its_first_match():
+    import time
+
+    r = FaultRule(".", "503", times=None, seconds=0.2)
+    time.sleep(0.3)  # nothing matched yet: the window has not started
+    assert r.live()
+    r.hit()
+    assert r.live()
+    time.sleep(0.3)
+    assert not r.live() and r.hits == 1
