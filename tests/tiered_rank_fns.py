@@ -228,6 +228,16 @@ def one_rank_fails_to_persist(root: str, base: str, seed: int) -> dict:
 
 # -- back-to-back saves with a slow durable tier -------------------------------------------
 
+def _ungate(gate: str) -> None:
+    """Open the gate (rank 0 removes the file) and stop gating new writers on this rank."""
+    if dist.get_rank() == 0:
+        try:
+            os.unlink(gate)
+        except FileNotFoundError:
+            pass
+    os.environ.pop(GATE_ENV, None)
+
+
 def _gated(base: str) -> str:
     """Close the shared durable-tier gate (every rank), return its path; open it with os.unlink."""
     gate = os.path.join(base, "durable.gate")
@@ -267,12 +277,7 @@ def back_to_back(root: str, base: str, n: int) -> dict:
                             for i in range(n)]
         dist.barrier()  # every rank has looked; now let the durable tier go
     finally:
-        if dist.get_rank() == 0:
-            try:
-                os.unlink(gate)
-            except FileNotFoundError:
-                pass
-        os.environ.pop(GATE_ENV, None)
+        _ungate(gate)
     results = wait_persisted(300)
     t_durable = time.perf_counter() - t0
     out = {"pending_after_saves": pending_after_saves, "states_while_stuck": states_while_stuck,
@@ -329,12 +334,7 @@ def pooled_back_to_back(root: str, base: str, n: int) -> dict:
         pending_after_saves = len(pending_persists())
         dist.barrier()
     finally:
-        if dist.get_rank() == 0:
-            try:
-                os.unlink(gate)
-            except FileNotFoundError:
-                pass
-        os.environ.pop(GATE_ENV, None)
+        _ungate(gate)
     wait_persisted(300)
     stats = dict(stager.stats)
     stager.close()
