@@ -171,3 +171,15 @@ def test_fault_rule_window_starts_at_its_first_match():
     assert r.live()
     time.sleep(0.3)
     assert not r.live() and r.hits == 1
+
+
+def test_part_buffers_are_reused_and_released():
+    from dcp_ext.storage.object_store import BUFFERS, release_buffers
+
+    release_buffers()
+    a = BUFFERS.get(4096)
+    BUFFERS.put(a)
+    assert BUFFERS.get(4096) is a  # the next upload reuses mapped memory
+    BUFFERS.put(a)
+    release_buffers()
+    assert BUFFERS.get(4096) is not a

@@ -48,15 +48,13 @@ class BlobWriter(abc.ABC):
 class Store(abc.ABC):
     """Bytes in and out of one checkpoint location (a directory or an object prefix).
 
-    Class attributes tune the generic reader for the medium:
+    A class attribute tunes the generic reader for the medium:
 
     * ``coalesce_gap``: two byte ranges closer than this are read as one request
       (small on local disk, where a request is cheap; ~1 MiB on object stores).
-    * ``io_concurrency``: default number of requests in flight.
     """
 
     coalesce_gap: ClassVar[int] = 64 * 1024
-    io_concurrency: ClassVar[int] = 8
 
     def __init__(self, url: str):
         self.url = url

@@ -111,7 +111,6 @@ class LocalStore(Store):
     #: a pread is cheap: read through gaps only under a page, which the kernel reads whole anyway
     #: (so a column shard of rows narrower than a page costs the device no extra bytes)
     coalesce_gap = 4096
-    io_concurrency = 8
 
     def __init__(self, url: str, config: Config | None = None):
         super().__init__(url)

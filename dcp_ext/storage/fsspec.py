@@ -65,7 +65,6 @@ class FsspecStore(Store):
     """A checkpoint location reached through ``fsspec``."""
 
     coalesce_gap = 256 * 1024
-    io_concurrency = 8
 
     def __init__(self, url: str, config: Config | None = None):
         super().__init__(url)

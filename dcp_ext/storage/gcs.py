@@ -288,8 +288,9 @@ class GCSStore(ObjectStore):
             crange = f"bytes {offset}-{offset + n - 1}/{'*' if total is None else total}"
         else:
             crange = f"bytes */{total}"
+        # urllib3 sends any buffer as it is: the chunk goes out of our part buffer without a copy
         r = self._session_request(session, {"Content-Range": crange, "Content-Length": str(n)},
-                                  bytes(data) if n else b"", f"uploading to {session[:60]}")
+                                  data if n else b"", f"uploading to {session[:60]}")
         if r.status in (200, 201):
             return offset + n if total is None else total
         return self._kept(r)
@@ -343,20 +344,24 @@ class GCSStore(ObjectStore):
     def _abort_multipart(self, key: str, upload_id: str) -> None:
         self._delete(self._list(f"{key}{_PART_TAG}{upload_id}."))
 
-    def _open_range(self, key: str, start: int, end: int):
+    def _open_range(self, key: str, start: int, end: int | None):
         try:
             r = self._request("GET", self._o(key), self.describe_key(key), params={"alt": "media"},
-                              headers={"Range": f"bytes={start}-{end - 1}"}, stream=True, ok404=True)
+                              headers=None if end is None else {"Range": f"bytes={start}-{end - 1}"},
+                              stream=True, ok404=True)
         except GCSHTTPError as e:
             if e.status == 416:
                 raise RangeNotSatisfiable(key) from e
             raise
         if r is None:
             raise NotFound(key)
-        if r.status == 200 and start > 0:  # the server ignored the range: don't misread from byte 0
+        if r.status == 200 and end is not None and start > 0:  # the server ignored the range: don't misread from byte 0
             r.release_conn()
             raise StorageError(f"{self.describe_key(key)}: the server ignored the Range header")
         length = r.headers.get("Content-Length")
+        if length is None and end is None:
+            r.release_conn()
+            raise StorageError(f"{self.describe_key(key)}: the server sent no Content-Length")
         return r, (int(length) if length is not None else end - start)
 
     def _head(self, key: str) -> int:

@@ -412,7 +412,6 @@ class ObjectStore(Store):
     """
 
     coalesce_gap = 1024 * 1024  # a request costs milliseconds: read small gaps instead
-    io_concurrency = 16
     schemes: ClassVar[tuple[str, ...]] = ()
     backend_name: ClassVar[str] = "object"
     #: most parts one multipart upload may have (S3: 10,000)
@@ -460,10 +459,10 @@ class ObjectStore(Store):
     def _abort_multipart(self, key: str, upload_id: str) -> None: ...
 
     @abc.abstractmethod
-    def _open_range(self, key: str, start: int, end: int) -> tuple[Any, int]:
-        """``(stream, length)``: a stream with ``readinto`` over bytes ``[start, end)``, and the
-        number of bytes the server promised (fewer than asked if the object ends sooner).
-        Raises :class:`NotFound` or :class:`RangeNotSatisfiable`."""
+    def _open_range(self, key: str, start: int, end: int | None) -> tuple[Any, int]:
+        """``(stream, length)``: a stream with ``readinto`` over bytes ``[start, end)`` (``end``
+        None: the whole object), and the number of bytes the server promised (fewer than asked
+        if the object ends sooner). Raises :class:`NotFound` or :class:`RangeNotSatisfiable`."""
 
     @abc.abstractmethod
     def _head(self, key: str) -> int:
@@ -571,15 +570,33 @@ class ObjectStore(Store):
         self.retry.call(attempt, f"reading {self.describe_key(key)} bytes {offset}-{offset + want}")
 
     def read_bytes(self, relpath: str) -> bytes:
+        """A whole (small) object in one GET: no HEAD first (every rank of a load reads the
+        metadata and the manifest)."""
         key = self._key(relpath)
-        try:
-            size = self.size(relpath)
-        except FileNotFoundError as e:
-            raise CorruptCheckpointError(f"{self.describe_key(key)} is missing") from e
-        buf = bytearray(size)
-        if size:
-            self.read_into(relpath, 0, memoryview(buf))
-        return bytes(buf)
+
+        def attempt() -> bytes:
+            try:
+                stream, length = self._open_range(key, 0, None)
+            except NotFound as e:
+                raise CorruptCheckpointError(f"{self.describe_key(key)} is missing") from e
+            try:
+                buf = bytearray(length)
+                mv, got = memoryview(buf), 0
+                while got < length:
+                    n = stream.readinto(mv[got:])
+                    if not n:  # a dropped connection: the whole GET is repeated
+                        raise ConnectionResetError(f"the connection closed after {got} of {length} bytes")
+                    got += n
+                return bytes(buf)
+            finally:
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    try:
+                        close()
+                    except Exception:  # noqa: BLE001
+                        pass
+
+        return self.retry.call(attempt, f"reading {self.describe_key(key)}")
 
     def size(self, relpath: str) -> int:
         key = self._key(relpath)

@@ -256,11 +256,12 @@ class S3Store(ObjectStore):
             if _error_code(e)[0] != "NoSuchUpload":
                 raise
 
-    def _open_range(self, key: str, start: int, end: int):
+    def _open_range(self, key: str, start: int, end: int | None):
         import botocore.exceptions as be
 
         try:
-            r = self.client.get_object(Bucket=self.bucket, Key=key, Range=f"bytes={start}-{end - 1}")
+            kw = {} if end is None else {"Range": f"bytes={start}-{end - 1}"}
+            r = self.client.get_object(Bucket=self.bucket, Key=key, **kw)
         except be.ClientError as e:
             code, status = _error_code(e)
             if code in ("NoSuchKey", "404") or (status == 404 and code != "NoSuchBucket"):
