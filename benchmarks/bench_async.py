@@ -35,7 +35,7 @@ All three fsync the durable copy. ``--durable-dir`` must be on a real disk (defa
     python benchmarks/bench_async.py --tiered --size 1024 --rounds 5 --threads 1
 
 ``--tiered --durable s3``: the durable tier is an S3 server started on this machine
-(SeaweedFS, see ``dcp_ext.testing_servers``), where a fast tier pays off most; ``stock`` is then
+(SeaweedFS, see ``tests.support.servers``), where a fast tier pays off most; ``stock`` is then
 ``dcp.async_save`` + stock ``FsspecWriter`` over s3fs.
 
     python benchmarks/bench_async.py --tiered --durable s3 --size 512 --rounds 5 --threads 1
@@ -180,7 +180,7 @@ def tiered_main(args: argparse.Namespace) -> None:
         import s3fs
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 
-        from dcp_ext.testing_servers import S3TestServer
+        from tests.support.servers import S3TestServer
 
         srv = S3TestServer().start()
         raw = s3fs.S3FileSystem(skip_instance_cache=True, **srv.fsspec_options())

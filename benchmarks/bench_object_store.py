@@ -37,7 +37,7 @@ import torch.distributed.checkpoint as dcp  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dcp_ext  # noqa: E402
-from dcp_ext.testing_servers import GCSTestServer, S3TestServer  # noqa: E402
+from tests.support.servers import GCSTestServer, S3TestServer  # noqa: E402
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 MiB = 1024 * 1024

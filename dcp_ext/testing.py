@@ -84,6 +84,8 @@ def _init_group(rank: int, world_size: int, store_path: str, backend: str, timeo
     )
 
 
+#: _forkserver_guard.ENV_VAR (not imported here: importing the guard is what arms it)
+_GUARD_ENV = "_DCP_EXT_PDEATHSIG_PARENT"
 #: modules the forkserver imports once, so that forked ranks start without importing torch
 _PRELOAD = ["dcp_ext._forkserver_guard", "torch", "torch.distributed", "torch.distributed.checkpoint"]
 
@@ -98,7 +100,6 @@ def _mp_context(start_method: str | None, preload: Sequence[str] = ()) -> Any:
         raise ValueError("preload= needs start_method='forkserver' (or None)")
     ctx = mp.get_context(start_method)
     if start_method == "forkserver":
-        # only takes effect when this process (re)starts its fork server
         ctx.set_forkserver_preload([*_PRELOAD, *(m for m in preload if m not in _PRELOAD)])
     return ctx
 
@@ -205,8 +206,19 @@ class RankPool:
             )
             for r in range(world_size)
         ]
-        for p in self._procs:
-            p.start()
+        # the fork server starts with the first process; the guard it preloads arms itself only
+        # in a child of the process this variable names (see _forkserver_guard), and the variable
+        # is set just for that moment, so nothing else this process starts inherits it
+        prev = os.environ.get(_GUARD_ENV)
+        os.environ[_GUARD_ENV] = str(os.getpid())
+        try:
+            for p in self._procs:
+                p.start()
+        finally:
+            if prev is None:
+                os.environ.pop(_GUARD_ENV, None)
+            else:
+                os.environ[_GUARD_ENV] = prev
         try:
             self._collect("ready", start_timeout)
         except BaseException:

@@ -18,7 +18,8 @@ from .errors import CorruptCheckpointError, DcpExtError
 from .integrity import checksum
 from .progress import Progress
 from .storage import get_backend
-from .storage.manifest import MANIFEST_NAME, METADATA_NAME, decode_manifest
+from .storage.commit import MANIFEST_NAME, METADATA_NAME, require_committed
+from .storage.manifest import decode_manifest
 
 __all__ = ["VerifyReport", "verify_checkpoint", "inspect_checkpoint"]
 
@@ -74,7 +75,7 @@ def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) ->
     """Check every byte of a committed checkpoint against its block checksums."""
     reader = _reader(url, options)
     store = reader.store
-    reader._check_committed()
+    require_committed(store)
     report = VerifyReport(url)
     if not store.exists(MANIFEST_NAME):
         report.errors.append(f"{url} has no {MANIFEST_NAME}: it was not written by dcp-ext, nothing to verify")

@@ -38,7 +38,7 @@ def _server(kind: str):
     """The session's S3 / GCS test server, started on first use and stopped at session end."""
     srv = _SERVERS.get(kind)
     if srv is None:
-        from dcp_ext.testing_servers import GCSTestServer, S3TestServer
+        from tests.support.servers import GCSTestServer, S3TestServer
 
         srv = (S3TestServer() if kind == "s3" else GCSTestServer()).start()
         _SERVERS[kind] = srv

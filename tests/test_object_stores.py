@@ -19,7 +19,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 import dcp_ext
 from dcp_ext.errors import (BucketNotFoundError, CheckpointExistsError, CheckpointNotFoundError, StorageAuthError,
                             StorageError)
-from dcp_ext.fault_proxy import FaultProxy, FaultRule
+from tests.support.fault_proxy import FaultProxy, FaultRule
 from dcp_ext.storage.manifest import MANIFEST_NAME, METADATA_NAME
 from tests import fs_rank_fns as F
 from tests import object_rank_fns as O

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from dcp_ext.errors import StorageError
-from dcp_ext.fault_proxy import FaultProxy, FaultRule
+from tests.support.fault_proxy import FaultProxy, FaultRule
 from dcp_ext.storage.object_store import split_bucket_url
 from dcp_ext.storage.retry import RetryPolicy
 

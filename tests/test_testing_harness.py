@@ -145,3 +145,28 @@ def _processes_mentioning(text: str) -> list[int]:
             except OSError:
                 pass
     return out
+
+
+def test_importing_every_module_arms_nothing(tmp_path):
+    """A tool that imports every dcp_ext module (docs builders, walk_packages) must not arm the
+    fork server's parent-death signal in its own process; the harness's fork server does arm it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, importlib, pkgutil, dcp_ext\n"
+        "for m in pkgutil.walk_packages(dcp_ext.__path__, 'dcp_ext.'):\n"
+        "    importlib.import_module(m.name)\n"
+        "sig = ctypes.c_int(-1)\n"
+        "ctypes.CDLL('libc.so.6').prctl(2, ctypes.byref(sig))  # PR_GET_PDEATHSIG\n"
+        "print(sig.value)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "0"
+    # with the harness's variable naming this process's parent, the import does arm it
+    import os
+
+    env = {**os.environ, "_DCP_EXT_PDEATHSIG_PARENT": str(os.getpid())}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "9"

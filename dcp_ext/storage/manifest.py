@@ -28,12 +28,11 @@ from torch.distributed.checkpoint.metadata import (
 
 from ..errors import CorruptCheckpointError
 from ..integrity import ItemChecksums
+from .commit import MANIFEST_NAME, METADATA_NAME
 
 __all__ = ["MANIFEST_NAME", "METADATA_NAME", "FORMAT_VERSION", "ItemLocation", "encode_manifest",
            "decode_manifest"]
 
-MANIFEST_NAME = ".dcp_ext.json"
-METADATA_NAME = ".metadata"
 FORMAT = "dcp-ext-manifest"
 FORMAT_VERSION = 1
 

@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import pickle
-import re
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -37,7 +36,6 @@ from torch.distributed.checkpoint.storage import StorageReader
 
 from ..config import Config
 from ..errors import (
-    CheckpointNotFoundError,
     CorruptCheckpointError,
     DcpExtError,
     IncompleteCheckpointError,
@@ -45,15 +43,14 @@ from ..errors import (
 from ..integrity import checksum
 from ..progress import Progress
 from .base import Store
-from .manifest import MANIFEST_NAME, METADATA_NAME, ItemLocation, decode_manifest
+from .commit import MANIFEST_NAME, METADATA_NAME, data_file_rank, require_committed
+from .manifest import ItemLocation, decode_manifest
 from .ranges import box_spans, merge_ranges
 from .threads import run_all
 
 __all__ = ["ExtStorageReader", "LoadStats"]
 
 logger = logging.getLogger(__name__)
-
-_RANK_FILE_RE = re.compile(r"^__(\d+)_\d+\.distcp$")
 
 #: large contiguous reads are split into parts of this size so threads share them
 PART_BYTES = 32 * 1024 * 1024
@@ -132,18 +129,7 @@ class ExtStorageReader(StorageReader):
         self.load_id = uuid.uuid4().hex
 
     def _check_committed(self) -> None:
-        url = self.store.url
-        if not self.store.exists(""):
-            raise CheckpointNotFoundError(f"no checkpoint at {url}: the location does not exist")
-        if self.store.exists(METADATA_NAME):
-            return
-        files = self.store.list()
-        if not files:
-            raise CheckpointNotFoundError(f"no checkpoint at {url}: the location is empty")
-        data = [f for f in files if f.endswith(".distcp")]
-        raise IncompleteCheckpointError(
-            f"{url} is an incomplete checkpoint: it holds {len(data)} data file(s) but no {METADATA_NAME} "
-            f"(a save did not finish there); refusing to load it")
+        require_committed(self.store)
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
@@ -193,8 +179,7 @@ class ExtStorageReader(StorageReader):
                                   f"(expect_world_size); its per-rank state would not line up")
             return
         # no manifest (a stock checkpoint): data file names __{rank}_{n}.distcp give a lower bound
-        ranks = {int(m.group(1)) for loc in self.locations.values()
-                 if (m := _RANK_FILE_RE.match(os.path.basename(loc.relative_path)))}
+        ranks = {r for loc in self.locations.values() if (r := data_file_rank(loc.relative_path)) is not None}
         if ranks and max(ranks) + 1 > want:
             raise DcpExtError(f"{self.store.url} was saved by at least {max(ranks) + 1} ranks (it has data files "
                               f"of rank {max(ranks)}) but this load expects {want} (expect_world_size); its "

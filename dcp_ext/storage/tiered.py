@@ -61,7 +61,8 @@ from .base import Store
 from .fs import LocalStore
 from .manifest import MANIFEST_NAME, METADATA_NAME
 from .reader import ExtStorageReader
-from .writer import DATA_FILE_RE, ExtStorageWriter
+from .commit import DATA_FILE_RE
+from .writer import ExtStorageWriter
 
 __all__ = [
     "TieredStorageWriter",

@@ -23,7 +23,6 @@ import io
 import logging
 import os
 import pickle
-import re
 import threading
 import time
 import uuid
@@ -36,11 +35,12 @@ from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteIte
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from ..config import Config
-from ..errors import CheckpointExistsError, DcpExtError, StorageError
+from ..errors import DcpExtError
 from ..integrity import ALGORITHM, checksum
 from ..progress import Progress
 from .base import Store
-from .manifest import MANIFEST_NAME, METADATA_NAME, ItemLocation, encode_manifest
+from .commit import data_file_name, publish, refuse_overwrite, remove_stale_data, uncommit
+from .manifest import ItemLocation, encode_manifest
 from .records import write_bytes_record, write_tensor_record, zip_crc_disabled
 from .threads import run_all
 
@@ -57,7 +57,6 @@ DCP_VERSION = "1.0.0"
 #: with ``files_per_rank`` unset, a rank's data is split over at most one file per
 #: ``MIN_FILE_BYTES`` (small states are not scattered into many tiny files)
 MIN_FILE_BYTES = 32 * 1024 * 1024
-DATA_FILE_RE = re.compile(r"^__\d+_\d+\.distcp$")
 
 
 class _Cancelled(DcpExtError):
@@ -66,9 +65,10 @@ class _Cancelled(DcpExtError):
 
 @dataclasses.dataclass
 class _RankStorage:
-    """Per-rank storage plan data: the file prefix and the save id shared by all ranks."""
+    """Per-rank storage plan data: the rank whose data files these are, and the save id shared
+    by all ranks."""
 
-    prefix: str
+    rank: int
     save_id: str
 
 
@@ -142,24 +142,18 @@ class ExtStorageWriter(StorageWriter):
             rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.rank = rank
 
-    def _committed(self) -> bool:
-        return self.store.exists(METADATA_NAME)
-
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         self.store.prepare_for_write()
-        if self._committed() and not self.config.overwrite:
-            raise CheckpointExistsError(
-                f"{self.store.url} already holds a complete checkpoint; refusing to overwrite it "
-                f"(pass overwrite=True to replace it, or save to a new location)")
+        refuse_overwrite(self.store, self.config.overwrite)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         self.world_size = len(plans)
-        if self._committed():
+        if refuse_overwrite(self.store, self.config.overwrite):
             # overwrite=True (checked on every rank): un-commit before any data changes.
             logger.info("overwriting the checkpoint at %s: removing its metadata first", self.store.url)
-            self.store.remove([METADATA_NAME, MANIFEST_NAME])
-        return [dataclasses.replace(p, storage_data=_RankStorage(f"__{i}_", self.save_id))
+            uncommit(self.store)
+        return [dataclasses.replace(p, storage_data=_RankStorage(i, self.save_id))
                 for i, p in enumerate(plans)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
@@ -178,7 +172,7 @@ class ExtStorageWriter(StorageWriter):
         cancel = threading.Event()
 
         def write_file(k: int, items: list[WriteItem]) -> None:
-            name = f"{storage.prefix}{k}.distcp"
+            name = data_file_name(storage.rank, k)
             out = self.store.open_writer(name)
             local: list[WriteResult] = []
             try:
@@ -262,20 +256,9 @@ class ExtStorageWriter(StorageWriter):
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         manifest, pickled, locations = self.build_commit(metadata, results)
-        self.store.put_atomic(MANIFEST_NAME, manifest)
-        self.store.put_atomic(METADATA_NAME, pickled)  # the commit point
-        self._remove_stale(locations)
+        publish(self.store, manifest, pickled)
+        remove_stale_data(self.store, {loc.relative_path for loc in locations.values()})
         logger.info("committed checkpoint %s (%d items, %d ranks)", self.store.url, len(locations), len(results))
-
-    def _remove_stale(self, locations: dict[MetadataIndex, ItemLocation]) -> None:
-        """Delete data files of an overwritten checkpoint that the new one does not use."""
-        used = {loc.relative_path for loc in locations.values()}
-        try:
-            stale = [p for p in self.store.list() if DATA_FILE_RE.match(p) and p not in used]
-            if stale:
-                self.store.remove(stale)
-        except (OSError, StorageError) as e:  # the checkpoint is committed; leftovers are harmless
-            logger.warning("could not remove stale files in %s: %s", self.store.url, e)
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.store.url, save_id=self.save_id)
