@@ -43,7 +43,7 @@ from ..errors import (
 from ..integrity import checksum
 from ..progress import Progress
 from .base import Store
-from .commit import MANIFEST_NAME, METADATA_NAME, data_file_rank, require_committed
+from .commit import METADATA_NAME, data_file_rank, manifest_name, metadata_name, require_committed
 from .manifest import ItemLocation, decode_manifest
 from .ranges import box_spans, merge_ranges
 from .threads import run_all
@@ -103,6 +103,15 @@ class _ItemJob:
     remaining: int = 0
 
 
+def _location_of(info: Any) -> ItemLocation:
+    """An :class:`ItemLocation` from a ``.metadata`` entry (stock ``_StorageInfo`` or ours)."""
+    if isinstance(info, ItemLocation):
+        return info
+    transforms = getattr(info, "transform_descriptors", None)
+    return ItemLocation(info.relative_path, info.offset, info.length,
+                        transform_descriptors=tuple(transforms) if transforms else None)
+
+
 class ExtStorageReader(StorageReader):
     """Reads standard DCP checkpoints (ours and stock ones) through a Store.
 
@@ -128,39 +137,41 @@ class ExtStorageReader(StorageReader):
             self.store = type(self.store)(os.fspath(checkpoint_id), self.config)
         self.load_id = uuid.uuid4().hex
 
-    def _check_committed(self) -> None:
-        require_committed(self.store)
-
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if kwargs.get("rank") is not None:
-            raise IncompleteCheckpointError(
-                f"{self.store.url}: rank-local metadata is not supported; the checkpoint has no global "
-                f"{METADATA_NAME}")
-        self._check_committed()
-        raw_md = self.store.read_bytes(METADATA_NAME)
-        if self.store.exists(MANIFEST_NAME):
-            where = f"{self.store.url}/{MANIFEST_NAME}"
-            m = decode_manifest(self.store.read_bytes(MANIFEST_NAME), where)
+        """The checkpoint's ``Metadata``, as stock readers return it (``storage_data`` values are
+        stock ``_StorageInfo``; ``storage_meta.checkpoint_id`` is the location it was saved to);
+        our richer item locations (data offsets, checksums) are kept in :attr:`locations`.
+
+        ``rank=r`` (DCP asks for it when the location has no global ``.metadata``): rank r's
+        part of a rank-local checkpoint (``dcp.save(..., use_collectives=False)``).
+        """
+        rank = kwargs.get("rank")
+        md_name, man_name = metadata_name(rank), manifest_name(rank)
+        require_committed(self.store, rank)
+        raw_md = self.store.read_bytes(md_name)
+        self.manifest_extra = {}
+        if self.store.exists(man_name):
+            where = f"{self.store.url}/{man_name}"
+            m = decode_manifest(self.store.read_bytes(man_name), where)
             if checksum(raw_md) != m.metadata_crc:
                 raise CorruptCheckpointError(
-                    f"{self.store.url}: {METADATA_NAME} does not match {MANIFEST_NAME} (they belong to "
+                    f"{self.store.url}: {md_name} does not match {man_name} (they belong to "
                     f"different saves, or one is corrupt); refusing to load")
             metadata = m.metadata
             if not m.planner_data_complete:  # planner data JSON could not hold: take it from the pickle
-                metadata.planner_data = self._unpickle(raw_md).planner_data
+                metadata.planner_data = self._unpickle(raw_md, md_name).planner_data
             self.locations = m.locations
             self.manifest_extra = m.extra
-            metadata.storage_data = dict(m.locations)
+            if not m.views_resolved:
+                # written before the writer resolved conj/neg views: a record's pickle may carry the
+                # bit, which only torch.load of the whole record honours (no ranged reads then)
+                logger.info("%s was saved by an older dcp-ext: reading whole records", self.store.url)
+                for loc in self.locations.values():
+                    loc.data_offset = None
+            metadata.storage_data = {idx: loc.storage_info() for idx, loc in m.locations.items()}
         else:
-            metadata = self._unpickle(raw_md)
-            self.locations = {idx: ItemLocation(si.relative_path, si.offset, si.length)
-                              for idx, si in (metadata.storage_data or {}).items()}
-            for idx, si in (metadata.storage_data or {}).items():
-                if getattr(si, "transform_descriptors", None):
-                    raise DcpExtError(f"{self.store.url}: item {idx.fqn} uses stream transforms "
-                                      f"{si.transform_descriptors}, which dcp-ext cannot read; use stock "
-                                      f"FileSystemReader")
-            metadata.storage_data = dict(self.locations)
+            metadata = self._unpickle(raw_md, md_name)
+            self.locations = {idx: _location_of(si) for idx, si in (metadata.storage_data or {}).items()}
         self._check_world_size()
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
@@ -187,21 +198,19 @@ class ExtStorageReader(StorageReader):
         logger.warning("%s has no dcp-ext manifest, so the number of ranks that saved it is unknown; "
                        "expect_world_size=%d could not be checked", self.store.url, want)
 
-    def _unpickle(self, raw: bytes) -> Metadata:
+    def _unpickle(self, raw: bytes, name: str = METADATA_NAME) -> Metadata:
         try:
             md = pickle.loads(raw)
         except Exception as e:  # noqa: BLE001
-            raise CorruptCheckpointError(f"{self.store.url}/{METADATA_NAME} is unreadable: {e}") from e
+            raise CorruptCheckpointError(f"{self.store.url}/{name} is unreadable: {e}") from e
         if not isinstance(md, Metadata):
-            raise CorruptCheckpointError(f"{self.store.url}/{METADATA_NAME} does not hold DCP Metadata")
+            raise CorruptCheckpointError(f"{self.store.url}/{name} does not hold DCP Metadata")
         return md
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.rank = kwargs.get("rank") or 0
         if not self.locations:
-            self.locations = {idx: (loc if isinstance(loc, ItemLocation) else
-                                    ItemLocation(loc.relative_path, loc.offset, loc.length))
-                              for idx, loc in (metadata.storage_data or {}).items()}
+            self.locations = {idx: _location_of(loc) for idx, loc in (metadata.storage_data or {}).items()}
         self._chunks = {}
         for fqn, md in metadata.state_dict_metadata.items():
             if isinstance(md, TensorStorageMetadata):
@@ -247,6 +256,10 @@ class ExtStorageReader(StorageReader):
         if loc is None:
             raise CorruptCheckpointError(f"{self.store.url}: metadata has no location for {req.storage_index.fqn} "
                                          f"chunk {list(req.storage_index.offset or [])}")
+        if loc.transform_descriptors:
+            raise DcpExtError(f"{self.store.url}: item {req.storage_index.fqn} uses stream transforms "
+                              f"{list(loc.transform_descriptors)}, which dcp-ext cannot read; use stock "
+                              f"FileSystemReader")
         job = _ItemJob(req, loc)
         verify = self.config.verify and loc.checksums is not None
         if req.type == LoadItemType.BYTE_IO:
@@ -255,7 +268,7 @@ class ExtStorageReader(StorageReader):
         if loc.data_offset is None or meta is None:
             return self._plan_whole(job, planner, stats, verify, as_bytes=False)
         shape, dtype = meta
-        esize = torch._utils._element_size(dtype)
+        esize = dtype.itemsize
         spans = box_spans(list(shape), list(req.storage_offsets), list(req.lengths), esize,
                           gap=self.store.coalesce_gap)
         stats.bytes_needed += spans.needed_bytes
@@ -274,7 +287,8 @@ class ExtStorageReader(StorageReader):
             ranges = [(s, s + spans.span_bytes) for s in spans.starts]
         direct = (len(ranges) == 1 and spans.count == 1 and spans.exact
                   and ranges[0] == (spans.starts[0], spans.starts[0] + spans.needed_bytes)
-                  and target.is_contiguous() and target.dtype == dtype and target.device.type == "cpu")
+                  and target.is_contiguous() and target.dtype == dtype and target.device.type == "cpu"
+                  and not target.is_conj() and not target.is_neg())  # bytes of a conj view are not its values
         if direct:
             out = _as_bytes_view(target)
             self._add_fetches(job, data_base, ranges[0][0], out, verify)
