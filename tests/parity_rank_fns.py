@@ -231,10 +231,10 @@ def snapshot(x: Any) -> Any:
     return (type(x).__name__, x)
 
 
-def md_summary(md: Any) -> dict:
+def md_summary(md: Any, location: str) -> dict:
     """What a reader's ``read_metadata()`` says, minus what legitimately differs between writers
-    (file names and offsets): per-FQN metadata, planner data, storage keys and value types, the
-    checkpoint id."""
+    (file names and offsets): per-FQN metadata, planner data, storage keys and value types, and
+    the checkpoint id (``"<location>"`` when it names the checkpoint's own location)."""
     sdm = {}
     for fqn, m in md.state_dict_metadata.items():
         if hasattr(m, "chunks"):
@@ -247,7 +247,8 @@ def md_summary(md: Any) -> dict:
             "storage_keys": sorted((i.fqn, tuple(i.offset or ())) for i in (md.storage_data or {})),
             "storage_types": sorted({type(v).__module__ + "." + type(v).__name__
                                      for v in (md.storage_data or {}).values()}),
-            "checkpoint_id": None if sm is None or sm.checkpoint_id is None else os.fspath(sm.checkpoint_id)}
+            "checkpoint_id": None if sm is None or sm.checkpoint_id is None else
+            "<location>" if os.fspath(sm.checkpoint_id) == location else os.fspath(sm.checkpoint_id)}
 
 
 # --------------------------------------------------------------------------- stream transform
@@ -298,7 +299,8 @@ def zlib_registry() -> ExtensionRegistry:
 
 # ----------------------------------------------------------------------- writers and readers
 def writer(kind: str, backend: dict, url: str, **kw: Any) -> Any:
-    """Stock's writer for the backend (``FileSystemWriter``, ``FsspecWriter``) or ours."""
+    """Stock's writer for the backend (``FileSystemWriter`` for ``local``, else ``FsspecWriter``
+    with ``backend["stock"]`` storage options) or ours (``backend["ours"]`` options)."""
     if kind == "ours":
         return dcp_ext.storage_writer(url, overwrite=True, **backend.get("ours", {}), **kw)
     if backend["name"] == "local":
@@ -413,12 +415,16 @@ ENTRIES: dict[str, tuple[Callable, Callable]] = {
 }
 
 
+def _location(entry: str, url: str) -> str:
+    return _rank_url(url) if entry == "no_dist" else url
+
+
 def _md_of(kind: str, backend: dict, url: str, entry: str) -> dict:
-    url = _rank_url(url) if entry == "no_dist" else url
-    r = reader(kind, backend, url, **({"_extension_registry": zlib_registry()}
-                                      if entry == "extensions" and backend["name"] == "local" else {}))
+    r = reader(kind, backend, _location(entry, url), **({"_extension_registry": zlib_registry()}
+                                                        if entry == "extensions" and backend["name"] == "local"
+                                                        else {}))
     kw = {"rank": dist.get_rank() if dist.is_initialized() else 0} if entry == "rank_local" else {}
-    return md_summary(r.read_metadata(**kw))
+    return md_summary(r.read_metadata(**kw), _location(entry, url))
 
 
 def run_cell(entry: str, backend: dict, root: str, kinds: tuple[str, ...], seed: int = 1) -> dict:
@@ -432,7 +438,7 @@ def run_cell(entry: str, backend: dict, root: str, kinds: tuple[str, ...], seed:
     for w in ("stock", "ours"):
         url = f"{root}/{entry}-{w}"
         md = save(w, backend, url, state)
-        out["saved_md"][w] = md_summary(md) if md is not None else None
+        out["saved_md"][w] = md_summary(md, _location(entry, url)) if md is not None else None
         for r in ("stock", "ours"):
             target = template_of(state)
             try:
@@ -479,33 +485,3 @@ def reshard_dtypes(root: str, backend: dict, verify: bool = True) -> dict:
                     if tensor_bytes(dt.to_local()) != tensor_bytes(want) or dt.dtype != t.dtype:
                         bad.setdefault(f"{w}->{rk}", []).append(f"{key} as {placement}")
     return bad
-
-
-def process_writer_round_trip(root: str, backend: dict, pooled: bool) -> dict:
-    """PROCESS-mode async_save with our writer (and our PooledStager when ``pooled``), twice to the
-    same stager/process, the state mutated right after each call; both checkpoints exact."""
-    state = make_state(("dtypes", "scalars", "views", "conj", "nested", "objects"), seed=3)
-    mode = _process_mode()
-    stager = dcp_ext.PooledStager(share_memory=True) if pooled else None
-    expected, futs = [], []
-    try:
-        for i in range(2):
-            expected.append(snapshot(state))
-            w = writer("ours", backend, f"{root}/proc-{pooled}-{i}")
-            if pooled:
-                futs.append(dcp_ext.async_save(state, storage_writer=w, async_stager=stager,
-                                               async_checkpointer_type=mode))
-            else:
-                futs.append(dcp.async_save(state, storage_writer=w, async_checkpointer_type=mode))
-            state["dtype.float32"].add_(1)  # at once: the checkpoint must hold the values of the call
-            state["nested"]["a"]["w"].mul_(-1)
-            _wait(futs[-1])  # one request at a time: DCP's checkpoint process serves one pipe
-    finally:
-        if stager is not None:
-            stager.close()
-    got = []
-    for i in range(2):
-        target = template_of(state)
-        dcp.load(target, storage_reader=reader("ours", backend, f"{root}/proc-{pooled}-{i}"))
-        got.append(snapshot(target))
-    return {"expected": expected, "got": got}

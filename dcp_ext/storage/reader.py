@@ -52,6 +52,9 @@ __all__ = ["ExtStorageReader", "LoadStats"]
 
 logger = logging.getLogger(__name__)
 
+#: quantized dtypes (their records carry scale and zero point: read whole, like stock)
+_QUANTIZED = frozenset(d for d in (getattr(torch, n, None) for n in dir(torch))
+                       if isinstance(d, torch.dtype) and str(d).startswith(("torch.qint", "torch.quint")))
 #: large contiguous reads are split into parts of this size so threads share them
 PART_BYTES = 32 * 1024 * 1024
 
@@ -265,7 +268,8 @@ class ExtStorageReader(StorageReader):
         if req.type == LoadItemType.BYTE_IO:
             return self._plan_whole(job, planner, stats, verify, as_bytes=True)
         meta = self._chunks.get(req.storage_index)
-        if loc.data_offset is None or meta is None:
+        if loc.data_offset is None or meta is None or meta[1] in _QUANTIZED:
+            # quantized: the scale and zero point live in the record's pickle, as stock reads them
             return self._plan_whole(job, planner, stats, verify, as_bytes=False)
         shape, dtype = meta
         esize = dtype.itemsize
