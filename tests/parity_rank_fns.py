@@ -485,3 +485,26 @@ def reshard_dtypes(root: str, backend: dict, verify: bool = True) -> dict:
                     if tensor_bytes(dt.to_local()) != tensor_bytes(want) or dt.dtype != t.dtype:
                         bad.setdefault(f"{w}->{rk}", []).append(f"{key} as {placement}")
     return bad
+
+
+def rank_local_with_a_lost_part(url: str) -> dict:
+    """Rank-local parts saved by every rank and loaded back; then rank 1's part loses its commit
+    (its save died before ``__1.metadata``) and the load is tried again."""
+    r = dist.get_rank()
+
+    def load() -> str:
+        out = {"t": torch.zeros(4)}
+        try:
+            dcp.load(out, storage_reader=dcp_ext.storage_reader(url))
+        except BaseException as e:  # noqa: BLE001 - CheckpointException
+            return f"{type(e).__name__}: {e}"
+        return "ok" if torch.equal(out["t"], torch.full((4,), float(r))) else f"wrong values {out['t']}"
+
+    dcp.save({"t": torch.full((4,), float(r))}, storage_writer=dcp_ext.storage_writer(url), use_collectives=False)
+    res = {"before": load()}
+    dist.barrier()
+    if r == 0:
+        os.remove(os.path.join(url, "__1.metadata"))
+    dist.barrier()
+    res["after"] = load()
+    return res

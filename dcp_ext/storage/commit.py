@@ -279,12 +279,17 @@ def publish(store: Store, manifest: bytes, metadata: bytes, rank: int | None = N
 
 def remove_stale_data(store: Store, used: Iterable[str], rank: int | None = None) -> list[str]:
     """Delete data files that the committed checkpoint does not use (left by the save it
-    overwrote), only those of ``rank`` when given. Never raises: the checkpoint is committed
-    and leftovers are harmless. Returns what was removed."""
+    overwrote), only those of ``rank`` when given (a rank-local part). After a global commit
+    (``rank`` None) rank-local parts of an earlier save are stale too. Never raises: the
+    checkpoint is committed and leftovers are harmless. Returns what was removed."""
     keep = set(used)
     try:
-        stale = [p for p in store.list() if "/" not in p and is_data_file(p) and p not in keep
+        files = store.list()
+        stale = [p for p in files if "/" not in p and is_data_file(p) and p not in keep
                  and (rank is None or data_file_rank(p) == rank)]
+        if rank is None:  # commit markers first: a part is never committed over removed data
+            parts = rank_local_parts(files)
+            stale = [*(rank_metadata_name(r) for r in parts), *(rank_manifest_name(r) for r in parts), *stale]
         if stale:
             store.remove(stale)
         return stale

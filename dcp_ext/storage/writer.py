@@ -168,7 +168,8 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         self.store.prepare_for_write()
-        refuse_overwrite(self.store, self.config.overwrite, rank=self._part)
+        # a global checkpoint, or this rank's part of a rank-local one, is in the way
+        refuse_overwrite(self.store, self.config.overwrite, rank=self.rank)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -178,7 +179,7 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
         else:  # rank-local: every rank runs this on its own plan alone
             self.world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
             ranks = [self.rank]
-        if refuse_overwrite(self.store, self.config.overwrite, rank=self._part):
+        if refuse_overwrite(self.store, self.config.overwrite, rank=self.rank):
             # overwrite=True (checked on every rank): un-commit before any data changes.
             logger.info("overwriting the checkpoint at %s: removing its metadata first", self.store.url)
             uncommit(self.store, rank=self._part)
