@@ -40,6 +40,8 @@ SINGLE_ASYNC = tuple(k for k in SINGLE if k != "quantized")
 RANKS = SINGLE + ("dtensor", "dtensor_conj", "sharded")
 #: no ShardedTensor, conj DTensor or quantized tensor: stock's stagers fail on them
 RANKS_ASYNC = SINGLE_ASYNC + ("dtensor",)
+#: our PooledStager stages conj DTensors (and refuses ShardedTensors, as its docs say)
+RANKS_POOLED = RANKS_ASYNC + ("dtensor_conj",)
 #: entry points whose staging is BlockingAsyncStager (stock FileSystemWriter's, and ours, which
 #: stages the same way): it rebuilds tuple subclasses as tuples, so a torch.Size object comes
 #: back as a tuple, from stock's writer as from ours
@@ -49,6 +51,10 @@ ASYNC_ENTRIES = ("async_thread", "async_process", "async_process_pooled")
 LOCAL = {"name": "local"}
 MEMORY = {"name": "memory"}
 FSSPEC_FILES = {"name": "fsspec_files", "ours": {"backend": "fsspec"}}
+
+
+def _kinds(entry: str) -> tuple[str, ...]:
+    return RANKS_POOLED if entry == "async_process_pooled" else RANKS_ASYNC if entry in ASYNC_ENTRIES else RANKS
 
 
 def _expected(res: dict, entry: str) -> dict:
@@ -96,8 +102,7 @@ def test_single_process(tmp_path, backend, entry):
 @pytest.mark.parametrize("entry", ["save", "async_thread", "async_process", "async_process_pooled",
                                    "checkpoint_id", "no_dist", "rank_local"])
 def test_ranks_local(ranks, tmp_path, entry):
-    kinds = RANKS_ASYNC if entry in ASYNC_ENTRIES else RANKS
-    for res in ranks(2).run(P.run_cell, entry, LOCAL, str(tmp_path), kinds, timeout=600):
+    for res in ranks(2).run(P.run_cell, entry, LOCAL, str(tmp_path), _kinds(entry), timeout=600):
         check_cell(res, entry)
 
 
@@ -105,7 +110,7 @@ def test_ranks_local(ranks, tmp_path, entry):
 def test_ranks_fsspec_on_files(ranks, tmp_path, entry):
     """Our fsspec backend (and stock FsspecWriter) on local files: the process executor pickles
     an fsspec filesystem."""
-    for res in ranks(2).run(P.run_cell, entry, FSSPEC_FILES, str(tmp_path), RANKS_ASYNC, timeout=600):
+    for res in ranks(2).run(P.run_cell, entry, FSSPEC_FILES, str(tmp_path), _kinds(entry), timeout=600):
         check_cell(res, entry)
 
 
@@ -119,8 +124,7 @@ def test_ranks_object_stores(ranks, request, kind, entry):
     server = request.getfixturevalue(f"{kind}_server")
     scheme = "s3" if kind == "s3" else "gs"
     root = f"{scheme}://{server.bucket}/parity-{uuid.uuid4().hex[:10]}"
-    kinds = RANKS_ASYNC if entry in ASYNC_ENTRIES else RANKS
-    for res in ranks(2).run(P.run_cell, entry, _object_backend(kind, server), root, kinds, timeout=600):
+    for res in ranks(2).run(P.run_cell, entry, _object_backend(kind, server), root, _kinds(entry), timeout=600):
         check_cell(res, entry)
 
 
