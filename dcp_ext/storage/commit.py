@@ -61,6 +61,7 @@ __all__ = [
     "commit_status",
     "is_committed",
     "require_committed",
+    "committed_parts",
     "refuse_overwrite",
     "uncommit",
     "publish",
@@ -229,6 +230,18 @@ def require_committed(store: Store, rank: int | None = None) -> None:
     raise IncompleteCheckpointError(
         f"{store.url} is an incomplete checkpoint: it holds {len(st.data_files)} data file(s) but no "
         f"{METADATA_NAME} (a save did not finish there); refusing to load it")
+
+
+def committed_parts(store: Store) -> tuple[int | None, ...]:
+    """What a committed location holds: ``(None,)`` for a checkpoint, the ranks of its parts for
+    a rank-local one; raises as :func:`require_committed` for anything else."""
+    st = commit_status(store)
+    if st.state is CommitState.COMMITTED:
+        return (None,)
+    if st.state is CommitState.RANK_LOCAL:
+        return st.ranks
+    require_committed(store)
+    raise AssertionError("unreachable")  # pragma: no cover - require_committed raised
 
 
 def refuse_overwrite(store: Store, overwrite: bool, what: str | None = None, rank: int | None = None) -> bool:

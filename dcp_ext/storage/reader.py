@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 import pickle
 import threading
@@ -40,7 +39,7 @@ from ..errors import (
     DcpExtError,
     IncompleteCheckpointError,
 )
-from ..integrity import checksum
+from ..integrity import ChecksumMismatch, checksum, verify_range, verify_rest
 from ..progress import Progress
 from .base import Store
 from .commit import METADATA_NAME, data_file_rank, manifest_name, metadata_name, require_committed
@@ -235,24 +234,27 @@ class ExtStorageReader(StorageReader):
         return True
 
     # -- data --------------------------------------------------------------------------
-    def _verify(self, job: _ItemJob, data_start: int, buf: memoryview) -> int:
-        """Check the blocks in ``buf`` (which holds data bytes from ``data_start``, block aligned)."""
+    def _verify(self, job: _ItemJob, data_start: int, buf: memoryview | None, rest: tuple | None = None) -> int:
+        """Check data bytes ``buf`` (from ``data_start``, block aligned) and, with ``rest``
+        (``(head, tail)``), the record's bytes outside its data, through the one block check of
+        :mod:`dcp_ext.integrity`; the error names the file, the byte range and the tensor."""
         c = job.loc.checksums
         assert c is not None
-        bs = c.block_size
-        first = data_start // bs
-        n = 0
-        for k in range(first, first + math.ceil(len(buf) / bs)):
-            lo = k * bs - data_start
-            hi = min(lo + bs, len(buf), c.data_length - data_start)
-            if k >= len(c.blocks) or checksum(buf[lo:hi]) != c.blocks[k]:
-                s = job.req.storage_index
-                raise CorruptCheckpointError(
-                    f"checksum mismatch in {self.store.url}/{job.loc.relative_path} (bytes "
-                    f"{job.loc.offset + c.data_offset + k * bs}-{job.loc.offset + c.data_offset + k * bs + hi - lo}) "
-                    f"for {s.fqn} chunk {list(s.offset or [])}: the file is corrupt or was modified")
-            n += 1
-        return n
+        try:
+            n = verify_range(c, data_start, buf) if buf is not None and len(buf) else 0
+            if rest is not None:
+                verify_rest(c, *rest)
+            return n
+        except ChecksumMismatch as e:
+            s, loc = job.req.storage_index, job.loc
+            if e.block is None:
+                where = f"record header at byte {loc.offset}"
+            else:
+                base = loc.offset + c.data_offset
+                where = f"bytes {base + e.start}-{base + e.end}"
+            raise CorruptCheckpointError(
+                f"checksum mismatch in {self.store.url}/{loc.relative_path} ({where}) for {s.fqn} chunk "
+                f"{list(s.offset or [])}: the file is corrupt or was modified") from e
 
     def _plan_item(self, req: ReadItem, planner: LoadPlanner, stats: LoadStats) -> _ItemJob:
         loc = self.locations.get(req.storage_index)
@@ -359,14 +361,8 @@ class ExtStorageReader(StorageReader):
 
         def finalize() -> None:
             if verify and c is not None:
-                if c.data_length:
-                    self._verify(job, 0, mv[c.data_offset:c.data_offset + c.data_length])
-                rest = checksum(mv[:c.data_offset])
-                rest = checksum(mv[c.data_offset + c.data_length:], rest)
-                if rest != c.rest:
-                    raise CorruptCheckpointError(
-                        f"checksum mismatch in {self.store.url}/{loc.relative_path} (record header at byte "
-                        f"{loc.offset}) for {req.storage_index.fqn}: the file is corrupt or was modified")
+                d0, d1 = c.data_offset, c.data_offset + c.data_length
+                self._verify(job, 0, mv[d0:d1], rest=(mv[:d0], mv[d1:]))
             if as_bytes:
                 bio = io.BytesIO(bytes(buf))
                 planner.load_bytes(req, bio)

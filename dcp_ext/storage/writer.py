@@ -18,7 +18,6 @@ What it does better than stock ``FileSystemWriter`` (and why):
 from __future__ import annotations
 
 import dataclasses
-import heapq
 import io
 import logging
 import os
@@ -33,6 +32,7 @@ import torch.distributed as dist
 from torch.futures import Future
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem, WriteItemType
+from torch.distributed.checkpoint.filesystem import _split_by_size_and_type
 from torch.distributed.checkpoint.staging import BlockingAsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
@@ -80,29 +80,19 @@ class SaveStats:
 
 
 def _item_nbytes(item: WriteItem) -> int:
-    if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
-        return 0
-    n = 1
-    for s in item.tensor_data.size:
-        n *= s
-    return n * torch._utils._element_size(item.tensor_data.properties.dtype)
+    """Bytes of a tensor item's data (0 for a bytes item): stock's ``tensor_storage_size``."""
+    return item.tensor_storage_size() or 0
 
 
 def split_items(items: list[WriteItem], bins: int) -> list[list[WriteItem]]:
-    """Largest tensors first onto the least-loaded bin; byte items round-robin."""
-    bins = max(1, min(bins, len(items)))
-    buckets: list[list[WriteItem]] = [[] for _ in range(bins)]
-    byte_items = [i for i in items if i.type == WriteItemType.BYTE_IO]
-    tensor_items = sorted((i for i in items if i.type != WriteItemType.BYTE_IO), key=_item_nbytes,
-                          reverse=True)
-    for k, it in enumerate(byte_items):
-        buckets[k % bins].append(it)
-    heap = [(0, b) for b in range(bins)]
-    for it in tensor_items:
-        load, b = heapq.heappop(heap)
-        buckets[b].append(it)
-        heapq.heappush(heap, (load + _item_nbytes(it), b))
-    return [b for b in buckets if b]
+    """Items over at most ``bins`` files (no empty one): stock ``FileSystemWriter``'s own split
+    (largest tensors first onto the least-loaded file, bytes items round-robin).
+
+    We had a copy of it (a heap instead of ``min``): same files for 2+ bins, and within noise
+    of each other (about 0.25 s for 20,000 items either way, load average 10), so stock's is
+    used; it keeps a single file in plan order instead of sorting it.
+    """
+    return [b for b in _split_by_size_and_type(max(1, min(bins, len(items))), items) if b]
 
 
 def _check_extensions(extensions: Sequence[Any] | None) -> tuple[Any, ...]:
