@@ -9,6 +9,7 @@ when the checkpoint has our manifest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +47,8 @@ class VerifyReport:
 
 
 def _reader(url: str, options: dict):
-    cfg = load_config(**options)
+    # never unpickle anything but DCP metadata here, whatever allow_pickle says elsewhere
+    cfg = dataclasses.replace(load_config(**options), allow_pickle=False)
     reader = get_backend(url, cfg).make_reader(url, cfg)
     if not hasattr(reader, "store"):
         raise DcpExtError(f"{url}: this backend's reader has no byte store to verify")

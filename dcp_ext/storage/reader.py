@@ -5,8 +5,10 @@ What it does better than stock ``FileSystemReader`` (and why):
 * **Refuses what is not whole.** A location without ``.metadata`` is reported as an
   incomplete checkpoint (or as missing), never loaded; a manifest that does not match its
   ``.metadata`` is refused.
-* **No unpickling when it can avoid it.** Metadata comes from the JSON manifest when
-  present (stock checkpoints without one fall back to the pickle, like stock DCP).
+* **Nothing executed on load.** Metadata comes from the JSON manifest when present (stock
+  checkpoints without one: a restricted unpickler that admits DCP's metadata classes only);
+  non-tensor values are loaded with weights-only semantics before the planner sees them
+  (:mod:`dcp_ext.storage.safe_pickle`), unless ``allow_pickle=True``.
 * **Reads only what a rank needs.** Stock ``torch.load``\\ s each whole item and then
   narrows it; we know where each item's raw tensor bytes sit inside its ``torch.save``
   record, so we fetch only the byte spans of the requested box (coalescing close spans),
@@ -21,7 +23,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import pickle
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from .base import Store
 from .commit import METADATA_NAME, data_file_rank, manifest_name, metadata_name, require_committed
 from .manifest import ItemLocation, decode_manifest
 from .ranges import box_spans, merge_ranges
+from .safe_pickle import checked_bytes_item, load_metadata
 from .threads import run_all
 
 __all__ = ["ExtStorageReader", "LoadStats"]
@@ -201,13 +203,8 @@ class ExtStorageReader(StorageReader):
                        "expect_world_size=%d could not be checked", self.store.url, want)
 
     def _unpickle(self, raw: bytes, name: str = METADATA_NAME) -> Metadata:
-        try:
-            md = pickle.loads(raw)
-        except Exception as e:  # noqa: BLE001
-            raise CorruptCheckpointError(f"{self.store.url}/{name} is unreadable: {e}") from e
-        if not isinstance(md, Metadata):
-            raise CorruptCheckpointError(f"{self.store.url}/{name} does not hold DCP Metadata")
-        return md
+        """Stock ``.metadata``: DCP metadata classes only, unless ``allow_pickle``."""
+        return load_metadata(raw, f"{self.store.url}/{name}", self.config.allow_pickle)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.rank = kwargs.get("rank") or 0
@@ -364,8 +361,10 @@ class ExtStorageReader(StorageReader):
                 d0, d1 = c.data_offset, c.data_offset + c.data_length
                 self._verify(job, 0, mv[d0:d1], rest=(mv[:d0], mv[d1:]))
             if as_bytes:
-                bio = io.BytesIO(bytes(buf))
-                planner.load_bytes(req, bio)
+                # stock planners torch.load these bytes with weights_only=False: check them first
+                raw = bytes(buf) if self.config.allow_pickle else checked_bytes_item(
+                    buf, req.storage_index.fqn, self.store.url)
+                planner.load_bytes(req, io.BytesIO(raw))
                 return
             try:
                 tensor = torch.load(io.BytesIO(buf), map_location="cpu", weights_only=True)
