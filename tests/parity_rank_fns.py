@@ -455,9 +455,10 @@ def run_cell(entry: str, backend: dict, root: str, kinds: tuple[str, ...], seed:
 
 # ------------------------------------------------------------------- dtypes: ranged, resharded
 def reshard_dtypes(root: str, backend: dict, verify: bool = True) -> dict:
-    """Every DCP dtype saved by both writers as full tensors and as row-sharded DTensors, loaded by
-    both readers as column-sharded DTensors (strided ranged reads) and row-sharded ones (exact
-    ranged reads): per (writer, reader), the keys whose local values differ from the source."""
+    """Every DCP dtype (and conj views of the complex ones) saved by both writers as full tensors
+    and as row-sharded DTensors, loaded by both readers as column-sharded DTensors (strided ranged
+    reads) and row-sharded ones (exact ranged reads): per (writer, reader), the keys whose local
+    values differ from the source."""
     from torch.distributed.tensor import Shard
 
     ws, r = dist.get_world_size(), dist.get_rank()
@@ -467,6 +468,10 @@ def reshard_dtypes(root: str, backend: dict, verify: bool = True) -> dict:
     for name, t in full.items():
         state[f"plain.{name}"] = t
         state[f"rows.{name}"] = _dtensor(t, [Shard(0)])
+    for name in [n for n, t in full.items() if t.is_complex()]:  # conj views, resharded as well
+        full[f"conj_{name}"] = full[name].conj().resolve_conj()
+        state[f"plain.conj_{name}"] = full[name].conj()
+        state[f"rows.conj_{name}"] = _dtensor(full[name], [Shard(0)]).conj()
     bad: dict[str, list[str]] = {}
     ours = dict(backend, ours={**backend.get("ours", {}), "verify": verify})
     for w in ("stock", "ours"):
