@@ -46,14 +46,16 @@ class VerifyReport:
 def _reader(url: str, options: dict):
     cfg = load_config(**options)
     reader = get_backend(url, cfg).make_reader(url, cfg)
-    if not hasattr(reader, "store"):
-        raise DcpExtError(f"{url}: this backend's reader has no byte store to verify")
+    if not hasattr(reader, "verify") and not hasattr(reader, "locations"):
+        raise DcpExtError(f"{url}: this backend's reader can neither verify itself nor give byte locations")
     return reader
 
 
 def inspect_checkpoint(url: str, **options: Any) -> dict:
     """A JSON-able summary: tensors (dtype, size, chunks), objects, files, bytes, world size."""
     reader = _reader(url, options)
+    if hasattr(reader, "inspect"):  # a backend with its own layout (tensorstore) describes itself
+        return reader.inspect()
     md = reader.read_metadata()
     tensors, objects = {}, []
     for fqn, m in sorted(md.state_dict_metadata.items()):
@@ -77,6 +79,8 @@ def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) ->
     store = reader.store
     require_committed(store)
     report = VerifyReport(url)
+    if hasattr(reader, "verify"):  # a backend with its own layout (tensorstore) checks itself
+        return reader.verify(report, progress)
     if not store.exists(MANIFEST_NAME):
         report.errors.append(f"{url} has no {MANIFEST_NAME}: it was not written by dcp-ext, nothing to verify")
         return report
