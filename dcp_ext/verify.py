@@ -46,9 +46,23 @@ class VerifyReport:
 def _reader(url: str, options: dict):
     cfg = load_config(**options)
     reader = get_backend(url, cfg).make_reader(url, cfg)
+    if not cfg.backend and not hasattr(reader, "verify") and _layout(reader.store) == "zarr3":
+        # a TensorStore checkpoint reached by a plain path / s3:// / gs:// URL
+        cfg = load_config(**{**options, "backend": "tensorstore"})
+        reader = get_backend(url, cfg).make_reader(url, cfg)
     if not hasattr(reader, "verify") and not hasattr(reader, "locations"):
         raise DcpExtError(f"{url}: this backend's reader can neither verify itself nor give byte locations")
     return reader
+
+
+def _layout(store) -> str | None:
+    """The ``layout`` a committed location's manifest names (None: DCP data files)."""
+    try:
+        if not store.exists(METADATA_NAME) or not store.exists(MANIFEST_NAME):
+            return None
+        return decode_manifest(store.read_bytes(MANIFEST_NAME), store.url).extra.get("layout")
+    except (OSError, DcpExtError):
+        return None  # the normal path reports it
 
 
 def inspect_checkpoint(url: str, **options: Any) -> dict:

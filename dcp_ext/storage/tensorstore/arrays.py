@@ -5,6 +5,8 @@ translation, and TensorStore's own I/O counters."""
 from __future__ import annotations
 
 import collections
+import os
+import shutil
 from typing import Any, Callable, Sequence
 
 import torch
@@ -119,6 +121,10 @@ class Arrays:
     def delete_prefixes(self, names: Sequence[str]) -> None:
         """Delete every key under ``<name>/`` for each name (old arrays, leftovers of a dead save)."""
         if not names:
+            return
+        if self.loc.kind == "file":  # whole directories (TensorStore would leave them empty)
+            for n in names:
+                shutil.rmtree(os.path.join(self.loc.root["path"], n), ignore_errors=True)
             return
         kv = self.kvstore()
         futs = [kv.delete_range(self.ts.KvStore.KeyRange(f"{n}/", f"{n}0")) for n in names]  # '0' follows '/'
