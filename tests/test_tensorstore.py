@@ -21,7 +21,6 @@ import dcp_ext  # noqa: E402
 from dcp_ext.errors import (  # noqa: E402
     CheckpointExistsError,
     ConfigError,
-    CorruptCheckpointError,
     DcpExtError,
     IncompleteCheckpointError,
     MissingDependencyError,
@@ -37,6 +36,7 @@ from dcp_ext.storage.tensorstore.layout import (  # noqa: E402
 )
 from dcp_ext.verify import inspect_checkpoint, verify_checkpoint  # noqa: E402
 
+from . import object_rank_fns as orf  # noqa: E402
 from . import ts_rank_fns as tr  # noqa: E402
 from .conftest import get_pool  # noqa: E402
 
@@ -395,9 +395,9 @@ def test_dtensor_per_box_fallback_loads_exactly(tmp_path):
 @pytest.mark.parametrize("save,load", [((2, 2, 1), (1, 2, 2)), ((1, 1, 4), (4, 1, 1)), ((2, 2, 1), (1, 1, 4))])
 def test_megatron_tp_pp_reshard_with_the_resharding_planners(tmp_path, save, load):
     opts = {"tensorstore": {"chunk_size": "4KiB", "shard_size": "64KiB"}}
-    res = get_pool(4).run(tr.reshard_megatron, str(tmp_path / "c"), save, load, opts)
+    res = get_pool(4).run(orf.reshard_planners, str(tmp_path / "c"), save, load, {**TS, **opts})
     for r in res:
-        assert r["bad"] == [] and r["step"] == 7
+        assert r["bad"] == [] and r["step"] == 3
     read, needed = sum(r["bytes_read"] for r in res), sum(r["bytes_needed"] for r in res)
     assert needed > 0 and read <= 1.6 * needed, (read, needed)  # 4 KiB chunks over 32-256 KiB tensors
 
@@ -431,7 +431,7 @@ def test_s3_save_and_resharded_load_on_two_ranks(s3_server):
 def test_s3_megatron_reshard_on_four_ranks(s3_server):
     url = f"zarr3+s3://{s3_server.bucket}/ts-{uuid.uuid4().hex[:8]}/gpt"
     opts = {**s3_server.options(), "tensorstore": {"chunk_size": "8KiB", "shard_size": "64KiB"}}
-    res = get_pool(4).run(tr.reshard_megatron, url, (2, 2, 1), (4, 1, 1), opts)
+    res = get_pool(4).run(orf.reshard_planners, url, (2, 2, 1), (4, 1, 1), {**TS, **opts})
     assert all(r["bad"] == [] for r in res)
 
 
@@ -442,6 +442,6 @@ def test_gcs_save_and_resharded_load_on_two_ranks(gcs_server):
     res = get_pool(2).run(tr.dtensor_roundtrip, url, {"w": "col"}, {"w": "row", "emb": "col"}, opts)
     assert all(all(r["equal"].values()) for r in res)
     assert verify_checkpoint(url, **opts).ok
-    res = get_pool(4).run(tr.reshard_megatron, url + "-gpt", (1, 2, 2), (2, 2, 1),
-                          {**gcs_server.options(), "tensorstore": {"chunk_size": "8KiB"}})
+    res = get_pool(4).run(orf.reshard_planners, url + "-gpt", (1, 2, 2), (2, 2, 1),
+                          {**TS, **gcs_server.options(), "tensorstore": {"chunk_size": "8KiB"}})
     assert all(r["bad"] == [] for r in res)

@@ -6,15 +6,11 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 import dcp_ext
-from dcp_ext.planner import ReshardLoadPlanner, ReshardSavePlanner
 
 from . import fs_rank_fns as fr
-from . import megatron_gpt as mg
-from .reshard_rank_fns import EXT_CFG, SEED
 
 TS = {"backend": "tensorstore"}
 
@@ -31,23 +27,6 @@ def dtensor_roundtrip(url: str, save_layout: dict, load_layout: dict, options: d
     return {"equal": {k: bool(torch.equal(target[k].full_tensor(), ref[k])) for k in ref},
             "step": target["step"], "meta": target["meta"], "direct": reader.stats.direct,
             "items": reader.stats.items}
-
-
-def reshard_megatron(url: str, save: tuple[int, int, int], load: tuple[int, int, int], options: dict) -> dict:
-    """The Megatron-style GPT saved at ``save`` (TPxPPxDP) with the resharding planner, loaded at
-    ``load``: which params differ, and bytes read vs needed on this rank."""
-    rank = dist.get_rank()
-    opts = {**TS, **options}
-    full = mg.full_params(SEED, EXT_CFG)
-    src, dst = mg.Topo(*save), mg.Topo(*load)
-    sd = {"model": mg.local_params(src, rank, full, EXT_CFG), "step": 7}
-    dcp.save(sd, storage_writer=dcp_ext.storage_writer(url, **opts), planner=ReshardSavePlanner(src.layout(rank, EXT_CFG)))
-    sd = {"model": mg.empty_like_local(dst, rank, EXT_CFG), "step": -1}
-    reader = dcp_ext.storage_reader(url, **opts)
-    dcp.load(sd, storage_reader=reader, planner=ReshardLoadPlanner(dst.layout(rank, EXT_CFG)))
-    expect = mg.local_params(dst, rank, full, EXT_CFG)
-    return {"bad": [k for k in expect if not torch.equal(sd["model"][k], expect[k])], "step": sd["step"],
-            "bytes_read": reader.stats.bytes_read, "bytes_needed": reader.stats.bytes_needed}
 
 
 def load_expect_failure(url: str, layout: dict, options: dict) -> str:

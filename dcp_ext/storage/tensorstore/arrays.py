@@ -13,10 +13,10 @@ import torch
 
 from ...config import Config
 from ...errors import CorruptCheckpointError, DcpExtError, MissingDependencyError, StorageError
-from .kvstore import Location, context_spec
+from .kvstore import Location, context_spec, resolve_location
 from .layout import Grid, StoredDtype, stored_dtype, torch_dtype_name
 
-__all__ = ["import_tensorstore", "array_metadata", "Arrays", "numpy_view", "translate_error",
+__all__ = ["import_tensorstore", "array_metadata", "Arrays", "LocatedIO", "numpy_view", "translate_error",
            "bytes_counter", "Window", "LAYOUT", "LAYOUT_VERSION"]
 
 #: ``extra["layout"]`` of a TensorStore checkpoint's manifest (our byte-file readers refuse it)
@@ -130,6 +130,46 @@ class Arrays:
         futs = [kv.delete_range(self.ts.KvStore.KeyRange(f"{n}/", f"{n}0")) for n in names]  # '0' follows '/'
         for f in futs:
             f.result()
+
+
+class LocatedIO:
+    """What the writer and the reader share: the checkpoint location, its byte store (the
+    commit files), and its arrays (TensorStore handles do not pickle: reopened on demand)."""
+
+    def __init__(self, url: str, config: Config):
+        self.config = config
+        self.loc = resolve_location(url, config)
+        self._arrays: Arrays | None = None
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_arrays"] = None
+        return d
+
+    @property
+    def arrays(self) -> Arrays:
+        if self._arrays is None:
+            self._arrays = Arrays(self.loc, self.config)
+        return self._arrays
+
+    @property
+    def store(self):
+        """The byte store of the small files (``.metadata``, manifest, root group)."""
+        return self.loc.store
+
+    @property
+    def checkpoint_id(self) -> str:
+        return self.loc.url
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id) -> bool:
+        return True
+
+    def _relocate(self, checkpoint_id) -> None:
+        """DCP's ``reset(checkpoint_id)``: move to another location."""
+        if checkpoint_id is not None and os.fspath(checkpoint_id) not in (self.loc.url, self.store.url):
+            self.loc = resolve_location(os.fspath(checkpoint_id), self.config)
+            self._arrays = None
 
 
 def numpy_view(t: torch.Tensor, dtype: torch.dtype):

@@ -35,8 +35,8 @@ from ...integrity import checksum
 from ...progress import Progress
 from ..commit import MANIFEST_NAME, METADATA_NAME, require_committed
 from ..manifest import decode_manifest
-from .arrays import LAYOUT, LAYOUT_VERSION, Arrays, Window, bytes_counter, numpy_view, translate_error
-from .kvstore import resolve_location
+from .arrays import LAYOUT, LAYOUT_VERSION, LocatedIO, Window, bytes_counter, numpy_view, translate_error
+from ..reader import ExtStorageReader
 
 __all__ = ["TensorStoreReader", "TensorStoreLoadStats"]
 
@@ -56,16 +56,13 @@ class TensorStoreLoadStats:
     seconds: float = 0.0
 
 
-class TensorStoreReader(StorageReader):
+class TensorStoreReader(LocatedIO, StorageReader):
     """Loads a TensorStore (zarr3) checkpoint; build it with ``dcp_ext.storage_reader(url,
     backend="tensorstore")`` or a ``zarr3+...`` URL."""
 
     def __init__(self, url: str, config: Config):
-        super().__init__()
-        self.config = config
-        self.loc = resolve_location(url, config)
+        super().__init__(url, config)
         self.load_id = uuid.uuid4().hex
-        self._arrays: Arrays | None = None
         self.refs: dict[MetadataIndex, dict] = {}
         self.array_metadata: dict[str, dict] = {}
         self.manifest_extra: dict = {}
@@ -73,27 +70,9 @@ class TensorStoreReader(StorageReader):
         self.stats = TensorStoreLoadStats()
         self.rank = 0
 
-    def __getstate__(self) -> dict:
-        d = dict(self.__dict__)
-        d["_arrays"] = None
-        return d
-
-    @property
-    def arrays(self) -> Arrays:
-        if self._arrays is None:
-            self._arrays = Arrays(self.loc, self.config)
-        return self._arrays
-
-    @property
-    def store(self):
-        """The byte store of the small files (``.metadata``, manifest, objects)."""
-        return self.loc.store
-
     # -- metadata ----------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        if checkpoint_id is not None and os.fspath(checkpoint_id) != self.loc.url:
-            self.loc = resolve_location(os.fspath(checkpoint_id), self.config)
-            self._arrays = None
+        self._relocate(checkpoint_id)
         self.refs = {}
         self.load_id = uuid.uuid4().hex
 
@@ -141,19 +120,9 @@ class TensorStoreReader(StorageReader):
         self.dtypes = {fqn: md.properties.dtype for fqn, md in metadata.state_dict_metadata.items()
                        if hasattr(md, "chunks")}
 
-    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
-
-    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
-
-    @property
-    def checkpoint_id(self) -> str:
-        return self.loc.url
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return True
+    #: plans pass through unchanged, as in the byte-file reader
+    prepare_local_plan = ExtStorageReader.prepare_local_plan
+    prepare_global_plan = ExtStorageReader.prepare_global_plan
 
     # -- data --------------------------------------------------------------------------
     def _ref(self, idx: MetadataIndex) -> dict:

@@ -24,7 +24,6 @@ import os
 import pickle
 import time
 import uuid
-from typing import Any
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
@@ -38,8 +37,8 @@ from ...integrity import checksum
 from ...progress import Progress
 from ..commit import MANIFEST_NAME, publish, refuse_overwrite, uncommit
 from ..manifest import decode_manifest, encode_manifest
-from .arrays import LAYOUT, LAYOUT_VERSION, Arrays, Window, array_metadata, bytes_counter, numpy_view, translate_error
-from .kvstore import resolve_location
+from .arrays import LAYOUT, LAYOUT_VERSION, LocatedIO, Window, array_metadata, bytes_counter, numpy_view, translate_error
+from ..writer import ExtStorageWriter
 from .layout import OBJECTS_DIR, ArrayPlan, object_path, plan_array
 
 __all__ = ["TensorStoreWriter", "TensorStoreSaveStats"]
@@ -76,7 +75,7 @@ def _sizes_and_dtype(item) -> tuple[list[int], list[int], list[int], torch.dtype
     return list(td.chunk.offsets), list(td.chunk.sizes), list(td.size), td.properties.dtype
 
 
-class TensorStoreWriter(StorageWriter):
+class TensorStoreWriter(LocatedIO, StorageWriter):
     """Saves a DCP checkpoint as zarr3 arrays through TensorStore (file, S3 or GCS).
 
     Build it with ``dcp_ext.storage_writer(url, backend="tensorstore")`` or a ``zarr3+...``
@@ -84,51 +83,21 @@ class TensorStoreWriter(StorageWriter):
     """
 
     def __init__(self, url: str, config: Config):
-        super().__init__()
-        self.config = config
-        self.loc = resolve_location(url, config)
+        super().__init__(url, config)
         self.save_id = uuid.uuid4().hex
         self.rank = 0
         self.is_coordinator = True
-        self._arrays: Arrays | None = None
         self.layout: dict[str, ArrayPlan] = {}
         self._metadata: dict[str, dict] = {}
         self.stats = TensorStoreSaveStats()
 
-    def __getstate__(self) -> dict:  # TensorStore handles do not pickle; reopened on demand
-        d = dict(self.__dict__)
-        d["_arrays"] = None
-        return d
-
-    @property
-    def arrays(self) -> Arrays:
-        if self._arrays is None:
-            self._arrays = Arrays(self.loc, self.config)
-        return self._arrays
-
-    @property
-    def store(self):
-        """The byte store of the small files (``.metadata``, manifest, objects)."""
-        return self.loc.store
-
     # -- DCP protocol ------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
-        if checkpoint_id is not None and os.fspath(checkpoint_id) != self.loc.url:
-            self.loc = resolve_location(os.fspath(checkpoint_id), self.config)
-            self._arrays = None
+        self._relocate(checkpoint_id)
         self.save_id = uuid.uuid4().hex
 
-    def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        self.is_coordinator = is_coordinator
-        if kwargs.get("use_collectives", True) is False:
-            raise DcpExtError("dcp-ext writers need use_collectives=True (rank-local metadata "
-                              "cannot be committed atomically)")
-        rank = kwargs.get("rank")
-        if rank is None:
-            import torch.distributed as dist
-
-            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.rank = rank
+    #: rank, coordinator and the use_collectives check: exactly as the byte-file writer
+    set_up_storage_writer = ExtStorageWriter.set_up_storage_writer
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         self.store.prepare_for_write()
@@ -301,14 +270,6 @@ class TensorStoreWriter(StorageWriter):
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=self.loc.url, save_id=self.save_id)
-
-    @property
-    def checkpoint_id(self) -> str:
-        return self.loc.url
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return True
 
 
 def _group_json(p: ArrayPlan) -> bytes:
