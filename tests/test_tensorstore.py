@@ -103,6 +103,8 @@ def test_chunks_split_to_the_target_size_largest_extent_first():
     assert grid_for([4096, 4096], [None, None], 4, 4 << 20, None).chunk == [1024, 1024]
     g = grid_for([4096, 4096], [None, None], 2, 1 << 20, 64 << 20)
     assert g.chunk == [4096, 4096] and g.inner == [512, 1024]  # one 32 MiB shard of 1 MiB chunks
+    g = grid_for([1024, 1024], [None, None], 2, 1 << 20, 64 << 20)
+    assert g.inner == [256, 256]  # at least 16 chunks: quarters along either dim are whole chunks
     assert grid_for([], [], 4, 1 << 20, 64 << 20).chunk == []
     assert grid_for([0, 5], [None, None], 4, 1 << 20, None).chunk == [1, 5]
 

@@ -49,6 +49,8 @@ __all__ = [
 
 #: longest array/object name (bytes) before it is shortened to a prefix + hash
 MAX_NAME = 200
+#: smallest target size of the chunks inside a zarr3 shard
+MIN_INNER = 64 * 1024
 #: directory of the non-tensor items (``BytesIO`` / pickled objects)
 OBJECTS_DIR = "__objects"
 
@@ -184,9 +186,13 @@ def grid_for(shape: Sequence[int], bounds: Sequence[int | None], itemsize: int, 
     if not shard_bytes:
         return Grid(chunk_shape_for(shape, bounds, itemsize, chunk_bytes))
     outer = chunk_shape_for(shape, bounds, itemsize, shard_bytes)
-    if not shape or 0 in shape or math.prod(outer) * itemsize <= chunk_bytes:
+    nbytes = math.prod(outer) * itemsize
+    if not shape or 0 in shape or nbytes <= chunk_bytes:
         return Grid(outer)
-    inner = chunk_shape_for(outer, outer, itemsize, chunk_bytes)  # inner chunks tile a shard
+    # a shard has at least ~16 chunks (down to MIN_INNER bytes each), so a partial read of a
+    # quarter of a small tensor along any dim fetches about a quarter of it
+    target = min(chunk_bytes, max(MIN_INNER, nbytes // 16))
+    inner = chunk_shape_for(outer, outer, itemsize, target)  # inner chunks tile a shard
     return Grid(outer, None if inner == outer else inner)
 
 
