@@ -321,6 +321,15 @@ def test_commit_protocol_overwrite_and_incomplete(tmp_path):
         dcp_ext.storage_reader(url, **TS).read_metadata()
 
 
+def test_async_save_then_load(tmp_path):
+    url = f"zarr3+file://{tmp_path}/a"
+    sd = {"w": torch.randn(128, 64), "b": torch.randn(64).to(torch.bfloat16), "step": 5}
+    dcp.async_save(sd, storage_writer=dcp_ext.storage_writer(url)).result()
+    out = {"w": torch.zeros(128, 64), "b": torch.zeros(64, dtype=torch.bfloat16), "step": -1}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(url))
+    assert torch.equal(out["w"], sd["w"]) and torch.equal(out["b"], sd["b"]) and out["step"] == 5
+
+
 def test_each_reader_refuses_the_other_format(tmp_path):
     dcp.save({"a": torch.ones(4)}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "z"), **TS))
     dcp.save({"a": torch.ones(4)}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "f")))
