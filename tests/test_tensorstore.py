@@ -92,7 +92,6 @@ def test_chunk_grid_never_spans_two_ranks_boxes(shape, boxes):
     for target in (64, 256, 1 << 20):
         p = plan_array("w", shape, torch.float32, boxes, target, None, "global")
         assert _cells_in_one_box(shape, p.grid.chunk, boxes), (target, p.grid)
-        assert p.grid.chunk == [min(c, s) for c, s in zip(p.grid.chunk, shape)] or True
         sh = plan_array("w", shape, torch.float32, boxes, target, 4 * target, "global")
         assert _cells_in_one_box(shape, sh.grid.chunk, boxes)
         if sh.grid.inner:  # inner chunks tile a shard exactly
