@@ -21,7 +21,7 @@ from .errors import CorruptCheckpointError, DcpExtError
 from .integrity import ChecksumMismatch, checksum, verify_range, verify_rest
 from .progress import Progress
 from .storage import get_backend
-from .storage.commit import committed_parts, manifest_name, metadata_name
+from .storage.commit import MANIFEST_NAME, METADATA_NAME, committed_parts, manifest_name, metadata_name
 from .storage.manifest import decode_manifest
 
 __all__ = ["VerifyReport", "verify_checkpoint", "inspect_checkpoint"]
@@ -50,9 +50,23 @@ def _reader(url: str, options: dict):
     # never unpickle anything but DCP metadata here, whatever allow_pickle says elsewhere
     cfg = dataclasses.replace(load_config(**options), allow_pickle=False)
     reader = get_backend(url, cfg).make_reader(url, cfg)
-    if not hasattr(reader, "store"):
-        raise DcpExtError(f"{url}: this backend's reader has no byte store to verify")
+    if not cfg.backend and not hasattr(reader, "verify") and _layout(reader.store) == "zarr3":
+        # a TensorStore checkpoint reached by a plain path / s3:// / gs:// URL
+        cfg = dataclasses.replace(load_config(**{**options, "backend": "tensorstore"}), allow_pickle=False)
+        reader = get_backend(url, cfg).make_reader(url, cfg)
+    if not hasattr(reader, "verify") and not hasattr(reader, "locations"):
+        raise DcpExtError(f"{url}: this backend's reader can neither verify itself nor give byte locations")
     return reader
+
+
+def _layout(store) -> str | None:
+    """The ``layout`` a committed location's manifest names (None: DCP data files)."""
+    try:
+        if not store.exists(METADATA_NAME) or not store.exists(MANIFEST_NAME):
+            return None
+        return decode_manifest(store.read_bytes(MANIFEST_NAME), store.url).extra.get("layout")
+    except (OSError, DcpExtError):
+        return None  # the normal path reports it
 
 
 def inspect_checkpoint(url: str, **options: Any) -> dict:
@@ -61,6 +75,8 @@ def inspect_checkpoint(url: str, **options: Any) -> dict:
     A rank-local checkpoint (``use_collectives=False``) is summed over its parts, listed in
     ``rank_local_parts``."""
     reader = _reader(url, options)
+    if hasattr(reader, "inspect"):  # a backend with its own layout (tensorstore) describes itself
+        return reader.inspect()
     parts = committed_parts(reader.store)
     tensors: dict[str, dict] = {}
     objects: set[str] = set()
@@ -92,6 +108,8 @@ def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) ->
     reader = _reader(url, options)
     store = reader.store
     report = VerifyReport(url)
+    if hasattr(reader, "verify"):  # a backend with its own layout (tensorstore) checks itself
+        return reader.verify(report, progress)
     items = []
     for part in committed_parts(store):
         man, md_name = manifest_name(part), metadata_name(part)

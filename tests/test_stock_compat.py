@@ -15,7 +15,7 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 import dcp_ext
-from dcp_ext.errors import CheckpointExistsError, CorruptCheckpointError, DcpExtError, IncompleteCheckpointError
+from dcp_ext.errors import CorruptCheckpointError, DcpExtError, IncompleteCheckpointError
 from dcp_ext.storage import commit as C
 from dcp_ext.storage import records
 from dcp_ext.storage.manifest import ItemLocation

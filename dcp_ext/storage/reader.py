@@ -38,7 +38,6 @@ from ..config import Config
 from ..errors import (
     CorruptCheckpointError,
     DcpExtError,
-    IncompleteCheckpointError,
 )
 from ..integrity import ChecksumMismatch, checksum, verify_range, verify_rest
 from ..progress import Progress
@@ -157,6 +156,9 @@ class ExtStorageReader(StorageReader):
         if self.store.exists(man_name):
             where = f"{self.store.url}/{man_name}"
             m = decode_manifest(self.store.read_bytes(man_name), where)
+            if m.extra.get("layout") is not None:  # e.g. "zarr3": arrays, not DCP data files
+                raise DcpExtError(f"{self.store.url} is a {m.extra['layout']} checkpoint written by "
+                                  f"{m.extra.get('writer')}; load it with backend='tensorstore' (or a zarr3+ URL)")
             if checksum(raw_md) != m.metadata_crc:
                 raise CorruptCheckpointError(
                     f"{self.store.url}: {md_name} does not match {man_name} (they belong to "
