@@ -227,3 +227,17 @@ def test_inspect_and_verify_never_run_a_pickle(tmp_path, marker, monkeypatch):
                        timeout=120)
     assert r.returncode != 0 and "not part of DCP metadata" in r.stderr, (r.stdout, r.stderr)
     assert not marker.exists()
+
+
+def test_tensorstore_backend_is_pickle_free_too(tmp_path, marker):
+    """The TensorStore (zarr3) reader checks non-tensor values the same way."""
+    pytest.importorskip("tensorstore")
+    url = str(tmp_path / "ts")
+    dcp.save({"t": torch.arange(3.0), "obj": {"evil": Payload(marker)}},
+             storage_writer=dcp_ext.storage_writer(url, backend="tensorstore"))
+    msg = _error(lambda: _load_obj(url, backend="tensorstore"))
+    assert "the value of 'obj.evil' cannot be loaded without full unpickling (Unsupported global: GLOBAL " \
+        "tests.pickle_payloads.make_marker" in msg and HINT in msg, msg
+    assert not marker.exists()
+    assert _load_obj(url, backend="tensorstore", allow_pickle=True)["obj"]["evil"] == "payload ran"
+    assert marker.exists()
