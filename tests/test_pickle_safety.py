@@ -25,19 +25,12 @@ import dcp_ext
 from dcp_ext.errors import CorruptCheckpointError, UnsafePickleError
 from dcp_ext.verify import inspect_checkpoint, verify_checkpoint
 from tests.pickle_payloads import Payload
+from tests.support.errors import error_text as _error
 
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
               pytest.mark.filterwarnings("ignore:Detected an existing checkpoint")]
 
 HINT = "if you trust this checkpoint, pass allow_pickle=True (or set DCP_EXT_ALLOW_PICKLE=1"
-
-
-def _error(fn) -> str:
-    try:
-        fn()
-    except BaseException as e:  # noqa: BLE001 - DCP wraps rank errors in a BaseException
-        return f"{type(e).__name__}: {e}"
-    raise AssertionError("expected an error")
 
 
 @pytest.fixture

@@ -21,17 +21,10 @@ from dcp_ext.storage import records
 from dcp_ext.storage.manifest import ItemLocation
 from dcp_ext.verify import verify_checkpoint
 from tests import parity_rank_fns as P
+from tests.support.errors import error_text as _error
 
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
               pytest.mark.filterwarnings("ignore:Detected an existing checkpoint")]
-
-
-def _error(fn) -> str:
-    try:
-        fn()
-    except BaseException as e:  # noqa: BLE001 - DCP wraps rank errors in a BaseException
-        return f"{type(e).__name__}: {e}"
-    raise AssertionError("expected an error")
 
 
 # ------------------------------------------------------------------------------ conj / neg views
