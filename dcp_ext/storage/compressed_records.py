@@ -14,6 +14,7 @@ uploading) block k, and a single data file still uses every core.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import threading
@@ -56,13 +57,12 @@ class CompressionStats:
     bytes_out: int = 0
     #: names of the threads that compressed blocks (the writer's I/O pool)
     threads: set = field(default_factory=set)
-    _lock: Any = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, other: "CompressionStats") -> None:
-        with self._lock:
-            for k in ("items_compressed", "items_plain", "blocks_compressed", "blocks_raw", "bytes_in", "bytes_out"):
-                setattr(self, k, getattr(self, k) + getattr(other, k))
-            self.threads |= other.threads
+        """Add ``other``'s counts to these (the caller serialises concurrent adds)."""
+        for k in ("items_compressed", "items_plain", "blocks_compressed", "blocks_raw", "bytes_in", "bytes_out"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.threads |= other.threads
 
     @property
     def ratio(self) -> float:
@@ -117,6 +117,7 @@ class RecordCompressor:
         self.min_ratio = min_ratio
         self.workers = max(1, workers)
         self.stats = CompressionStats()
+        self._lock = threading.Lock()  # data files are written by several threads
 
     @staticmethod
     def check_available() -> None:
@@ -160,7 +161,8 @@ class RecordCompressor:
         local = CompressionStats()
         if not self.wants(t):
             local.items_plain = 1
-            self.stats.add(local)
+            with self._lock:
+                self.stats.add(local)
             return write_tensor_record(out, relative_path, t, block_size if checksums else None)
         nbytes = t.numel() * t.element_size()
         split = _RecordSplitter(nbytes)
@@ -177,18 +179,20 @@ class RecordCompressor:
             frames.append(len(frame))
 
         put(self._encode(memoryview(head))[0])
-        for frame, compressed, crc in self._blocks(data, block_size, checksums, local):
-            put(frame)
-            if compressed:
-                local.blocks_compressed += 1
-            else:
-                local.blocks_raw += 1
-            if crc is not None:
-                crcs.append(crc)
+        with contextlib.closing(self._blocks(data, block_size, checksums, local)) as blocks:
+            for frame, compressed, crc in blocks:  # a failed write closes the pipeline at once
+                put(frame)
+                if compressed:
+                    local.blocks_compressed += 1
+                else:
+                    local.blocks_raw += 1
+                if crc is not None:
+                    crcs.append(crc)
         put(self._encode(memoryview(tail))[0])
         stored = out.tell() - start
         local.items_compressed, local.bytes_in, local.bytes_out = 1, nbytes, stored
-        self.stats.add(local)
+        with self._lock:
+            self.stats.add(local)
         checks = None
         if checksums:
             checks = ItemChecksums(len(head), nbytes, block_size, crcs, checksum(tail, checksum(head)))

@@ -35,7 +35,7 @@ from ..errors import CorruptCheckpointError, MissingDependencyError
 if TYPE_CHECKING:
     from .manifest import ItemLocation
 
-__all__ = ["CODECS", "ZSTD_DESCRIPTOR", "MAX_BLOCK_BYTES", "FrameTable", "raw_frame", "decode_frame_into",
+__all__ = ["CODECS", "ZSTD_DESCRIPTOR", "MAX_BLOCK_BYTES", "FrameTable", "raw_frame", "decode_frame_into", "decode_frame",
            "zstandard_module", "compressor", "frame_error"]
 
 #: codecs ``compression=`` accepts
@@ -128,6 +128,20 @@ def decode_frame_into(frame: Any, out: memoryview) -> None:
         raise ValueError(f"zstd could not decompress it ({e})") from e
     if got != want:
         raise ValueError(f"it decompressed to {got} bytes, expected {want}")
+
+
+def decode_frame(frame: Any) -> bytearray:
+    """Decompress one zstd frame whose header records its content size (all of ours do)."""
+    zstd = zstandard_module()
+    try:
+        size = zstd.frame_content_size(memoryview(frame).cast("B"))
+    except zstd.ZstdError as e:
+        raise ValueError(f"not a zstd frame ({e})") from e
+    if size < 0:
+        raise ValueError("the frame does not record its size")
+    out = bytearray(size)
+    decode_frame_into(frame, memoryview(out))
+    return out
 
 
 @dataclass(frozen=True)
