@@ -188,6 +188,7 @@ def storage_writer(url: str | os.PathLike, *, config: Any = None, _extensions: A
             raise DcpExtError(f"_extensions (stream transforms) need a byte-store backend; the {b.name!r} backend "
                               f"for {os.fspath(url)!r} does not take them")
         w.extensions = _check_extensions(_extensions)
+        w._check_compression()
     return w
 
 

@@ -231,12 +231,14 @@ def hf_metadata(store: Store, files: list[str]) -> tuple[Metadata, dict[Metadata
                 md.chunks.append(chunk)
                 md.size = torch.Size([max(a, o + s) for a, o, s in zip(md.size, offsets, shape)])
     _check_index(store, files, sdm)
-    for fqn, md in sdm.items():
-        covered = sum(math.prod(c.sizes) for c in md.chunks)
-        if covered != math.prod(md.size):
-            raise IncompleteCheckpointError(
-                f"{store.url}: the safetensors chunks of {fqn} cover {covered} of its {math.prod(md.size)} elements (a "
-                f"rank's file is missing, or chunks overlap); refusing to load it")
+    gaps = [(fqn, sum(math.prod(c.sizes) for c in md.chunks), math.prod(md.size)) for fqn, md in sorted(sdm.items())]
+    gaps = [g for g in gaps if g[1] != g[2]]
+    if gaps:
+        fqn, covered, total = gaps[0]
+        raise IncompleteCheckpointError(
+            f"{store.url}: the safetensors chunks of {fqn} cover {covered} of its {total} elements"
+            + (f" ({len(gaps) - 1} more tensors likewise)" if len(gaps) > 1 else "")
+            + " (a rank's file is missing, or chunks overlap); refusing to load it")
     md = Metadata(state_dict_metadata=sdm, storage_data=None, storage_meta=StorageMeta())
     return md, locations
 
