@@ -25,8 +25,10 @@ from .errors import (
     StorageError,
     UnknownBackendError,
     UnsafePickleError,
+    UnsupportedFormatError,
 )
 from .storage import Backend, backends, register_backend, storage_reader, storage_writer
+from .storage.compression import extension_registry
 
 __version__ = "0.1.0"
 
@@ -45,7 +47,9 @@ __all__ = [
     "StorageError",
     "UnknownBackendError",
     "UnsafePickleError",
+    "UnsupportedFormatError",
     "backends",
+    "extension_registry",
     "load_config",
     "register_backend",
     "storage_reader",

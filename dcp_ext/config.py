@@ -249,6 +249,10 @@ class Config:
     #: store a tensor (by a sample of it) or a block compressed only if it shrinks by at least
     #: this factor; otherwise it is stored raw, and no CPU is spent on what does not compress
     compression_min_ratio: float = 1.1
+    #: byte-shuffle each block by element size before compressing it (float exponents group:
+    #: about 1.1x smaller on trained weights and Adam moments); stock ``FileSystemReader`` then
+    #: needs ``_extension_registry=dcp_ext.extension_registry()``
+    compression_shuffle: bool = False
     fs: FsOptions = field(default_factory=FsOptions)
     fsspec: FsspecOptions = field(default_factory=FsspecOptions)
     s3: S3Options = field(default_factory=S3Options)

@@ -22,7 +22,7 @@ from .integrity import ChecksumMismatch, checksum, verify_range, verify_rest
 from .progress import Progress
 from .storage import get_backend
 from .storage.commit import MANIFEST_NAME, METADATA_NAME, committed_parts, manifest_name, metadata_name
-from .storage.compression import decode_frame
+from .storage.compression import decode_frame, unshuffle_into
 from .storage.manifest import decode_manifest
 
 __all__ = ["VerifyReport", "verify_checkpoint", "inspect_checkpoint"]
@@ -143,6 +143,10 @@ def _check_frames(store, loc, bar: Progress) -> None:
         for k in range(b, e + 1):
             start, size = ft.block_frame(k)
             data = decoded(run[start - base:start - base + size], f"data block {k}")
+            if ft.shuffle:
+                plain = bytearray(len(data))
+                unshuffle_into(data, memoryview(plain), ft.shuffle)
+                data = plain
             verify_range(c, k * ft.block_size, data)
             bar.advance(size)
         b = e + 1

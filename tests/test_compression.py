@@ -19,7 +19,8 @@ from dcp_ext import ParallelLayout, ReshardLoadPlanner, ShardSpec
 from dcp_ext.errors import (ConfigError, CorruptCheckpointError, DcpExtError, IncompleteCheckpointError,
                             MissingDependencyError, UnsupportedFormatError)
 from dcp_ext.storage import commit as C
-from dcp_ext.storage.compression import FrameTable, decode_frame, decode_frame_into, raw_frame
+from dcp_ext.storage.compression import (FrameTable, ShuffledZstd, decode_frame, decode_frame_into, frame_length,
+                                         raw_frame, shuffle, unshuffle_into)
 from dcp_ext.verify import verify_checkpoint
 from tests import compression_rank_fns as Z
 from tests import parity_rank_fns as P
@@ -78,6 +79,21 @@ def test_damaged_frames_are_named():
     broken = bytearray(z)
     broken[len(broken) // 2:] = bytes(len(broken) - len(broken) // 2)
     assert "ValueError" in error_text(lambda: decode_frame(broken))
+
+
+def test_shuffle_round_trips_and_frames_are_walked():
+    data = bytes(range(240))
+    sh = shuffle(memoryview(bytearray(data)), 4)
+    assert bytes(sh[:60].numpy()) == data[0::4] and bytes(sh[60:120].numpy()) == data[1::4]
+    out = bytearray(240)
+    unshuffle_into(memoryview(sh.numpy()), memoryview(out), 4)
+    assert out == data
+    z = zstandard.ZstdCompressor(write_checksum=True).compress(b"q" * 5000)
+    stream = raw_frame(b"head") + z + raw_frame(b"")
+    assert frame_length(stream) == 16 and frame_length(stream, 16) == len(z)
+    assert "no zstd frame at byte 1" in error_text(lambda: frame_length(stream, 1))
+    assert "truncated" in error_text(lambda: frame_length(stream[:26], 16))
+    assert "written by dcp-ext itself" in error_text(lambda: ShuffledZstd().transform_to(None))
 
 
 def test_frame_table_offsets():
@@ -249,12 +265,65 @@ def test_a_damaged_frame_header_is_named(tmp_path):
                           + rep.errors[0].split("not a zstd frame ", 1)[1]]
 
 
+def test_byte_shuffle_shrinks_floats_and_needs_our_registry_for_stock(tmp_path):
+    """compression_shuffle groups the bytes of each element position: trained-like floats shrink
+    more; stock's reader refuses the items without dcp_ext.extension_registry() and reads them with it."""
+    g = torch.Generator().manual_seed(3)
+    state = {"w": (torch.randn(512, 256, generator=g) * 0.02).to(torch.bfloat16),
+             "v": torch.randn(512, 128, generator=g).abs() * 1e-3 + 1e-3, "c": torch.arange(40000, dtype=torch.int64)}
+    stored = {}
+    for sh in (False, True):
+        url = str(tmp_path / f"s{int(sh)}")
+        w = dcp_ext.storage_writer(url, compression="zstd", compression_shuffle=sh, checksum_block_size="64KiB")
+        dcp.save(state, storage_writer=w)
+        stored[sh] = w.stats.bytes_written
+        r = dcp_ext.storage_reader(url)
+        got = {k: torch.zeros_like(v) for k, v in state.items()}
+        dcp.load(got, storage_reader=r)
+        assert all(torch.equal(got[k], v) for k, v in state.items())
+        assert r.stats.blocks_decompressed == r.stats.blocks_direct > 0  # unshuffled straight into place
+        assert verify_checkpoint(url).ok
+    assert stored[True] < 0.93 * stored[False]
+    items = {it["index"][0]: it for it in _manifest(tmp_path / "s1")["items"]}
+    assert items["w"]["transforms"] == ["dcp_ext.zstd_shuffle2/1"] and items["w"]["compression"]["shuffle"] == 2
+    assert items["v"]["transforms"] == ["dcp_ext.zstd_shuffle4/1"]
+    url = str(tmp_path / "s1")
+    msg = error_text(lambda: dcp.load({k: torch.zeros_like(v) for k, v in state.items()},
+                                      storage_reader=FileSystemReader(url)))
+    assert "Unknown extension name='dcp_ext.zstd_shuffle" in msg
+    got = {k: torch.zeros_like(v) for k, v in state.items()}
+    dcp.load(got, storage_reader=FileSystemReader(url, _extension_registry=dcp_ext.extension_registry()))
+    assert all(torch.equal(got[k], v) for k, v in state.items())
+    # a quarter of the rows, resharded: only its blocks, unshuffled
+    lay = ParallelLayout(tp_rank=3, tp_size=4, rules={"*": ShardSpec(0)})
+    r = dcp_ext.storage_reader(url)
+    got = {k: torch.zeros_like(v.chunk(4)[3]) for k, v in state.items()}
+    dcp.load(got, storage_reader=r, planner=ReshardLoadPlanner(lay))
+    assert all(torch.equal(got[k], v.chunk(4)[3]) for k, v in state.items())
+    assert r.stats.bytes_read <= 1.1 * r.stats.stored_bytes_needed
+
+
+def test_a_corrupt_shuffled_block_is_named(tmp_path):
+    t, item, data = _save_one(tmp_path, compression_shuffle=True)
+    ft = FrameTable.from_json(item["compression"])
+    start, size = ft.block_frame(2)
+    raw = bytearray(data.read_bytes())
+    raw[item["offset"] + start + size - 3] ^= 0x10
+    data.write_bytes(bytes(raw))
+    msg = error_text(lambda: dcp.load({"t": torch.zeros(256, 64)}, storage_reader=dcp_ext.storage_reader(
+        str(tmp_path))))
+    assert "CorruptCheckpointError" in msg and "t chunk [0, 0]" in msg and (
+        "compressed block 2, bytes" in msg or "compressed data block 2 of t" in msg)
+    assert not verify_checkpoint(str(tmp_path)).ok
+
+
 # ------------------------------------------------------------------------------------ config
 def test_compression_is_a_config_key_like_every_other(tmp_path):
     assert dcp_ext.load_config().compression is None  # off by default
     cfg = dcp_ext.load_config(environ={"DCP_EXT_COMPRESSION": "zstd", "DCP_EXT_COMPRESSION_LEVEL": "7",
-                                       "DCP_EXT_COMPRESSION_MIN_RATIO": "1.3"})
-    assert (cfg.compression, cfg.compression_level, cfg.compression_min_ratio) == ("zstd", 7, 1.3)
+                                       "DCP_EXT_COMPRESSION_MIN_RATIO": "1.3", "DCP_EXT_COMPRESSION_SHUFFLE": "1"})
+    assert (cfg.compression, cfg.compression_level, cfg.compression_min_ratio, cfg.compression_shuffle) == (
+        "zstd", 7, 1.3, True)
     f = tmp_path / "c.toml"
     f.write_text('compression = "zstd"\ncompression_level = -5\n')
     cfg = dcp_ext.load_config(config=str(f), environ={})
@@ -270,6 +339,7 @@ def test_compression_is_a_config_key_like_every_other(tmp_path):
     ({"compression": 3}, "compression: expected a string, got 3"),
     ({"compression_level": 23}, "compression_level: must be in -131072..22 (zstd), got 23"),
     ({"compression_min_ratio": 0.5}, "compression_min_ratio: must be >= 1.0, got 0.5"),
+    ({"compression_shuffle": "yes"}, "compression_shuffle: expected true/false, got 'yes'"),
     ({"compression": "zstd", "checksum_block_size": "128MiB"},
      "checksum_block_size: must be <= 64MiB with compression (each block is one zstd frame), got 134217728"),
 ])

@@ -10,6 +10,9 @@ whole, as stock does) are always plain records.
 Blocks are compressed in a shared pool (zstd releases the GIL) while the data file's writer
 thread writes the finished frames in order: compressing block k+1 overlaps writing (or
 uploading) block k, and a single data file still uses every core.
+
+With ``compression_shuffle`` each data block is byte-shuffled by the tensor's element size before
+it is compressed (and sampled that way); see :mod:`dcp_ext.storage.compression`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import torch
 
 from ..integrity import ItemChecksums, checksum
 from .base import BlobWriter
-from .compression import ZSTD_DESCRIPTOR, FrameTable, compressor, raw_frame, zstandard_module
+from .compression import (ZSTD_DESCRIPTOR, FrameTable, compressor, raw_frame, shuffle, shuffle_descriptor,
+                          zstandard_module)
 from .manifest import ItemLocation
 from .records import DataLocator, compact_cpu, write_tensor_record
 from .threads import io_pool
@@ -108,14 +112,16 @@ class RecordCompressor:
     """Writes tensor items as per-block zstd frames (see the module docstring); one per writer.
 
     ``level``: zstd level; ``min_ratio``: a block (or an item's sample) must shrink by at least
-    this factor to be stored compressed; ``workers``: compression threads (a shared pool).
+    this factor to be stored compressed; ``workers``: compression threads (a shared pool);
+    ``shuffle``: byte-shuffle data blocks by element size first.
     """
 
-    def __init__(self, level: int = 3, min_ratio: float = 1.1, workers: int = 4):
+    def __init__(self, level: int = 3, min_ratio: float = 1.1, workers: int = 4, shuffle: bool = False):
         self.check_available()
         self.level = level
         self.min_ratio = min_ratio
         self.workers = max(1, workers)
+        self.shuffle = shuffle
         self.stats = CompressionStats()
         self._lock = threading.Lock()  # data files are written by several threads
 
@@ -125,31 +131,43 @@ class RecordCompressor:
         zstandard_module()
 
     # -- decisions ---------------------------------------------------------------------
-    def _encode(self, mv: memoryview) -> tuple[Any, bool]:
-        """One frame for ``mv``: compressed if that pays, else raw. Returns (frame, compressed)."""
-        z = compressor(self.level).compress(mv)
+    def _encode(self, mv: memoryview, es: int = 0) -> tuple[Any, bool]:
+        """One frame for ``mv`` (byte-shuffled by ``es`` first, if set): compressed if that pays,
+        else raw. Returns (frame, compressed)."""
+        data: Any = memoryview(shuffle(mv, es).numpy()) if es else mv
+        z = compressor(self.level).compress(data)
         if len(z) * self.min_ratio <= len(mv):
             return z, True
-        return raw_frame(mv), False
+        return raw_frame(data), False
 
-    def sample_ratio(self, mv: memoryview) -> float:
-        """Estimated compression ratio of ``mv`` from ``SAMPLES`` evenly spread pieces of
-        ``SAMPLE_BYTES`` (all of it when it is small)."""
+    def shuffle_size(self, t: torch.Tensor, block_size: int) -> int:
+        """The element size ``t``'s blocks are shuffled by (0: not shuffled)."""
+        es = t.element_size()
+        return es if self.shuffle and 1 < es <= 16 and block_size % es == 0 else 0
+
+    def sample_ratio(self, mv: memoryview, es: int = 0, block_size: int = SAMPLE_BYTES) -> float:
+        """Estimated compression ratio of ``mv`` as its blocks would be stored (shuffled by
+        ``es``): ``SAMPLES`` evenly spread pieces of ``min(SAMPLE_BYTES, block_size)`` bytes,
+        each compressed on its own like a block."""
         n = len(mv)
+        piece = min(SAMPLE_BYTES, block_size, n)
         c = compressor(self.level)
-        if n <= SAMPLES * SAMPLE_BYTES:
-            return n / max(1, len(c.compress(mv)))
-        step = (n - SAMPLE_BYTES) // (SAMPLES - 1)
-        stored = sum(len(c.compress(mv[i * step:i * step + SAMPLE_BYTES])) for i in range(SAMPLES))
-        return SAMPLES * SAMPLE_BYTES / max(1, stored)
 
-    def wants(self, t: torch.Tensor) -> bool:
+        def stored(p: memoryview) -> int:
+            return len(c.compress(memoryview(shuffle(p, es).numpy()) if es else p))
+
+        count = min(SAMPLES, n // piece)
+        step = (n - piece) // max(1, count - 1) // max(1, es) * max(1, es)  # whole elements
+        starts = [i * step for i in range(count)]
+        return count * piece / max(1, sum(stored(mv[s:s + piece]) for s in starts))
+
+    def wants(self, t: torch.Tensor, es: int = 0, block_size: int = SAMPLE_BYTES) -> bool:
         """Whether ``t`` (compact, CPU) is written compressed: big enough, not quantized (their
         records are read whole), and its sample compresses by ``min_ratio`` or more."""
         nbytes = t.numel() * t.element_size()
         if nbytes < MIN_ITEM_BYTES or t.is_quantized:
             return False
-        return self.sample_ratio(_bytes_of(t)) >= self.min_ratio
+        return self.sample_ratio(_bytes_of(t), es, block_size) >= self.min_ratio
 
     # -- writing -------------------------------------------------------------------------
     def write(self, out: BlobWriter, relative_path: str, tensor: torch.Tensor, block_size: int,
@@ -159,7 +177,8 @@ class RecordCompressor:
         compute block crc32c (of the uncompressed bytes, as for a plain record)."""
         t = compact_cpu(tensor)
         local = CompressionStats()
-        if not self.wants(t):
+        es = self.shuffle_size(t, block_size)
+        if not self.wants(t, es, block_size):
             local.items_plain = 1
             with self._lock:
                 self.stats.add(local)
@@ -179,7 +198,7 @@ class RecordCompressor:
             frames.append(len(frame))
 
         put(self._encode(memoryview(head))[0])
-        with contextlib.closing(self._blocks(data, block_size, checksums, local)) as blocks:
+        with contextlib.closing(self._blocks(data, block_size, checksums, local, es)) as blocks:
             for frame, compressed, crc in blocks:  # a failed write closes the pipeline at once
                 put(frame)
                 if compressed:
@@ -196,10 +215,11 @@ class RecordCompressor:
         checks = None
         if checksums:
             checks = ItemChecksums(len(head), nbytes, block_size, crcs, checksum(tail, checksum(head)))
-        return ItemLocation(relative_path, start, stored, len(head), nbytes, checks, (ZSTD_DESCRIPTOR,),
-                            FrameTable("zstd", block_size, tuple(frames)))
+        descriptor = shuffle_descriptor(es) if es else ZSTD_DESCRIPTOR
+        return ItemLocation(relative_path, start, stored, len(head), nbytes, checks, (descriptor,),
+                            FrameTable("zstd", block_size, tuple(frames), es))
 
-    def _blocks(self, data: memoryview, bs: int, crc: bool, stats: CompressionStats):
+    def _blocks(self, data: memoryview, bs: int, crc: bool, stats: CompressionStats, es: int):
         """``(frame, compressed, crc)`` of every block of ``data``, in order, compressed on the
         shared pool while the caller writes the ones before (at most ``2 * workers`` ahead)."""
         n = len(data)
@@ -207,7 +227,7 @@ class RecordCompressor:
 
         def job(k: int) -> tuple[Any, bool, int | None]:
             mv = data[k * bs:min(n, (k + 1) * bs)]
-            frame, compressed = self._encode(mv)
+            frame, compressed = self._encode(mv, es)
             stats.threads.add(threading.current_thread().name)
             return frame, compressed, checksum(mv) if crc else None
 

@@ -19,16 +19,29 @@ are a standard multi-frame zstd stream of the whole record, so the item carries 
 ``stream.zstd/1`` transform descriptor: stock ``FileSystemReader`` (with ``zstandard`` or
 ``pyzstd`` installed) decompresses it and ``torch.load``\\ s it as it would a record it
 compressed itself. Writing: :mod:`dcp_ext.storage.compressed_records`.
+
+**Byte shuffle** (``compression_shuffle=True``): each data block is stored with its bytes grouped
+by position within the element (all first bytes of the block's elements, then all second
+bytes...; Blosc's "shuffle" filter), so the exponent bytes of floats sit together and zstd finds
+them: on trained bf16 weights and fp32 Adam moments about 1.1x smaller again. A shuffled item is
+no longer a plain zstd stream of the record, so it carries its own descriptor
+(``dcp_ext.zstd_shuffle{element size}/1``): stock ``FileSystemReader`` refuses it ("Unknown
+extension") unless given :func:`extension_registry` (``_extension_registry=``), whose
+:class:`ShuffledZstd` undoes the shuffle.
 """
 
 from __future__ import annotations
 
 import functools
+import io
 import math
 import struct
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
+
+import torch
+from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 
 from ..errors import CorruptCheckpointError, MissingDependencyError
 
@@ -36,7 +49,8 @@ if TYPE_CHECKING:
     from .manifest import ItemLocation
 
 __all__ = ["CODECS", "ZSTD_DESCRIPTOR", "MAX_BLOCK_BYTES", "FrameTable", "raw_frame", "decode_frame_into", "decode_frame",
-           "zstandard_module", "compressor", "frame_error"]
+           "zstandard_module", "compressor", "frame_error", "shuffle", "unshuffle_into", "frame_length",
+           "shuffle_descriptor", "ShuffledZstd", "extension_registry"]
 
 #: codecs ``compression=`` accepts
 CODECS = ("zstd",)
@@ -156,6 +170,8 @@ class FrameTable:
     codec: str
     block_size: int
     frames: tuple[int, ...]
+    #: element size the data blocks are byte-shuffled by (0: not shuffled)
+    shuffle: int = 0
 
     @functools.cached_property
     def _starts(self) -> tuple[int, ...]:
@@ -193,13 +209,19 @@ class FrameTable:
         return s, min(s + self.block_size, data_length)
 
     def to_json(self) -> dict:
-        return {"codec": self.codec, "block_size": self.block_size, "frames": list(self.frames)}
+        d = {"codec": self.codec, "block_size": self.block_size, "frames": list(self.frames)}
+        if self.shuffle:
+            d["shuffle"] = self.shuffle
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> "FrameTable":
         if d["codec"] not in CODECS:
             raise ValueError(f"unknown codec {d['codec']!r}")
-        return cls(d["codec"], int(d["block_size"]), tuple(int(f) for f in d["frames"]))
+        es = int(d.get("shuffle", 0))
+        if es < 0 or (es and int(d["block_size"]) % es):
+            raise ValueError(f"bad shuffle element size {es}")
+        return cls(d["codec"], int(d["block_size"]), tuple(int(f) for f in d["frames"]), es)
 
 
 def frame_error(url: str, loc: ItemLocation, frame: int, fqn: str, chunk: list, e: Exception) -> CorruptCheckpointError:
@@ -212,3 +234,109 @@ def frame_error(url: str, loc: ItemLocation, frame: int, fqn: str, chunk: list, 
     return CorruptCheckpointError(
         f"{url}/{loc.relative_path}: compressed {what} of {fqn} chunk {chunk} (bytes {loc.offset + start}-"
         f"{loc.offset + start + size}) is damaged: {e}")
+
+
+# ------------------------------------------------------------------------------ byte shuffle
+def shuffle(data: Any, es: int) -> torch.Tensor:
+    """``data`` (a whole number of ``es``-byte elements) with its bytes grouped by position in
+    the element: byte 0 of every element, then byte 1, ... (a uint8 tensor, a new buffer)."""
+    t = torch.frombuffer(data, dtype=torch.uint8) if len(memoryview(data)) else torch.empty(0, dtype=torch.uint8)
+    return t.view(-1, es).t().contiguous().view(-1)
+
+
+def unshuffle_into(shuffled: Any, out: memoryview, es: int) -> None:
+    """Undo :func:`shuffle`: write the element bytes of ``shuffled`` into ``out`` (same length)."""
+    if not len(out):
+        return
+    src = torch.frombuffer(shuffled, dtype=torch.uint8)
+    torch.frombuffer(out, dtype=torch.uint8).view(-1, es).copy_(src.view(es, -1).t())
+
+
+def shuffle_descriptor(es: int) -> str:
+    """The transform descriptor of items byte-shuffled by element size ``es``."""
+    return f"{ShuffledZstd.NAME}{es}/1"
+
+
+def frame_length(buf: Any, pos: int = 0) -> int:
+    """Stored length of the zstd frame starting at ``buf[pos]`` (walks its block headers;
+    ``ValueError`` if it is not a whole zstd frame)."""
+    mv = memoryview(buf).cast("B")
+    if bytes(mv[pos:pos + 4]) != _MAGIC or len(mv) < pos + 5:
+        raise ValueError(f"no zstd frame at byte {pos}")
+    fhd = mv[pos + 4]
+    fcs_flag, single, checksum_flag, did_flag = fhd >> 6, (fhd >> 5) & 1, (fhd >> 2) & 1, fhd & 3
+    fcs = (1 if single else 0, 2, 4, 8)[fcs_flag]
+    p = pos + 5 + (0 if single else 1) + (0, 1, 2, 4)[did_flag] + fcs
+    while True:
+        if p + 3 > len(mv):
+            raise ValueError(f"the zstd frame at byte {pos} is truncated")
+        h = int.from_bytes(mv[p:p + 3], "little")
+        last, kind, size = h & 1, (h >> 1) & 3, h >> 3
+        if kind == 3:
+            raise ValueError(f"the zstd frame at byte {pos} has a reserved block type")
+        p += 3 + (1 if kind == 1 else size)
+        if last:
+            break
+    p += 4 if checksum_flag else 0
+    if p > len(mv):
+        raise ValueError(f"the zstd frame at byte {pos} is truncated")
+    return p - pos
+
+
+class ShuffledZstd(StreamTransformExtension):
+    """Stock DCP's view of an item dcp-ext saved with ``compression_shuffle=True``: zstd frames
+    (head, byte-shuffled data blocks, tail). Lets stock ``FileSystemReader`` load it, through
+    :func:`extension_registry`; dcp-ext writes such items itself (``transform_to`` refuses)."""
+
+    NAME = "dcp_ext.zstd_shuffle"
+    #: element size (set by the per-size subclasses :func:`extension_registry` registers)
+    es = 0
+
+    @classmethod
+    def registry_name(cls) -> str:  # type: ignore[override]
+        return f"{cls.NAME}{cls.es}"
+
+    @classmethod
+    def from_descriptor(cls, version: str) -> "ShuffledZstd":  # type: ignore[override]
+        if version.partition(".")[0] != "1":
+            raise ValueError(f"Unknown extension {version=}")
+        return cls()
+
+    def get_descriptor(self) -> str:
+        return shuffle_descriptor(self.es)
+
+    def transform_to(self, output: IO[bytes]) -> IO[bytes]:
+        raise NotImplementedError("dcp_ext.zstd_shuffle items are written by dcp-ext itself: save with "
+                                  "dcp_ext.storage_writer(url, compression='zstd', compression_shuffle=True)")
+
+    def transform_from(self, input: IO[bytes]) -> IO[bytes]:
+        raw = input.read()
+        ends, pos = [], 0
+        while pos < len(raw):
+            pos += frame_length(raw, pos)
+            ends.append(pos)
+        out, start = io.BytesIO(), 0
+        for k, end in enumerate(ends):
+            data = decode_frame(memoryview(raw)[start:end])
+            if 0 < k < len(ends) - 1:  # a data block: undo the shuffle
+                plain = bytearray(len(data))
+                unshuffle_into(data, memoryview(plain), self.es)
+                data = plain
+            out.write(data)
+            start = end
+        out.seek(0)
+        return out
+
+
+_SHUFFLE_CLASSES = {es: type(f"ShuffledZstd{es}", (ShuffledZstd,), {"es": es}) for es in (2, 4, 8, 16)}
+
+
+def extension_registry() -> ExtensionRegistry:
+    """A stock ``ExtensionRegistry`` that also knows dcp-ext's byte-shuffled zstd items: pass it
+    as ``FileSystemReader(path, _extension_registry=dcp_ext.extension_registry())`` to load a
+    checkpoint saved with ``compression_shuffle=True`` with stock's reader (plain
+    ``compression="zstd"`` items need nothing: they are stock's own ``ZStandard`` streams)."""
+    reg = ExtensionRegistry()
+    for cls in _SHUFFLE_CLASSES.values():
+        reg.register(cls)
+    return reg

@@ -61,7 +61,7 @@ from .commit import (
     require_committed,
     safetensors_checkpoint_files,
 )
-from .compression import decode_frame_into, frame_error, zstandard_module
+from .compression import decode_frame_into, frame_error, unshuffle_into, zstandard_module
 from .manifest import ItemLocation, decode_manifest
 from .ranges import BoxSpans, box_spans, merge_ranges
 from .safe_pickle import checked_bytes_item, load_metadata
@@ -525,9 +525,15 @@ class ExtStorageReader(StorageReader):
         returns the number of blocks verified."""
         verified = 0
         loc, s = job.loc, job.req.storage_index
+        es = loc.compression.shuffle if loc.compression is not None else 0
         for blk, start, size, dest in f.decode or ():
             try:
-                decode_frame_into(f.out[start:start + size], dest)
+                if es:  # byte-shuffled: decompress aside, then put each byte back in its element
+                    shuffled = torch.empty(len(dest), dtype=torch.uint8)
+                    decode_frame_into(f.out[start:start + size], _as_bytes_view(shuffled))
+                    unshuffle_into(_as_bytes_view(shuffled), dest, es)
+                else:
+                    decode_frame_into(f.out[start:start + size], dest)
             except ValueError as e:
                 raise frame_error(self.store.url, loc, blk + 1, s.fqn, list(s.offset or []), e) from e
             if getattr(job, "verify_decoded", False):

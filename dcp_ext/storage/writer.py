@@ -174,7 +174,8 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
         if not self.config.compression:
             return None
         workers = min(self.config.io_threads, os.cpu_count() or 1)
-        return RecordCompressor(self.config.compression_level, self.config.compression_min_ratio, workers)
+        return RecordCompressor(self.config.compression_level, self.config.compression_min_ratio, workers,
+                                self.config.compression_shuffle)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         self._check_compression()

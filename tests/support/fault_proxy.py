@@ -265,6 +265,7 @@ class FaultProxy:
             except OSError:
                 return
             client.settimeout(None)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle stalls on small heads
             c = _Conn(client)
             with self._lock:
                 self._conns.add(c)
@@ -275,6 +276,7 @@ class FaultProxy:
         try:
             c.server = socket.create_connection(self.target, timeout=30)
             c.server.settimeout(None)
+            c.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._pump_back, args=(c,), daemon=True, name="fault-proxy-back").start()
             rd = _Reader(c.client)
             while not c.closed:
