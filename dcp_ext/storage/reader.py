@@ -166,6 +166,26 @@ def _format_hint(buf: bytearray) -> str:
             f"torch.save records, stream-transformed ones, and safetensors)")
 
 
+class _CountingStore:
+    """A store seen through a byte and request counter (the probes of stock checkpoints count in
+    :class:`LoadStats` like every other read)."""
+
+    def __init__(self, store: Store):
+        self._store = store
+        self.bytes_read = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+
+    def read_into(self, relpath: str, offset: int, out: memoryview) -> None:
+        self._store.read_into(relpath, offset, out)
+        with self._lock:
+            self.bytes_read += len(out)
+            self.requests += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
 def _location_of(info: Any) -> ItemLocation:
     """An :class:`ItemLocation` from a ``.metadata`` entry (stock ``_StorageInfo`` or ours)."""
     if isinstance(info, ItemLocation):
@@ -197,8 +217,8 @@ class ExtStorageReader(StorageReader):
         #: None, or the format of a checkpoint without our manifest: "dcp" (stock ``.metadata``:
         #: its data files may be in the SAFETENSORS format) or "hf" (``HuggingFaceStorageWriter``)
         self.stock_format: str | None = None
-        #: data files of a stock checkpoint already checked for the SAFETENSORS format
-        self._probed: set[str] = set()
+        #: data files (and items) of a stock checkpoint already looked into for raw data offsets
+        self._probed: set[Any] = set()
 
     # -- metadata ----------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -615,13 +635,25 @@ class ExtStorageReader(StorageReader):
             job.fetches.append(f)
             pos += take
 
-    def _locate_safetensors(self, plan: LoadPlan) -> None:
-        """Stock checkpoints: find the data files the plan reads that are in stock's SAFETENSORS
-        serialization format and point their tensor items at the raw bytes in the blob. Only files
-        whose every tensor item is exactly its data size can be (a ``torch.save`` record is larger
-        than its data), so stock's default format costs no extra request."""
-        from .safetensors import locate_blob_items
+    def _locate_stock_data(self, plan: LoadPlan) -> tuple[int, int]:
+        """Stock checkpoints carry no data offsets; find the raw bytes where they can be found, so
+        that ranged reads fetch only what the plan needs:
 
+        * data files in stock's SAFETENSORS serialization format: tensor items point at their
+          bytes in the file's safetensors blob. Only files whose every tensor item is exactly its
+          data size can be in that format (a ``torch.save`` record is larger than its data), so
+          stock's default format costs no extra request here;
+        * ``torch.save`` records of which the plan needs only part (and at least
+          ``RANGED_MIN_BYTES``): their zip directory and pickle are read
+          (:func:`~dcp_ext.storage.stock_records.locate_record_data`, two small reads each, in
+          parallel); records whose bytes are not plainly the values are read whole, as stock does.
+
+        Returns the bytes and requests the probes took.
+        """
+        from .safetensors import locate_blob_items
+        from .stock_records import RANGED_MIN_BYTES, locate_record_data
+
+        store = _CountingStore(self.store)
         wanted = {self.locations[r.storage_index].relative_path for r in plan.items
                   if r.type != LoadItemType.BYTE_IO and r.storage_index in self.locations} - self._probed
         for relpath in sorted(wanted):
@@ -636,15 +668,33 @@ class ExtStorageReader(StorageReader):
                 items[idx] = (loc, meta[0], meta[1])
             else:
                 if items:
-                    found = locate_blob_items(self.store, relpath, items)
+                    found = locate_blob_items(store, relpath, items)
                     if found:
                         logger.debug("%s/%s is in stock's SAFETENSORS format", self.store.url, relpath)
                         self.locations.update(found)
+        partial: dict[MetadataIndex, tuple[ItemLocation, torch.Size, torch.dtype]] = {}
+        for r in plan.items:
+            loc, meta = self.locations.get(r.storage_index), self._chunks.get(r.storage_index)
+            if (r.type == LoadItemType.BYTE_IO or loc is None or meta is None or loc.data_offset is not None
+                    or loc.transform_descriptors or meta[1] in _QUANTIZED or r.storage_index in self._probed
+                    or math.prod(meta[0]) * meta[1].itemsize < RANGED_MIN_BYTES or list(r.lengths) == list(meta[0])):
+                continue
+            partial[r.storage_index] = (loc, meta[0], meta[1])
+
+        def probe(idx: MetadataIndex, loc: ItemLocation, shape: torch.Size, dtype: torch.dtype) -> None:
+            d0 = locate_record_data(store, loc.relative_path, loc.offset, loc.length, shape, dtype)
+            if d0 is not None:
+                self.locations[idx] = ItemLocation(loc.relative_path, loc.offset, loc.length, d0,
+                                                   math.prod(shape) * dtype.itemsize)
+
+        self._probed.update(partial)
+        run_all("read", self.config.io_threads, probe, [(idx, *v) for idx, v in partial.items()])
+        return store.bytes_read, store.requests
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        if self.stock_format == "dcp":
-            self._locate_safetensors(plan)
         stats = LoadStats(items=len(plan.items))
+        if self.stock_format == "dcp":
+            stats.bytes_read, stats.requests = self._locate_stock_data(plan)
         jobs = [self._plan_item(req, planner, stats) for req in plan.items]
         total = sum(f.nbytes for j in jobs for f in j.fetches)
         progress = Progress(f"rank {self.rank}: loading from {self.store.url}", total,

@@ -64,9 +64,9 @@ _META = "__metadata__"
 SHARDING_KEY = "DCP_SHARDING_INFO"
 SAVED_OFFSETS_KEY = "saved_offsets"
 #: how far past the last tensor item's offset the blob may start (its empty transformed stream)
-PROBE_WINDOW = 64 * 1024
-#: read this much of a safetensors file first: the header usually fits
-HEAD_READ = 64 * 1024
+PROBE_WINDOW = 4 * 1024
+#: read this much at a safetensors header first (the rest of a longer header is read after)
+HEAD_READ = 4 * 1024
 
 
 @dataclass
@@ -141,7 +141,10 @@ def _find_blob(store: Store, relpath: str, after: int) -> Blob | None:
         if p + 8 < len(window) and window[p + 8] != ord("{"):
             continue
         try:
-            blob = read_blob_header(store, relpath, start, size)
+            if p + 8 + n <= len(window):  # the header is in the window already
+                blob = _parse(window[p:], start, f"{store.url}/{relpath}")
+            else:
+                blob = read_blob_header(store, relpath, start, size)
         except UnsupportedFormatError:
             continue
         if blob.data_end() == size:  # stock writes the blob last: its data ends the file
