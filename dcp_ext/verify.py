@@ -71,7 +71,8 @@ def _layout(store) -> str | None:
 
 
 def inspect_checkpoint(url: str, **options: Any) -> dict:
-    """A JSON-able summary: tensors (dtype, size, chunks), objects, files, bytes, world size.
+    """A JSON-able summary: tensors (dtype, size, chunks), objects, files, bytes, world size (and,
+    for a compressed checkpoint, its compressed items' data and stored bytes).
 
     A rank-local checkpoint (``use_collectives=False``) is summed over its parts, listed in
     ``rank_local_parts``."""
@@ -83,6 +84,7 @@ def inspect_checkpoint(url: str, **options: Any) -> dict:
     objects: set[str] = set()
     files: dict[str, int] = {}
     checksummed = False
+    compressed = {"items": 0, "data_bytes": 0, "stored_bytes": 0}
     for part in parts:
         md = reader.read_metadata(**({} if part is None else {"rank": part}))
         for fqn, m in sorted(md.state_dict_metadata.items()):
@@ -95,9 +97,15 @@ def inspect_checkpoint(url: str, **options: Any) -> dict:
         for loc in reader.locations.values():
             files[loc.relative_path] = files.get(loc.relative_path, 0) + loc.length
             checksummed = checksummed or loc.checksums is not None
+            if loc.compression is not None:
+                compressed["items"] += 1
+                compressed["data_bytes"] += loc.data_length or 0
+                compressed["stored_bytes"] += loc.length
     out = {"url": url, "tensors": dict(sorted(tensors.items())), "objects": sorted(objects), "files": files,
            "bytes": sum(files.values()), "world_size": reader.manifest_extra.get("world_size"),
            "has_manifest": reader.store.exists(manifest_name(parts[-1])), "checksummed": checksummed}
+    if compressed["items"]:  # compression="zstd": tensors stored as frames, and how much smaller
+        out["compressed"] = compressed
     if parts != (None,):
         out["rank_local_parts"] = list(parts)
     return out

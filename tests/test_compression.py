@@ -146,6 +146,10 @@ def test_manifest_version_and_what_it_records(tmp_path):
     ft = item["compression"]
     assert ft["codec"] == "zstd" and ft["block_size"] == 4096 and len(ft["frames"]) == 256 * 64 * 4 // 4096 + 2
     assert sum(ft["frames"]) == item["length"] < item["data_length"]
+    from dcp_ext.verify import inspect_checkpoint
+
+    assert inspect_checkpoint(str(tmp_path / "z"))["compressed"] == {
+        "items": 1, "data_bytes": 256 * 64 * 4, "stored_bytes": item["length"]}
     # without compression nothing changes: version 1, no frames, no transforms (stock interop as before)
     dcp.save({"t": t}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "plain")))
     doc = _manifest(tmp_path / "plain")
