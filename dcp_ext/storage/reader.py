@@ -132,6 +132,8 @@ class _ItemJob:
     fetches: list[_Fetch] = field(default_factory=list)
     finalize: Callable[[], None] | None = None
     remaining: int = 0
+    #: compressed items: verify each block after decompressing it
+    verify_decoded: bool = False
 
 
 def _copy_box(spans: BoxSpans, ranges: list[tuple[int, int]], scratch: list[torch.Tensor], dtype: torch.dtype,
@@ -536,7 +538,7 @@ class ExtStorageReader(StorageReader):
                 flush()
             run.append(blk)
         flush()
-        job.verify_decoded = verify  # type: ignore[attr-defined]
+        job.verify_decoded = verify
         job.finalize = finalize
         return job
 
@@ -556,7 +558,7 @@ class ExtStorageReader(StorageReader):
                     decode_frame_into(f.out[start:start + size], dest)
             except ValueError as e:
                 raise frame_error(self.store.url, loc, blk + 1, s.fqn, list(s.offset or []), e) from e
-            if getattr(job, "verify_decoded", False):
+            if job.verify_decoded:
                 assert loc.compression is not None
                 verified += self._verify(job, blk * loc.compression.block_size, dest)
         return verified
