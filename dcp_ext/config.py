@@ -160,6 +160,10 @@ class TierOptions:
     persist_timeout: float = 3600.0
     #: seconds a fast-tier exchange between ranks (replication, restore) may take
     exchange_timeout: float = 1800.0
+    #: seconds the save may spend asking the durable tier whether it already holds a checkpoint
+    #: (to refuse an overwrite early); an unreachable durable tier never stops the fast commit,
+    #: the background persistence checks again. 0: do not ask during the save
+    durable_check_timeout: float = 5.0
 
 
 @dataclass
@@ -237,6 +241,8 @@ class Config:
             raise ConfigError(f"tier.chunk_size: must be >= 4096 bytes, got {t.chunk_size}")
         if t.persist_timeout <= 0 or t.exchange_timeout <= 0:
             raise ConfigError("tier.persist_timeout and tier.exchange_timeout must be > 0 seconds")
+        if t.durable_check_timeout < 0:
+            raise ConfigError(f"tier.durable_check_timeout: must be >= 0 seconds, got {t.durable_check_timeout}")
         return self
 
     def redacted(self) -> dict:

@@ -1,0 +1,47 @@
+"""The durable tier: the byte store (and reader) of a tiered checkpoint's durable URL, built
+through the backend registry like any other dcp-ext location."""
+
+from __future__ import annotations
+
+import os
+
+from ..config import Config
+from ..errors import DcpExtError
+from ..storage import Backend, get_backend
+from ..storage.base import Store
+from ..storage.reader import ExtStorageReader
+from ..storage.writer import ExtStorageWriter
+
+__all__ = ["durable_store", "durable_reader", "rebuild_store"]
+
+
+def _not_bytes(b: Backend, url: str) -> DcpExtError:
+    return DcpExtError(f"tiered checkpoints need a byte-store backend for the durable tier; the {b.name!r} "
+                       f"backend for {url!r} is not one (use a file, fsspec, S3 or GCS URL)")
+
+
+def durable_store(url: str | os.PathLike, cfg: Config, b: Backend | None = None) -> Store:
+    """The :class:`~dcp_ext.storage.base.Store` of the durable tier for ``url`` (no I/O)."""
+    url = os.fspath(url)
+    b = b or get_backend(url, cfg)
+    w = b.make_writer(url, cfg)
+    if not isinstance(w, ExtStorageWriter):
+        raise _not_bytes(b, url)
+    return w.store
+
+
+def durable_reader(url: str | os.PathLike, cfg: Config, b: Backend | None = None) -> ExtStorageReader:
+    """A reader of the durable copy alone."""
+    url = os.fspath(url)
+    b = b or get_backend(url, cfg)
+    r = b.make_reader(url, cfg)
+    if not isinstance(r, ExtStorageReader):
+        raise _not_bytes(b, url)
+    return r
+
+
+def rebuild_store(cls: type, url: str, cfg: Config) -> Store:
+    """A store of class ``cls`` for ``url``, as the backend registry builds them
+    (``cls(url, config)``): how a pickled tiered writer/reader gets its durable store back in
+    DCP's checkpoint process, where the live one (clients, locks, descriptors) cannot travel."""
+    return cls(url, cfg)
