@@ -20,6 +20,7 @@ import torch
 
 from ..errors import PeerLostError, StorageError
 from .faststore import AtomicFile, FastStore
+from .topology import abandon_group
 
 __all__ = ["gather", "broadcast", "collective", "FileSource", "FileSink", "stream_files"]
 
@@ -34,9 +35,14 @@ def collective(what: str, group: Any) -> Iterator[None]:
     except RuntimeError as e:  # gloo: "Connection closed by peer", "Timed out", DistBackendError
         import torch.distributed as dist
 
-        raise PeerLostError(
-            f"rank {dist.get_rank()}: the tiered exchange '{what}' failed: another rank died, is unreachable, "
-            f"or did not answer within tier.exchange_timeout ({type(e).__name__}: {e})") from e
+        rank = dist.get_rank()
+        abandon_group(group)  # peers still waiting on us fail now, not at their timeout
+        err = PeerLostError(
+            f"rank {rank}: the tiered exchange '{what}' failed: another rank died, is unreachable, "
+            f"or did not answer within tier.exchange_timeout ({type(e).__name__}: {e})")
+        # logged too: DCP's own collective that follows may fail with a message of its own
+        logger.error("%s", err)
+        raise err from e
 
 
 def gather(obj: Any, group: Any, what: str) -> list[Any]:

@@ -7,9 +7,9 @@ coordinate through small marker objects in the durable location, named by
 resume, :mod:`dcp_ext.tiered.recovery`) goes:
 
 1. The coordinator looks at the durable location first: a committed copy of this very save
-   means nothing is left to do; another committed checkpoint is refused (or, with
-   ``overwrite``, un-committed) *before any data is written*. Then it writes ``START``
-   (attempt id, and whether the copy is already committed). The other ranks wait for it.
+   means nothing is left to do (an earlier attempt died after its commit); another committed
+   checkpoint is refused (or, with ``overwrite``, un-committed) *before any data is written*.
+   Then it writes ``START`` (the attempt id). The other ranks wait for it (or for the commit).
 2. Each uploader copies the files of the saving ranks assigned to it and then writes
    ``rank<r>.json`` (names and sizes). A rank whose marker already exists (from an attempt that
    died later) is not copied again: its files are known complete.
@@ -82,11 +82,22 @@ def submit(job: "PersistJob") -> PersistHandle:
     return job.handle
 
 
+def _read(store: Store, name: str) -> bytes:
+    """A small object that other ranks replace (markers, the manifest): read afresh each time
+    (a store that keeps files open, like LocalStore, would keep reading the replaced one)."""
+    try:
+        return store.read_bytes(name)
+    finally:
+        close = getattr(store, "close_readers", None)
+        if close is not None:
+            close()
+
+
 def _durable_save_id(store: Store) -> str | None:
     """The save id of the durable commit (None when it has no manifest)."""
     if not store.exists(MANIFEST_NAME):
         return None
-    return decode_manifest(store.read_bytes(MANIFEST_NAME), f"{store.url}/{MANIFEST_NAME}").save_id
+    return decode_manifest(_read(store, MANIFEST_NAME), f"{store.url}/{MANIFEST_NAME}").save_id
 
 
 @dataclasses.dataclass
@@ -179,8 +190,8 @@ class PersistJob:
     def _failure(self, name: str) -> str | None:
         """The message of failure marker ``name`` if it belongs to this attempt."""
         try:
-            doc = json.loads(self.durable.read_bytes(name))
-        except (ValueError, OSError, StorageError):
+            doc = json.loads(_read(self.durable, name))
+        except (ValueError, OSError, DcpExtError):
             return None
         return doc.get("error", "") if isinstance(doc, dict) and doc.get("attempt") == self.attempt else None
 
@@ -213,10 +224,10 @@ class PersistJob:
     def _prepare_durable(self) -> bool:
         """Coordinator, before anyone writes: returns whether this save is already committed."""
         self.durable.prepare_for_write()
-        committed = False
         if is_committed(self.durable):
-            if _durable_save_id(self.durable) == self.save_id:
-                committed = True
+            if _durable_save_id(self.durable) == self.save_id:  # an earlier attempt died after its commit
+                self._remove_markers(self.durable.list())
+                return True
             else:
                 try:
                     refuse_overwrite(self.durable, self.overwrite)
@@ -224,9 +235,8 @@ class PersistJob:
                     raise PersistError(f"not persisting to {self.durable.url}: {e}") from e
                 logger.info("overwriting the checkpoint at %s: removing its durable metadata first", self.durable.url)
                 uncommit(self.durable)
-        self.durable.put_atomic(self._marker("START"),
-                                json.dumps({"attempt": self.attempt, "committed": committed}).encode())
-        return committed
+        self.durable.put_atomic(self._marker("START"), json.dumps({"attempt": self.attempt}).encode())
+        return False
 
     def _wait_start(self) -> bool:
         start, failed = self._marker("START"), self._marker("FAILED")
@@ -235,12 +245,12 @@ class PersistJob:
             if self.durable.exists(failed) and (msg := self._failure(failed)) is not None:
                 raise PersistError(f"the coordinator did not commit {self.durable.url}: {msg}")
             try:
-                doc = json.loads(self.durable.read_bytes(start)) if self.durable.exists(start) else None
-            except (ValueError, OSError, StorageError):
+                doc = json.loads(_read(self.durable, start)) if self.durable.exists(start) else None
+            except (ValueError, OSError, DcpExtError):
                 return None
             if isinstance(doc, dict) and doc.get("attempt") == self.attempt:
-                return {"committed": bool(doc.get("committed"))}
-            if doc is None and self._committed_here():  # finished while we were queued
+                return {"committed": False}
+            if doc is None and self._committed_here():  # committed already, or while we were queued
                 return {"committed": True}
             return None
 
@@ -309,7 +319,7 @@ class PersistJob:
         listing = self._poll(check, f"all {self.world_size} ranks' persisted markers in {self.durable.url}")
         persisted: dict[str, int] = {}
         for m in sorted(want):
-            persisted.update(json.loads(self.durable.read_bytes(m))["files"])
+            persisted.update(json.loads(_read(self.durable, m))["files"])
         for name, need in sorted(self.needed.items()):
             got = persisted.get(name, -1)
             if got < need or self.durable.size(name) != got:
@@ -319,6 +329,10 @@ class PersistJob:
         self.handle.state = "committing"
         publish(self.durable, manifest, pickled)  # the durable commit point
         remove_stale_data(self.durable, self.needed)
+        self._remove_markers(listing)
+
+    def _remove_markers(self, listing: Any) -> None:
+        """After the commit: the markers of every attempt (ours and older ones) go."""
         try:
             self.durable.remove(sorted(p for p in listing if is_persist_marker(p)))
         except Exception as e:  # noqa: BLE001 - the checkpoint is committed; markers are harmless

@@ -320,11 +320,18 @@ class TieredStorageReader(StorageReader):
                            self.rank, name, self.url)
         try:
             self.inner.read_data(plan, planner).wait()
+            self._keep_from_durable(unavailable)
             return _Status(self.rank), None
         except CorruptCheckpointError as first:
             bad = self._find_bad(plan, planner)
-            if not bad or any(n in self._store.from_durable for n in bad):
+            if not bad:
                 return _Status(self.rank, fatal=str(first)), first
+            last = [n for n in bad if n in self._store.from_durable]
+            if last:
+                e = CorruptCheckpointError(
+                    f"{self.url}: no good copy of {', '.join(last)} is left: the fast-tier copies failed their checksums "
+                    f"or were lost, and reading the durable copy failed too: {first}")
+                return _Status(self.rank, fatal=str(e)), e
         except Exception as e:  # noqa: BLE001 - the other ranks must hear about it, not wait
             return _Status(self.rank, fatal=f"{type(e).__name__}: {e}"), e
         out = []
@@ -334,6 +341,28 @@ class TieredStorageReader(StorageReader):
             logger.warning("rank %d: %s of %s failed its checksums (%s); dropping that copy and reading the file "
                            "from the next good copy", self.rank, name, self.url, desc)
         return _Status(self.rank, tuple(out)), None
+
+    def _keep_from_durable(self, names: list[str]) -> None:
+        """Files read from the durable copy go back into this node's fast tier (best effort),
+        so the next load finds them there and can rebuild their replicas."""
+        chunk = int(self.config.tier.chunk_size)
+        for name in names:
+            if name not in self._store.from_durable:
+                continue
+            out = self.fast.open_atomic(name)
+            try:
+                size, pos = self.durable_reader.store.size(name), 0
+                buf = bytearray(min(chunk, max(size, 1)))
+                while pos < size:
+                    n = min(len(buf), size - pos)
+                    self.durable_reader.store.read_into(name, pos, memoryview(buf)[:n])
+                    out.write(memoryview(buf)[:n])
+                    pos += n
+                out.publish()
+                logger.info("rank %d: put %s back into the fast tier from the durable copy", self.rank, name)
+            except Exception as e:  # noqa: BLE001 - the load itself succeeded
+                out.abort()
+                logger.warning("rank %d: could not put %s back into the fast tier: %s", self.rank, name, e)
 
     def _find_bad(self, plan: LoadPlan, planner: LoadPlanner) -> list[str]:
         """Which files of the plan fail verification (one sub-plan per file)."""

@@ -20,7 +20,7 @@ from typing import Any
 from ..config import Config
 
 __all__ = ["Topology", "build_topology", "dist_info", "ranks_per_node", "partner_offset",
-           "replicas_on_own_node", "side_group"]
+           "replicas_on_own_node", "side_group", "abandon_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -147,14 +147,29 @@ def side_group(kind: str, timeout_s: float):
     interleave with the training job's or DCP's own collectives. Its timeout
     (``tier.exchange_timeout``) bounds how long a rank waits for a peer that hangs; a peer that
     dies is noticed at once (its connections close). Every rank must create it at the same
-    point of its program (the first writer / reader / status call)."""
+    point of its program (the first writer / reader / status call, and again for another
+    ``tier.exchange_timeout``)."""
     import torch.distributed as dist
 
     default = dist.group.WORLD
-    key = (kind, id(default), dist.get_world_size())
+    key = (kind, id(default), dist.get_world_size(), float(timeout_s))
     with _GROUPS_LOCK:
         g = _GROUPS.get(key)
         if g is None:
             g = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
             _GROUPS[key] = g
     return g
+
+
+def abandon_group(group: Any) -> None:
+    """After a peer was lost: abort ``group`` (the ranks still waiting on this one fail at once
+    instead of at their timeout) and forget it (the next writer/reader makes a new one; the job's
+    default group has lost a member too, so it is usually restarted anyway)."""
+    with _GROUPS_LOCK:
+        for k, g in list(_GROUPS.items()):
+            if g is group:
+                del _GROUPS[k]
+    try:
+        group.abort()
+    except Exception:  # noqa: BLE001 - best effort
+        pass
