@@ -251,3 +251,17 @@ def test_process_mode_async_save_with_the_tiered_writer(tmp_path):
             assert o[f"step{step}_fast"] == {"tier": "fast", "equal": True}, (r, step, o)
             assert o[f"step{step}_durable"] == {"tier": "durable", "equal": True}, (r, step, o)
         assert o["outcome_records_left"] == [], o
+
+
+def test_process_mode_checkpoint_process_killed_mid_persistence(tmp_path):
+    with RankPool(2) as pool:
+        out = pool.run(F.process_mode_checkpoint_process_dies, str(tmp_path / "ckpt"), str(tmp_path / "nodes"),
+                       timeout=600)
+    url = f"slowfs://{tmp_path}/ckpt/step"
+    for r, o in enumerate(out):
+        assert o["pending_before"] == 1 and o["state_before"].startswith(("copying", "waiting")), o
+        assert re.search(rf"the checkpoint process \(pid \d+\) persisting {re.escape(url)} \(save [0-9a-f]{{8}}\) on "
+                         rf"rank {r} died while it was .*resume_persists\(\)", o["error"] or ""), o["error"]
+        assert o["status"] == "interrupted", o
+        assert o["resume"] == [("resumed", url)] and o["persisted"] == [url], o
+        assert o["durable"] == {"tier": "durable", "equal": True}, o

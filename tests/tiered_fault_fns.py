@@ -510,3 +510,44 @@ def process_mode(root: str, base: str) -> dict:
     outcomes = os.path.join(cache, ".dcp_ext_outcomes")
     out["outcome_records_left"] = sorted(os.listdir(outcomes)) if os.path.isdir(outcomes) else []
     return out
+
+
+def process_mode_checkpoint_process_dies(root: str, base: str) -> dict:
+    """The checkpoint process (the one persisting) is killed mid-persistence: the trainer's
+    wait_persisted says so, and resume_persists in the trainer finishes the durable copy."""
+    from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
+
+    from tests.tiered_rank_fns import _gated, _ungate
+
+    _allow_checkpoint_process()
+    r = dist.get_rank()
+    cache = node_cache(base)
+    tier = {"ranks_per_node": 1, "chunk_size": "4KiB"}
+    url = f"slowfs://{root}/step"
+    state = {f"x{r}": torch.arange(4096.0) + r, "shared": torch.arange(8.0)}
+    gate = _gated(base)  # the durable tier gets stuck mid-file, in the checkpoint process too
+    dist.barrier()
+    w = dcp_ext.storage_writer(url, cache=cache, tier=tier)
+    dcp.async_save(state, storage_writer=w, async_checkpointer_type=AsyncCheckpointerType.PROCESS).result()
+    h = w._handle
+    deadline = time.monotonic() + 300
+    while not (h.tracked() and h.pid and h.state.startswith(("copying", "waiting"))):  # persisting, stuck
+        assert time.monotonic() < deadline, h
+        time.sleep(0.05)
+    out = {"state_before": h.state, "pending_before": len(dcp_ext.pending_persists())}
+    os.kill(h.pid, signal.SIGKILL)
+    try:
+        w.wait_persisted(120)
+        out["error"] = None
+    except dcp_ext.PersistError as e:
+        out["error"] = str(e)
+    dist.barrier()
+    _ungate(gate)
+    dist.barrier()
+    out["status"] = dcp_ext.tier_status(url, cache=cache, tier=tier).persist_state
+    out["resume"] = [(o.action, o.url) for o in dcp_ext.resume_persists(cache=cache, tier=tier)]
+    out["persisted"] = sorted(res.url for res in dcp_ext.wait_persisted(300))
+    got = _load(url, {k: torch.zeros_like(v) for k, v in state.items()}, cache=os.path.join(base, f"empty{r}"))
+    out["durable"] = {"tier": got["tier"], "equal": all(torch.equal(torch.tensor(got["values"][k]), v)
+                                                        for k, v in state.items())}
+    return out

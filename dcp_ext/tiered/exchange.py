@@ -196,6 +196,10 @@ def stream_files(source: FileSource | None, dst: int, sink: FileSink | None, src
                     w.wait()
                 if k_in:
                     sink.write(rmv[:k_in])
+    except BaseException:
+        if sink is not None:
+            sink.abort()  # no half-received file stays behind
+        raise
     finally:
         if source is not None:
             source.close()

@@ -15,6 +15,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 import uuid
 from typing import Any
 
@@ -151,26 +152,31 @@ class FastStore(LocalStore):
     def mtime(self, relpath: str = "") -> float:
         return os.path.getmtime(self.path(relpath))
 
-    def lease(self, name: str, *, exclusive: bool) -> Lease | None:
-        """Take a shared (persisting) or exclusive (recovering) lock on ``name`` without waiting;
-        None if another process holds a conflicting one."""
+    def lease(self, name: str, *, exclusive: bool, wait_s: float = 0.0) -> Lease | None:
+        """Take a shared (persisting) or exclusive (probing) lock on ``name``, trying for up to
+        ``wait_s`` seconds; None if another process keeps a conflicting one."""
         os.makedirs(self.root, exist_ok=True)
-        fd = os.open(self.path(name), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except OSError:
-            os.close(fd)
-            raise
-        return Lease(fd)
+        deadline = time.monotonic() + wait_s
+        while True:
+            fd = os.open(self.path(name), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                return Lease(fd)
+            except BlockingIOError:
+                os.close(fd)
+            except OSError:
+                os.close(fd)
+                raise
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.01)
 
-    def is_leased(self, name: str) -> bool:
-        """Whether some process (this one included) holds a lease on ``name``."""
+    def is_leased(self, name: str, wait_s: float = 0.5) -> bool:
+        """Whether some process (this one included) keeps a lease on ``name`` for ``wait_s``
+        seconds (a process that just died may hold it for a moment while it is torn down)."""
         if not os.path.exists(self.path(name)):
             return False
-        probe = self.lease(name, exclusive=True)
+        probe = self.lease(name, exclusive=True, wait_s=wait_s)
         if probe is None:
             return True
         probe.release()

@@ -93,15 +93,18 @@ class PersistHandle:
         try:
             res = self.future.result(timeout)
         except concurrent.futures.TimeoutError:
-            raise TimeoutError(
-                f"{self.url} (save {self.save_id[:8]}) was not persisted to its durable location within "
-                f"{timeout}s on rank {self.rank}: {self.state} ({self.bytes_done}/{self.bytes_total} "
-                f"bytes copied); call wait_persisted() again, or with a longer timeout") from None
+            raise self._timed_out(timeout) from None
         except BaseException:
             self.reported = True
             raise
         self.reported = True
         return res
+
+    def _timed_out(self, timeout: float | None) -> TimeoutError:
+        return TimeoutError(
+            f"{self.url} (save {self.save_id[:8]}) was not persisted to its durable location within "
+            f"{timeout}s on rank {self.rank}: {self.state} ({self.bytes_done}/{self.bytes_total} "
+            f"bytes copied); call wait_persisted() again, or with a longer timeout")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.url!r}, save={self.save_id[:8]}, rank={self.rank}, {self.state})"

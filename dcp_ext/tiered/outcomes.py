@@ -38,16 +38,37 @@ _UNTRACKED = ("sent", "saving", "abandoned")
 _ATEXIT = False
 
 
+def _state(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read().rsplit(b")", 1)[-1].split()[0]
+
+
 def _alive(pid: int | None) -> bool:
+    """Whether process ``pid`` still runs. A zombie (dead, not yet reaped by the trainer's
+    multiprocessing) counts as dead once all its threads are gone: until then it still holds its
+    files, and with them its lease on the fast-tier copy."""
     if not pid:
         return True
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        if _state(f"/proc/{pid}/stat") not in (b"Z", b"X"):
+            return True
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                if _state(f"/proc/{pid}/task/{task}/stat") not in (b"Z", b"X"):
+                    return True
+            except FileNotFoundError:
+                pass
         return False
-    except PermissionError:
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
         return True
-    return True
 
 
 class RemoteHandle(PersistHandle):
@@ -101,7 +122,9 @@ class RemoteHandle(PersistHandle):
                 break
             time.sleep(min(delay, left) if left is not None else delay)
             delay = min(0.5, delay * 1.5)
-        res = super().wait(0 if not self.future.done() else None)
+        if not self.future.done():
+            raise self._timed_out(timeout)
+        res = super().wait(0)
         self._forget()
         return res
 

@@ -203,7 +203,7 @@ def start_resumes(plans: Sequence[ResumePlan], skipped: Sequence[ResumeOutcome],
                 logger.warning("rank %d: not resuming %s: cannot open the durable tier: %s", rank, p.url, e)
                 continue
             fast = FastStore(os.path.join(cache_root, p.dirname), config)
-            lease = fast.lease(PERSIST_LEASE, exclusive=False)
+            lease = fast.lease(PERSIST_LEASE, exclusive=False, wait_s=5.0)
             handle = PersistHandle(p.url, p.save_id, rank)
             leader = rank in p.markers
             job = PersistJob(
@@ -219,6 +219,7 @@ def start_resumes(plans: Sequence[ResumePlan], skipped: Sequence[ResumeOutcome],
                         out[-1].reason)
     for s in skipped:
         if rank == 0:
-            logger.warning("not resuming the persistence of %s (save %s): %s: %s", s.url, s.save_id[:8], s.action,
-                           s.reason)
+            level = logging.INFO if s.action == "in progress" else logging.WARNING
+            logger.log(level, "not resuming the persistence of %s (save %s): %s: %s", s.url, s.save_id[:8], s.action,
+                       s.reason)
     return out

@@ -248,12 +248,13 @@ class TieredStorageWriter(StorageWriter):
         t0 = time.perf_counter()
         error: BaseException | None = None
         results: list[WriteResult] = []
+        files: dict[str, int] = {}
         try:
             results = self.inner.write_data(plan, planner).wait()
+            files = {n: self.fast.size(n) for n in sorted({r.storage_data.relative_path for r in results})}
         except BaseException as e:  # noqa: BLE001 - the other ranks must still hear from us
             error = e
         self.timings["write_local_s"] = time.perf_counter() - t0
-        files = {} if error else {n: self.fast.size(n) for n in sorted({r.storage_data.relative_path for r in results})}
         save_id = plan.storage_data.save_id
         mine = _WriteReport(self.rank, self.node, None if error is None else f"{type(error).__name__}: {error}", files,
                             claim_scan(self.cache_root, self.config), new_attempt())
@@ -277,8 +278,7 @@ class TieredStorageWriter(StorageWriter):
         commit = self._agree_commit(md, all_results)
         if commit is not None:
             self._commit, self._created = commit[:2], commit[2]
-            self._lease = self.fast.lease(PERSIST_LEASE, exclusive=False)  # recovery leaves this copy to us
-            self._fast_commit(self._commit, topo, reports)
+            self._publish_everywhere(topo, reports)
         elif self.rank != 0:
             logger.warning("rank %d: the save planner (%s) exposes no global metadata, so only the coordinator's "
                            "node gets the fast-tier commit; use DefaultSavePlanner (or a subclass) for a "
@@ -302,7 +302,7 @@ class TieredStorageWriter(StorageWriter):
             raise
         if self._commit is None:  # the planner had no metadata for write_data: commit here
             self._commit = (manifest, pickled)
-            self._lease = self.fast.lease(PERSIST_LEASE, exclusive=False)
+            self._lease = self.fast.lease(PERSIST_LEASE, exclusive=False, wait_s=5.0)
             self._fast_commit(self._commit, None, None)
         needed: dict[str, int] = {}
         for loc in locations.values():
@@ -347,6 +347,25 @@ class TieredStorageWriter(StorageWriter):
             raise DcpExtError(f"not committing {self.url} in the fast tier: the coordinator could not build the "
                               f"commit: {box[1]}")
         return None if box is None else box[1]
+
+    def _publish_everywhere(self, topo: Topology, reports: list[_WriteReport]) -> None:
+        """Every node publishes its fast commit; if one cannot, every node withdraws its own, so a
+        save that raises leaves no commit behind (short of a process dying in between)."""
+        self._lease = self.fast.lease(PERSIST_LEASE, exclusive=False, wait_s=5.0)  # recovery leaves it to us
+        err = None
+        try:
+            self._fast_commit(self._commit, topo, reports)
+        except (OSError, StorageError) as e:
+            err = f"rank {self.rank}: {type(e).__name__}: {e}"
+        errors = [err] if self._group is None else gather(err, self._group, "fast commit")
+        failed = [e for e in errors if e]
+        if failed:
+            uncommit(self.fast, also=[TIER_RECORD])
+            if self._lease is not None:
+                self._lease.release()
+                self._lease = None
+            raise DcpExtError(f"not committing {self.url} in the fast tier: a node could not publish its commit "
+                              f"({'; '.join(failed)}); the commit was withdrawn from every node")
 
     def _fast_commit(self, commit: tuple[bytes, bytes], topo: Topology | None,
                      reports: list[_WriteReport] | None) -> None:
