@@ -187,9 +187,12 @@ def test_kill_at_random_moments_of_persistence_then_restart(tmp_path):
             stats["refused_before_restart"] += 1
             assert re.search(r"is an incomplete checkpoint|no checkpoint at", got), got
         how = "resume" if it % 2 == 0 else "load"
+        if it >= 8:  # node 1 is replaced too: its part comes from node 0's replica
+            shutil.rmtree(base / "node1")
         with RankPool(2) as pool:
             res = pool.run(F.restart_and_resume, str(root), str(base), it, how, timeout=300)
-        assert all(r["status"] == "persisted" for r in res), res
+        assert res[0]["status"] == "persisted" and res[1]["status"] == ("persisted" if it < 8 or how == "load"
+                                                                         else "none"), res
         got = _plain_load(url, ref)
         assert isinstance(got, dict), got
         stats["durable_after"] += all(torch.equal(got[k], v) for k, v in ref.items())
@@ -208,6 +211,7 @@ def test_kill_at_random_moments_of_persistence_then_restart(tmp_path):
     (True, False, 4, 2, "write"),
     (True, True, 2, 1, "write"),
     (True, False, 3, 0, "replicate"),
+    (True, False, 2, 1, "after_publish"),
 ])
 def test_a_rank_killed_mid_save_fails_the_others_and_commits_nothing(tmp_path, tiered, use_async, world, victim,
                                                                      phase):
@@ -228,11 +232,31 @@ def test_a_rank_killed_mid_save_fails_the_others_and_commits_nothing(tmp_path, t
         # gloo notices a dead peer at once, or the survivor's timeout runs out (the longest wait)
         assert re.search(r"Connection closed by peer|Connection reset|tiered exchange .* failed|Timed out waiting",
                          res["error"]), res
-        assert not res["fast_committed"], res
+        assert not res["fast_committed"], res  # a survivor's node withdraws (or never made) its commit
     assert not os.path.exists(os.path.join(root, "step_2", METADATA_NAME))
     with RankPool(world) as pool:
         loaded = pool.run(F.load_after_death, root, base, tiered)
     for r, o in enumerate(loaded):
+        assert o["equal"], (r, o)  # the previous checkpoint, exactly
+        if phase == "after_publish":
+            # the victim's node kept its commit of a save whose every part was written and
+            # replicated: step 2 is whole, and loads exactly (from that node and the replicas)
+            assert o["step2_equal"] and o["step2"]["tier"] == "fast", (r, o["step2"])
+        else:
+            assert re.search(r"is an incomplete checkpoint|no checkpoint at", o["step2"]["error"]), o
+
+
+def test_a_node_that_cannot_publish_its_fast_commit_fails_the_save_everywhere(ranks, tmp_path):
+    root, base = str(tmp_path / "ckpt"), str(tmp_path / "nodes")
+    pool = ranks(2)
+    pool.run(F.save_previous, root, base, True)
+    out = pool.run(F.publish_fails, root, base, 1)
+    for r, o in enumerate(out):
+        assert "a node could not publish its commit (rank 1: StorageError: injected: cannot publish" in (o["error"] or
+                                                                                                         ""), o
+        assert "the commit was withdrawn from every node" in o["error"]
+        assert METADATA_NAME not in o["fast_files"], o
+    for r, o in enumerate(pool.run(F.load_after_death, root, base, True)):
         assert o["equal"], (r, o)
         assert re.search(r"is an incomplete checkpoint|no checkpoint at", o["step2"]["error"]), o
 

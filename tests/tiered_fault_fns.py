@@ -380,7 +380,8 @@ def save_previous(root: str, base: str, tiered: bool) -> None:
 
 def die_mid_save(root: str, base: str, tiered: bool, use_async: bool, victim: int, phase: str, out_dir: str) -> None:
     """Rank ``victim`` dies during the save of step 2 (``phase``: ``write`` = while writing its
-    data, ``replicate`` = while sending its replica); the survivors write what they saw."""
+    data, ``replicate`` = while sending its replica, ``after_publish`` = right after its node's
+    fast commit); the survivors write what they saw."""
     r = dist.get_rank()
     tier = {"ranks_per_node": 1, "exchange_timeout": 15}  # a survivor waits at most this long on us
     opts = {"cache": node_cache(base), "tier": tier} if tiered else {}
@@ -395,6 +396,16 @@ def die_mid_save(root: str, base: str, tiered: bool, use_async: bool, victim: in
             os.kill(os.getpid(), signal.SIGKILL)
 
         exchange.FileSource.fill = fill_then_die
+    if phase == "after_publish" and r == victim:  # dies right after its node's fast commit
+        from dcp_ext.tiered import writer
+
+        real_publish = writer.publish
+
+        def publish_then_die(store, manifest, metadata):
+            real_publish(store, manifest, metadata)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        writer.publish = publish_then_die
     w = dcp_ext.storage_writer(f"{root}/step_2", **opts)
     t0 = time.monotonic()
     try:
@@ -417,8 +428,31 @@ def load_after_death(root: str, base: str, tiered: bool) -> dict:
     ref = _die_state(r, 1)
     got = _try_load(f"{root}/step_1", {k: torch.zeros_like(v) for k, v in ref.items()}, **opts)
     got["equal"] = "error" not in got and all(torch.equal(torch.tensor(got["values"][k]), v) for k, v in ref.items())
-    got["step2"] = _try_load(f"{root}/step_2", {k: torch.zeros_like(v) for k, v in _die_state(r, 2).items()}, **opts)
+    ref2 = _die_state(r, 2)
+    got["step2"] = _try_load(f"{root}/step_2", {k: torch.zeros_like(v) for k, v in ref2.items()}, **opts)
+    got["step2_equal"] = "error" not in got["step2"] and all(
+        torch.equal(torch.tensor(got["step2"]["values"][k]), v) for k, v in ref2.items())
     return got
+
+
+def publish_fails(root: str, base: str, victim: int) -> dict:
+    """Rank ``victim``'s node cannot publish its fast commit: the save fails everywhere and no node
+    keeps a commit."""
+    from dcp_ext.tiered import writer
+
+    r = dist.get_rank()
+    if r == victim:
+        def refuse(store, manifest, metadata):
+            raise StorageError(f"injected: cannot publish in {store.root}")
+
+        writer.publish = refuse
+    w = dcp_ext.storage_writer(f"{root}/step_2", cache=node_cache(base), tier={"ranks_per_node": 1})
+    try:
+        dcp.save(_die_state(r, 2), storage_writer=w)
+        err = None
+    except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        err = f"{type(e).__name__}: {e}"
+    return {"error": err, "fast_files": sorted(os.listdir(w.fast_dir))}
 
 
 # -- kill at a random moment of the background persistence --------------------------------------

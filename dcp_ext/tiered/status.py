@@ -75,7 +75,7 @@ def tier_status(url: str | os.PathLike, *, config: Any = None, **options: Any) -
                                      for f, n in c.needed.items())
     if c is None:
         state = "none"
-    elif v.persisted:
+    elif v.persisted or (d.state is DurableState.COMPLETE and d.save_id == c.save_id):
         state = "persisted"
     elif fast.is_leased(PERSIST_LEASE):
         state = "persisting"

@@ -357,15 +357,22 @@ class TieredStorageWriter(StorageWriter):
             self._fast_commit(self._commit, topo, reports)
         except (OSError, StorageError) as e:
             err = f"rank {self.rank}: {type(e).__name__}: {e}"
-        errors = [err] if self._group is None else gather(err, self._group, "fast commit")
+        try:
+            errors = [err] if self._group is None else gather(err, self._group, "fast commit")
+        except BaseException:  # a peer died: this node does not keep a commit the others may lack
+            self._withdraw()
+            raise
         failed = [e for e in errors if e]
         if failed:
-            uncommit(self.fast, also=[TIER_RECORD])
-            if self._lease is not None:
-                self._lease.release()
-                self._lease = None
+            self._withdraw()
             raise DcpExtError(f"not committing {self.url} in the fast tier: a node could not publish its commit "
                               f"({'; '.join(failed)}); the commit was withdrawn from every node")
+
+    def _withdraw(self) -> None:
+        uncommit(self.fast, also=[TIER_RECORD])
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
 
     def _fast_commit(self, commit: tuple[bytes, bytes], topo: Topology | None,
                      reports: list[_WriteReport] | None) -> None:
