@@ -4,6 +4,7 @@ through the backend registry like any other dcp-ext location."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from ..config import Config
 from ..errors import DcpExtError
@@ -15,29 +16,24 @@ from ..storage.writer import ExtStorageWriter
 __all__ = ["durable_store", "durable_reader", "rebuild_store"]
 
 
-def _not_bytes(b: Backend, url: str) -> DcpExtError:
-    return DcpExtError(f"tiered checkpoints need a byte-store backend for the durable tier; the {b.name!r} "
-                       f"backend for {url!r} is not one (use a file, fsspec, S3 or GCS URL)")
+def _built(url: str, cfg: Config, b: Backend | None, reader: bool) -> Any:
+    """The backend's writer (or reader) for ``url``, which must be a byte-store one."""
+    b = b or get_backend(url, cfg)
+    obj = (b.make_reader if reader else b.make_writer)(url, cfg)
+    if not isinstance(obj, ExtStorageReader if reader else ExtStorageWriter):
+        raise DcpExtError(f"tiered checkpoints need a byte-store backend for the durable tier; the {b.name!r} "
+                          f"backend for {url!r} is not one (use a file, fsspec, S3 or GCS URL)")
+    return obj
 
 
 def durable_store(url: str | os.PathLike, cfg: Config, b: Backend | None = None) -> Store:
     """The :class:`~dcp_ext.storage.base.Store` of the durable tier for ``url`` (no I/O)."""
-    url = os.fspath(url)
-    b = b or get_backend(url, cfg)
-    w = b.make_writer(url, cfg)
-    if not isinstance(w, ExtStorageWriter):
-        raise _not_bytes(b, url)
-    return w.store
+    return _built(os.fspath(url), cfg, b, reader=False).store
 
 
 def durable_reader(url: str | os.PathLike, cfg: Config, b: Backend | None = None) -> ExtStorageReader:
     """A reader of the durable copy alone."""
-    url = os.fspath(url)
-    b = b or get_backend(url, cfg)
-    r = b.make_reader(url, cfg)
-    if not isinstance(r, ExtStorageReader):
-        raise _not_bytes(b, url)
-    return r
+    return _built(os.fspath(url), cfg, b, reader=True)
 
 
 def rebuild_store(cls: type, url: str, cfg: Config) -> Store:
