@@ -18,7 +18,6 @@ import torch.distributed.checkpoint as dcp
 import dcp_ext
 from dcp_ext.storage.commit import METADATA_NAME
 from dcp_ext.testing import RankFailedError, RankPool
-from dcp_ext.tiered import fast_dir_for
 from tests import tiered_fault_fns as F
 
 
@@ -30,7 +29,7 @@ def _exact(values: dict, ref: dict) -> bool:
 
 def test_every_rank_loads_the_same_checkpoint_after_node_loss(ranks, tmp_path):
     out = ranks(2).run(F.node_loss_repro, str(tmp_path / "ckpt"), str(tmp_path / "nodes"))
-    a, b = f"{tmp_path}/ckpt/step_A", f"memory://ckpt/step_B"
+    a, b = f"{tmp_path}/ckpt/step_A", "memory://ckpt/step_B"
     assert not any(o["b_persisted"] for o in out)
     # the per-rank choice: rank 0 sees B (its cache and replica), rank 1 only A ...
     assert [o["pick"] for o in out] == [b, a]

@@ -14,7 +14,6 @@ Importing it registers two more test-only durable backends:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
