@@ -7,6 +7,7 @@ request, fetched again once it expires, and a key the endpoint refuses is a clea
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -18,7 +19,9 @@ from dcp_ext.errors import StorageAuthError
 from tests.support.fault_proxy import FaultProxy
 from tests.support.gcs_auth import GOOGLE_TOKEN_AUDIENCE, SCOPE, FakeTokenServer, service_account_key
 
-pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
+              # google-auth's generic loader (which also runs external-account programs) is not used
+              pytest.mark.filterwarnings("error:The .* method is deprecated because of a potential security risk")]
 
 LIFETIME = 2.0  # seconds google-auth uses a token before fetching the next one
 
@@ -91,3 +94,21 @@ def test_key_refused_by_the_token_endpoint_is_a_clear_error(authed, gcs_server, 
     with pytest.raises(StorageAuthError, match="refreshing the Google credentials failed"):
         reader.read_metadata()
 
+
+@pytest.mark.parametrize("content, match", [
+    ({"type": "external_account", "audience": "x", "subject_token_type": "y", "token_url": "http://127.0.0.1:9/t",
+      "credential_source": {"executable": {"command": "touch /tmp/dcp_ext_must_not_run"}}},
+     r"holds credentials of type 'external_account'; only 'service_account' and 'authorized_user'"),
+    ({"type": "service_account", "client_email": "a@b"}, r"is not a valid service_account key file: .*missing"),
+    ("not json {", r"cannot read the JSON key file .*key.json"),
+])
+def test_key_files_that_are_not_keys_are_refused(gcs_server, tmp_path, content, match):
+    """Only service-account and authorized-user keys: an external-account configuration (which
+    can name a program to run for a token) is refused before anything runs."""
+    key = tmp_path / "key.json"
+    key.write_text(content if isinstance(content, str) else json.dumps(content))
+    w = dcp_ext.storage_writer(f"gs://{gcs_server.bucket}/bad-key/ck", gcs={"endpoint_url": gcs_server.endpoint,
+                                                                            "token": str(key)})
+    with pytest.raises(StorageAuthError, match=match):
+        w.prepare_local_plan(None)
+    assert not os.path.exists("/tmp/dcp_ext_must_not_run")
