@@ -36,11 +36,9 @@ __all__ = ["MANIFEST_NAME", "METADATA_NAME", "FORMAT_VERSION", "ItemLocation", "
 FORMAT = "dcp-ext-manifest"
 FORMAT_VERSION = 1
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-    torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2,
-    torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.complex32)}
+#: every dtype this torch has, by the name ``str(dtype)`` gives (a dtype torch.save stores must
+#: decode, e.g. float8_e8m0fnu or float4_e2m1fn_x2, or the checkpoint would save but not load)
+_DTYPES = {str(d).removeprefix("torch."): d for d in vars(torch).values() if isinstance(d, torch.dtype)}
 _MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
                    "preserve": torch.preserve_format}
 
