@@ -17,6 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+from torch.utils._pytree import tree_map
 
 import dcp_ext
 from tests import dtype_rank_fns as D
@@ -94,15 +95,8 @@ def _state(seed: int) -> dict:
 
 
 def _empty(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, dict):
-            out[k] = _empty(v)
-        elif isinstance(v, torch.Tensor):
-            out[k] = torch.zeros(v.shape, dtype=v.dtype)
-        else:
-            out[k] = None
-    return out
+    """Zeros of the same shapes and dtypes (contiguous), None for every other value."""
+    return tree_map(lambda v: torch.zeros(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else None, state)
 
 
 @pytest.mark.parametrize("verify", [True, False])
