@@ -168,10 +168,53 @@ class TierOptions:
 
 @dataclass
 class TensorStoreOptions:
-    """TensorStore (zarr3) backend."""
+    """TensorStore (zarr3) backend: each global tensor one zarr3 array (``docs/backends.md``)."""
 
-    #: extra kvstore spec entries (e.g. ``{"endpoint": "http://127.0.0.1:9000"}``)
+    #: target bytes of one zarr chunk, the unit of checksums, compression and (without
+    #: ``shard_size``) of files/objects and of partial reads
+    chunk_size: ByteSize = ByteSize(1024 * 1024)
+    #: group chunks into zarr3 shards of about this many bytes (one file/object each, read by
+    #: ranges); None/0: every chunk is its own file/object
+    shard_size: ByteSize | None = ByteSize(64 * 1024 * 1024)
+    #: ``"zstd"`` or None (no compression)
+    compression: str | None = None
+    #: zstd level (-131072..22; higher: smaller and slower)
+    compression_level: int = 3
+    #: concurrent kvstore requests (files / S3 / GCS) per process; None: TensorStore's default on
+    #: files, 4 x ``max_concurrency`` of the S3/GCS section on object stores
+    concurrency: int | None = None
+    #: CPU threads encoding/decoding/copying chunks per process; None: all cores
+    copy_concurrency: int | None = None
+    #: tensor bytes a rank keeps in flight while saving or loading (bounds memory beyond the
+    #: state itself)
+    inflight_bytes: ByteSize = ByteSize(256 * 1024 * 1024)
+    #: ``"auto"`` (one array per tensor unless its shard boundaries admit no sensible chunk
+    #: grid, then one array per saved box), ``"global"`` or ``"per_box"``
+    layout: str = "auto"
+    #: extra kvstore spec entries (e.g. ``{"requester_pays": true}``); driver, bucket and path
+    #: come from the URL
     kvstore: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """ConfigError naming the key for any out-of-range value."""
+        if self.chunk_size < 1024:
+            raise ConfigError(f"tensorstore.chunk_size: must be >= 1KiB, got {self.chunk_size}")
+        if self.shard_size and self.shard_size < self.chunk_size:
+            raise ConfigError(f"tensorstore.shard_size: must be >= tensorstore.chunk_size ({self.chunk_size}) "
+                              f"or None/0 for no shards, got {self.shard_size}")
+        if self.compression not in (None, "none", "zstd"):
+            raise ConfigError(f"tensorstore.compression: must be 'zstd' or None, got {self.compression!r}")
+        if not -131072 <= self.compression_level <= 22:
+            raise ConfigError(f"tensorstore.compression_level: must be in -131072..22 (zstd), got "
+                              f"{self.compression_level}")
+        for k in ("concurrency", "copy_concurrency"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ConfigError(f"tensorstore.{k}: must be >= 1, got {v}")
+        if self.inflight_bytes < 1024 * 1024:
+            raise ConfigError(f"tensorstore.inflight_bytes: must be >= 1MiB, got {self.inflight_bytes}")
+        if self.layout not in ("auto", "global", "per_box"):
+            raise ConfigError(f"tensorstore.layout: must be 'auto', 'global' or 'per_box', got {self.layout!r}")
 
 
 @dataclass
@@ -197,6 +240,10 @@ class Config:
     #: loading only: refuse a checkpoint saved by a different number of ranks (for state
     #: that is per rank and cannot be resharded, e.g. RNG or data-loader positions)
     expect_world_size: int | None = None
+    #: loading only: unpickle non-tensor values and stock ``.metadata`` fully (can run code: only
+    #: for checkpoints you trust); off, they load with weights-only semantics plus a documented
+    #: allowlist (docs/config.md)
+    allow_pickle: bool = False
     fs: FsOptions = field(default_factory=FsOptions)
     fsspec: FsspecOptions = field(default_factory=FsspecOptions)
     s3: S3Options = field(default_factory=S3Options)
@@ -243,6 +290,7 @@ class Config:
             raise ConfigError("tier.persist_timeout and tier.exchange_timeout must be > 0 seconds")
         if t.durable_check_timeout < 0:
             raise ConfigError(f"tier.durable_check_timeout: must be >= 0 seconds, got {t.durable_check_timeout}")
+        self.tensorstore.validate()
         return self
 
     def redacted(self) -> dict:

@@ -27,6 +27,7 @@ __all__ = [
     "PersistError",
     "CheckpointMismatchError",
     "PeerLostError",
+    "UnsafePickleError",
 ]
 
 
@@ -110,3 +111,8 @@ class CheckpointMismatchError(DcpExtError, ValueError):
 class PeerLostError(DcpExtError, RuntimeError):
     """A rank died, hung past its timeout or became unreachable during one of dcp-ext's own
     exchanges between ranks (tiered replication, restore, agreement); nothing was committed."""
+
+
+class UnsafePickleError(DcpExtError):
+    """Loading a value (or stock ``.metadata``) would need full unpickling, which can run code;
+    refused unless ``allow_pickle=True`` (the message names the key and the option)."""

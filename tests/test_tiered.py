@@ -265,6 +265,33 @@ def test_wait_persisted_timeout_and_misuse(tmp_path, monkeypatch):
     assert dcp_ext.pending_persists() == []
 
 
+def test_writer_and_reader_pickle_and_the_original_follows_the_copy(tmp_path):
+    """What DCP's process executor does: pickle the writer, save with the copy (here in this
+    process), and wait on the original; the reader pickles too."""
+    import pickle
+
+    url, cache = str(tmp_path / "d"), str(tmp_path / "c")
+    w = dcp_ext.storage_writer(url, cache=cache)
+    copy = pickle.loads(pickle.dumps(w))
+    assert copy.url == url and copy.fast_dir == w.fast_dir and copy is not w
+    dcp.save(_state(4), storage_writer=copy)
+    res = w.wait_persisted(60)  # the original follows the copy's persistence (its outcome record)
+    assert res.url == url and res.committed_by_this_rank and res.bytes > 0
+    assert w.persisted.result(60) == res
+    assert not os.listdir(os.path.join(cache, ".dcp_ext_outcomes"))  # the record was consumed
+    r = pickle.loads(pickle.dumps(dcp_ext.storage_reader(url, cache=cache)))
+    dst = _zeros(_state(4))
+    dcp.load(dst, storage_reader=r)
+    assert r.tier == "fast" and _same(_state(4), dst)
+    # (in this test the copy's own handle is in this process too: collect it)
+    assert [x.url for x in dcp_ext.wait_persisted(60)] == [url]
+    unused = dcp_ext.storage_writer(str(tmp_path / "e"), cache=cache)
+    pickle.dumps(unused)  # a copy that never saves: the module-level wait does not wait for it
+    assert dcp_ext.pending_persists() == [] and dcp_ext.wait_persisted(5) == []
+    with pytest.raises(TimeoutError, match="was not persisted to its durable location within 0.1s"):
+        unused.wait_persisted(0.1)  # ... but its own writer says nothing was persisted
+
+
 def test_persist_logs_progress(tmp_path, monkeypatch, caplog):
     from dcp_ext.tiered import persist
 

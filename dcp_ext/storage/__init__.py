@@ -154,7 +154,8 @@ def expand_shorthands(options: dict) -> dict:
     return options
 
 
-def storage_writer(url: str | os.PathLike, *, config: Any = None, **options: Any) -> StorageWriter:
+def storage_writer(url: str | os.PathLike, *, config: Any = None, _extensions: Any = None,
+                   **options: Any) -> StorageWriter:
     """A DCP ``StorageWriter`` for ``url``; options as in :class:`~dcp_ext.config.Config`.
 
     >>> dcp.save(state, storage_writer=dcp_ext.storage_writer("/ckpt/step_100"))
@@ -162,15 +163,32 @@ def storage_writer(url: str | os.PathLike, *, config: Any = None, **options: Any
     With ``cache="/dev/shm/dcp_ext"`` (or ``tier.cache`` in the config) the result is a
     :class:`~dcp_ext.tiered.TieredStorageWriter`: the save commits to that fast local
     tier, and ``url`` (any byte-store backend) is written in the background.
+
+    ``_extensions``: stock DCP's stream transforms (as ``FileSystemWriter(_extensions=...)``,
+    experimental there too), for byte-store backends; see docs/backends.md.
     """
     cfg = load_config(config, **expand_shorthands(options))
     b = get_backend(url, cfg)
     logger.debug("storage_writer(%s): backend %s", url, b.name)
     if cfg.tier.cache:  # tiered: fast local tier first, this backend as the durable tier
+        if _extensions:
+            from ..errors import DcpExtError
+
+            raise DcpExtError("_extensions (stream transforms) are not supported by tiered writers (cache=...): "
+                              "their fast-tier copies are read back by ranged reads")
         from ..tiered import tiered_writer
 
         return tiered_writer(os.fspath(url), cfg, b)
-    return b.make_writer(os.fspath(url), cfg)
+    w = b.make_writer(os.fspath(url), cfg)
+    if _extensions:
+        from ..errors import DcpExtError
+        from .writer import ExtStorageWriter, _check_extensions
+
+        if not isinstance(w, ExtStorageWriter):
+            raise DcpExtError(f"_extensions (stream transforms) need a byte-store backend; the {b.name!r} backend "
+                              f"for {os.fspath(url)!r} does not take them")
+        w.extensions = _check_extensions(_extensions)
+    return w
 
 
 def storage_reader(url: str | os.PathLike, *, config: Any = None, **options: Any) -> StorageReader:
@@ -216,6 +234,19 @@ def _register_builtins() -> None:
                   description="S3 and S3-compatible stores: parallel multipart, ranged GETs, retries")
     store_backend("gcs", ["gs", "gcs"], "gcs", "GCSStore", extra="gcs", requires=("urllib3", "google.auth"),
                   description="Google Cloud Storage: resumable (or parallel composite) uploads, ranged GETs, retries")
+
+    def tensorstore_factory(cls: str):
+        def make(url: str, cfg: Config):
+            from . import tensorstore
+
+            return getattr(tensorstore, cls)(url, cfg)
+
+        return make
+
+    register_backend(Backend("tensorstore", ("zarr3+file", "zarr3+s3", "zarr3+gs", "zarr3+gcs"),
+                             tensorstore_factory("TensorStoreWriter"), tensorstore_factory("TensorStoreReader"),
+                             extra="tensorstore", requires=("tensorstore",),
+                             description="each global tensor a zarr3 array (TensorStore) on local disk, S3 or GCS"))
 
 
 _register_builtins()

@@ -13,7 +13,7 @@ from ..storage.base import Store
 from ..storage.reader import ExtStorageReader
 from ..storage.writer import ExtStorageWriter
 
-__all__ = ["durable_store", "durable_reader", "rebuild_store"]
+__all__ = ["durable_store", "durable_reader"]
 
 
 def _built(url: str, cfg: Config, b: Backend | None, reader: bool) -> Any:
@@ -34,10 +34,3 @@ def durable_store(url: str | os.PathLike, cfg: Config, b: Backend | None = None)
 def durable_reader(url: str | os.PathLike, cfg: Config, b: Backend | None = None) -> ExtStorageReader:
     """A reader of the durable copy alone."""
     return _built(os.fspath(url), cfg, b, reader=True)
-
-
-def rebuild_store(cls: type, url: str, cfg: Config) -> Store:
-    """A store of class ``cls`` for ``url``, as the backend registry builds them
-    (``cls(url, config)``): how a pickled tiered writer/reader gets its durable store back in
-    DCP's checkpoint process, where the live one (clients, locks, descriptors) cannot travel."""
-    return cls(url, cfg)

@@ -41,7 +41,7 @@ from ..storage.commit import (
 )
 from ..storage.reader import ExtStorageReader
 from .choice import Holdings, choose_copy, plan_load_transfers, plan_repair_transfers
-from .durable import durable_store, rebuild_store
+from .durable import durable_store
 from .exchange import broadcast, gather
 from .faststore import FastStore, node_id
 from .naming import cache_root, fast_dir_name
@@ -122,14 +122,11 @@ class TieredStorageReader(StorageReader):
         self._error: BaseException | None = None
 
     def __getstate__(self) -> dict:
-        store = self.durable_reader.store
-        return {"url": self.url, "config": self.config, "durable": (type(store), store.url)}
+        return {"url": self.url, "config": self.config, "durable": self.durable_reader}
 
     def __setstate__(self, state: dict) -> None:
         StorageReader.__init__(self)
-        cls, durable_url = state["durable"]
-        cfg = state["config"]
-        self._setup(state["url"], cfg, ExtStorageReader(rebuild_store(cls, durable_url, cfg), cfg))
+        self._setup(state["url"], state["config"], state["durable"])
         self._group = None
 
     @property

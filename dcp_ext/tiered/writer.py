@@ -54,7 +54,6 @@ from ..storage.commit import (
     uncommit,
 )
 from ..storage.writer import ExtStorageWriter
-from .durable import rebuild_store
 from .exchange import FileSink, FileSource, broadcast, gather, stream_files
 from .faststore import FastStore, Lease, node_id
 from .handles import PersistHandle, PersistResult
@@ -135,13 +134,12 @@ class TieredStorageWriter(StorageWriter):
     def __getstate__(self) -> dict:
         # The copy runs in DCP's checkpoint process; this writer follows its persistence there.
         self._handle = issue_ticket(self.url, self.rank, self.cache_root)
-        return {"url": self.url, "config": self.config, "durable": (type(self.durable), self.durable.url),
-                "ticket": self._handle.ticket}
+        # the durable store pickles itself (clients and descriptors are rebuilt over there)
+        return {"url": self.url, "config": self.config, "durable": self.durable, "ticket": self._handle.ticket}
 
     def __setstate__(self, state: dict) -> None:
         StorageWriter.__init__(self)
-        cls, durable_url = state["durable"]
-        self._setup(state["url"], state["config"], rebuild_store(cls, durable_url, state["config"]))
+        self._setup(state["url"], state["config"], state["durable"])
         self.rank, self.world_size = dist_info()
         self._group = None  # created in set_up_storage_writer, where every rank of the save is
         self._ticket = state["ticket"]
