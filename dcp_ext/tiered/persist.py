@@ -31,7 +31,7 @@ import json
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -53,7 +53,7 @@ from ..storage.manifest import decode_manifest
 from .faststore import FastStore, Lease
 from .handles import PersistHandle, PersistResult, register
 
-__all__ = ["PersistJob", "submit", "PROGRESS_EVERY_S"]
+__all__ = ["PersistJob", "Upload", "UploadFile", "submit", "PROGRESS_EVERY_S"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,12 +100,20 @@ def _durable_save_id(store: Store) -> str | None:
     return decode_manifest(_read(store, MANIFEST_NAME), f"{store.url}/{MANIFEST_NAME}").save_id
 
 
+class UploadFile(NamedTuple):
+    """One data file to copy: where it is in the fast directory, its name, its size."""
+
+    relpath: str
+    name: str
+    size: int
+
+
 @dataclasses.dataclass
 class Upload:
-    """The files of one saving rank that this rank copies (fast-tier relpath, name, size)."""
+    """The files of one saving rank that this rank copies."""
 
     rank: int
-    files: list[tuple[str, str, int]]
+    files: list[UploadFile]
 
 
 @dataclasses.dataclass

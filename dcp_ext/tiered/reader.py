@@ -45,7 +45,7 @@ from .durable import durable_store
 from .exchange import broadcast, gather
 from .faststore import FastStore, node_id
 from .naming import cache_root, fast_dir_name
-from .records import Choice, CopyKind, DurableView, FastCommit, FileCopy, NodeView, Purpose, Tier
+from .records import BadCopy, Choice, CopyKind, DurableView, FastCommit, FileCopy, NodeView, Origin, Purpose, Tier
 from .recovery import HeldCopy, claim_scan, new_attempt, plan_resumes, start_resumes
 from .restore import run_transfers
 from .sources import SourceStore
@@ -71,8 +71,7 @@ class _Status:
     """One rank's outcome of one read round."""
 
     rank: int
-    #: (file, its path on this node, the node it was restored from and its path there) that failed
-    bad: tuple[tuple[str, str, int | None, str | None], ...] = ()
+    bad: tuple[BadCopy, ...] = ()
     fatal: str | None = None
 
 
@@ -192,7 +191,7 @@ class TieredStorageReader(StorageReader):
                 overlay = {MANIFEST_NAME: box[0], METADATA_NAME: box[1]}
         self._holdings = Holdings.from_views(self._topo, sid, self._views)
         self._store = SourceStore(self.fast, self.durable_reader.store, overlay)
-        self._origin: dict[str, tuple[str, int | None, str | None]] = {}  # file -> (description, from node, path)
+        self._origin: dict[str, Origin] = {}  # data file -> where this rank reads it from
         self._route_local()
         self.inner = ExtStorageReader(self._store, self.config)
         logger.info("rank %d: loading %s from the fast tier %s (save %s; %s)", self.rank, self.url, self.fast_dir,
@@ -210,9 +209,7 @@ class TieredStorageReader(StorageReader):
         for name, cp in self._holdings.on(self._topo.node_of[self.rank]).items():
             self._store.fast_paths[name] = cp.relpath
             self._store.from_durable.discard(name)
-            if name not in self._origin or cp.kind is CopyKind.REPLICA:
-                where = "fast tier" if cp.kind is CopyKind.OWN else cp.describe()
-                self._origin.setdefault(name, (f"{where} on this node ({self.fast.path(cp.relpath)})", None, None))
+            self._origin.setdefault(name, Origin(f"{cp.describe()} on this node ({self.fast.path(cp.relpath)})"))
 
     # -- plan --------------------------------------------------------------------------------
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
@@ -272,7 +269,7 @@ class TieredStorageReader(StorageReader):
             pending = {s.rank for s in statuses if s.bad}
             if not pending:
                 break
-            needs = {s.rank: {b[0] for b in s.bad} for s in statuses if s.bad}
+            needs = {s.rank: {b.name for b in s.bad} for s in statuses if s.bad}
         else:
             raise CorruptCheckpointError(f"{self.url}: gave up after {2 + topo.nodes} rounds of bad copies")
         self._finish_restore()
@@ -294,8 +291,8 @@ class TieredStorageReader(StorageReader):
                 t.name, t.dst_relpath, t.size, self.choice.save_id, CopyKind.REPLICA if replica else CopyKind.OWN,
                 replica_dir_rank(t.dst_relpath.split("/")[0]) if replica else None))
             if t.purpose is Purpose.LOAD and self._topo.same_node(t.dst, self.rank):
-                self._origin[t.name] = (f"{t.describe_src} {self.fast.path(t.dst_relpath)}",
-                                        self._topo.node_of[t.src], t.src_relpath)
+                self._origin[t.name] = Origin(f"{t.describe_src} {self.fast.path(t.dst_relpath)}",
+                                              self._topo.node_of[t.src], t.src_relpath)
         self._route_local()
 
     def _read_round(self, plan: LoadPlan, planner: LoadPlanner, wanted: set[str], unavailable: list[str],
@@ -312,7 +309,7 @@ class TieredStorageReader(StorageReader):
                     f"bad copies were removed, so loading again uses the durable copy if it is complete")
                 return _Status(self.rank, fatal=str(e)), e
             self._store.from_durable.add(name)
-            self._origin[name] = (f"durable tier {self.url} (no good copy in the fast tier)", None, None)
+            self._origin[name] = Origin(f"durable tier {self.url} (no good copy in the fast tier)")
             logger.warning("rank %d: reading %s of %s from the durable tier: no good copy is left in the fast tier",
                            self.rank, name, self.url)
         try:
@@ -333,10 +330,10 @@ class TieredStorageReader(StorageReader):
             return _Status(self.rank, fatal=f"{type(e).__name__}: {e}"), e
         out = []
         for name in bad:
-            desc, node, path = self._origin.get(name, ("", None, None))
-            out.append((name, self._store.fast_paths.get(name, name), node, path))
+            origin = self._origin.get(name, Origin(""))
+            out.append(BadCopy(name, self._store.fast_paths.get(name, name), origin.from_node, origin.from_path))
             logger.warning("rank %d: %s of %s failed its checksums (%s); dropping that copy and reading the file "
-                           "from the next good copy", self.rank, name, self.url, desc)
+                           "from the next good copy", self.rank, name, self.url, origin.describe)
         return _Status(self.rank, tuple(out)), None
 
     def _keep_from_durable(self, names: list[str]) -> None:
@@ -380,16 +377,16 @@ class TieredStorageReader(StorageReader):
         me_node = self._topo.node_of[self.rank]
         for s in statuses:
             node = self._topo.node_of[s.rank]
-            for name, path, src_node, src_path in s.bad:
-                self._holdings.drop(node, path)
-                if src_node is not None and src_path is not None:
-                    self._holdings.drop(src_node, src_path)
-                for n, p in ((node, path), (src_node, src_path)):
+            for b in s.bad:
+                self._holdings.drop(node, b.path)
+                if b.from_node is not None and b.from_path is not None:
+                    self._holdings.drop(b.from_node, b.from_path)
+                for n, p in ((node, b.path), (b.from_node, b.from_path)):
                     if n == me_node and p is not None and self._topo.leader(self.rank) == self.rank:
                         self.fast.remove([p])
                 if node == me_node:
-                    self._store.fast_paths.pop(name, None)
-                    self._origin.pop(name, None)
+                    self._store.fast_paths.pop(b.name, None)
+                    self._origin.pop(b.name, None)
 
     def _finish_restore(self) -> None:
         """A node that lacked the commit gets it last, once its files are in place (and loses data
@@ -408,6 +405,6 @@ class TieredStorageReader(StorageReader):
 
     def _log_sources(self) -> None:
         if self.tier is Tier.FAST:
-            self.sources = {f: self._origin[f][0] for f in self._files_of_plan if f in self._origin}
+            self.sources = {f: self._origin[f].describe for f in self._files_of_plan if f in self._origin}
         logger.info("rank %d: read %s from: %s", self.rank, self.url,
                     "; ".join(f"{f}: {s}" for f, s in sorted(self.sources.items())) or "(nothing)")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-__all__ = ["Tier", "CopyKind", "DurableState", "FileCopy", "FastCommit", "NodeView", "DurableView",
-           "Choice", "Transfer", "Purpose"]
+__all__ = ["Tier", "CopyKind", "DurableState", "PersistState", "ResumeAction", "FileCopy", "FastCommit", "NodeView",
+           "DurableView", "Choice", "Transfer", "Purpose", "Origin", "BadCopy"]
 
 
 class Tier(str, enum.Enum):
@@ -38,6 +38,29 @@ class DurableState(str, enum.Enum):
     INCOMPLETE = "incomplete"
     MISSING = "missing"
     ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class PersistState(str, enum.Enum):
+    """Where a node's fast-tier copy stands with its durable copy (a ``str``)."""
+
+    PERSISTED = "persisted"  # the durable copy of this save is committed
+    PERSISTING = "persisting"  # a live process holds the copy's persist lease
+    INTERRUPTED = "interrupted"  # not persisted, and nobody is on it: recovery finishes it
+    NONE = "none"  # no fast-tier commit on this node
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ResumeAction(str, enum.Enum):
+    """What recovery did about one interrupted persistence (a ``str``)."""
+
+    RESUMED = "resumed"
+    IN_PROGRESS = "in progress"
+    IMPOSSIBLE = "impossible"
 
     def __str__(self) -> str:
         return self.value
@@ -139,3 +162,22 @@ class Transfer:
     dst_relpath: str
     purpose: Purpose
     describe_src: str = field(default="", compare=False)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where one rank reads one data file from during a load."""
+
+    describe: str  # for reader.sources and the log
+    from_node: int | None = None  # the node it was restored from during this load
+    from_path: str | None = None  # ... and its path there
+
+
+@dataclass(frozen=True)
+class BadCopy:
+    """A data file that failed its checksums on a rank's node."""
+
+    name: str
+    path: str  # its path on the reporting rank's node
+    from_node: int | None = None  # where that copy came from during this load (also bad, then)
+    from_path: str | None = None

@@ -27,8 +27,8 @@ from ..storage.commit import PERSIST_LEASE, data_file_rank, replica_dir_name
 from .faststore import FastStore
 from .handles import PersistHandle
 from .naming import is_fast_dir_name
-from .persist import PersistJob, Upload, submit
-from .records import CopyKind
+from .persist import PersistJob, Upload, UploadFile, submit
+from .records import CopyKind, ResumeAction
 from .retention import apply_retention
 from .topology import Topology
 from .views import read_commit_bytes, read_node_view
@@ -83,8 +83,8 @@ class ResumeOutcome:
 
     url: str | None
     save_id: str
-    #: ``resumed``, ``in progress`` (a live process is persisting it) or ``impossible``
-    action: str
+    #: resumed, in progress (a live process is persisting it) or impossible (see ``reason``)
+    action: ResumeAction
     reason: str = ""
     #: this rank's part of the resumed persistence (None if it takes no part)
     handle: PersistHandle | None = None
@@ -148,11 +148,11 @@ def plan_resumes(scans: Sequence[Sequence[HeldCopy] | None], topo: Topology, att
         url = next((h.url for _r, h in commits if h.url), None)
         busy = sorted({topo.node_of[r] for r, h in entries if h.busy})
         if busy:
-            skipped.append(ResumeOutcome(url, sid, "in progress", f"a process on node(s) {busy} is persisting it"))
+            skipped.append(ResumeOutcome(url, sid, ResumeAction.IN_PROGRESS, f"a process on node(s) {busy} is persisting it"))
             continue
         first = commits[0][1]
         if url is None or first.world_size is None:
-            skipped.append(ResumeOutcome(url, sid, "impossible", f"the fast copy {dirname} does not record its "
+            skipped.append(ResumeOutcome(url, sid, ResumeAction.IMPOSSIBLE, f"the fast copy {dirname} does not record its "
                                          f"durable URL or saving world size (written by an older dcp-ext)"))
             continue
         uploads: dict[int, list[Upload]] = {}
@@ -171,9 +171,9 @@ def plan_resumes(scans: Sequence[Sequence[HeldCopy] | None], topo: Topology, att
                 continue
             _key, up, prefix = best
             uploads.setdefault(up, []).append(
-                Upload(s, [(prefix + f, f, first.needed[f]) for f in sorted(files)]))
+                Upload(s, [UploadFile(prefix + f, f, first.needed[f]) for f in sorted(files)]))
         if missing:
-            skipped.append(ResumeOutcome(url, sid, "impossible", f"the files of saving rank(s) {missing} are on no "
+            skipped.append(ResumeOutcome(url, sid, ResumeAction.IMPOSSIBLE, f"the files of saving rank(s) {missing} are on no "
                                          f"node (lost with their node and their replica partner's)"))
             continue
         holders = sorted({topo.leader(r) for r, _h in commits})
@@ -199,7 +199,7 @@ def start_resumes(plans: Sequence[ResumePlan], skipped: Sequence[ResumeOutcome],
             try:
                 durable = make_store(p.url)
             except Exception as e:  # noqa: BLE001 - the same on every rank: nobody starts this attempt
-                out.append(ResumeOutcome(p.url, p.save_id, "impossible", f"cannot open the durable tier: {e}"))
+                out.append(ResumeOutcome(p.url, p.save_id, ResumeAction.IMPOSSIBLE, f"cannot open the durable tier: {e}"))
                 logger.warning("rank %d: not resuming %s: cannot open the durable tier: %s", rank, p.url, e)
                 continue
             fast = FastStore(os.path.join(cache_root, p.dirname), config)
@@ -212,14 +212,14 @@ def start_resumes(plans: Sequence[ResumePlan], skipped: Sequence[ResumeOutcome],
                 p.overwrite, config.tier.persist_timeout, int(config.tier.chunk_size),
                 after=(lambda: apply_retention(cache_root, config.tier.keep_last)) if leader else None, lease=lease)
             submit(job)
-        out.append(ResumeOutcome(p.url, p.save_id, "resumed", f"uploads by rank(s) {sorted(p.uploads)}, committed by "
+        out.append(ResumeOutcome(p.url, p.save_id, ResumeAction.RESUMED, f"uploads by rank(s) {sorted(p.uploads)}, committed by "
                                  f"rank {p.coordinator} (attempt {p.attempt})", handle))
         if rank == min(p.participants()):
             logger.info("resuming the interrupted persistence of %s (save %s): %s", p.url, p.save_id[:8],
                         out[-1].reason)
     for s in skipped:
         if rank == 0:
-            level = logging.INFO if s.action == "in progress" else logging.WARNING
+            level = logging.INFO if s.action is ResumeAction.IN_PROGRESS else logging.WARNING
             logger.log(level, "not resuming the persistence of %s (save %s): %s: %s", s.url, s.save_id[:8], s.action,
                        s.reason)
     return out

@@ -19,7 +19,7 @@ from .exchange import broadcast, gather
 from .faststore import FastStore, node_id
 from .naming import cache_root, check_cache_root, fast_dir_for
 from .reader import check_same_checkpoint
-from .records import DurableState, NodeView
+from .records import DurableState, NodeView, PersistState
 from .recovery import ResumeOutcome, new_attempt, plan_resumes, scan_cache, start_resumes
 from .topology import build_topology, dist_info, side_group
 from .views import read_durable_view, read_node_view
@@ -51,10 +51,10 @@ class TierStatus:
     durable_state: DurableState  # a str: "complete", "incomplete", "missing" or "error"
     durable_save_id: str | None
     durable_created: float | None
-    #: "persisted", "persisting" (a live process is copying it now), "interrupted" (its
+    #: a str: "persisted", "persisting" (a live process is copying it now), "interrupted" (its
     #: persistence died: :func:`resume_persists`, or the next tiered writer/reader, finishes it when
     #: every saving rank's files are on some node) or "none" (no fast-tier commit here)
-    persist_state: str = "none"
+    persist_state: PersistState = PersistState.NONE
     durable_error: str | None = None
 
     @property
@@ -74,13 +74,13 @@ def tier_status(url: str | os.PathLike, *, config: Any = None, **options: Any) -
     complete = c is not None and all((cp := v.copies_of(c.save_id).get(f)) is not None and cp.size >= n
                                      for f, n in c.needed.items())
     if c is None:
-        state = "none"
+        state = PersistState.NONE
     elif v.persisted or (d.state is DurableState.COMPLETE and d.save_id == c.save_id):
-        state = "persisted"
+        state = PersistState.PERSISTED
     elif fast.is_leased(PERSIST_LEASE):
-        state = "persisting"
+        state = PersistState.PERSISTING
     else:
-        state = "interrupted"
+        state = PersistState.INTERRUPTED
     return TierStatus(os.fspath(url), fast.root, complete, c and c.save_id, c and c.created, v.persisted, d.state,
                       d.save_id, d.created, state, d.error)
 

@@ -59,7 +59,7 @@ from .faststore import FastStore, Lease, node_id
 from .handles import PersistHandle, PersistResult
 from .naming import cache_root, check_cache_root, fast_dir_name
 from .outcomes import attach_recorder, issue_ticket, record_saving
-from .persist import PersistJob, Upload, submit
+from .persist import PersistJob, Upload, UploadFile, submit
 from .recovery import HeldCopy, claim_scan, new_attempt, plan_resumes, start_resumes
 from .retention import apply_retention
 from .topology import Topology, build_topology, dist_info, side_group
@@ -449,7 +449,7 @@ class TieredStorageWriter(StorageWriter):
         leader = self._leader
         root, keep = self.cache_root, self.config.tier.keep_last
         job = PersistJob(h, FastStore(self.fast_dir, self.config), self.durable, "0", self.world_size,
-                         [Upload(self.rank, [(n, n, s) for n, s in files.items()])], self.is_coordinator, commit,
+                         [Upload(self.rank, [UploadFile(n, n, s) for n, s in files.items()])], self.is_coordinator, commit,
                          needed, self.config.overwrite, self.config.tier.persist_timeout,
                          int(self.config.tier.chunk_size),
                          after=(lambda: apply_retention(root, keep)) if leader else None, lease=self._lease)
