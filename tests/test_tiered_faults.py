@@ -76,7 +76,7 @@ def test_launch_without_local_world_size(ranks, tmp_path, monkeypatch):
 def test_unreachable_durable_tier_still_commits_fast_and_restores_rebuild_replicas(ranks, tmp_path):
     gate = tmp_path / "outage"
     gate.touch()  # every durable-tier call hangs until the test's ranks open it
-    pool = RankPool(2, env={F.DOWN_GATE_ENV: str(gate)})
+    pool = RankPool(2, env={F.DOWN_GATE_ENV: str(gate), F.HEALED_ENV: str(tmp_path / "healed")})
     with pool:
         out = pool.run(F.durable_outage, str(tmp_path / "ckpt"), str(tmp_path / "nodes"), timeout=600)
     for r, o in enumerate(out):
@@ -87,6 +87,9 @@ def test_unreachable_durable_tier_still_commits_fast_and_restores_rebuild_replic
         for case in ("load", "after_node1_loss", "after_node0_loss"):
             assert "error" not in o[case] and _exact(o[case]["values"], ref), (r, case, o[case])
             assert o[case]["tier"] == "fast", (r, case)
+        # once the store is back, resume_persists finishes the durable copy (complete, exact)
+        assert o["resume"] == [("resumed", f"downfs://{tmp_path}/ckpt/step")] and len(o["persisted"]) == 1, o
+        assert o["durable_only"]["tier"] == "durable" and _exact(o["durable_only"]["values"], ref), o["durable_only"]
     assert any("did not answer within 1s (tier.durable_check_timeout): committing to the fast tier anyway" in line
                for line in out[0]["save_logs"]), out[0]["save_logs"]
     # node 1 came back with its own file and the replica it keeps for rank 0 (rebuilt) ...

@@ -28,6 +28,7 @@ import dcp_ext
 from dcp_ext.errors import StorageError
 from dcp_ext.storage import Backend, register_backend
 from dcp_ext.storage.base import BlobWriter
+from dcp_ext.storage.fs import LocalStore
 from dcp_ext.storage.manifest import decode_manifest
 from dcp_ext.storage.reader import ExtStorageReader
 from dcp_ext.storage.writer import ExtStorageWriter
@@ -35,6 +36,8 @@ from dcp_ext.tiered import fast_dir_for
 from tests.tiered_rank_fns import LogCapture, SlowStore
 
 DOWN_GATE_ENV = "DCP_EXT_TEST_DOWN_GATE"
+HEALED_ENV = "DCP_EXT_TEST_HEALED"
+_STORE_CALLS = ("prepare_for_write", "open_writer", "put_atomic", "read_into", "size", "exists", "list", "remove")
 KILL_AT_ENV = "DCP_EXT_TEST_KILL_AT"
 DEAD_DIR_ENV = "DCP_EXT_TEST_DEAD_DIR"
 
@@ -42,7 +45,14 @@ DEAD_DIR_ENV = "DCP_EXT_TEST_DEAD_DIR"
 # -- test backends -------------------------------------------------------------------------
 
 class DownStore(SlowStore):
-    """The durable tier is unreachable: each call hangs while the gate exists, then fails."""
+    """The durable tier is unreachable: each call hangs while the gate exists, then fails; once the
+    file named by ``$DCP_EXT_TEST_HEALED`` exists it is an ordinary local directory again."""
+
+    def __getattribute__(self, name):
+        healed = os.environ.get(HEALED_ENV)
+        if healed and os.path.exists(healed) and name in _STORE_CALLS:
+            return getattr(LocalStore, name).__get__(self)
+        return super().__getattribute__(name)
 
     def _down(self, what: str):
         gate = os.environ.get(DOWN_GATE_ENV)
@@ -310,6 +320,14 @@ def durable_outage(root: str, base: str) -> dict:
     dist.barrier()
     out["after_node0_loss"] = _try_load(url, {k: torch.zeros_like(v) for k, v in state.items()}, cache=cache,
                                         tier=tier)
+    dist.barrier()
+    if r == 0:
+        open(os.environ[HEALED_ENV], "w").close()  # the store is back: finish the persistence now
+    dist.barrier()
+    out["resume"] = [(str(o.action), o.url) for o in dcp_ext.resume_persists(cache=cache, tier=tier)]
+    out["persisted"] = sorted(res.url for res in dcp_ext.wait_persisted(120))
+    out["durable_only"] = _try_load(url, {k: torch.zeros_like(v) for k, v in state.items()},
+                                    cache=os.path.join(base, f"empty{r}"), tier=tier)
     return out
 
 
