@@ -230,6 +230,14 @@ def test_durable_url_with_unknown_scheme(tmp_path):
         dcp_ext.storage_reader("nope://b/x", cache=str(tmp_path))
 
 
+def test_rank_local_saves_are_refused_with_the_reason(tmp_path):
+    w = dcp_ext.storage_writer(str(tmp_path / "d"), cache=str(tmp_path / "c"))
+    with pytest.raises(BaseException, match=r"the tiered writer needs use_collectives=True: its fast commit on every "
+                                            r"node and the replicas are agreed on by all ranks"):
+        dcp.save(_state(), storage_writer=w, use_collectives=False)
+    assert not os.path.exists(os.path.join(w.fast_dir, METADATA_NAME))
+
+
 def test_bad_tier_options(tmp_path):
     with pytest.raises(ConfigError, match=r"tier.keep_last: must be >= 1, got 0"):
         dcp_ext.storage_writer(str(tmp_path), cache=str(tmp_path / "c"), tier={"keep_last": 0})

@@ -284,7 +284,8 @@ class TieredStorageReader(StorageReader):
         ok = run_transfers(transfers, self.rank, self._group, self.fast, int(self.config.tier.chunk_size),
                            self.choice.save_id)
         for i, t in enumerate(transfers):
-            if i not in ok:
+            if i not in ok:  # not offered again: the next round takes another copy (or the durable one)
+                self._holdings.drop(self._topo.node_of[t.src], t.src_relpath)
                 continue
             replica = t.purpose is Purpose.REPLICA
             self._holdings.add(self._topo.node_of[t.dst], FileCopy(

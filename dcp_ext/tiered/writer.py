@@ -182,6 +182,9 @@ class TieredStorageWriter(StorageWriter):
         self.inner.reset()
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        if kwargs.get("use_collectives", True) is False:
+            raise DcpExtError("the tiered writer needs use_collectives=True: its fast commit on every node and the "
+                              "replicas are agreed on by all ranks (save rank-local parts without cache=...)")
         self.inner.set_up_storage_writer(is_coordinator, *args, **kwargs)
         self.is_coordinator = is_coordinator
         self.rank = self.inner.rank
