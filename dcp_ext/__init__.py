@@ -75,7 +75,6 @@ from .optim import (  # noqa: E402  (issue 6: optimizer state)
     FlatParam,
     OptimizerState,
     OptimizerStateError,
-    ZeroAdam,
     flat_state_pieces,
     optimizer_state,
     range_to_boxes,
@@ -86,7 +85,6 @@ __all__ += [
     "FlatParam",
     "OptimizerState",
     "OptimizerStateError",
-    "ZeroAdam",
     "flat_state_pieces",
     "optimizer_state",
     "range_to_boxes",
@@ -110,3 +108,11 @@ from .storage.tiered import (  # noqa: E402
 
 __all__ += ["PersistError", "PersistHandle", "PersistResult", "TieredStorageReader", "TieredStorageWriter",
             "TierStatus", "pending_persists", "tier_status", "wait_persisted"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "ZeroAdam":  # moved out of the package (examples/zero_adam.py): say so
+        from .optim import ZEROADAM_MOVED
+
+        raise AttributeError(ZEROADAM_MOVED)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
