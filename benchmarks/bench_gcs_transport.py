@@ -135,9 +135,12 @@ class Theirs:
     name = "google-cloud-storage"
 
     def __init__(self, srv: GCSTestServer, chunk: int, threads: int):
-        import requests.adapters
-        from google.auth.credentials import AnonymousCredentials
-        from google.cloud import storage
+        try:
+            import requests.adapters
+            from google.auth.credentials import AnonymousCredentials
+            from google.cloud import storage
+        except ImportError as e:
+            raise SystemExit(f"this benchmark needs google-cloud-storage ({e}): pip install -e '.[bench]'") from e
 
         self.client = storage.Client(project="bench", credentials=AnonymousCredentials(),
                                      client_options={"api_endpoint": srv.endpoint})
