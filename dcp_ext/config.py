@@ -137,18 +137,61 @@ class TierOptions(Options):
 
 @dataclass
 class TensorStoreOptions(Options):
-    """TensorStore (zarr3) backend."""
+    """The ``[tensorstore]`` section: each global tensor one zarr3 array (``docs/backends.md``).
 
-    #: extra kvstore spec entries (e.g. ``{"endpoint": "http://127.0.0.1:9000"}``)
+    Declared by the ``tensorstore`` backend (``Backend(..., options=TensorStoreOptions)``); it
+    stays in this module so that declaring it imports nothing of the backend's package.
+    """
+
+    #: target bytes of one zarr chunk, the unit of checksums, compression and (without
+    #: ``shard_size``) of files/objects and of partial reads
+    chunk_size: ByteSize = ByteSize(1024 * 1024)
+    #: group chunks into zarr3 shards of about this many bytes (one file/object each, read by
+    #: ranges); None/0: every chunk is its own file/object
+    shard_size: ByteSize | None = ByteSize(64 * 1024 * 1024)
+    #: ``"zstd"`` or None (no compression)
+    compression: str | None = None
+    #: zstd level (-131072..22; higher: smaller and slower)
+    compression_level: int = 3
+    #: concurrent kvstore requests (files / S3 / GCS) per process; None: TensorStore's default on
+    #: files, 4 x ``max_concurrency`` of the S3/GCS section on object stores
+    concurrency: int | None = None
+    #: CPU threads encoding/decoding/copying chunks per process; None: all cores
+    copy_concurrency: int | None = None
+    #: tensor bytes a rank keeps in flight while saving or loading (bounds memory beyond the
+    #: state itself)
+    inflight_bytes: ByteSize = ByteSize(256 * 1024 * 1024)
+    #: ``"auto"`` (one array per tensor unless its shard boundaries admit no sensible chunk
+    #: grid, then one array per saved box), ``"global"`` or ``"per_box"``
+    layout: str = "auto"
+    #: extra kvstore spec entries (e.g. ``{"requester_pays": true}``); driver, bucket and path
+    #: come from the URL
     kvstore: dict = field(default_factory=dict)
+
+    def validate(self, section: str = "tensorstore") -> None:
+        """ConfigError naming the key for any out-of-range value."""
+        if self.chunk_size < 1024:
+            raise ConfigError(f"{section}.chunk_size: must be >= 1KiB, got {self.chunk_size}")
+        if self.shard_size and self.shard_size < self.chunk_size:
+            raise ConfigError(f"{section}.shard_size: must be >= {section}.chunk_size ({self.chunk_size}) "
+                              f"or None/0 for no shards, got {self.shard_size}")
+        if self.compression not in (None, "none", "zstd"):
+            raise ConfigError(f"{section}.compression: must be 'zstd' or None, got {self.compression!r}")
+        if not -131072 <= self.compression_level <= 22:
+            raise ConfigError(f"{section}.compression_level: must be in -131072..22 (zstd), got "
+                              f"{self.compression_level}")
+        for k in ("concurrency", "copy_concurrency"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ConfigError(f"{section}.{k}: must be >= 1, got {v}")
+        if self.inflight_bytes < 1024 * 1024:
+            raise ConfigError(f"{section}.inflight_bytes: must be >= 1MiB, got {self.inflight_bytes}")
+        if self.layout not in ("auto", "global", "per_box"):
+            raise ConfigError(f"{section}.layout: must be 'auto', 'global' or 'per_box', got {self.layout!r}")
 
 
 #: Sections that belong to no backend (tiering wraps any byte-store backend).
 _CORE_SECTIONS: dict[str, type] = {"tier": TierOptions}
-#: Sections kept here until the backend that owns them declares them: once a registered backend
-#: named ``tensorstore`` passes ``options=...``, its class is used instead. (To move the class
-#: into the backend's module: declare it there, drop it here and add it to ``_MOVED``.)
-_PROVISIONAL_SECTIONS: dict[str, type] = {"tensorstore": TensorStoreOptions}
 #: Options classes that moved into their backend's module, importable from here as before.
 _MOVED = {"FsOptions": "dcp_ext.storage.fs", "FsspecOptions": "dcp_ext.storage.fsspec",
           "S3Options": "dcp_ext.storage.s3", "GCSOptions": "dcp_ext.storage.gcs"}
@@ -171,8 +214,6 @@ def section_types() -> dict[str, type]:
     from .storage import backends
 
     out = dict(_CORE_SECTIONS)
-    for name, cls in _PROVISIONAL_SECTIONS.items():
-        out.setdefault(name, cls)
     for name, b in backends().items():
         if b.options is not None and name not in _CORE_SECTIONS:
             out[name] = b.options

@@ -46,14 +46,30 @@ class VerifyReport:
 def _reader(url: str, options: dict):
     cfg = load_config(**options)
     reader = get_backend(url, cfg).make_reader(url, cfg)
-    if not hasattr(reader, "store"):
-        raise DcpExtError(f"{url}: this backend's reader has no byte store to verify")
+    if not cfg.backend and not hasattr(reader, "verify") and _layout(reader.store) == "zarr3":
+        # a TensorStore checkpoint reached by a plain path / s3:// / gs:// URL
+        cfg = load_config(**{**options, "backend": "tensorstore"})
+        reader = get_backend(url, cfg).make_reader(url, cfg)
+    if not hasattr(reader, "verify") and not hasattr(reader, "locations"):
+        raise DcpExtError(f"{url}: this backend's reader can neither verify itself nor give byte locations")
     return reader
+
+
+def _layout(store) -> str | None:
+    """The ``layout`` a committed location's manifest names (None: DCP data files)."""
+    try:
+        if not store.exists(METADATA_NAME) or not store.exists(MANIFEST_NAME):
+            return None
+        return decode_manifest(store.read_bytes(MANIFEST_NAME), store.url).extra.get("layout")
+    except (OSError, DcpExtError):
+        return None  # the normal path reports it
 
 
 def inspect_checkpoint(url: str, **options: Any) -> dict:
     """A JSON-able summary: tensors (dtype, size, chunks), objects, files, bytes, world size."""
     reader = _reader(url, options)
+    if hasattr(reader, "inspect"):  # a backend with its own layout (tensorstore) describes itself
+        return reader.inspect()
     md = reader.read_metadata()
     tensors, objects = {}, []
     for fqn, m in sorted(md.state_dict_metadata.items()):
@@ -77,6 +93,8 @@ def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) ->
     store = reader.store
     require_committed(store)
     report = VerifyReport(url)
+    if hasattr(reader, "verify"):  # a backend with its own layout (tensorstore) checks itself
+        return reader.verify(report, progress)
     if not store.exists(MANIFEST_NAME):
         report.errors.append(f"{url} has no {MANIFEST_NAME}: it was not written by dcp-ext, nothing to verify")
         return report

@@ -413,8 +413,11 @@ def test_builtin_sections_are_declared_by_their_backends():
     from dcp_ext.storage.gcs import GCSOptions
     from dcp_ext.storage.s3 import S3Options
 
-    declared = {n: b.options for n, b in backends().items() if n in ("fs", "fsspec", "s3", "gcs")}
-    assert declared == {"fs": FsOptions, "fsspec": FsspecOptions, "s3": S3Options, "gcs": GCSOptions}
+    from dcp_ext.config import TensorStoreOptions
+
+    declared = {n: b.options for n, b in backends().items() if n in ("fs", "fsspec", "s3", "gcs", "tensorstore")}
+    assert declared == {"fs": FsOptions, "fsspec": FsspecOptions, "s3": S3Options, "gcs": GCSOptions,
+                        "tensorstore": TensorStoreOptions}
     # still importable from dcp_ext.config, as before
     import dcp_ext.config as config
 
@@ -433,7 +436,7 @@ def test_importing_config_does_not_import_clients():
     import sys
 
     code = ("import sys, dcp_ext.config as c; c.load_config(environ={}, s3={'region': 'x'}); "
-            "print(sorted(m for m in ('botocore', 'google.auth', 'urllib3', 'gcsfs', 's3fs') if m in sys.modules))")
+            "print(sorted(m for m in ('botocore', 'google.auth', 'urllib3', 'gcsfs', 's3fs', 'tensorstore') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

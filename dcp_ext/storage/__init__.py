@@ -8,8 +8,10 @@ group ``dcp_ext.backends`` (the entry point must resolve to a :class:`Backend`):
     mystore = "my_pkg.dcp:BACKEND"
 
 A backend that declares ``options`` (a dataclass) owns the config section of its name: the
-built-ins declare ``FsOptions``, ``FsspecOptions``, ``S3Options`` and ``GCSOptions`` in their
-modules, and :mod:`dcp_ext.config` builds its sections from this registry.
+built-ins declare ``FsOptions``, ``FsspecOptions``, ``S3Options`` and ``GCSOptions`` (defined in
+their modules) and ``TensorStoreOptions`` (defined in :mod:`dcp_ext.config`, so that declaring it
+imports nothing of the TensorStore package), and :mod:`dcp_ext.config` builds its sections from
+this registry.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..config import Config, check_options, load_config
+from ..config import Config, TensorStoreOptions, check_options, load_config
 from ..errors import MissingDependencyError, UnknownBackendError
 # the built-in backends' modules import their clients (botocore, google-auth, fsspec) lazily
 from .fs import FsOptions, LocalStore
@@ -256,6 +258,20 @@ def _register_builtins() -> None:
                   description="S3 and S3-compatible stores: parallel multipart, ranged GETs, retries")
     store_backend("gcs", ["gs", "gcs"], GCSStore, GCSOptions, extra="gcs", requires=("urllib3", "google.auth"),
                   description="Google Cloud Storage: resumable (or parallel composite) uploads, ranged GETs, retries")
+
+    def tensorstore_factory(cls: str):
+        def make(url: str, cfg: Config):
+            from . import tensorstore
+
+            return getattr(tensorstore, cls)(url, cfg)
+
+        return make
+
+    register_backend(Backend("tensorstore", ("zarr3+file", "zarr3+s3", "zarr3+gs", "zarr3+gcs"),
+                             tensorstore_factory("TensorStoreWriter"), tensorstore_factory("TensorStoreReader"),
+                             extra="tensorstore", requires=("tensorstore",),
+                             description="each global tensor a zarr3 array (TensorStore) on local disk, S3 or GCS",
+                             options=TensorStoreOptions))
 
 
 _register_builtins()
