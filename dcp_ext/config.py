@@ -15,7 +15,7 @@ to a storage backend: a :class:`~dcp_ext.storage.Backend` declares its options d
 ``DCP_EXT_S3_*``, ``s3={...}``, ``cfg.s3``), so a backend registered by a third party (with
 ``register_backend`` or the ``dcp_ext.backends`` entry-point group) gets the same sources and
 the same errors as the built-in ones. An options class checks its own values in
-``validate(section)``.
+``validate(section)``; :mod:`dcp_ext.options` says what a field may be and parses values.
 
 Unknown keys and values of the wrong type are :class:`~dcp_ext.errors.ConfigError`\\ s that
 name the key and list the valid ones. Byte sizes accept ints or strings such as
@@ -26,17 +26,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import importlib
 import os
 import re
-import types
-import typing
 from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ConfigError
+from .options import ByteSize, Options, coerce, field_types, parse_size, supported_type
 
 if TYPE_CHECKING:
     from .storage.fs import FsOptions
@@ -61,46 +59,6 @@ __all__ = [
 ]
 
 ENV_PREFIX = "DCP_EXT_"
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
-          "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
-          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
-          "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4}
-
-
-class ByteSize(int):
-    """Marker type for fields that accept ``"16MiB"``-style strings."""
-
-
-def parse_size(value: Any, key: str = "size") -> int:
-    """Parse ``123``, ``"64KiB"``, ``"1.5GB"`` into bytes; ConfigError otherwise."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a byte size (int or '16MiB'), got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m and (m.group(2) or "").lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
-    raise ConfigError(f"{key}: expected a byte size (int or e.g. '16MiB'), got {value!r}")
-
-
-@dataclass
-class Options:
-    """Base of a config section: a dataclass of options, every one with a default.
-
-    Field types may be ``str``, ``int``, ``float``, ``bool``, :class:`ByteSize`, ``dict``, or
-    any of them ``| None``. A field declared with ``field(repr=False)`` is a secret: hidden from
-    ``repr`` and replaced by ``"***"`` in :meth:`Config.redacted`. Subclassing is optional (any
-    dataclass of such fields is a section); ``validate`` is the hook for value checks.
-    """
-
-    def validate(self, section: str) -> None:
-        """Raise :class:`~dcp_ext.errors.ConfigError` naming ``section.key`` for a bad value."""
-
 
 @dataclass
 class TierOptions(Options):
@@ -355,22 +313,6 @@ def _valid_keys() -> list[str]:
     return sorted([k for k in _FIELD_NAMES if k not in sections] + [f"{s}.*" for s in sections])
 
 
-@functools.lru_cache(maxsize=None)
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
-_SCALARS = (ByteSize, bool, int, float, str, dict)
-
-
-def _supported(tp: Any) -> bool:
-    """Whether :func:`_coerce` handles the annotation ``tp``."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        return all(a is type(None) or _supported(a) for a in typing.get_args(tp))
-    return tp in _SCALARS or typing.get_origin(tp) is dict
-
-
 def check_options(name: str, options: Any) -> None:
     """Raise ``ValueError``/``TypeError`` unless ``options`` can be the ``[name]`` section.
 
@@ -391,99 +333,34 @@ def check_options(name: str, options: Any) -> None:
     if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
         raise TypeError(f"backend {name!r}: options must be a dataclass type, got {options!r}")
     try:
-        hints = _field_types(options)
+        hints = field_types(options)
     except Exception as e:  # noqa: BLE001 - an annotation naming something undefined
         raise TypeError(f"backend {name!r}: cannot resolve the annotations of {options.__name__}: {e}") from e
     for f in dataclasses.fields(options):
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise TypeError(f"backend {name!r}: option {name}.{f.name} needs a default")
-        if not _supported(hints[f.name]):
+        if not supported_type(hints[f.name]):
             raise TypeError(f"backend {name!r}: option {name}.{f.name} has type {hints[f.name]}; supported: "
                             f"str, int, float, bool, ByteSize, dict, or one of them | None")
 
 
-def _coerce(key: str, value: Any, tp: Any, from_env: bool) -> Any:
-    """Check/convert ``value`` against the annotation ``tp``; ConfigError on mismatch."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None or (from_env and isinstance(value, str) and value.lower() in ("", "none")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for a in inner:
-            try:
-                return _coerce(key, value, a, from_env)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if tp is ByteSize:
-        return ByteSize(parse_size(value, key))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if from_env and isinstance(value, str):
-            v = value.strip().lower()
-            if v in ("1", "true", "yes", "on"):
-                return True
-            if v in ("0", "false", "no", "off"):
-                return False
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if from_env and isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_env and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if tp is dict or origin is dict:
-        if isinstance(value, Mapping):
-            return dict(value)
-        if from_env and isinstance(value, str):
-            import json
-
-            try:
-                parsed = json.loads(value)
-            except ValueError as e:
-                raise ConfigError(f"{key}: expected a JSON object, got {value!r}") from e
-            if isinstance(parsed, dict):
-                return parsed
-        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-    raise ConfigError(f"{key}: unsupported option type {tp}")  # pragma: no cover
-
-
 def _apply(cfg: Config, data: Mapping[str, Any], source: str, from_env: bool = False) -> None:
-    top = _field_types(Config)
+    top = field_types(Config)
     sections = section_types()
     for key, value in data.items():
         if key in sections:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: section '{key}' must be a mapping, got {value!r}")
             section = getattr(cfg, key)
-            types_ = _field_types(type(section))
+            types_ = field_types(type(section))
             for k, v in value.items():
                 if k not in types_:
                     raise ConfigError(
                         f"{source}: unknown option '{key}.{k}'; valid options in [{key}]: "
                         f"{', '.join(sorted(types_))}")
-                setattr(section, k, _coerce(f"{key}.{k}", v, types_[k], from_env))
+                setattr(section, k, coerce(f"{key}.{k}", v, types_[k], from_env))
         elif key in top:
-            setattr(cfg, key, _coerce(key, value, top[key], from_env))
+            setattr(cfg, key, coerce(key, value, top[key], from_env))
         else:
             raise ConfigError(f"{source}: unknown option '{key}'; valid options: {', '.join(_valid_keys())}")
 

@@ -22,7 +22,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from ..config import ByteSize, Config, Options
+from ..config import Config
+from ..options import ByteSize, Options
 from ..errors import CorruptCheckpointError, StorageError
 from .base import BlobWriter, Store
 

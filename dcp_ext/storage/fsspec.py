@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable
 
-from ..config import Config, Options
+from ..config import Config
+from ..options import Options
 from ..errors import CorruptCheckpointError, MissingDependencyError, StorageError
 from .base import BlobWriter, Store
 

@@ -35,7 +35,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from ..config import ByteSize, Config
+from ..config import Config
+from ..options import ByteSize
 from ..errors import BucketNotFoundError, ConfigError, MissingDependencyError, StorageAuthError, StorageError
 from .object_store import NotFound, ObjectStore, ObjectStoreOptions, RangeNotSatisfiable
 from .retry import TRANSIENT_HTTP_STATUS, is_network_error

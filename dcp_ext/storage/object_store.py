@@ -33,7 +33,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
-from ..config import ByteSize, Config, Options
+from ..config import Config
+from ..options import ByteSize, Options
 from ..errors import ConfigError, CorruptCheckpointError, StorageError
 from .base import BlobWriter, Store
 from .retry import RetryPolicy
