@@ -47,6 +47,7 @@ from .errors import (  # noqa: E402
     StorageAuthError,
     StorageError,
     UnknownBackendError,
+    UnsafePickleError,
 )
 from .storage import Backend, backends, register_backend, storage_reader, storage_writer  # noqa: E402
 
@@ -66,6 +67,7 @@ __all__ = [
     "StorageAuthError",
     "StorageError",
     "UnknownBackendError",
+    "UnsafePickleError",
     "backends",
     "load_config",
     "register_backend",

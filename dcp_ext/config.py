@@ -207,6 +207,10 @@ class Config:
     #: loading only: refuse a checkpoint saved by a different number of ranks (for state
     #: that is per rank and cannot be resharded, e.g. RNG or data-loader positions)
     expect_world_size: int | None = None
+    #: loading only: unpickle non-tensor values and stock ``.metadata`` fully (can run code: only
+    #: for checkpoints you trust); off, they load with weights-only semantics plus a documented
+    #: allowlist (docs/config.md)
+    allow_pickle: bool = False
     tier: TierOptions = field(default_factory=TierOptions)
     #: backend sections to start from, by name (not a field: read back through ``.sections``)
     sections: InitVar[Mapping[str, Any] | None] = None

@@ -25,6 +25,7 @@ __all__ = [
     "StagingBudgetError",
     "StagingPoolBusyError",
     "PersistError",
+    "UnsafePickleError",
 ]
 
 
@@ -98,3 +99,8 @@ class PersistError(StorageError):
 
     Raised by ``wait_persisted()`` / the ``persisted`` future; the message names the object.
     """
+
+
+class UnsafePickleError(DcpExtError):
+    """Loading a value (or stock ``.metadata``) would need full unpickling, which can run code;
+    refused unless ``allow_pickle=True`` (the message names the key and the option)."""
