@@ -118,7 +118,7 @@ class _Auth:
             if token in (None, "google_default"):
                 self.creds, _ = google.auth.default(scopes=_SCOPES)
             elif os.path.isfile(os.path.expanduser(token)):
-                self.creds, _ = google.auth.load_credentials_from_file(os.path.expanduser(token), scopes=_SCOPES)
+                self.creds = _key_file_credentials(os.path.expanduser(token))
             else:
                 raise StorageAuthError(f"gcs.token must be None, 'anon', 'google_default' or the path of a JSON key "
                                        f"file; {token[:4]!r}... is none of these (and no such file exists)")
@@ -137,6 +137,34 @@ class _Auth:
                     raise StorageAuthError(f"refreshing the Google credentials failed ({type(e).__name__}); "
                                            f"{_AUTH_HINT}") from e
             return {"Authorization": f"Bearer {self.creds.token}"}
+
+
+def _key_file_credentials(path: str) -> Any:
+    """Credentials from a service-account or authorized-user JSON key file, and nothing else.
+
+    Not ``google.auth.load_credentials_from_file``: it also accepts external-account
+    configurations, which can name a program to run to get a token (google-auth deprecates it
+    for files from untrusted sources); a key file must never make us execute anything.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise StorageAuthError(f"gcs.token: cannot read the JSON key file {path}: {e}") from e
+    kind = info.get("type") if isinstance(info, dict) else None
+    try:
+        if kind == "service_account":
+            from google.oauth2 import service_account
+
+            return service_account.Credentials.from_service_account_info(info, scopes=_SCOPES)
+        if kind == "authorized_user":
+            from google.oauth2 import credentials
+
+            return credentials.Credentials.from_authorized_user_info(info, scopes=_SCOPES)
+    except ValueError as e:  # a key file missing fields or with a malformed private key
+        raise StorageAuthError(f"gcs.token: {path} is not a valid {kind} key file: {e}") from e
+    raise StorageAuthError(f"gcs.token: {path} holds credentials of type {kind!r}; only 'service_account' and "
+                           f"'authorized_user' JSON key files are accepted (use 'google_default' for others)")
 
 
 _SHARED: dict[tuple, tuple[Any, _Auth]] = {}
