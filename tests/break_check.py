@@ -87,7 +87,7 @@ class CheckError(Exception):
 
 def _copy_tree(dst: str) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".pytest_cache", ".hypothesis")
-    for d in ("dcp_ext", "tests"):
+    for d in ("dcp_ext", "tests", "examples"):  # tests import examples.zero_adam
         shutil.copytree(os.path.join(ROOT, d), os.path.join(dst, d), ignore=ignore)
     for f in ("pyproject.toml", "README.md"):
         if os.path.exists(os.path.join(ROOT, f)):

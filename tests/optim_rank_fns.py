@@ -21,7 +21,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 import dcp_ext
-from dcp_ext.optim import ZeroAdam, optimizer_state
+from dcp_ext.optim import optimizer_state
+from examples.zero_adam import ZeroAdam
 from tests import reference
 
 D, FFN, N_IN, N_OUT = 8, 8, 4, 3

@@ -266,7 +266,8 @@ def test_flat_state_errors():
     pytest.importorskip("dcp_ext.layout")
     from torch import nn
 
-    from dcp_ext.optim import ZeroAdam, flat_state_pieces, optimizer_state
+    from dcp_ext.optim import flat_state_pieces, optimizer_state
+    from examples.zero_adam import ZeroAdam
 
     spec = FlatBufferSpec.build(PARAMS, dp_size=2, dp_rank=0, alignment=4)
     with pytest.raises(OptimizerStateError, match=r"flat state 'exp_avg' has shape \(5,\), expected \(40,\) for this rank.s slice"):
@@ -350,3 +351,16 @@ def test_flat_state_pieces_three_chunks_for_a_ragged_slice():
     for p in pieces:
         assert torch.equal(p.view, glob[p.global_offsets[0]:p.global_offsets[0] + p.view.shape[0],
                                         p.global_offsets[1]:p.global_offsets[1] + p.view.shape[1]])
+
+
+def test_zeroadam_moved_to_examples():
+    """ZeroAdam left the package (a reference kept simple rather than fast): the old names say where it went."""
+    import dcp_ext
+    import dcp_ext.optim
+
+    for mod in (dcp_ext, dcp_ext.optim):
+        with pytest.raises(AttributeError, match=r"ZeroAdam is no longer part of dcp_ext.*examples/zero_adam.py"):
+            mod.ZeroAdam  # noqa: B018
+    assert "ZeroAdam" not in dcp_ext.__all__
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
+        dcp_ext.optim.NoSuchName  # noqa: B018

@@ -326,35 +326,6 @@ def test_two_pools_uploads_do_not_overlap(tmp_path):
     st.close()
 
 
-def test_old_torch_path_wraps_writer(tmp_path, monkeypatch):
-    """torch < 2.9 has no async_save(async_stager=): the wrapper stages through a writer
-    proxy instead. Forced here on 2.13 (stock async_save then uses the writer as stager)."""
-    import pickle
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
-
-    from dcp_ext import staging
-
-    monkeypatch.setattr(staging, "_HAS_STAGER_ARG", False)
-    st = PooledStager()
-    sd = {"w": torch.arange(10.0), "n": {"k": torch.ones(3, dtype=torch.int64)}}
-    with pytest.raises(StagingError, match="needs storage_writer"):
-        dcp_ext.async_save(sd, async_stager=st, checkpoint_id=str(tmp_path / "x"), no_dist=True)
-    for i in range(2):
-        dcp_ext.async_save(sd, async_stager=st, no_dist=True,
-                           storage_writer=FileSystemWriter(str(tmp_path / str(i)))).result()
-        sd["w"].add_(1)
-    assert st.stats["stages"] == 2 and st.stats["pools_allocated"] == 1
-    out = {"w": torch.zeros(10), "n": {"k": torch.zeros(3, dtype=torch.int64)}}
-    dcp.load(out, checkpoint_id=str(tmp_path / "1"), no_dist=True)
-    assert torch.equal(out["w"], torch.arange(10.0) + 1) and torch.equal(out["n"]["k"], torch.ones(3, dtype=torch.int64))
-    proxy = staging._StagingWriter(FileSystemWriter(str(tmp_path / "p")), st)
-    clone = pickle.loads(pickle.dumps(proxy))  # the process executor pickles the writer
-    assert clone.path == proxy.path and clone._stager is None
-    st.close()
-
-
 def test_rebuild_log_line(caplog):
     st = PooledStager()
     with caplog.at_level(logging.INFO, logger="dcp_ext.staging"):

@@ -88,11 +88,10 @@ def test_jobs_see_the_callers_context():
         assert run_all("test-ctx", 2, lambda i: var.get(), [(i,) for i in range(6)]) == ["caller"] * 6
     finally:
         var.reset(token)
-    if hasattr(torch.serialization, "get_crc32_options"):
-        with zip_crc_disabled():
-            seen = run_all("test-ctx", 2, lambda i: torch.serialization.get_crc32_options(), [(0,), (1,)])
-        assert seen == [False, False]
-        assert torch.serialization.get_crc32_options() is True  # restored for the caller
+    with zip_crc_disabled():
+        seen = run_all("test-ctx", 2, lambda i: torch.serialization.get_crc32_options(), [(0,), (1,)])
+    assert seen == [False, False]
+    assert torch.serialization.get_crc32_options() is True  # restored for the caller
 
 
 def test_zip_crc_switch_is_per_thread_and_restored():
@@ -102,8 +101,6 @@ def test_zip_crc_switch_is_per_thread_and_restored():
 
     from dcp_ext.storage.records import zip_crc_disabled
 
-    if not hasattr(torch.serialization, "get_crc32_options"):
-        pytest.skip("torch without set_crc32_options")
     inside, after = {}, {}
     entered, release = threading.Barrier(2), threading.Event()
 

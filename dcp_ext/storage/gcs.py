@@ -31,18 +31,48 @@ import logging
 import os
 import threading
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from ..config import Config
-from ..errors import BucketNotFoundError, MissingDependencyError, StorageAuthError, StorageError
-from .object_store import NotFound, ObjectStore, RangeNotSatisfiable
+from ..options import ByteSize
+from ..errors import BucketNotFoundError, ConfigError, MissingDependencyError, StorageAuthError, StorageError
+from .object_store import NotFound, ObjectStore, ObjectStoreOptions, RangeNotSatisfiable
 from .retry import TRANSIENT_HTTP_STATUS, is_network_error
 from .threads import run_all
 
-__all__ = ["GCSStore", "GCSHTTPError"]
+__all__ = ["GCSOptions", "GCSStore", "GCSHTTPError"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GCSOptions(ObjectStoreOptions):
+    """The ``[gcs]`` section (JSON API). Application-default credentials unless a token is given."""
+
+    project: str | None = None
+    #: None (application-default credentials; anonymous for an emulator), "anon", the path
+    #: of a service-account JSON key, or "google_default"
+    token: str | None = field(default=None, repr=False)
+    #: emulator / custom endpoint; default: ``STORAGE_EMULATOR_HOST`` when set, else Google's
+    endpoint_url: str | None = None
+    #: chunk size of resumable uploads (a multiple of 256 KiB), or part size with composite uploads
+    part_size: ByteSize = ByteSize(16 * 1024 * 1024)
+    #: upload a large file as parallel part objects composed at the end (like gcloud's parallel
+    #: composite uploads) instead of one resumable upload: faster for one huge file on real GCS,
+    #: but costs extra operations, and emulators copy the data again to compose it
+    composite_uploads: bool = False
+    #: seconds to wait for a connection / for data before a request counts as dropped
+    timeout: float = 60.0
+
+    def validate(self, section: str) -> None:
+        super().validate(section)
+        if self.part_size % (256 * 1024):
+            raise ConfigError(f"{section}.part_size: must be a multiple of 256 KiB (GCS resumable uploads), got "
+                              f"{self.part_size}")
+        if self.timeout <= 0:
+            raise ConfigError(f"{section}.timeout: must be > 0 seconds, got {self.timeout}")
 
 GOOGLE_ENDPOINT = "https://storage.googleapis.com"
 _SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
@@ -182,9 +212,6 @@ class GCSStore(ObjectStore):
     def __init__(self, url: str, config: Config | None = None):
         super().__init__(url, config)
         self._conn = None
-
-    def options(self):
-        return self.config.gcs
 
     def _c(self) -> tuple[Any, _Auth, str]:
         c = getattr(self, "_conn", None)
