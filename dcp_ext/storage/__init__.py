@@ -6,6 +6,12 @@ group ``dcp_ext.backends`` (the entry point must resolve to a :class:`Backend`):
 
     [project.entry-points."dcp_ext.backends"]
     mystore = "my_pkg.dcp:BACKEND"
+
+A backend that declares ``options`` (a dataclass) owns the config section of its name: the
+built-ins declare ``FsOptions``, ``FsspecOptions``, ``S3Options`` and ``GCSOptions`` (defined in
+their modules) and ``TensorStoreOptions`` (defined in :mod:`dcp_ext.config`, so that declaring it
+imports nothing of the TensorStore package), and :mod:`dcp_ext.config` builds its sections from
+this registry.
 """
 
 from __future__ import annotations
@@ -16,14 +22,19 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..config import Config, load_config
+from ..config import Config, TensorStoreOptions, check_options, load_config
 from ..errors import MissingDependencyError, UnknownBackendError
+# the built-in backends' modules import their clients (botocore, google-auth, fsspec) lazily
+from .fs import FsOptions, LocalStore
+from .fsspec import FsspecOptions, FsspecStore
+from .gcs import GCSOptions, GCSStore
+from .s3 import S3Options, S3Store
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint import StorageReader, StorageWriter
 
 __all__ = ["Backend", "register_backend", "get_backend", "backends", "storage_writer",
-           "storage_reader", "split_url"]
+           "storage_reader", "split_url", "expand_shorthands"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +48,10 @@ class Backend:
     ``make_writer(url, config)`` and ``make_reader(url, config)`` receive the URL as given
     and a validated :class:`~dcp_ext.config.Config`. ``extra`` names the pip extra that
     installs the backend's dependencies (used in error messages); ``requires`` lists the
-    modules it imports.
+    modules it imports. ``options`` is the backend's options dataclass (see
+    :class:`~dcp_ext.config.Options`): the config gets a section named after the backend
+    (``[name]`` in files, ``DCP_EXT_<NAME>_<KEY>``, ``name={...}`` keywords), which
+    ``make_writer``/``make_reader`` read as ``config.<name>``.
     """
 
     name: str
@@ -47,6 +61,7 @@ class Backend:
     extra: str | None = None
     requires: tuple[str, ...] = field(default_factory=tuple)
     description: str = ""
+    options: type | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -55,7 +70,13 @@ _ENTRY_POINTS_LOADED = False
 
 
 def register_backend(backend: Backend, *, replace: bool = False) -> None:
-    """Register ``backend`` under its name and URL schemes."""
+    """Register ``backend`` under its name and URL schemes (and its options as a config section).
+
+    ``ValueError`` if the name is taken (unless ``replace``) or, for a backend with options, if
+    the name cannot be a config section; ``TypeError`` if ``options`` is not a valid options class.
+    """
+    if backend.options is not None:
+        check_options(backend.name, backend.options)
     if not replace and backend.name in _REGISTRY and _REGISTRY[backend.name] is not backend:
         raise ValueError(f"a backend named {backend.name!r} is already registered")
     _REGISTRY[backend.name] = backend
@@ -142,7 +163,7 @@ def _fsspec_fallback(scheme: str) -> str | None:
     return None
 
 
-def _tier_shorthand(options: dict) -> dict:
+def expand_shorthands(options: dict) -> dict:
     """``cache=DIR`` is short for ``tier={"cache": DIR}`` (a tiered checkpoint)."""
     if "cache" not in options:
         return options
@@ -161,13 +182,13 @@ def storage_writer(url: str | os.PathLike, *, config: Any = None, _extensions: A
     >>> dcp.save(state, storage_writer=dcp_ext.storage_writer("/ckpt/step_100"))
 
     With ``cache="/dev/shm/dcp_ext"`` (or ``tier.cache`` in the config) the result is a
-    :class:`~dcp_ext.storage.tiered.TieredStorageWriter`: the save commits to that fast local
+    :class:`~dcp_ext.tiered.TieredStorageWriter`: the save commits to that fast local
     tier, and ``url`` (any byte-store backend) is written in the background.
 
     ``_extensions``: stock DCP's stream transforms (as ``FileSystemWriter(_extensions=...)``,
     experimental there too), for byte-store backends; see docs/backends.md.
     """
-    cfg = load_config(config, **_tier_shorthand(options))
+    cfg = load_config(config, **expand_shorthands(options))
     b = get_backend(url, cfg)
     logger.debug("storage_writer(%s): backend %s", url, b.name)
     if cfg.tier.cache:  # tiered: fast local tier first, this backend as the durable tier
@@ -176,9 +197,9 @@ def storage_writer(url: str | os.PathLike, *, config: Any = None, _extensions: A
 
             raise DcpExtError("_extensions (stream transforms) are not supported by tiered writers (cache=...): "
                               "their fast-tier copies are read back by ranged reads")
-        from .tiered import TieredStorageWriter
+        from ..tiered import tiered_writer
 
-        return TieredStorageWriter(os.fspath(url), cfg, _durable_store(os.fspath(url), cfg, b))
+        return tiered_writer(os.fspath(url), cfg, b)
     w = b.make_writer(os.fspath(url), cfg)
     if _extensions:
         from ..errors import DcpExtError
@@ -196,7 +217,7 @@ def storage_reader(url: str | os.PathLike, *, config: Any = None, _extension_reg
                    **options: Any) -> StorageReader:
     """A DCP ``StorageReader`` for ``url``; options as in :class:`~dcp_ext.config.Config`.
 
-    With ``cache=`` / ``tier.cache``: a :class:`~dcp_ext.storage.tiered.TieredStorageReader`
+    With ``cache=`` / ``tier.cache``: a :class:`~dcp_ext.tiered.TieredStorageReader`
     that loads the newest complete copy, preferring the fast tier.
 
     Byte-store backends read every stock DCP 2.13 format (docs/backends.md). ``_extension_registry``:
@@ -204,7 +225,7 @@ def storage_reader(url: str | os.PathLike, *, config: Any = None, _extension_reg
     of a checkpoint saved with custom ``_extensions`` (as ``FileSystemReader(_extension_registry=)``;
     stock's ``ZStandard`` is known without it).
     """
-    cfg = load_config(config, **_tier_shorthand(options))
+    cfg = load_config(config, **expand_shorthands(options))
     b = get_backend(url, cfg)
     logger.debug("storage_reader(%s): backend %s", url, b.name)
     if cfg.tier.cache:
@@ -213,9 +234,9 @@ def storage_reader(url: str | os.PathLike, *, config: Any = None, _extension_reg
 
             raise DcpExtError("_extension_registry is not supported by tiered readers (cache=...): tiered checkpoints "
                               "are never written with custom stream transforms")
-        from .tiered import TieredStorageReader
+        from ..tiered import tiered_reader
 
-        return TieredStorageReader(os.fspath(url), cfg, _durable_reader(os.fspath(url), cfg, b))
+        return tiered_reader(os.fspath(url), cfg, b)
     r = b.make_reader(os.fspath(url), cfg)
     if _extension_registry is not None:
         from torch.distributed.checkpoint._extension import ExtensionRegistry
@@ -233,57 +254,28 @@ def storage_reader(url: str | os.PathLike, *, config: Any = None, _extension_reg
     return r
 
 
-def _durable_store(url: str, cfg: Config, b: Backend | None = None):
-    """The byte :class:`~dcp_ext.storage.base.Store` of the durable tier for ``url``."""
-    from ..errors import DcpExtError
-    from .writer import ExtStorageWriter
-
-    b = b or get_backend(url, cfg)
-    w = b.make_writer(url, cfg)
-    if not isinstance(w, ExtStorageWriter):
-        raise DcpExtError(f"tiered checkpoints need a byte-store backend for the durable tier; the {b.name!r} "
-                          f"backend for {url!r} is not one (use a file, fsspec, S3 or GCS URL)")
-    return w.store
-
-
-def _durable_reader(url: str, cfg: Config, b: Backend | None = None):
-    from ..errors import DcpExtError
-    from .reader import ExtStorageReader
-
-    b = b or get_backend(url, cfg)
-    r = b.make_reader(url, cfg)
-    if not isinstance(r, ExtStorageReader):
-        raise DcpExtError(f"tiered checkpoints need a byte-store backend for the durable tier; the {b.name!r} "
-                          f"backend for {url!r} is not one (use a file, fsspec, S3 or GCS URL)")
-    return r
-
-
 def _register_builtins() -> None:
-    def store_backend(name, schemes, module, cls, extra=None, requires=(), description=""):
-        def make_store(url: str, cfg: Config):
-            mod = importlib.import_module(f"dcp_ext.storage.{module}")
-            return getattr(mod, cls)(url, cfg)
-
+    def store_backend(name, schemes, store_cls, options, extra=None, requires=(), description=""):
         def make_writer(url: str, cfg: Config):
             from .writer import ExtStorageWriter
 
-            return ExtStorageWriter(make_store(url, cfg), cfg)
+            return ExtStorageWriter(store_cls(url, cfg), cfg)
 
         def make_reader(url: str, cfg: Config):
             from .reader import ExtStorageReader
 
-            return ExtStorageReader(make_store(url, cfg), cfg)
+            return ExtStorageReader(store_cls(url, cfg), cfg)
 
         register_backend(Backend(name, tuple(schemes), make_writer, make_reader, extra,
-                                 tuple(requires), description))
+                                 tuple(requires), description, options))
 
-    store_backend("fs", ["file"], "fs", "LocalStore",
+    store_backend("fs", ["file"], LocalStore, FsOptions,
                   description="local disk or NFS: parallel writes, ranged reads, atomic commit")
-    store_backend("fsspec", ["memory"], "fsspec", "FsspecStore",
+    store_backend("fsspec", ["memory"], FsspecStore, FsspecOptions,
                   description="any fsspec protocol")
-    store_backend("s3", ["s3", "s3a"], "s3", "S3Store", extra="s3", requires=("botocore",),
+    store_backend("s3", ["s3", "s3a"], S3Store, S3Options, extra="s3", requires=("botocore",),
                   description="S3 and S3-compatible stores: parallel multipart, ranged GETs, retries")
-    store_backend("gcs", ["gs", "gcs"], "gcs", "GCSStore", extra="gcs", requires=("urllib3", "google.auth"),
+    store_backend("gcs", ["gs", "gcs"], GCSStore, GCSOptions, extra="gcs", requires=("urllib3", "google.auth"),
                   description="Google Cloud Storage: resumable (or parallel composite) uploads, ranged GETs, retries")
 
     def tensorstore_factory(cls: str):
@@ -297,7 +289,8 @@ def _register_builtins() -> None:
     register_backend(Backend("tensorstore", ("zarr3+file", "zarr3+s3", "zarr3+gs", "zarr3+gcs"),
                              tensorstore_factory("TensorStoreWriter"), tensorstore_factory("TensorStoreReader"),
                              extra="tensorstore", requires=("tensorstore",),
-                             description="each global tensor a zarr3 array (TensorStore) on local disk, S3 or GCS"))
+                             description="each global tensor a zarr3 array (TensorStore) on local disk, S3 or GCS",
+                             options=TensorStoreOptions))
 
 
 _register_builtins()
