@@ -322,6 +322,21 @@ def test_a_corrupt_shuffled_block_is_named(tmp_path):
     assert not verify_checkpoint(str(tmp_path)).ok
 
 
+def test_tiered_saves_compress_both_tiers(tmp_path):
+    """With cache= the fast tier is written compressed and the durable copy is the same bytes."""
+    t = _compressible(torch.float32, (256, 64), 13)
+    durable, fast = str(tmp_path / "durable"), str(tmp_path / "fast")
+    dcp.save({"t": t}, storage_writer=dcp_ext.storage_writer(durable, cache=fast, compression="zstd",
+                                                             checksum_block_size=BLOCK))
+    dcp_ext.wait_persisted()
+    for reader in (dcp_ext.storage_reader(durable, cache=fast), dcp_ext.storage_reader(durable)):
+        got = {"t": torch.zeros(256, 64)}
+        dcp.load(got, storage_reader=reader)
+        assert torch.equal(got["t"], t)
+    assert _manifest(tmp_path / "durable")["items"][0]["compression"]["codec"] == "zstd"
+    assert verify_checkpoint(durable).ok
+
+
 # ------------------------------------------------------------------------------------ config
 def test_compression_is_a_config_key_like_every_other(tmp_path):
     assert dcp_ext.load_config().compression is None  # off by default
