@@ -46,6 +46,7 @@ from ..config import Config
 from ..errors import (
     CorruptCheckpointError,
     DcpExtError,
+    IncompleteCheckpointError,
     MissingDependencyError,
     UnsupportedFormatError,
 )
@@ -55,7 +56,6 @@ from .base import Store
 from .commit import (
     METADATA_NAME,
     data_file_rank,
-    is_committed,
     manifest_name,
     metadata_name,
     require_committed,
@@ -244,11 +244,13 @@ class ExtStorageReader(StorageReader):
         md_name, man_name = metadata_name(rank), manifest_name(rank)
         self._probed = set()
         self.stock_format = None
-        if rank is None and not is_committed(self.store) and self.store.exists(""):
-            hf = safetensors_checkpoint_files(self.store.list())
-            if hf:  # a HuggingFaceStorageWriter checkpoint: no .metadata of its own
-                return self._read_hf_metadata(hf)
-        require_committed(self.store, rank)
+        try:
+            require_committed(self.store, rank)
+        except IncompleteCheckpointError:
+            hf = safetensors_checkpoint_files(self.store.list()) if rank is None else []
+            if not hf:
+                raise
+            return self._read_hf_metadata(hf)  # a HuggingFaceStorageWriter checkpoint: no .metadata of its own
         raw_md = self.store.read_bytes(md_name)
         self.manifest_extra = {}
         if self.store.exists(man_name):
