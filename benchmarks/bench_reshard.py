@@ -242,10 +242,13 @@ def bench_planning(n_ranks: int, tensors_per_rank: int) -> dict:
     kept = [sum(it.tensor_storage_size() or 0 for it in p.items) for p in global_plan]
     n_unique = sum(len(p.items) for p in global_plan)
     del global_plan
+    del all_plans
+    gc.collect()
+    caching = bench_plan_caching(n_ranks, unique, tp, pp, dp, layers, rules)
+    all_plans = None
     # one rank's local LOAD plan against this metadata, at a different TP (reshard)
     lay = ParallelLayout(tp_rank=1, tp_size=max(1, tp // 2), pp_rank=0, pp_size=pp, rules=rules)
     lp = ReshardLoadPlanner(lay)
-    del all_plans
     gc.collect()
     gc.freeze()  # a real rank does not carry the coordinator's million plan objects in its heap
     t0 = time.perf_counter()
@@ -260,7 +263,82 @@ def bench_planning(n_ranks: int, tensors_per_rank: int) -> dict:
         "our_dedup_s": our_dedup_s, "stock_dedup_save_plans_s": stock_dedup_s,
         "bytes_per_rank_max_over_mean": max(kept) / (sum(kept) / len(kept)),
         "local_load_plan_s": load_local_s,
+        **caching,
     }
+
+
+def _save_planning_round(n_ranks: int, sent: list[bytes], coord: ReshardSavePlanner) -> tuple[float, int]:
+    """The coordinator's part of one save's planning, as DCP runs it: unpickle every rank's
+    gathered local plan, build the global plan (stock's ``create_global_plan``, with the cache
+    when enabled), pickle each rank's part for the scatter. Returns (seconds, scattered bytes)."""
+    import gc
+
+    gc.disable()  # as in the gather above: the simulation's own unpickling
+    try:
+        t0 = time.perf_counter()
+        plans = [pickle.loads(b) for b in sent]
+        delta, _md = coord.create_global_plan(plans)
+        scattered = [pickle.dumps(p) for p in delta]
+        return time.perf_counter() - t0, max(len(b) for b in scattered)
+    finally:
+        gc.enable()
+
+
+def bench_plan_caching(n_ranks: int, unique: dict, tp: int, pp: int, dp: int, layers: int, rules: dict) -> dict:
+    """First vs repeat save planning with ``ReshardSavePlanner(enable_plan_caching=True)``.
+
+    Planning time on the critical path = one rank's local plan (ranks plan in parallel) + the
+    coordinator's gather (unpickling), global plan and scatter (pickling) + one rank's
+    ``finish_plan``. The repeat save has the same structure: every rank's local plan equals its
+    cached one, so it sends an empty plan and the coordinator reuses the cached global plan.
+    (The stock cache is class-level: one process holds the coordinator's caches and rank 0's.)
+    """
+    import gc
+
+    from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
+
+    key = ReshardSavePlanner.__name__
+    for d in (SavePlanner._cached_save_plan, SavePlanner._cached_final_save_plan, SavePlanner._cached_all_plans,
+              SavePlanner._cached_global_plan, SavePlanner._cached_metadata):
+        d.pop(key, None)
+
+    def rank0_planner() -> ReshardSavePlanner:
+        lay = ParallelLayout(tp_rank=0, tp_size=tp, pp_rank=0, pp_size=pp, dp_size=dp, rules=rules, layer_offset=0)
+        pl = ReshardSavePlanner(lay, enable_plan_caching=True)
+        pl.set_up_planner(_rank_state(tp, 0, layers), is_coordinator=True)
+        return pl
+
+    out: dict = {}
+    coord = ReshardSavePlanner(ParallelLayout(), enable_plan_caching=True)
+    for phase in ("first", "repeat"):
+        if phase == "repeat":
+            # between two saves the first save's writes and training ran: the garbage collector
+            # has long since walked the first plan's objects (the cached plans stay alive)
+            gc.collect()
+        r0 = rank0_planner()
+        t0 = time.perf_counter()
+        own = pickle.dumps(r0.create_local_plan())
+        local_s = time.perf_counter() - t0
+        if phase == "first":
+            sent = [unique[(r % tp, r // (tp * dp))] for r in range(n_ranks)]
+            sent[0] = own
+        else:
+            sent = [own] * n_ranks  # every rank's plan is unchanged: all send the same empty plan
+        coord_s, scattered = _save_planning_round(n_ranks, sent, coord)
+        t0 = time.perf_counter()
+        delta0 = coord.global_plan[0] if phase == "first" else pickle.loads(pickle.dumps(SavePlan([], usable=False)))
+        final = r0.finish_plan(delta0)
+        finish_s = time.perf_counter() - t0
+        assert final.items, "rank 0 has items to write"
+        out[f"{phase}_save_planning_s"] = local_s + coord_s + finish_s
+        out[f"{phase}_local_plan_s"] = local_s
+        out[f"{phase}_coordinator_s"] = coord_s
+        out[f"{phase}_gathered_bytes_per_rank_max"] = max(len(b) for b in sent)
+        out[f"{phase}_scattered_bytes_per_rank_max"] = scattered
+    for d in (SavePlanner._cached_save_plan, SavePlanner._cached_final_save_plan, SavePlanner._cached_all_plans,
+              SavePlanner._cached_global_plan, SavePlanner._cached_metadata):
+        d.pop(key, None)
+    return out
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import crc32c as _crc32c
 
@@ -44,14 +45,21 @@ class BlockHasher:
         self._cur = 0
         self._fill = 0
 
-    def update(self, data) -> None:
+    def update(self, data, sink: Callable[[memoryview], Any] | None = None) -> None:
+        """Hash ``data``; with ``sink``, also hand it on piece by piece (``sink(piece)``), each
+        piece right after hashing it, while its bytes are still in the CPU cache: a large write
+        then reads memory once instead of twice (once to hash, once to copy to the kernel).
+        Pieces end on block boundaries, so they are at most a block long."""
         mv = memoryview(data).cast("B")
         n = len(mv)
         pos = 0
         bs = self.block_size
         while pos < n:
             take = min(bs - self._fill, n - pos)
-            self._cur = checksum(mv[pos:pos + take], self._cur)
+            piece = mv[pos:pos + take]
+            self._cur = checksum(piece, self._cur)
+            if sink is not None:
+                sink(piece)
             self._fill += take
             pos += take
             if self._fill == bs:

@@ -53,11 +53,13 @@ from torch.distributed.checkpoint.planner import (
     LoadPlan,
     ReadItem,
     SavePlan,
+    SavePlanner,
     TensorWriteData,
     WriteItem,
     WriteItemType,
 )
 from torch.distributed.checkpoint.planner_helpers import (
+    _compare_save_plans,
     _create_chunk_list,
     _create_read_item_for_byteio,
     _create_write_item_for_bytesio,
@@ -165,12 +167,21 @@ class ReshardSavePlanner(DefaultSavePlanner):
     DTensors (stock chunks; PP layer names renumbered), :class:`~dcp_ext.layout.GlobalPieces` and
     other objects (saved as bytes). Replicated data is written once, balanced by bytes over the
     ranks holding it (largest first to the least-loaded rank; ties go to the lower rank).
+
+    ``enable_plan_caching=True``: stock DCP's plan caching (as ``DefaultSavePlanner``'s). A rank
+    whose local plan (items *and* planner data: layout, value paths) equals its last one sends an
+    empty plan; when no rank's plan changed, the coordinator reuses the cached global plan and
+    metadata, so a repeat save with the same structure skips the dedup, the tiling check and
+    almost all of the gather/scatter. A changed plan on any rank re-plans. Use one planner
+    *class* per kind of state dict within a process (the cache is keyed by class, as stock's).
     """
 
-    def __init__(self, layout: ParallelLayout, *, flatten_state_dict: bool = True) -> None:
+    def __init__(self, layout: ParallelLayout, *, flatten_state_dict: bool = True,
+                 enable_plan_caching: bool = False) -> None:
         if not isinstance(layout, ParallelLayout):
             raise TypeError(f"ReshardSavePlanner needs a dcp_ext.ParallelLayout, got {type(layout).__name__}")
-        super().__init__(flatten_state_dict=flatten_state_dict, flatten_sharded_tensors=True)
+        super().__init__(flatten_state_dict=flatten_state_dict, flatten_sharded_tensors=True,
+                         enable_plan_caching=enable_plan_caching)
         self.layout = layout
         self._sources: dict[tuple[str, tuple | None], Any] = {}
 
@@ -225,6 +236,13 @@ class ReshardSavePlanner(DefaultSavePlanner):
         planner_data = dict(paths)
         planner_data[LAYOUT_KEY] = (json.dumps(info),)
         self.plan = SavePlan(items, planner_data=planner_data)
+        if self._enable_plan_caching:
+            cached = SavePlanner._cached_save_plan.get(self._cached_plans_key)
+            if cached is not None and cached.planner_data == planner_data and _compare_save_plans(self.plan, cached):
+                logger.debug("ReshardSavePlanner: local plan unchanged, sending an empty one")
+                return SavePlan([], usable=False)
+            # promoted to the cache by finish_plan, once the global plan succeeded (as stock does)
+            self._pending_local_plan = self.plan
         return self.plan
 
     def _add(self, items: list[WriteItem], wi: WriteItem, source: Any) -> None:
@@ -242,10 +260,15 @@ class ReshardSavePlanner(DefaultSavePlanner):
         gc_was_enabled = gc.isenabled()
         gc.disable()  # see dedup_by_bytes: GC passes over millions of plan objects cost more than the work
         try:
-            return self._create_reshard_global_plan(all_plans)
+            # stock's create_global_plan: with plan caching it reuses or merges the cached plans
+            # and returns only the changed ones; it builds a plan with _create_global_plan (ours)
+            return super().create_global_plan(all_plans)
         finally:
             if gc_was_enabled:
                 gc.enable()
+
+    def _create_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
+        return self._create_reshard_global_plan(all_plans)
 
     def _create_reshard_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         t0 = time.perf_counter()
@@ -280,8 +303,13 @@ class ReshardSavePlanner(DefaultSavePlanner):
         return global_plan, metadata
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
-        self.plan = new_plan
-        return new_plan
+        plan = super().finish_plan(new_plan)  # with plan caching: the cached plan if unchanged
+        if plan is not new_plan and new_plan.storage_data is not None:
+            # the cached plan carries the storage data of the save that cached it: the writer's
+            # data for *this* save (e.g. its save id) came with the empty plan
+            plan = dataclasses.replace(plan, storage_data=new_plan.storage_data)
+            self.plan = plan
+        return plan
 
     def resolve_data(self, write_item: WriteItem) -> torch.Tensor | io.BytesIO:
         key = (write_item.index.fqn, None if write_item.index.offset is None else tuple(write_item.index.offset))

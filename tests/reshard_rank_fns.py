@@ -272,3 +272,114 @@ def ext_storage_reshard(root: str, save: tuple[int, int, int], load: tuple[int, 
             "bytes_read": st.bytes_read, "bytes_needed": st.bytes_needed,
             "plain_read": plain.stats.bytes_read, "plain_needed": plain.stats.bytes_needed,
             "tensor_bytes": sum(t.numel() * t.element_size() for t in sd["model"].values())}
+
+
+# ---------------------------------------------------------------- plan caching (repeat saves)
+
+
+def _clear_plan_cache(key: str) -> None:
+    """Forget stock DCP's class-level plan caches of planner class ``key`` (pool ranks are reused)."""
+    from torch.distributed.checkpoint.planner import SavePlanner
+
+    for d in (SavePlanner._cached_save_plan, SavePlanner._cached_final_save_plan, SavePlanner._cached_all_plans,
+              SavePlanner._cached_global_plan, SavePlanner._cached_metadata):
+        d.pop(key, None)
+
+
+class CountingReshardSavePlanner(ReshardSavePlanner):
+    """Counts the global plans actually built (on the coordinator) and the local plans sent."""
+
+    global_plans = 0
+    sent: list[bool] = []
+
+    def _create_global_plan(self, all_plans):
+        type(self).global_plans += 1
+        return super()._create_global_plan(all_plans)
+
+    def create_local_plan(self):
+        plan = super().create_local_plan()
+        type(self).sent.append(plan.usable)
+        return plan
+
+
+def _manifest_save_id(path: str) -> str:
+    import json
+
+    from dcp_ext.storage.commit import manifest_name
+
+    with open(os.path.join(path, manifest_name(None))) as f:
+        return json.load(f)["save_id"]
+
+
+def plan_caching_roundtrip(root: str) -> dict:
+    """Four saves with ``ReshardSavePlanner(enable_plan_caching=True)`` at TP=2: the same structure
+    twice (new values), then an added tensor, then every parameter cast to bf16 (same shapes: only
+    the dtypes change). Each is loaded back with our reader; returns what the checks need."""
+    import dcp_ext
+
+    cls = CountingReshardSavePlanner
+    _clear_plan_cache(cls.__name__)
+    cls.global_plans, cls.sent = 0, []
+    rank = dist.get_rank()
+    topo = mg.Topo(2, 1, 1)
+    out: dict = {"global_plans": [], "sent": [], "bad": [], "save_ids": []}
+
+    def save_load(name: str, seed: int, extra: bool, dtype: torch.dtype) -> None:
+        full = mg.full_params(seed)
+        params = {k: v.to(dtype) for k, v in mg.local_params(topo, rank, full).items()}
+        if extra:
+            params["added.bias"] = torch.arange(5, dtype=dtype) + seed  # replicated on both ranks
+        path = os.path.join(root, name)
+        dcp.save({"model": params, "step": seed}, storage_writer=dcp_ext.storage_writer(path),
+                 planner=cls(topo.layout(rank), enable_plan_caching=True))
+        out["global_plans"].append(cls.global_plans)
+        out["sent"].append(cls.sent[-1])
+        target = {"model": {k: torch.full_like(v, -1) for k, v in params.items()}, "step": -1}
+        dcp.load(target, storage_reader=dcp_ext.storage_reader(path), planner=ReshardLoadPlanner(topo.layout(rank)))
+        expect = {k: v.to(dtype) for k, v in mg.local_params(topo, rank, full).items()}
+        if extra:
+            expect["added.bias"] = torch.arange(5, dtype=dtype) + seed
+        out["bad"].extend(f"{name}:{k}" for k, v in expect.items()
+                          if target["model"][k].dtype != dtype or not torch.equal(target["model"][k], v))
+        if target["step"] != seed:
+            out["bad"].append(f"{name}:step")
+        out["save_ids"].append(_manifest_save_id(path))
+
+    save_load("first", 1, False, torch.float32)
+    save_load("same_structure", 2, False, torch.float32)
+    save_load("added_tensor", 3, True, torch.float32)
+    save_load("bf16", 4, True, torch.bfloat16)
+    _clear_plan_cache(cls.__name__)
+    return out
+
+
+class CountingDefaultSavePlanner(dcp.DefaultSavePlanner):
+    sent: list[bool] = []
+
+    def create_local_plan(self):
+        plan = super().create_local_plan()
+        type(self).sent.append(plan.usable)
+        return plan
+
+
+def stock_plan_caching_with_our_writer(root: str) -> dict:
+    """Stock ``DefaultSavePlanner(enable_plan_caching=True)`` + our writer, three saves of the
+    same structure: each loads back exactly and each has its own save id."""
+    import dcp_ext
+
+    cls = CountingDefaultSavePlanner
+    _clear_plan_cache(cls.__name__)
+    cls.sent = []
+    rank = dist.get_rank()
+    out: dict = {"bad": [], "save_ids": [], "sent": []}
+    for i in range(3):
+        sd = {f"r{rank}.w": torch.arange(12.0).reshape(3, 4) * (i + 1) + rank, "shared": torch.ones(4) * i}
+        path = os.path.join(root, f"stock{i}")
+        dcp.save(sd, storage_writer=dcp_ext.storage_writer(path), planner=cls(enable_plan_caching=True))
+        out["sent"].append(cls.sent[-1])
+        target = {k: torch.zeros_like(v) for k, v in sd.items()}
+        dcp.load(target, storage_reader=dcp_ext.storage_reader(path))
+        out["bad"].extend(f"{i}:{k}" for k in sd if not torch.equal(sd[k], target[k]))
+        out["save_ids"].append(_manifest_save_id(path))
+    _clear_plan_cache(cls.__name__)
+    return out

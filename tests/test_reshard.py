@@ -359,3 +359,27 @@ def test_reshard_through_dcp_ext_storage_reads_only_needed_bytes(tmp_path, save,
         # 16 KiB widen verified reads a little more.
         assert res["plain_read"] <= 1.32 * res["plain_needed"], res
         assert res["bytes_read"] <= 1.40 * res["bytes_needed"], res
+
+
+def test_plan_caching_skips_replanning_and_replans_on_change(tmp_path):
+    """ReshardSavePlanner(enable_plan_caching=True) on 2 gloo ranks: a repeat save with the same
+    structure sends empty local plans and builds no global plan; an added tensor and a dtype change
+    (same shapes: stock's plan comparison alone would miss it) re-plan. Every save loads exactly,
+    with its own save id."""
+    results = get_pool(2).run(rf.plan_caching_roundtrip, str(tmp_path))
+    for r, res in enumerate(results):
+        assert res["bad"] == [], f"rank {r}: {res['bad']}"
+        assert res["sent"] == [True, False, True, True], res
+    coord = results[0]
+    assert coord["global_plans"] == [1, 1, 2, 3], coord
+    assert len(set(coord["save_ids"])) == 4 and coord["save_ids"] == results[1]["save_ids"]
+
+
+def test_stock_plan_caching_with_our_writer_gets_fresh_save_ids(tmp_path):
+    """Stock DefaultSavePlanner's plan caching hands unchanged ranks the cached final plan, storage
+    data included: our writer still gives every save its own id (the same on every rank)."""
+    results = get_pool(2).run(rf.stock_plan_caching_with_our_writer, str(tmp_path))
+    for r, res in enumerate(results):
+        assert res["bad"] == [], f"rank {r}: {res['bad']}"
+        assert res["sent"] == [True, False, False], res
+    assert len(set(results[0]["save_ids"])) == 3 and results[0]["save_ids"] == results[1]["save_ids"]

@@ -9,7 +9,7 @@ moves bytes. Paths given to a :class:`Store` are relative to the checkpoint root
 from __future__ import annotations
 
 import abc
-from typing import ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 
 class BlobWriter(abc.ABC):
@@ -102,6 +102,17 @@ class Store(abc.ABC):
 
         Raises :class:`~dcp_ext.errors.CorruptCheckpointError` if the file is shorter.
         """
+
+    def read_into_pieces(self, relpath: str, offset: int, out: memoryview, piece: int,
+                         done: Callable[[int, memoryview], Any]) -> None:
+        """Fill ``out`` as :meth:`read_into` does and call ``done(start, view)`` for each
+        consecutive ``piece`` bytes of it (the last may be shorter), in order, once they are in
+        ``out``. The reader verifies each piece in ``done``: a store that reads in steps (local
+        files) calls it as each piece lands, while its bytes are still in the CPU cache; this
+        default reads everything first (one request, as object stores want)."""
+        self.read_into(relpath, offset, out)
+        for s in range(0, len(out), piece):
+            done(s, out[s:s + piece])
 
     def read_bytes(self, relpath: str) -> bytes:
         """Read a whole (small) file."""

@@ -20,7 +20,7 @@ import os
 import threading
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from ..config import Config
 from ..options import ByteSize, Options
@@ -31,6 +31,8 @@ __all__ = ["FsOptions", "LocalStore"]
 
 #: start the disk writeback of a data file after every this many bytes written to it
 WRITEBACK_EVERY = 32 * 1024 * 1024
+#: the smallest write buffer of one data file, whatever the rank's budget
+MIN_FILE_BUFFER = 64 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range: Callable[[int, int, int, int], int] | None | bool = False  # False: not looked up yet
 
@@ -41,7 +43,9 @@ class FsOptions(Options):
 
     #: call fsync on data files, the metadata and the directory (turn off only for scratch)
     fsync: bool = True
-    #: buffered write size when streaming records (smaller records are coalesced)
+    #: a rank's budget for write buffers, shared by the data files it writes at once (each gets
+    #: ``write_buffer / io_threads``, at least ``MIN_FILE_BUFFER``): record headers and small
+    #: tensors are gathered there, larger writes go straight from the tensor's memory
     write_buffer: ByteSize = ByteSize(8 * 1024 * 1024)
 
 
@@ -68,29 +72,67 @@ def _path_of(url: str) -> str:
 
 
 class _FileWriter(BlobWriter):
+    """A data file written with ``os.write``: writes of at least the buffer size go straight from
+    the caller's memory to the kernel (a tensor's bytes are copied once, into the page cache);
+    smaller ones (record headers, small tensors) are gathered in one buffer of ``buffering``
+    bytes, so a rank's writers hold at most their share of ``fs.write_buffer`` between them.
+
+    Python's ``open(..., buffering=n)`` copies every write shorter than ``n`` into its buffer;
+    with the 1 MiB blocks the record writer hands over (it hashes each block and writes it while
+    it is in cache) that would be a second copy of every byte.
+    """
+
     def __init__(self, path: str, fsync: bool, buffering: int):
         self.path = path
         self.fsync = fsync
         try:
-            self.f = open(path, "wb", buffering=buffering)
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
         except OSError as e:
             raise StorageError(f"cannot create {path}: {e.strerror or e}") from e
+        self.cap = max(1, int(buffering))
+        self.buf: bytearray | None = None  # allocated at the first small write
+        self.fill = 0
         self.pos = 0
         # early writeback only matters when the data must reach the disk (fsync) anyway
         self._writeback = _writeback_starter() if fsync else None
         self._next_writeback = WRITEBACK_EVERY
 
-    def write(self, data) -> int:
+    def _write_all(self, mv: memoryview) -> None:
         try:
-            n = self.f.write(data)
+            while len(mv):
+                n = os.write(self.fd, mv)
+                mv = mv[n:]
         except OSError as e:
             raise StorageError(f"writing {self.path} failed: {e.strerror or e}") from e
+
+    def _flush(self) -> None:
+        if self.fill:
+            assert self.buf is not None
+            self._write_all(memoryview(self.buf)[:self.fill])
+            self.fill = 0
+
+    def write(self, data) -> int:
+        mv = memoryview(data).cast("B")
+        n = len(mv)
+        if self.fill + n <= self.cap and n < self.cap:
+            if self.buf is None:
+                self.buf = bytearray(self.cap)
+            self.buf[self.fill:self.fill + n] = mv
+            self.fill += n
+        else:
+            self._flush()
+            if n >= self.cap:
+                self._write_all(mv)
+            else:
+                assert self.buf is not None
+                self.buf[:n] = mv
+                self.fill = n
         self.pos += n
         if self._writeback is not None and self.pos >= self._next_writeback:
             self._next_writeback = self.pos + WRITEBACK_EVERY
             # start writing back every dirty page of the file (pages already under writeback are
             # skipped); a file system that cannot do it just gets its data at the final fsync
-            if self._writeback(self.f.fileno(), 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
+            if self._writeback(self.fd, 0, 0, _SYNC_FILE_RANGE_WRITE) != 0:
                 self._writeback = None
         return n
 
@@ -99,17 +141,29 @@ class _FileWriter(BlobWriter):
 
     def close(self) -> None:
         try:
-            self.f.flush()
+            self._flush()
             if self.fsync:
-                os.fsync(self.f.fileno())
-            self.f.close()
-        except OSError as e:
-            raise StorageError(f"closing {self.path} failed: {e.strerror or e}") from e
+                try:
+                    os.fsync(self.fd)
+                except OSError as e:
+                    raise StorageError(f"closing {self.path} failed: {e.strerror or e}") from e
+        finally:
+            self.buf = None
+            self._close_fd()
+
+    def _close_fd(self) -> None:
+        fd, self.fd = self.fd, -1
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError as e:
+                raise StorageError(f"closing {self.path} failed: {e.strerror or e}") from e
 
     def abort(self) -> None:
+        self.buf = None
         try:
-            self.f.close()
-        except OSError:
+            self._close_fd()
+        except StorageError:
             pass
         try:
             os.unlink(self.path)
@@ -153,7 +207,12 @@ class LocalStore(Store):
             raise StorageError(f"cannot write a checkpoint to {self.root}: permission denied")
 
     def open_writer(self, relpath: str) -> BlobWriter:
-        return _FileWriter(self._abs(relpath), self.config.fs.fsync, int(self.config.fs.write_buffer))
+        return _FileWriter(self._abs(relpath), self.config.fs.fsync, self.file_buffer_bytes())
+
+    def file_buffer_bytes(self) -> int:
+        """Each data file's share of the rank's ``fs.write_buffer`` (a rank writes at most
+        ``io_threads`` files at once)."""
+        return max(MIN_FILE_BUFFER, int(self.config.fs.write_buffer) // max(1, self.config.io_threads))
 
     def put_atomic(self, relpath: str, data: bytes) -> None:
         final = self._abs(relpath)
@@ -207,6 +266,16 @@ class LocalStore(Store):
                     f"{self._abs(relpath)} is truncated: expected {want} bytes at offset {offset}, "
                     f"the file ends after {offset + got}")
             got += n
+
+    def read_into_pieces(self, relpath: str, offset: int, out: memoryview, piece: int,
+                         done: Callable[[int, memoryview], Any]) -> None:
+        """One ``preadv`` per piece, each piece handed to ``done`` (verified) right after it is
+        read, while it is in cache: a second pass over a 32 MiB part read whole would fetch every
+        byte from memory again."""
+        for s in range(0, len(out), piece):
+            view = out[s:s + piece]
+            self.read_into(relpath, offset + s, view)
+            done(s, view)
 
     def close_readers(self) -> None:
         with self._lock:

@@ -124,13 +124,14 @@ class _RecordTap(io.RawIOBase):
         self.locator.feed(mv, pos)
         if self.error is None:
             try:
-                self.out.write(mv)
+                if self.hasher is None:
+                    self.out.write(mv)
+                else:
+                    self._hash_and_write(mv, pos)
             except BaseException as e:  # noqa: BLE001 - re-raised by write_tensor_record
                 # torch.save's C++ writer turns an exception raised here into a confusing
                 # "unexpected pos" error: keep ours, swallow the rest of the record, raise after
                 self.error = e
-        if self.error is None and self.hasher is not None:
-            self._hash(mv, pos)
         self.pos += n
         return n
 
@@ -138,10 +139,13 @@ class _RecordTap(io.RawIOBase):
     def data_offset(self) -> int | None:
         return self.locator.data_offset
 
-    def _hash(self, mv: memoryview, pos: int) -> None:
+    def _hash_and_write(self, mv: memoryview, pos: int) -> None:
+        """Hash and write one write of the record: headers into ``rest``; the tensor data block
+        by block, each block written right after it is hashed (still in cache)."""
         d0 = self.data_offset
         if d0 is None:
             self.rest = checksum(mv, self.rest)
+            self.out.write(mv)
             return
         d1 = d0 + self.data_length
         end = pos + len(mv)
@@ -150,10 +154,12 @@ class _RecordTap(io.RawIOBase):
         b = min(max(d1 - pos, 0), len(mv))
         if a > 0:
             self.rest = checksum(mv[:a], self.rest)
+            self.out.write(mv[:a])
         if b > a:
-            self.hasher.update(mv[a:b])
+            self.hasher.update(mv[a:b], self.out.write)
         if end > d1 and b < len(mv):
             self.rest = checksum(mv[b:], self.rest)
+            self.out.write(mv[b:])
 
 
 def write_tensor_record(out: BlobWriter, relative_path: str, tensor: torch.Tensor,
@@ -186,13 +192,14 @@ def write_bytes_record(out: BlobWriter, relative_path: str, data: io.BytesIO,
     """Append a BYTE_IO item verbatim (its data region is the whole record)."""
     buf = data.getbuffer()
     start = out.tell()
-    out.write(buf)
     n = len(buf)
     checks = None
     if block_size:
         h = BlockHasher(block_size)
-        h.update(buf)
+        h.update(buf, out.write)  # each block written right after it is hashed
         checks = ItemChecksums(0, n, block_size, h.finish(), 0)
+    else:
+        out.write(buf)
     del buf
     return ItemLocation(relative_path, start, n, 0, n, checks)
 

@@ -18,6 +18,7 @@ What it does better than stock ``FileSystemWriter`` (and why):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import logging
 import os
@@ -55,6 +56,29 @@ DCP_VERSION = "1.0.0"
 #: with ``files_per_rank`` unset, a rank's data is split over at most one file per
 #: ``MIN_FILE_BYTES`` (small states are not scattered into many tiny files)
 MIN_FILE_BYTES = 32 * 1024 * 1024
+
+
+#: save ids this process has written, with how often a cached plan brought each one back
+_SAVE_IDS_SEEN: dict[str, int] = {}
+_SAVE_IDS_LOCK = threading.Lock()
+
+
+def _fresh_save_id(save_id: str) -> str:
+    """``save_id`` the first time this process writes it; after that a new id derived from it and
+    the number of times it came back.
+
+    Stock DCP's plan caching (``DefaultSavePlanner(enable_plan_caching=True)``) hands an unchanged
+    rank its *cached* final plan, storage data included, so every repeat save would carry the
+    first save's id; ids name saves (tiered checkpoints tell saves apart by them). Every rank
+    takes part in every collective save, so all ranks count alike and derive the same id.
+    (Our planners pass the fresh storage data through instead; then this never triggers.)
+    """
+    with _SAVE_IDS_LOCK:
+        n = _SAVE_IDS_SEEN.get(save_id)
+        _SAVE_IDS_SEEN[save_id] = 0 if n is None else n + 1
+    if n is None:
+        return save_id
+    return hashlib.blake2b(f"{save_id}:{n + 1}".encode(), digest_size=16).hexdigest()
 
 
 class _Cancelled(DcpExtError):
@@ -199,7 +223,7 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         storage: _RankStorage = plan.storage_data
-        self.save_id = storage.save_id
+        self.save_id = _fresh_save_id(storage.save_id)
         total = sum(_item_nbytes(i) for i in plan.items)
         nfiles = self.config.files_per_rank
         if nfiles is None:  # one file per thread, but no file smaller than MIN_FILE_BYTES

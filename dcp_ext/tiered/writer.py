@@ -256,7 +256,7 @@ class TieredStorageWriter(StorageWriter):
         except BaseException as e:  # noqa: BLE001 - the other ranks must still hear from us
             error = e
         self.timings["write_local_s"] = time.perf_counter() - t0
-        save_id = plan.storage_data.save_id
+        save_id = self.inner.save_id  # this save's id (a cached plan's storage data carries an old one)
         mine = _WriteReport(self.rank, self.node, None if error is None else f"{type(error).__name__}: {error}", files,
                             claim_scan(self.cache_root, self.config), new_attempt())
         if self._group is not None:
