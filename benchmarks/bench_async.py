@@ -3,7 +3,9 @@
 Configs, measured interleaved in one process (round-robin, round 0 discarded as warm-up),
 median over ``--rounds``:
 
-* ``pooled``         ``dcp_ext.async_save(..., async_stager=PooledStager())``
+* ``pooled``         ``dcp_ext.async_save(..., async_stager=PooledStager())`` (stock writer)
+* ``pooled_ext``     the same with our writer (``dcp_ext.storage_writer``, fsync off as for the
+                     stock writer here): its write buffers count in the peak RSS
 * ``stock_default``  ``dcp.async_save(state, storage_writer=FileSystemWriter(...))`` (the
                      writer stages: fresh CPU copy every save)
 * ``default_stager_new``     a fresh ``DefaultStager`` per save (what async_save does when the
@@ -64,7 +66,8 @@ from dcp_ext.staging import PooledStager  # noqa: E402
 
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions  # noqa: E402
 
-CONFIGS = ["pooled", "stock_default", "default_stager_new", "default_stager_reused", "bare_copy"]
+_FS_EXTRA: dict = json.loads(os.environ.get("BENCH_ASYNC_FS", "{}"))  # e.g. {"write_buffer": "1MiB"}
+CONFIGS = ["pooled", "pooled_ext", "stock_default", "default_stager_new", "default_stager_reused", "bare_copy"]
 
 
 def make_state(size_mib: int, n_tensors: int = 48) -> dict[str, Any]:
@@ -92,7 +95,7 @@ class Runner:
         self.name, self.sd, self.root = name, sd, root
         self.fut: Any = None
         self.stager: Any = None
-        if name == "pooled":
+        if name in ("pooled", "pooled_ext"):
             self.stager = PooledStager()
         elif name == "default_stager_reused":
             self.stager = DefaultStager(StagingOptions(False, False, False, False))
@@ -101,8 +104,10 @@ class Runner:
             for k, b in self.bufs.items():
                 b.copy_(sd[k])  # fault the pages in once, like a pool after its first save
 
-    def _writer(self) -> FileSystemWriter:
+    def _writer(self) -> Any:
         path = os.path.join(self.root, self.name)
+        if self.name == "pooled_ext":
+            return dcp_ext.storage_writer(path, overwrite=True, fs={"fsync": False, **_FS_EXTRA})
         return FileSystemWriter(path, sync_files=False)
 
     def save(self) -> float:
@@ -114,7 +119,7 @@ class Runner:
             return time.perf_counter() - t0
         w = self._writer()
         t0 = time.perf_counter()
-        if self.name == "pooled":
+        if self.name in ("pooled", "pooled_ext"):
             self.fut = dcp_ext.async_save(sd, storage_writer=w, async_stager=self.stager, no_dist=True)
         elif self.name == "stock_default":
             self.fut = dcp.async_save(sd, storage_writer=w, no_dist=True)
@@ -149,18 +154,41 @@ def _vm(field: str) -> int:
     return -1
 
 
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: ``5`` into /proc/self/clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def rss_child(config: str, size: int, saves: int, root: str) -> dict[str, Any]:
+    """Peak RSS of ``saves`` saves; and of the later saves alone (after the first one allocated
+    the pool): ``beyond_pool`` = that peak - RSS with the state - the pool's bytes."""
     sd = make_state(size)
     base = _vm("VmRSS")
     r = Runner(config, sd, root)
-    for _ in range(saves):
+    r.save()
+    r.wait()
+    peak_first = _vm("VmHWM")
+    later = _reset_peak()
+    for _ in range(saves - 1):
         r.save()
         r.wait()
-    peak = _vm("VmHWM")
+    peak = max(peak_first, _vm("VmHWM")) if not later else _vm("VmHWM")
     pool = r.stager.pool_bytes if isinstance(r.stager, PooledStager) else None
     r.close()
-    return {"config": config, "rss_after_state": base, "vm_hwm": peak, "growth": peak - base,
-            "pool_bytes": pool, "state_bytes": state_bytes(sd)}
+    out = {"config": config, "rss_after_state": base, "vm_hwm": max(peak, peak_first), "growth": max(peak, peak_first) - base,
+           "pool_bytes": pool, "state_bytes": state_bytes(sd)}
+    if later and saves > 1:
+        out["later_saves_peak_growth"] = peak - base
+        if pool is not None:
+            out["beyond_pool"] = peak - base - pool
+            # issue 18's bound: max(2% of the state, 16 MiB)
+            out["beyond_pool_limit"] = max(state_bytes(sd) // 50, 16 << 20)
+    return out
 
 
 TIERED_CONFIGS = ["tiered", "direct", "stock"]
@@ -324,6 +352,8 @@ def main() -> None:
                           "min_ms": {c: round(min(v) * 1e3, 1) for c, v in times.items()},
                           "ratios": result["ratios"],
                           "rss_growth_mib": {c: round(v["growth"] / 2**20) for c, v in rss.items()},
+                          "beyond_pool_mib": {c: round(v["beyond_pool"] / 2**20, 1) for c, v in rss.items()
+                                              if "beyond_pool" in v},
                           "state_mib": round(nbytes / 2**20)}, indent=1))
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -71,8 +71,106 @@ def zeros_like(state: dict) -> dict:
 # -- the contenders ----------------------------------------------------------------------------
 
 class Contender:
-    def __init__(self, name: str, make_writer, make_reader, cleanup):
+    """A DCP storage writer/reader pair, or (``save``/``load`` given) a raw transfer of the bytes."""
+
+    def __init__(self, name: str, make_writer, make_reader, cleanup, save=None, load=None):
         self.name, self.make_writer, self.make_reader, self.cleanup = name, make_writer, make_reader, cleanup
+        self.save = save or (lambda state, url: dcp.save(state, storage_writer=make_writer(url)))
+        self.load = load or (lambda target, url: dcp.load(target, storage_reader=make_reader(url)))
+
+
+class RawBotocore:
+    """The ceiling for the same bytes: plain botocore, no DCP, no format, no checksums of ours.
+
+    The state's tensors are split by bytes over ``threads`` objects (as our writer spreads a rank
+    over its files); each object is a multipart upload of ``part_mib`` parts (a part's body is the
+    tensors' bytes joined: one copy, as any client needs a contiguous body), every part of every
+    object in flight on ``threads`` threads; loads are ranged GETs of the same parts on ``threads``
+    threads, read (``readinto``) straight into the destination tensors. Same botocore settings as
+    our client: no botocore-side retries, no extra CRC32 of bodies (``when_required``).
+    """
+
+    def __init__(self, srv: S3TestServer, threads: int, part_mib: int = 16):
+        import botocore.config
+        import botocore.session
+
+        kw: dict = {"region_name": srv.region, "retries": {"total_max_attempts": 1, "mode": "standard"},
+                    "max_pool_connections": max(16, 2 * threads + 4), "tcp_keepalive": True}
+        for k in ("request_checksum_calculation", "response_checksum_validation"):
+            if k in botocore.config.Config.OPTION_DEFAULTS:
+                kw[k] = "when_required"
+        self.client = botocore.session.Session().create_client(
+            "s3", endpoint_url=srv.endpoint, aws_access_key_id=srv.access_key,
+            aws_secret_access_key=srv.secret_key, config=botocore.config.Config(**kw))
+        self.threads, self.part = threads, part_mib * MiB
+
+    def _objects(self, state: dict, url: str) -> list[tuple[str, list[memoryview], int]]:
+        """``(key, tensor byte views in order, size)`` per object; tensors split by bytes."""
+        bucket_key = url.split("://", 1)[1].split("/", 1)[1]
+        tensors = sorted((k for k, v in state.items() if isinstance(v, torch.Tensor)),
+                         key=lambda k: -state[k].numel() * state[k].element_size())
+        groups: list[list[memoryview]] = [[] for _ in range(self.threads)]
+        sizes = [0] * self.threads
+        for k in tensors:
+            i = sizes.index(min(sizes))
+            t = state[k]
+            groups[i].append(memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+            sizes[i] += t.numel() * t.element_size()
+        return [(f"{bucket_key}/raw{i}", g, n) for i, (g, n) in enumerate(zip(groups, sizes)) if n]
+
+    @staticmethod
+    def _slices(views: list[memoryview], a: int, b: int) -> list[memoryview]:
+        """The pieces of the concatenated ``views`` covering bytes ``[a, b)``."""
+        out, pos = [], 0
+        for v in views:
+            lo, hi = max(a, pos), min(b, pos + len(v))
+            if lo < hi:
+                out.append(v[lo - pos:hi - pos])
+            pos += len(v)
+        return out
+
+    def _parts(self, size: int) -> list[tuple[int, int]]:
+        return [(a, min(size, a + self.part)) for a in range(0, size, self.part)]
+
+    def save(self, state: dict, url: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+        objs = self._objects(state, url)
+        ids = {key: self.client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"] for key, _, _ in objs}
+
+        def put(key: str, views: list[memoryview], n: int, a: int, b: int) -> dict:
+            body = b"".join(self._slices(views, a, b))
+            r = self.client.upload_part(Bucket=bucket, Key=key, UploadId=ids[key], PartNumber=n, Body=body)
+            return {"PartNumber": n, "ETag": r["ETag"]}
+
+        jobs = [(key, views, n + 1, a, b) for key, views, size in objs for n, (a, b) in enumerate(self._parts(size))]
+        with ThreadPoolExecutor(self.threads) as ex:
+            done = list(ex.map(lambda j: (j[0], put(*j)), jobs))
+        for key, _, _ in objs:
+            self.client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=ids[key], MultipartUpload={
+                "Parts": [p for k, p in done if k == key]})
+
+    def load(self, target: dict, url: str) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        bucket = url.split("://", 1)[1].split("/", 1)[0]
+
+        def get(key: str, views: list[memoryview], a: int, b: int) -> None:
+            r = self.client.get_object(Bucket=bucket, Key=key, Range=f"bytes={a}-{b - 1}")
+            raw = r["Body"]._raw_stream
+            for piece in self._slices(views, a, b):
+                got = 0
+                while got < len(piece):
+                    n = raw.readinto(piece[got:])
+                    if not n:
+                        raise IOError(f"{key}: short read")
+                    got += n
+            raw.release_conn()
+
+        jobs = [(key, views, a, b) for key, views, size in self._objects(target, url) for a, b in self._parts(size)]
+        with ThreadPoolExecutor(self.threads) as ex:
+            list(ex.map(lambda j: get(*j), jobs))
 
 
 def s3_contenders(srv: S3TestServer, threads: int) -> list[Contender]:
@@ -87,9 +185,11 @@ def s3_contenders(srv: S3TestServer, threads: int) -> list[Contender]:
 
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 
+    rawb = RawBotocore(srv, threads)
     out = [
         Contender("dcp_ext", lambda u: dcp_ext.storage_writer(u, io_threads=threads, **srv.options()),
                   lambda u: dcp_ext.storage_reader(u, io_threads=threads, **srv.options()), cleanup),
+        Contender("raw_botocore", None, None, cleanup, rawb.save, rawb.load),
         Contender("fsspec", lambda u: FsspecWriter(u, **so), lambda u: FsspecReader(u, **so), cleanup),
         Contender(f"fsspec_t{threads}", lambda u: FsspecWriter(u, thread_count=threads, **so),
                   lambda u: FsspecReader(u, **so), cleanup),
@@ -154,9 +254,9 @@ def run_store(label: str, scheme: str, bucket: str, contenders: list[Contender],
         for c in order:
             url = f"{scheme}://{bucket}/bench/{c.name}-{uuid.uuid4().hex[:8]}"
             t0 = time.perf_counter()
-            dcp.save(state, storage_writer=c.make_writer(url))
+            c.save(state, url)
             t1 = time.perf_counter()
-            dcp.load(target, storage_reader=c.make_reader(url))
+            c.load(target, url)
             t2 = time.perf_counter()
             if rnd == 0:
                 bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and not torch.equal(v, target[k])]
@@ -178,6 +278,9 @@ def run_store(label: str, scheme: str, bucket: str, contenders: list[Contender],
     ours = res["configs"]["dcp_ext"]
     res["ratios"] = {name: {"save": c["save_s"] / ours["save_s"], "load": c["load_s"] / ours["load_s"]}
                      for name, c in res["configs"].items() if name != "dcp_ext"}
+    if "raw_botocore" in res["configs"]:  # ours as a fraction of the ceiling (goal: >= 0.9 save, >= 0.8 load)
+        res["fraction_of_raw"] = {op: res["ratios"]["raw_botocore"][op] for op in ("save", "load")}
+    res["loadavg_after"] = list(os.getloadavg())
     return res
 
 
@@ -189,6 +292,9 @@ def print_table(label: str, res: dict) -> None:
         r = res["ratios"].get(name, {"save": 1.0, "load": 1.0})
         print(f"| {name} | {c['save_s']:.2f} | {c['save_mib_s']:.0f} | {c['load_s']:.2f} | {c['load_mib_s']:.0f} | "
               f"{r['save']:.2f}x | {r['load']:.2f}x |")
+    if "fraction_of_raw" in res:
+        f = res["fraction_of_raw"]
+        print(f"dcp_ext as a fraction of raw botocore: save {f['save']:.2f}, load {f['load']:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds (plus one warm-up)")
     ap.add_argument("--threads", type=int, default=8, help="I/O threads for the threaded configs")
     ap.add_argument("--stores", default="s3,gcs", help="comma-separated: s3, gcs")
+    ap.add_argument("--contenders", default="", help="comma-separated names to run (default: all; dcp_ext always)")
     ap.add_argument("--out", default="bench_out/bench_object_store.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -207,15 +314,23 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"size_mib": args.size_mib, "threads": args.threads, "torch": torch.__version__,
                      "cpus": os.cpu_count()}
     stores = [s.strip() for s in args.stores.split(",") if s.strip()]
+    wanted = {c for c in args.contenders.split(",") if c} | {"dcp_ext"}
+
+    def pick(cs: list[Contender]) -> list[Contender]:
+        return [c for c in cs if len(wanted) == 1 or c.name in wanted]
+
+    results["loadavg_before"] = list(os.getloadavg())
     if "s3" in stores:
         with S3TestServer() as srv:
             print(f"S3 server: {srv.kind} at {srv.endpoint}", flush=True)
-            results["s3"] = run_store("s3", "s3", srv.bucket, s3_contenders(srv, args.threads), state, args.rounds)
+            results["s3"] = run_store("s3", "s3", srv.bucket, pick(s3_contenders(srv, args.threads)), state,
+                                     args.rounds)
             results["s3"]["server"] = srv.kind
     if "gcs" in stores:
         with GCSTestServer() as srv:
             print(f"GCS server: fake-gcs-server at {srv.endpoint}", flush=True)
-            results["gcs"] = run_store("gcs", "gs", srv.bucket, gcs_contenders(srv, args.threads), state, args.rounds)
+            results["gcs"] = run_store("gcs", "gs", srv.bucket, pick(gcs_contenders(srv, args.threads)), state,
+                                      args.rounds)
     for k in ("s3", "gcs"):
         if k in results:
             print_table(k, results[k])

@@ -160,6 +160,28 @@ def test_ranged_read_fetches_only_the_needed_part(env):
     assert r.stats.bytes_read < big.numel() * 4 / 10
 
 
+@CORE
+def test_small_tensors_share_requests_and_stay_verified(env):
+    """120 small tensors in one object are fetched in a few ranged GETs (a request costs
+    milliseconds), then copied out and each verified: a flipped byte in one names that tensor."""
+    url = env.url()
+    state = {f"s{i}": torch.full((256,), float(i)) for i in range(120)}
+    opts = env.opts()
+    _save(url, state, files_per_rank=1, **opts)
+    r = dcp_ext.storage_reader(url, **opts)
+    target = _zeros_like(state)
+    dcp.load(target, storage_reader=r)
+    _assert_same(target, state)
+    assert r.stats.requests <= 4 and r.stats.blocks_verified >= 120, r.stats
+    data_file = next(n for n in env.names(url) if n.endswith(".distcp"))
+    raw = bytearray(env.get(url, data_file))
+    at = bytes(raw).index(state["s77"].numpy().tobytes())
+    raw[at + 100] ^= 0x01
+    env.put(url, data_file, bytes(raw))
+    msg = _error_of(lambda: _load(url, state, **opts))
+    assert "checksum mismatch" in msg and " for s77 " in msg and data_file in msg, msg
+
+
 @BOTH_S3
 def test_parts_upload_concurrently_within_the_bound(s3env, monkeypatch):
     from dcp_ext.storage.s3 import S3Store

@@ -26,6 +26,7 @@ from ..config import Config
 from ..options import ByteSize, Options
 from ..errors import CorruptCheckpointError, StorageError
 from .base import BlobWriter, Store
+from .buffers import BUFFERS
 
 __all__ = ["FsOptions", "LocalStore"]
 
@@ -46,7 +47,7 @@ class FsOptions(Options):
     #: a rank's budget for write buffers, shared by the data files it writes at once (each gets
     #: ``write_buffer / io_threads``, at least ``MIN_FILE_BUFFER``): record headers and small
     #: tensors are gathered there, larger writes go straight from the tensor's memory
-    write_buffer: ByteSize = ByteSize(8 * 1024 * 1024)
+    write_buffer: ByteSize = ByteSize(2 * 1024 * 1024)
 
 
 def _writeback_starter() -> Callable[[int, int, int, int], int] | None:
@@ -75,7 +76,8 @@ class _FileWriter(BlobWriter):
     """A data file written with ``os.write``: writes of at least the buffer size go straight from
     the caller's memory to the kernel (a tensor's bytes are copied once, into the page cache);
     smaller ones (record headers, small tensors) are gathered in one buffer of ``buffering``
-    bytes, so a rank's writers hold at most their share of ``fs.write_buffer`` between them.
+    bytes, so a rank's writers hold at most their share of ``fs.write_buffer`` between them;
+    buffers come from the process's pool (:mod:`~dcp_ext.storage.buffers`) and go back at close.
 
     Python's ``open(..., buffering=n)`` copies every write shorter than ``n`` into its buffer;
     with the 1 MiB blocks the record writer hands over (it hashes each block and writes it while
@@ -116,7 +118,7 @@ class _FileWriter(BlobWriter):
         n = len(mv)
         if self.fill + n <= self.cap and n < self.cap:
             if self.buf is None:
-                self.buf = bytearray(self.cap)
+                self.buf = BUFFERS.get(self.cap)
             self.buf[self.fill:self.fill + n] = mv
             self.fill += n
         else:
@@ -148,8 +150,13 @@ class _FileWriter(BlobWriter):
                 except OSError as e:
                     raise StorageError(f"closing {self.path} failed: {e.strerror or e}") from e
         finally:
-            self.buf = None
+            self._release()
             self._close_fd()
+
+    def _release(self) -> None:
+        buf, self.buf = self.buf, None
+        if buf is not None:
+            BUFFERS.put(buf)  # for the next data file (see buffers.py)
 
     def _close_fd(self) -> None:
         fd, self.fd = self.fd, -1
@@ -160,7 +167,7 @@ class _FileWriter(BlobWriter):
                 raise StorageError(f"closing {self.path} failed: {e.strerror or e}") from e
 
     def abort(self) -> None:
-        self.buf = None
+        self._release()
         try:
             self._close_fd()
         except StorageError:

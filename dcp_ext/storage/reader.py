@@ -139,6 +139,46 @@ class _ItemJob:
     verify_decoded: bool = False
 
 
+#: fetches smaller than this are read together with their neighbours in the same file ...
+SMALL_FETCH = 1024 * 1024
+#: ... by stores whose ``coalesce_gap`` is at least this (a request is costly: object stores) ...
+COSTLY_REQUEST_GAP = 64 * 1024
+#: ... in requests of at most this many bytes
+GROUP_SPAN = 8 * 1024 * 1024
+
+
+def _coalesce_small(fetches: list[tuple[_ItemJob, _Fetch]], gap: int) -> list[list[tuple[_ItemJob, _Fetch]]]:
+    """The fetches as tasks: on stores where a request is costly, small single-range fetches of
+    one file whose gaps are at most ``gap`` are grouped (one request each group); the others
+    alone."""
+    if gap < COSTLY_REQUEST_GAP:
+        return [[jf] for jf in fetches]
+    tasks: list[list[tuple[_ItemJob, _Fetch]]] = []
+    small: dict[str, list[tuple[_ItemJob, _Fetch]]] = {}
+    for jf in fetches:
+        f = jf[1]
+        if f.more is None and len(f.out) < SMALL_FETCH:
+            small.setdefault(f.relpath, []).append(jf)
+        else:
+            tasks.append([jf])
+    for group in small.values():
+        group.sort(key=lambda jf: jf[1].offset)
+        cur: list[tuple[_ItemJob, _Fetch]] = []
+        start = end = 0
+        for jf in group:
+            f = jf[1]
+            if cur and (f.offset - end > gap or f.offset + len(f.out) - start > GROUP_SPAN):
+                tasks.append(cur)
+                cur = []
+            if not cur:
+                start = f.offset
+            cur.append(jf)
+            end = max(end, f.offset + len(f.out)) if len(cur) > 1 else f.offset + len(f.out)
+        if cur:
+            tasks.append(cur)
+    return tasks
+
+
 def _copy_box(spans: BoxSpans, ranges: list[tuple[int, int]], scratch: list[torch.Tensor], dtype: torch.dtype,
               target: torch.Tensor) -> None:
     """Copy the box ``spans`` describes into ``target`` from ``scratch`` buffers holding the
@@ -734,13 +774,37 @@ class ExtStorageReader(StorageReader):
                 if isinstance(e.__cause__, ChecksumMismatch):  # from check(): it names the tensor already
                     raise
                 raise CorruptCheckpointError(f"{e} (while reading {job.req.storage_index.fqn})") from e
+            fetched(job, f, nblocks, f.nbytes, 1 + len(f.more or ()))
+
+        def run_group(group: list[tuple[_ItemJob, _Fetch]]) -> None:
+            """Small fetches of one file, close together: one request for their span, then each
+            fetch's bytes copied to its destination and verified (object stores: a request costs
+            milliseconds, so 200 small tensors must not cost 200 requests)."""
+            if len(group) == 1:
+                run_fetch(*group[0])
+                return
+            first = group[0][1]
+            start = first.offset
+            span = memoryview(bytearray(max(f.offset + len(f.out) for _, f in group) - start))
+            try:
+                self.store.read_into(first.relpath, start, span)
+            except CorruptCheckpointError as e:
+                names = sorted({j.req.storage_index.fqn for j, _ in group})
+                raise CorruptCheckpointError(f"{e} (while reading {', '.join(names[:5])}"
+                                             f"{' ...' if len(names) > 5 else ''})") from e
+            for i, (job, f) in enumerate(group):
+                f.out[:] = span[f.offset - start:f.offset - start + len(f.out)]
+                vat = getattr(f, "verify_at", None)
+                nblocks = self._verify(job, vat, f.out) if vat is not None else 0
+                fetched(job, f, nblocks, len(span) if i == 0 else 0, 1 if i == 0 else 0)
+
+        def fetched(job: _ItemJob, f: _Fetch, nblocks: int, nbytes: int, nrequests: int) -> None:
             if f.decode:
                 nblocks += self._decode(job, f)
-            n = f.nbytes
-            progress.advance(n)
+            progress.advance(f.nbytes)
             with lock:
-                stats.bytes_read += n
-                stats.requests += 1 + len(f.more or ())
+                stats.bytes_read += nbytes
+                stats.requests += nrequests
                 stats.blocks_verified += nblocks
                 stats.blocks_decompressed += len(f.decode or ())
                 job.remaining -= 1
@@ -750,11 +814,11 @@ class ExtStorageReader(StorageReader):
 
         for j in jobs:
             j.remaining = len(j.fetches)
-        fetches = [(j, f) for j in jobs for f in j.fetches]
+        tasks = _coalesce_small([(j, f) for j in jobs for f in j.fetches], self.store.coalesce_gap)
         # big parts first keeps all threads busy to the end
-        fetches.sort(key=lambda jf: -jf[1].nbytes)
+        tasks.sort(key=lambda g: -sum(f.nbytes for _, f in g))
         try:
-            run_all("read", self.config.io_threads, run_fetch, fetches)
+            run_all("read", self.config.io_threads, run_group, [(g,) for g in tasks])
             for j in jobs:
                 if j.finalize is not None:
                     j.finalize()
