@@ -57,9 +57,9 @@ class _SlowWriter(BlobWriter):
             wait_gate()
         n = self.inner.write(data)
         self._wrote = True
-        f = getattr(self.inner, "f", None)  # make the partial file visible to the test
-        if f is not None:
-            f.flush()
+        flush = getattr(self.inner, "flush", None)  # make the partial file visible to the test
+        if flush is not None:
+            flush()
         return n
 
     def tell(self) -> int:

@@ -107,6 +107,10 @@ class _FileWriter(BlobWriter):
         except OSError as e:
             raise StorageError(f"writing {self.path} failed: {e.strerror or e}") from e
 
+    def flush(self) -> None:
+        """Hand the gathered small writes to the kernel (the file then shows every byte written)."""
+        self._flush()
+
     def _flush(self) -> None:
         if self.fill:
             assert self.buf is not None

@@ -139,25 +139,31 @@ class _ItemJob:
     verify_decoded: bool = False
 
 
-#: fetches smaller than this are read together with their neighbours in the same file ...
+#: fetches of whole items smaller than this are read together with their neighbours in the same
+#: file (partial reads never: a resharded load reads what it needs) ...
 SMALL_FETCH = 1024 * 1024
 #: ... by stores whose ``coalesce_gap`` is at least this (a request is costly: object stores) ...
 COSTLY_REQUEST_GAP = 64 * 1024
+#: ... when at most this many bytes lie between them (the headers between two records' data:
+#: whole small tensors share a request, a resharded load still reads only what it needs) ...
+GROUP_GAP = 4096
 #: ... in requests of at most this many bytes
 GROUP_SPAN = 8 * 1024 * 1024
 
 
 def _coalesce_small(fetches: list[tuple[_ItemJob, _Fetch]], gap: int) -> list[list[tuple[_ItemJob, _Fetch]]]:
-    """The fetches as tasks: on stores where a request is costly, small single-range fetches of
-    one file whose gaps are at most ``gap`` are grouped (one request each group); the others
-    alone."""
+    """The fetches as tasks: on stores where a request is costly (``gap``, the store's
+    ``coalesce_gap``, is large), fetches of small whole items of one file at most ``GROUP_GAP``
+    apart are grouped (one request each group); the others alone."""
     if gap < COSTLY_REQUEST_GAP:
         return [[jf] for jf in fetches]
+    gap = GROUP_GAP
     tasks: list[list[tuple[_ItemJob, _Fetch]]] = []
     small: dict[str, list[tuple[_ItemJob, _Fetch]]] = {}
     for jf in fetches:
-        f = jf[1]
-        if f.more is None and len(f.out) < SMALL_FETCH:
+        job, f = jf
+        whole = len(f.out) in (job.loc.length, job.loc.data_length)  # a whole item (never part of a reshard)
+        if f.more is None and f.decode is None and whole and len(f.out) < SMALL_FETCH:
             small.setdefault(f.relpath, []).append(jf)
         else:
             tasks.append([jf])
