@@ -657,3 +657,27 @@ def test_multirank_corrupt_byte_in_a_resharded_read(ranks, tmp_path):
     # with verification off the flipped value loads as is (so the flip really hit w's data)
     res = ranks(2).run(F.load_dtensors_and_compare, url, 41, {"w": "row"}, "ours", {"verify": False})
     assert not res[0]["equal"]["w"] and res[0]["equal"]["emb"]
+
+
+def test_write_threads_follow_ranks_per_host(tmp_path):
+    """The coordinator counts the ranks of each host from the local plans, and a rank writes to a
+    local file system with no more threads than its share of the host's cores (object stores:
+    io_threads, they wait rather than compute)."""
+    import os as _os
+
+    from torch.distributed.checkpoint.planner import SavePlan
+
+    from dcp_ext.storage.writer import _LocalInfo, _RankStorage, write_threads
+
+    w = dcp_ext.storage_writer(str(tmp_path / "c"))
+    plans = [SavePlan([], storage_data=_LocalInfo(h)) for h in ("a", "a", "b")]
+    out = w.prepare_global_plan(plans)
+    assert [p.storage_data.ranks_on_host for p in out] == [2, 2, 1]
+    assert [p.storage_data.rank for p in out] == [0, 1, 2]
+    assert len({p.storage_data.save_id for p in out}) == 1 and isinstance(out[0].storage_data, _RankStorage)
+    cpus = len(_os.sched_getaffinity(0))
+    assert write_threads(8, True, 1) == min(8, cpus)
+    assert write_threads(8, True, 10 ** 6) == 1
+    assert write_threads(8, False, 10 ** 6) == 8
+    # an empty "unchanged" plan (stock plan caching) still carries its host
+    assert isinstance(w.prepare_local_plan(SavePlan([], usable=False)).storage_data, _LocalInfo)
