@@ -63,6 +63,7 @@ from torch.distributed.checkpoint import FileSystemWriter
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dcp_ext  # noqa: E402
 from dcp_ext.staging import PooledStager  # noqa: E402
+from tests.support.memory import reset_peak_rss, vm_bytes  # noqa: E402
 
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions  # noqa: E402
 
@@ -146,22 +147,8 @@ class Runner:
             self.stager.close()
 
 
-def _vm(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return -1
-
-
-def _reset_peak() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0: ``5`` into /proc/self/clear_refs)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+_vm = vm_bytes
+_reset_peak = reset_peak_rss
 
 
 def rss_child(config: str, size: int, saves: int, root: str) -> dict[str, Any]:
@@ -296,6 +283,7 @@ def main() -> None:
                     help="--tiered: the durable tier on local disk (--durable-dir) or on a local S3 server "
                          "(started here; stock = FsspecWriter over s3fs)")
     ap.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--plot", default="", help="write a PNG (blocking ms, RSS beyond the pool) here")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -348,6 +336,19 @@ def main() -> None:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
+        if args.plot:
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from plots import bar_chart, loadavg_note
+
+            pooled = [c for c in configs if "beyond_pool" in rss[c]]
+            bar_chart(args.plot, f"async_save of {nbytes / 2**20:.0f} MiB: training blocked (lower is better)",
+                      configs, {"median blocking ms": [med[c] * 1e3 for c in configs]}, "ms", loadavg_note())
+            if pooled:
+                limit = rss[pooled[0]]["beyond_pool_limit"] / 2**20
+                bar_chart(args.plot.replace(".png", "_rss.png"),
+                          "Peak RSS beyond the staging pool on later saves (lower is better)", pooled,
+                          {"MiB": [rss[c]["beyond_pool"] / 2**20 for c in pooled]}, "MiB", loadavg_note(),
+                          hline=limit, hline_label=f"goal: max(2% of state, 16 MiB) = {limit:.0f} MiB")
         print(json.dumps({"median_ms": {c: round(v * 1e3, 1) for c, v in med.items()},
                           "min_ms": {c: round(min(v) * 1e3, 1) for c, v in times.items()},
                           "ratios": result["ratios"],

@@ -287,6 +287,23 @@ def _loadavg() -> list[float] | None:
         return None
 
 
+def plot(report: dict, path: str) -> None:
+    """GB/s of every contender, save and load, per rank count (one PNG)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from plots import bar_chart
+
+    cats, series = [], {}
+    for key, res in report["results"].items():
+        n = key.split("_")[0]
+        for op in ("save", "load"):
+            cats.append(f"{op}, {n} rank{'s' if n != '1' else ''}")
+            for c, r in res.items():
+                series.setdefault(c, []).append(r[f"{op}_GBps"])
+    note = (f"{report['fs_type']}, {report['size_bytes'] / 2**30:.2f} GiB, median of {report['runs']}; load average "
+            f"{report['loadavg_before']} -> {report['loadavg_after']}")
+    bar_chart(path, "Local file system: save and load throughput (higher is better)", cats, series, "GB/s", note)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mib", type=int, default=1024, help="total state size (all ranks)")
@@ -295,6 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir under ./bench_out)")
     ap.add_argument("--out", default="bench_out/bench_fs.json")
     ap.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated, 'ours' first")
+    ap.add_argument("--plot", default="", help="write a PNG of the table here (needs matplotlib)")
     ap.add_argument("--state", choices=["mixed", "uniform"], default="mixed",
                     help="mixed: 4 large + 200 small tensors; uniform: 32 MiB fp32 tensors")
     args = ap.parse_args(argv)
@@ -343,6 +361,8 @@ def main(argv=None) -> int:
     report["loadavg_after"] = _loadavg()
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
+    if args.plot:
+        plot(report, args.plot)
     print(f"\nwritten {args.out}")
     return 0
 

@@ -303,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="measured rounds (plus one warm-up)")
     ap.add_argument("--threads", type=int, default=8, help="I/O threads for the threaded configs")
     ap.add_argument("--stores", default="s3,gcs", help="comma-separated: s3, gcs")
+    ap.add_argument("--plot", default="", help="write a PNG per store here ({store} is replaced)")
     ap.add_argument("--contenders", default="", help="comma-separated names to run (default: all; dcp_ext always)")
     ap.add_argument("--out", default="bench_out/bench_object_store.json")
     args = ap.parse_args(argv)
@@ -335,8 +336,22 @@ def main(argv: list[str] | None = None) -> int:
         if k in results:
             print_table(k, results[k])
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    results["loadavg_after"] = list(os.getloadavg())
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
+    if args.plot:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from plots import bar_chart
+
+        for k in ("s3", "gcs"):
+            if k in results:
+                res = results[k]
+                names = list(res["configs"])
+                la = [round(x, 1) for x in results["loadavg_before"]], [round(x, 1) for x in results["loadavg_after"]]
+                bar_chart(args.plot.replace("{store}", k), f"{k.upper()}: save and load of {res['bytes'] / MiB:.0f} MiB "
+                          "(higher is better)", ["save", "load"],
+                          {n: [res["configs"][n]["save_mib_s"], res["configs"][n]["load_mib_s"]] for n in names},
+                          "MiB/s", f"median of {res['rounds']} interleaved rounds; load average {la[0]} -> {la[1]}")
     print(f"\nwrote {args.out}")
     return 0
 

@@ -349,6 +349,7 @@ def main() -> None:
     ap.add_argument("--skip-planning", action="store_true", help="only the load part")
     ap.add_argument("--reps", type=int, help="load repetitions (default 7, quick 3)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "bench_reshard.json"))
+    ap.add_argument("--plot", default="", help="write a PNG of the planning table here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     scale, reps = (1, 3) if args.quick else (2, 7)
@@ -383,6 +384,17 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
+    if args.plot and result.get("planning"):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from plots import bar_chart, loadavg_note
+
+        pl = [r for r in result["planning"] if "repeat_save_planning_s" in r]
+        bar_chart(args.plot, "Save planning, first vs repeat save (plan caching; lower is better)",
+                  [f"{r['ranks']} ranks" for r in pl],
+                  {"first save": [r["first_save_planning_s"] for r in pl],
+                   "repeat save": [r["repeat_save_planning_s"] for r in pl],
+                   "stock dedup_save_plans alone": [r["stock_dedup_save_plans_s"] for r in pl]},
+                  "seconds", loadavg_note(), hline=0.2, hline_label="goal for repeat saves: 0.2 s")
     logger.info("wrote %s", args.out)
 
 

@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
 import dcp_ext
+from tests.support.memory import reset_peak_rss, vm_bytes
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -87,25 +88,13 @@ class BoxPlanner(DefaultLoadPlanner):
         pass
 
 
-def _reset_peak_rss() -> bool:
-    """Linux: restart the process's peak-RSS counter (VmHWM); False where that is not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_rss_gib() -> float:
-    with open("/proc/self/status") as f:
-        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
-    return kib / 2**20
+    return vm_bytes("VmHWM") / 2**30
 
 
 def test_tensor_over_2_gib_saved_and_loaded_whole_and_ranged(tmp_path, one_thread):
     assert ROWS * COLS > 2**31
-    measure = _reset_peak_rss()
+    measure = reset_peak_rss()
     path = str(tmp_path / "big")
     src = make_tensor()
     # (no fsync: what is tested is the arithmetic of large offsets, not the disk)
