@@ -667,17 +667,26 @@ def test_write_threads_follow_ranks_per_host(tmp_path):
 
     from torch.distributed.checkpoint.planner import SavePlan
 
-    from dcp_ext.storage.writer import _LocalInfo, _RankStorage, write_threads
+    from dcp_ext.storage.threads import HostInfo, cpu_workers
+    from dcp_ext.storage.writer import _RankStorage
 
     w = dcp_ext.storage_writer(str(tmp_path / "c"))
-    plans = [SavePlan([], storage_data=_LocalInfo(h)) for h in ("a", "a", "b")]
+    plans = [SavePlan([], storage_data=HostInfo(h)) for h in ("a", "a", "b")]
     out = w.prepare_global_plan(plans)
     assert [p.storage_data.ranks_on_host for p in out] == [2, 2, 1]
     assert [p.storage_data.rank for p in out] == [0, 1, 2]
     assert len({p.storage_data.save_id for p in out}) == 1 and isinstance(out[0].storage_data, _RankStorage)
     cpus = len(_os.sched_getaffinity(0))
-    assert write_threads(8, True, 1) == min(8, cpus)
-    assert write_threads(8, True, 10 ** 6) == 1
-    assert write_threads(8, False, 10 ** 6) == 8
+    assert cpu_workers(8, True, 1) == min(8, cpus)
+    assert cpu_workers(8, True, 10 ** 6) == 1
+    assert cpu_workers(8, False, 10 ** 6) == 8
     # an empty "unchanged" plan (stock plan caching) still carries its host
-    assert isinstance(w.prepare_local_plan(SavePlan([], usable=False)).storage_data, _LocalInfo)
+    assert isinstance(w.prepare_local_plan(SavePlan([], usable=False)).storage_data, HostInfo)
+    # the reader counts the same way
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    r = dcp_ext.storage_reader(str(tmp_path / "c"))
+    got = r.prepare_global_plan([r.prepare_local_plan(LoadPlan([])), LoadPlan([], storage_data=HostInfo("z"))])
+    assert [p.storage_data.ranks_on_host for p in got] == [1, 1]
+    got = r.prepare_global_plan([r.prepare_local_plan(LoadPlan([])) for _ in range(3)])
+    assert [p.storage_data.ranks_on_host for p in got] == [3, 3, 3]

@@ -52,13 +52,14 @@ class Store(abc.ABC):
 
     * ``coalesce_gap``: two byte ranges closer than this are read as one request
       (small on local disk, where a request is cheap; ~1 MiB on object stores).
-    * ``cpu_bound_writes``: writes cost CPU, not waiting (local file systems).
+    * ``cpu_bound``: reads and writes cost CPU, not waiting (local file systems).
     """
 
     coalesce_gap: ClassVar[int] = 64 * 1024
-    #: whether writing is CPU work rather than waiting (a local file system copies into the page
-    #: cache): then a rank writes with no more threads than its share of the host's cores
-    cpu_bound_writes: ClassVar[bool] = False
+    #: whether moving bytes is CPU work rather than waiting (a local file system copies to and from
+    #: the page cache): then a rank reads and writes with no more threads than its share of the
+    #: host's cores (:func:`~dcp_ext.storage.threads.cpu_workers`)
+    cpu_bound: ClassVar[bool] = False
     #: attributes holding process-local resources (clients, connections, file descriptors,
     #: locks): left out when the store is pickled (``dcp.async_save`` with
     #: ``AsyncCheckpointerType.PROCESS`` sends the storage writer to its checkpoint process) and

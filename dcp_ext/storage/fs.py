@@ -188,8 +188,8 @@ class LocalStore(Store):
     #: a pread is cheap: read through gaps only under a page, which the kernel reads whole anyway
     #: (so a column shard of rows narrower than a page costs the device no extra bytes)
     coalesce_gap = 4096
-    #: a write is a copy into the page cache (the disk catches up in the background)
-    cpu_bound_writes = True
+    #: a write or read is a copy into or out of the page cache (the disk catches up in the background)
+    cpu_bound = True
 
     #: open read descriptors and their lock belong to one process (pickling: see Store)
     _unpicklable = ("_fds", "_lock")

@@ -27,6 +27,7 @@ What it does better than stock ``FileSystemReader`` (and why):
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import math
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
 from torch.futures import Future
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
@@ -65,7 +67,7 @@ from .compression import decode_frame_into, frame_error, unshuffle_into, zstanda
 from .manifest import ItemLocation, decode_manifest
 from .ranges import BoxSpans, box_spans, merge_ranges
 from .safe_pickle import checked_bytes_item, load_metadata
-from .threads import run_all
+from .threads import HostInfo, cpu_workers, ranks_on_hosts, run_all
 
 __all__ = ["ExtStorageReader", "LoadStats"]
 
@@ -76,6 +78,13 @@ _QUANTIZED = frozenset(d for d in (getattr(torch, n, None) for n in dir(torch))
                        if isinstance(d, torch.dtype) and str(d).startswith(("torch.qint", "torch.quint")))
 #: large contiguous reads are split into parts of this size so threads share them
 PART_BYTES = 32 * 1024 * 1024
+
+
+@dataclass
+class _ReadStorage:
+    """A rank's load plan data from the coordinator: how many ranks of the load share its host."""
+
+    ranks_on_host: int = 1
 
 
 @dataclass
@@ -384,10 +393,13 @@ class ExtStorageReader(StorageReader):
                     self._chunks[MetadataIndex(fqn, c.offsets)] = (c.sizes, md.properties.dtype)
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
+        return dataclasses.replace(plan, storage_data=HostInfo())
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        # a plan per rank of a collective load (a rank-local one: this rank's plan alone)
+        collective = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == len(plans)
+        counts = ranks_on_hosts([p.storage_data for p in plans], collective)
+        return [dataclasses.replace(p, storage_data=_ReadStorage(n)) for p, n in zip(plans, counts)]
 
     @property
     def checkpoint_id(self) -> str:
@@ -823,8 +835,11 @@ class ExtStorageReader(StorageReader):
         tasks = _coalesce_small([(j, f) for j in jobs for f in j.fetches], self.store.coalesce_gap)
         # big parts first keeps all threads busy to the end
         tasks.sort(key=lambda g: -sum(f.nbytes for _, f in g))
+        sd = plan.storage_data
+        workers = cpu_workers(self.config.io_threads, self.store.cpu_bound,
+                              sd.ranks_on_host if isinstance(sd, _ReadStorage) else ranks_on_hosts([None])[0])
         try:
-            run_all("read", self.config.io_threads, run_group, [(g,) for g in tasks])
+            run_all("read", workers, run_group, [(g,) for g in tasks])
             for j in jobs:
                 if j.finalize is not None:
                     j.finalize()

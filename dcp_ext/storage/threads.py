@@ -15,13 +15,16 @@ multi-file save computed it anyway (about a third more CPU per byte on these mac
 
 from __future__ import annotations
 
+import collections
 import contextvars
 import os
+import socket
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["io_pool", "run_all"]
+__all__ = ["io_pool", "run_all", "HostInfo", "ranks_on_hosts", "cpu_workers"]
 
 _POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
 _LOCK = threading.Lock()
@@ -61,6 +64,50 @@ def run_all(purpose: str, workers: int, fn: Callable[..., Any], calls: Sequence[
     if first is not None:
         raise first
     return [f.result() for f in futs]
+
+
+@dataclass
+class HostInfo:
+    """What a rank's local plan tells the coordinator (``storage_data``): the rank's host."""
+
+    host: str = field(default_factory=socket.gethostname)
+
+
+def _ranks_on_host_from_env() -> int:
+    """``LOCAL_WORLD_SIZE`` (torchrun sets it), else 1."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def ranks_on_hosts(storage_data: Sequence[Any], collective: bool = True) -> list[int]:
+    """For each plan of a save or load (given its ``storage_data``), how many of the plans come
+    from the same host, counted from their :class:`HostInfo`. A plan without one, or a rank-local
+    (not ``collective``) save or load, falls back to ``LOCAL_WORLD_SIZE``."""
+    hosts = [d.host if isinstance(d, HostInfo) else None for d in storage_data]
+    per_host = collections.Counter(hosts)
+    return [per_host[h] if h is not None and collective else _ranks_on_host_from_env() for h in hosts]
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def cpu_workers(io_threads: int, cpu_bound: bool, ranks_on_host: int) -> int:
+    """Threads a rank moves bytes with: ``io_threads``, but where the transfer is CPU work (a
+    local file system: a copy to or from the page cache), no more than this rank's share of the
+    host's cores. More runnable threads than cores made 2 ranks on 2 cores slower, not faster
+    (tmpfs, 1 GiB: 0.50 s per save with 1 thread per rank, 0.74 s with 2, 0.67 s with 8; stock,
+    1 thread per rank: 0.56 s): a thread preempted while holding its process's GIL stalls the
+    others of that process, and threads sharing a core evict each other's block from the cache
+    between its hashing and its write. Object stores wait on the network: ``io_threads``."""
+    if not cpu_bound:
+        return io_threads
+    return max(1, min(io_threads, _usable_cpus() // max(1, ranks_on_host)))
 
 
 def _forget_pools_in_child() -> None:

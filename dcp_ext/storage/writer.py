@@ -17,14 +17,12 @@ What it does better than stock ``FileSystemWriter`` (and why):
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import hashlib
 import io
 import logging
 import os
 import pickle
-import socket
 import threading
 import time
 import uuid
@@ -48,7 +46,7 @@ from .compressed_records import CompressionStats, RecordCompressor
 from .commit import data_file_name, publish, refuse_overwrite, remove_stale_data, uncommit
 from .manifest import ItemLocation, encode_manifest
 from .records import write_bytes_record, write_tensor_record, write_transformed_record, zip_crc_disabled
-from .threads import run_all
+from .threads import HostInfo, cpu_workers, ranks_on_hosts, run_all
 
 __all__ = ["ExtStorageWriter", "SaveStats"]
 
@@ -95,41 +93,6 @@ class _RankStorage:
     rank: int
     save_id: str
     ranks_on_host: int = 1
-
-
-@dataclasses.dataclass
-class _LocalInfo:
-    """What a rank tells the coordinator with its local plan: its host."""
-
-    host: str
-
-
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def _ranks_on_host_from_env() -> int:
-    """``LOCAL_WORLD_SIZE`` (torchrun sets it), else 1."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
-def write_threads(io_threads: int, cpu_bound: bool, ranks_on_host: int) -> int:
-    """Threads (and files) a rank writes with: ``io_threads``, but on a store whose writes are
-    CPU work (a local file system: a copy into the page cache), no more than this rank's share of
-    the host's cores. More runnable threads than cores made 2 ranks on 2 cores slower, not faster
-    (tmpfs, 1 GiB: 0.50 s per save with 1 thread per rank, 0.74 s with 2, 0.67 s with 8; stock,
-    1 thread per rank: 0.56 s): a thread preempted while holding its process's GIL stalls the
-    others of that process, and threads sharing a core evict each other's block from the cache
-    between its hashing and its write."""
-    if not cpu_bound:
-        return io_threads
-    return max(1, min(io_threads, _usable_cpus() // max(1, ranks_on_host)))
 
 
 @dataclasses.dataclass
@@ -245,7 +208,7 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
         # a global checkpoint, or this rank's part of a rank-local one, is in the way
         refuse_overwrite(self.store, self.config.overwrite, rank=self.rank)
         # (the plan may be an empty "unchanged" plan under plan caching: it still carries the host)
-        return dataclasses.replace(plan, storage_data=_LocalInfo(socket.gethostname()))
+        return dataclasses.replace(plan, storage_data=HostInfo())
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         if self.use_collectives:
@@ -258,17 +221,15 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
             # overwrite=True (checked on every rank): un-commit before any data changes.
             logger.info("overwriting the checkpoint at %s: removing its metadata first", self.store.url)
             uncommit(self.store, rank=self._part)
-        hosts = [p.storage_data.host if isinstance(p.storage_data, _LocalInfo) else None for p in plans]
-        per_host = collections.Counter(hosts)
-        return [dataclasses.replace(p, storage_data=_RankStorage(
-                    r, self.save_id, per_host[h] if h is not None and self.use_collectives else _ranks_on_host_from_env()))
-                for r, p, h in zip(ranks, plans, hosts)]
+        counts = ranks_on_hosts([p.storage_data for p in plans], self.use_collectives)
+        return [dataclasses.replace(p, storage_data=_RankStorage(r, self.save_id, n))
+                for r, p, n in zip(ranks, plans, counts)]
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         storage: _RankStorage = plan.storage_data
         self.save_id = _fresh_save_id(storage.save_id)
         total = sum(_item_nbytes(i) for i in plan.items)
-        threads = write_threads(self.config.io_threads, self.store.cpu_bound_writes, storage.ranks_on_host)
+        threads = cpu_workers(self.config.io_threads, self.store.cpu_bound, storage.ranks_on_host)
         nfiles = self.config.files_per_rank
         if nfiles is None:  # one file per thread, but no file smaller than MIN_FILE_BYTES
             nfiles = max(1, min(threads, total // MIN_FILE_BYTES))
