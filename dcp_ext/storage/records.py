@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from ..integrity import BlockHasher, ItemChecksums, checksum
+from ..torch_compat import crc_option_is_context_local, process_wide_zip_crc_disabled
 from .base import BlobWriter
 from .manifest import ItemLocation
 
@@ -39,7 +40,12 @@ def zip_crc_disabled():
     torch keeps the option per :mod:`contextvars` context (thread), so it is switched for the
     caller and restored on exit; pool jobs that should see it run in a copy of this context, as
     :func:`~dcp_ext.storage.threads.run_all` does (``tests/test_threads.py`` checks both).
+    Older torch (2.7, 2.9) keeps it process-wide: there a shared reference count switches it.
     """
+    if not crc_option_is_context_local():  # older torch (2.7, 2.9)
+        with process_wide_zip_crc_disabled():
+            yield
+        return
     prev = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
     try:
