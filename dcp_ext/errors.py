@@ -25,6 +25,8 @@ __all__ = [
     "StagingBudgetError",
     "StagingPoolBusyError",
     "PersistError",
+    "CheckpointMismatchError",
+    "PeerLostError",
     "UnsafePickleError",
 ]
 
@@ -99,6 +101,16 @@ class PersistError(StorageError):
 
     Raised by ``wait_persisted()`` / the ``persisted`` future; the message names the object.
     """
+
+
+class CheckpointMismatchError(DcpExtError, ValueError):
+    """The ranks of one collective call (a tiered load, ``newest_loadable``) were given different
+    checkpoints; the message names what each rank asked for."""
+
+
+class PeerLostError(DcpExtError, RuntimeError):
+    """A rank died, hung past its timeout or became unreachable during one of dcp-ext's own
+    exchanges between ranks (tiered replication, restore, agreement); nothing was committed."""
 
 
 class UnsafePickleError(DcpExtError):
