@@ -12,17 +12,19 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import inspect
 import logging
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from torch.distributed.checkpoint import default_planner
 from torch.distributed.checkpoint.metadata import Metadata
 
 __all__ = ["validate_global_plan", "metadata_version", "async_save_kwargs", "ASYNC_SAVE_TAKES_STAGER",
-           "crc_option_is_context_local", "process_wide_zip_crc_disabled"]
+           "crc_option_is_context_local", "process_wide_zip_crc_disabled", "reports_metadata_errors",
+           "stock_load_hides_reader_errors"]
 
 
 # --------------------------------------------------------------- DCP's global-plan check (planner.py)
@@ -204,3 +206,60 @@ def process_wide_zip_crc_disabled() -> Iterator[None]:
             _crc_users -= 1
             if _crc_users == 0:
                 torch.serialization.set_crc32_options(_crc_saved)
+
+
+# --------------------------------------------------------------- read_metadata errors in dcp.load (readers)
+_hides: bool | None = None
+
+
+def stock_load_hides_reader_errors() -> bool:
+    """Whether stock ``dcp.load`` drops what ``read_metadata`` raises.
+
+    torch 2.9 catches it (and the rank-local retry's), logs "Global metadata is not found" at
+    INFO without the reason, then fails on ``assert metadata is not None``: the user never learns
+    why. torch 2.7 has no retry and lets the error propagate; torch 2.13 names both errors in its
+    own ("global metadata read failed: ..."). Read once from the loader's source: a retry whose
+    error message does not carry the reader's.
+    """
+    global _hides
+    if _hides is None:
+        from torch.distributed.checkpoint import state_dict_loader
+
+        try:
+            src = inspect.getsource(state_dict_loader)
+        except (OSError, TypeError):  # pragma: no cover - no source shipped: assume it reports
+            src = ""
+        _hides = "read_metadata(rank=" in src and "metadata read failed" not in src
+    return _hides
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def reports_metadata_errors(read_metadata: _F) -> _F:
+    """Make a reader's ``read_metadata`` errors seen where stock ``dcp.load`` hides them (torch 2.9).
+
+    Stock's loader first calls ``read_metadata()``, then, if that raised, ``read_metadata(rank=r)``
+    (a rank-local checkpoint). When that retry fails too and this torch hides both errors
+    (:func:`stock_load_hides_reader_errors`), both are logged at ERROR on the reader's module
+    logger before stock's bare ``AssertionError``. A successful retry (a rank-local checkpoint
+    really) logs nothing; elsewhere the errors propagate as usual.
+    """
+    @functools.wraps(read_metadata)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return read_metadata(self, *args, **kwargs)
+        except Exception as e:
+            if not stock_load_hides_reader_errors():
+                raise
+            if kwargs.get("rank") is None:
+                self._compat_metadata_error = e
+            else:
+                log = logging.getLogger(type(self).__module__)
+                first = getattr(self, "_compat_metadata_error", None)
+                if first is not None and first is not e:
+                    log.error("%s: %s", type(first).__name__, first)
+                log.error("%s: %s", type(e).__name__, e)
+                self._compat_metadata_error = None
+            raise
+    return wrapper  # type: ignore[return-value]

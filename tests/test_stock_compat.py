@@ -22,7 +22,7 @@ from dcp_ext.storage.manifest import ItemLocation
 from dcp_ext.verify import verify_checkpoint
 from tests import parity_rank_fns as P
 from tests.support.errors import error_text as _error
-from tests.support.torch_features import needs_dtype, needs_rank_local_save
+from tests.support.torch_features import needs_dtype, needs_load_to_report_reader_errors, needs_rank_local_save
 
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled"),
               pytest.mark.filterwarnings("ignore:Detected an existing checkpoint")]
@@ -252,6 +252,7 @@ def test_rank_local_locations_are_explained(tmp_path):
 
 
 @needs_rank_local_save
+@needs_load_to_report_reader_errors
 def test_rank_local_across_ranks_with_a_failed_rank(ranks, tmp_path):
     """2 gloo ranks save rank-local parts; rank 1's part is then lost (its save died): rank 0
     still loads its part, rank 1's load is refused with the reason, nothing is mixed."""

@@ -27,12 +27,13 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType
 
 import dcp_ext
 from dcp_ext import staging, torch_compat
-from dcp_ext.errors import ReshardError
+from dcp_ext.errors import IncompleteCheckpointError, ReshardError
 from dcp_ext.layout import ParallelLayout, ShardSpec
 from dcp_ext.planner import ReshardSavePlanner
 from dcp_ext.staging import PooledStager
 from dcp_ext.storage import commit, manifest, records
 from dcp_ext.torch_compat import async_save_kwargs, validate_global_plan
+from tests.support.torch_features import needs_rank_local_save
 
 pytestmark = [pytest.mark.filterwarnings("ignore:torch.distributed is disabled")]
 
@@ -294,3 +295,72 @@ def test_a_save_under_the_process_wide_switch_loads_with_stock(process_wide_crc,
     out = {"a": torch.zeros(1000), "b": torch.zeros(3, 4, dtype=torch.bfloat16)}
     dcp.load(out, storage_reader=FileSystemReader(str(tmp_path)), no_dist=True)
     assert torch.equal(out["a"], sd["a"]) and torch.equal(out["b"], sd["b"])
+
+
+# ------------------------------------------------------------------ read_metadata errors inside dcp.load
+def _incomplete(tmp_path) -> str:
+    url = str(tmp_path / "ck")
+    dcp.save({"t": torch.arange(4.0)}, storage_writer=dcp_ext.storage_writer(url), no_dist=True)
+    (tmp_path / "ck" / commit.METADATA_NAME).unlink()
+    return url
+
+
+def test_the_detection_matches_what_stock_load_does(tmp_path):
+    """The source-based answer agrees with a real dcp.load: where it says "hides", the reader's
+    reason is missing from stock's error (torch 2.9); elsewhere it is there (2.7, 2.13)."""
+    url = _incomplete(tmp_path)
+    try:
+        dcp.load({"t": torch.zeros(4)}, storage_reader=dcp_ext.storage_reader(url), no_dist=True)
+    except BaseException as e:  # noqa: BLE001 - CheckpointException
+        named = "is an incomplete checkpoint" in str(e)
+    else:
+        raise AssertionError("an incomplete checkpoint loaded")
+    assert torch_compat.stock_load_hides_reader_errors() is (not named)
+
+
+def _ours(caplog) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name.startswith("dcp_ext")]
+
+
+def _stock_29_sequence(reader) -> list[str]:
+    """What torch 2.9's loader does: read_metadata(), then read_metadata(rank=0), both failing."""
+    errors = []
+    for kwargs in ({}, {"rank": 0}):
+        try:
+            reader.read_metadata(**kwargs)
+        except Exception as e:  # noqa: BLE001
+            errors.append(str(e))
+    return errors
+
+
+def test_hidden_reader_errors_are_logged(monkeypatch, tmp_path, caplog):
+    url = _incomplete(tmp_path)
+    monkeypatch.setattr(torch_compat, "_hides", True)
+    with caplog.at_level(logging.ERROR, logger="dcp_ext"):
+        errors = _stock_29_sequence(dcp_ext.storage_reader(url))
+    assert len(errors) == 2 and "is an incomplete checkpoint" in errors[0]
+    logged = [(r.name, r.levelno, r.getMessage()) for r in _ours(caplog)]
+    assert logged == [("dcp_ext.storage.reader", logging.ERROR, f"IncompleteCheckpointError: {errors[0]}"),
+                      ("dcp_ext.storage.reader", logging.ERROR, f"IncompleteCheckpointError: {errors[1]}")]
+
+
+def test_nothing_is_logged_where_stock_reports_the_errors(monkeypatch, tmp_path, caplog):
+    url = _incomplete(tmp_path)
+    monkeypatch.setattr(torch_compat, "_hides", False)
+    with caplog.at_level(logging.ERROR, logger="dcp_ext"):
+        assert len(_stock_29_sequence(dcp_ext.storage_reader(url))) == 2
+    assert _ours(caplog) == []
+
+
+@needs_rank_local_save
+def test_a_rank_local_retry_that_succeeds_logs_nothing(monkeypatch, tmp_path, caplog):
+    """A rank-local checkpoint has no global metadata by design: that first error is no news."""
+    url = str(tmp_path / "ck")
+    dcp.save({"t": torch.arange(4.0)}, storage_writer=dcp_ext.storage_writer(url), use_collectives=False)
+    monkeypatch.setattr(torch_compat, "_hides", True)
+    r = dcp_ext.storage_reader(url)
+    with caplog.at_level(logging.ERROR, logger="dcp_ext"):
+        with pytest.raises(IncompleteCheckpointError, match="holds a rank-local checkpoint"):
+            r.read_metadata()
+        assert "t" in r.read_metadata(rank=0).state_dict_metadata
+    assert _ours(caplog) == []
