@@ -89,9 +89,16 @@ def check_cell(res: dict, entry: str) -> None:
         "torch.distributed.checkpoint.filesystem._StorageInfo"]
     for way, md in res["read_md"].items():
         assert md == ref, (way, {k: (md[k], ref[k]) for k in ref if md[k] != ref[k]} if isinstance(md, dict) else md)
+    stock = res["saved_md"]["stock"]
+    # torch 2.9's FileSystemWriter.finish fills a copy of the metadata, so its dcp.save returns
+    # one without storage data or checkpoint id (2.7 and 2.13 return the filled one, as ours does):
+    # compare what stock's holds then
+    unfilled = stock is not None and stock["checkpoint_id"] is None and not stock["storage_keys"]
     for w, md in res["saved_md"].items():  # what dcp.save returned (None: async returns nothing)
-        if md is not None or res["saved_md"]["stock"] is not None:
-            assert md == res["saved_md"]["stock"], w
+        if md is not None or stock is not None:
+            if unfilled and md is not None:
+                md = dict(md, checkpoint_id=None, storage_keys=[], storage_types=[])
+            assert md == stock, w
 
 
 # ------------------------------------------------------------------ one process, whole state matrix
