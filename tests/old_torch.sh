@@ -7,7 +7,7 @@
 #   tests/old_torch.sh                                  # torch 2.7.1 (the floor), the whole suite
 #   tests/old_torch.sh 2.9.1 -- tests/test_staging.py   # another torch, some files
 #
-# It builds a virtual environment outside the checkout ($DCP_EXT_OLD_TORCH_VENV, default
+# It builds a virtual environment outside the checkout ($OLD_TORCH_VENV, default
 # /tmp/dcp-ext-torch-VERSION; reused when it already has that torch), installs torch==VERSION from
 # PyPI and then this checkout's '.[test]' extra with torch pinned by a constraints file (so pip
 # cannot swap it), and runs pytest from the checkout root with PYTHONPATH on it. PyPI's Linux
@@ -30,7 +30,7 @@ if [[ ! "$version" =~ ^[0-9]+\.[0-9]+\.[0-9]+$ ]]; then
 fi
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${DCP_EXT_OLD_TORCH_VENV:-/tmp/dcp-ext-torch-$version}"
+venv="${OLD_TORCH_VENV:-/tmp/dcp-ext-torch-$version}"
 python="${PYTHON:-python3}"
 
 have="$("$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0])' 2>/dev/null || true)"
