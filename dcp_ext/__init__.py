@@ -110,3 +110,7 @@ from .storage.tiered import (  # noqa: E402
 
 __all__ += ["PersistError", "PersistHandle", "PersistResult", "TieredStorageReader", "TieredStorageWriter",
             "TierStatus", "pending_persists", "tier_status", "wait_persisted"]
+
+from .manager import CheckpointManager, StepInfo  # noqa: E402  (issue 16: checkpoint manager)
+
+__all__ += ["CheckpointManager", "StepInfo"]

@@ -34,6 +34,7 @@ __all__ = [
     "GCSOptions",
     "TierOptions",
     "TensorStoreOptions",
+    "ManagerOptions",
     "load_config",
     "parse_size",
 ]
@@ -171,6 +172,40 @@ class TensorStoreOptions:
 
 
 @dataclass
+class ManagerOptions:
+    """:class:`dcp_ext.CheckpointManager` (``[manager]``): when to save, what to keep, how."""
+
+    #: save when ``step % interval == 0`` (``force=True`` and preemption signals save anyway)
+    interval: int = 1
+    #: keep the newest N complete checkpoints (None: no limit from this rule)
+    keep_last: int | None = None
+    #: also keep every checkpoint whose step is a multiple of K
+    keep_every: int | None = None
+    #: also keep the N best checkpoints by ``best_metric`` (needs ``best_metric``)
+    keep_best: int | None = None
+    #: the ``metrics=`` key that ranks checkpoints for ``keep_best``
+    best_metric: str | None = None
+    #: ``"min"`` (lower is better, e.g. a loss) or ``"max"`` (e.g. an accuracy)
+    best_mode: str = "min"
+    #: save with ``dcp.async_save`` + a pooled stager (training blocks only for a host copy)
+    async_save: bool = False
+    #: top-level state keys that ``load()`` leaves untouched (e.g. ``["data_loader"]``)
+    exclude: list = field(default_factory=list)
+    #: signal names (``["SIGTERM", "SIGUSR1"]``) after which the next ``save()``/``maybe_save()``
+    #: checkpoints on every rank regardless of the interval
+    save_on_signal: list = field(default_factory=list)
+    #: after a save triggered by a signal, raise ``SystemExit(128 + signal number)``
+    exit_on_signal: bool = True
+    #: step directory name: this prefix, then the step (zero-padded to ``step_digits``)
+    step_prefix: str = "step_"
+    step_digits: int = 0
+    #: remove incomplete leftovers of crashed saves (only directories the manager created)
+    cleanup: bool = True
+    #: seconds a collective of the manager's own process groups may take
+    timeout: float = 1800.0
+
+
+@dataclass
 class Config:
     """Everything a dcp-ext writer or reader can be told."""
 
@@ -199,6 +234,7 @@ class Config:
     gcs: GCSOptions = field(default_factory=GCSOptions)
     tier: TierOptions = field(default_factory=TierOptions)
     tensorstore: TensorStoreOptions = field(default_factory=TensorStoreOptions)
+    manager: ManagerOptions = field(default_factory=ManagerOptions)
 
     def validate(self) -> "Config":
         if self.io_threads < 1:
@@ -237,6 +273,7 @@ class Config:
             raise ConfigError(f"tier.chunk_size: must be >= 4096 bytes, got {t.chunk_size}")
         if t.persist_timeout <= 0 or t.exchange_timeout <= 0:
             raise ConfigError("tier.persist_timeout and tier.exchange_timeout must be > 0 seconds")
+        _validate_manager(self.manager)
         return self
 
     def redacted(self) -> dict:
@@ -247,6 +284,33 @@ class Config:
                 if d[sec].get(k):
                     d[sec][k] = "***"
         return d
+
+
+def _validate_manager(m: ManagerOptions) -> None:
+    for name in ("interval", "keep_last", "keep_every", "keep_best"):
+        v = getattr(m, name)
+        if v is not None and v < 1:
+            raise ConfigError(f"manager.{name}: must be >= 1, got {v}")
+    if m.best_mode not in ("min", "max"):
+        raise ConfigError(f"manager.best_mode: must be 'min' or 'max', got {m.best_mode!r}")
+    if m.keep_best is not None and not m.best_metric:
+        raise ConfigError("manager.keep_best needs manager.best_metric: the metrics= key that ranks checkpoints")
+    if m.step_digits < 0 or m.step_digits > 20:
+        raise ConfigError(f"manager.step_digits: must be 0..20, got {m.step_digits}")
+    if not m.step_prefix or "/" in m.step_prefix or m.step_prefix.strip() != m.step_prefix:
+        raise ConfigError(f"manager.step_prefix: must be a non-empty name without '/' or surrounding spaces, "
+                          f"got {m.step_prefix!r}")
+    if m.timeout <= 0:
+        raise ConfigError(f"manager.timeout: must be > 0 seconds, got {m.timeout}")
+    import signal
+
+    for name in m.save_on_signal:
+        if not isinstance(name, str) or not isinstance(getattr(signal, name.upper(), None), signal.Signals):
+            raise ConfigError(f"manager.save_on_signal: {name!r} is not a signal name of this platform "
+                              f"(e.g. 'SIGTERM', 'SIGUSR1')")
+    for k in m.exclude:
+        if not isinstance(k, str) or not k:
+            raise ConfigError(f"manager.exclude: expected state keys (strings), got {k!r}")
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)
@@ -307,6 +371,12 @@ def _coerce(key: str, value: Any, tp: Any, from_env: bool) -> Any:
         if isinstance(value, os.PathLike):
             return os.fspath(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if from_env and isinstance(value, str):  # DCP_EXT_MANAGER_EXCLUDE=data_loader,lr
+            return [v.strip() for v in value.split(",") if v.strip()]
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
     if tp is dict or origin is dict:
         if isinstance(value, Mapping):
             return dict(value)

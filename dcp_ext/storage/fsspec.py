@@ -7,6 +7,7 @@ long tail and for tests (``memory://``).
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 from ..config import Config
@@ -14,6 +15,8 @@ from ..errors import CorruptCheckpointError, MissingDependencyError, StorageErro
 from .base import BlobWriter, Store
 
 __all__ = ["FsspecStore"]
+
+logger = logging.getLogger(__name__)
 
 #: fsspec protocols whose implementation one of our pip extras installs (for error messages)
 PROTOCOL_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -125,3 +128,10 @@ class FsspecStore(Store):
                 self.fs.rm_file(self._abs(p))
             except FileNotFoundError:
                 pass
+
+    def remove_empty_dirs(self) -> None:
+        try:
+            if self.fs.exists(self.root) and not self.fs.find(self.root):
+                self.fs.rm(self.root, recursive=True)
+        except Exception as e:  # noqa: BLE001 - leftovers are harmless
+            logger.debug("could not remove the empty location %s: %s", self.url, e)
