@@ -25,7 +25,7 @@ from typing import Any, Callable, TypeVar
 
 import torch
 
-from ..config import Config, load_config
+from ..config import Config, ManagerOptions, load_config
 from ..errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, DcpExtError, IncompleteCheckpointError
 from ..storage import storage_reader, storage_writer
 from ..storage.commit import CommitState
@@ -107,6 +107,8 @@ class CheckpointManager:
                 signal_number(s).name for s in ([save_on_signal] if isinstance(save_on_signal, (str, int))
                                                 else save_on_signal)],
         ).items() if v is not None}
+        for k in [k for k in options if k in ManagerOptions.__dataclass_fields__]:  # cleanup=, step_prefix=, ...
+            explicit[k] = options.pop(k)
         if cache is not None:
             options["tier"] = {**dict(options.get("tier") or {}), "cache": os.fspath(cache)}
         options["manager"] = {**dict(options.get("manager") or {}), **explicit}
