@@ -114,3 +114,8 @@ __all__ += ["PersistError", "PersistHandle", "PersistResult", "TieredStorageRead
 from .manager import CheckpointManager, StepInfo  # noqa: E402  (issue 16: checkpoint manager)
 
 __all__ += ["CheckpointManager", "StepInfo"]
+from .convert import ConvertReport, DiffReport, diff_checkpoints, export_checkpoint, import_checkpoint  # noqa: E402
+from .errors import ConvertError  # noqa: E402
+
+__all__ += ["ConvertError", "ConvertReport", "DiffReport", "diff_checkpoints", "export_checkpoint",
+            "import_checkpoint"]

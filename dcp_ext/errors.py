@@ -25,6 +25,7 @@ __all__ = [
     "StagingBudgetError",
     "StagingPoolBusyError",
     "PersistError",
+    "ConvertError",
 ]
 
 
@@ -98,3 +99,9 @@ class PersistError(StorageError):
 
     Raised by ``wait_persisted()`` / the ``persisted`` future; the message names the object.
     """
+
+
+class ConvertError(DcpExtError, ValueError):
+    """A conversion (``dcp-ext convert``, :func:`dcp_ext.export_checkpoint` /
+    :func:`dcp_ext.import_checkpoint`) cannot proceed: unsupported input, a key selection that
+    matches nothing, colliding names, or an output that already exists."""
