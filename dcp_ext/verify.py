@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import load_config
-from .errors import CorruptCheckpointError, DcpExtError
+from .errors import CheckpointKeyError, CorruptCheckpointError, DcpExtError
 from .integrity import checksum
 from .progress import Progress
 from .storage import get_backend
@@ -51,24 +51,64 @@ def _reader(url: str, options: dict):
     return reader
 
 
-def inspect_checkpoint(url: str, **options: Any) -> dict:
-    """A JSON-able summary: tensors (dtype, size, chunks), objects, files, bytes, world size."""
+def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) -> dict:
+    """A JSON-able summary: tensors (dtype, size, chunks, stored bytes), objects, files, bytes,
+    world size, the saving layout; for the keys matching ``fqns`` (globs) every chunk's offsets,
+    sizes, file and bytes too. Reads only metadata (the JSON manifest when there is one); never
+    loads a stored object."""
+    import fnmatch
+
+    from .planner import saved_layout
+
     reader = _reader(url, options)
     md = reader.read_metadata()
+    stored: dict[str, int] = {}
+    for idx, loc in reader.locations.items():
+        stored[idx.fqn] = stored.get(idx.fqn, 0) + loc.length
     tensors, objects = {}, []
     for fqn, m in sorted(md.state_dict_metadata.items()):
         if hasattr(m, "chunks"):
             tensors[fqn] = {"dtype": str(m.properties.dtype).removeprefix("torch."), "size": list(m.size),
-                            "chunks": len(m.chunks)}
+                            "chunks": len(m.chunks), "bytes": stored.get(fqn, 0)}
         else:
             objects.append(fqn)
+    details = {}
+    if fqns:
+        names = list(tensors) + objects
+        missing = [p for p in fqns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+        if missing:
+            raise CheckpointKeyError(f"{url} has no key matching {', '.join(missing)}; keys look like: "
+                                     f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+        by_key: dict[str, list] = {}
+        for idx, loc in reader.locations.items():
+            by_key.setdefault(idx.fqn, []).append((idx, loc))
+        for n in names:
+            if not any(fnmatch.fnmatchcase(n, p) for p in fqns):
+                continue
+            d = dict(tensors.get(n) or {"object": True, "bytes": stored.get(n, 0)})
+            d["stored"] = [{"offsets": None if idx.offset is None else list(idx.offset),
+                            "sizes": _chunk_sizes(md.state_dict_metadata[n], idx.offset),
+                            "file": loc.relative_path, "offset": loc.offset, "bytes": loc.length,
+                            "checksummed": loc.checksums is not None}
+                           for idx, loc in sorted(by_key.get(n, []), key=lambda il: list(il[0].offset or []))]
+            details[n] = d
     files: dict[str, int] = {}
     for loc in reader.locations.values():
         files[loc.relative_path] = files.get(loc.relative_path, 0) + loc.length
+    layout = saved_layout(md)
     return {"url": url, "tensors": tensors, "objects": objects, "files": files,
             "bytes": sum(files.values()), "world_size": reader.manifest_extra.get("world_size"),
+            "layout": None if layout.startswith("unknown") else layout,
             "has_manifest": reader.store.exists(MANIFEST_NAME),
-            "checksummed": any(loc.checksums is not None for loc in reader.locations.values())}
+            "checksummed": any(loc.checksums is not None for loc in reader.locations.values()),
+            "details": details}
+
+
+def _chunk_sizes(m, offsets) -> list | None:
+    for c in getattr(m, "chunks", []):
+        if offsets is not None and list(c.offsets) == list(offsets):
+            return list(c.sizes)
+    return None
 
 
 def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) -> VerifyReport:

@@ -16,7 +16,6 @@ import datetime
 import logging
 import os
 import pickle
-import socket
 import threading
 import time
 import uuid
@@ -29,7 +28,8 @@ from ..config import Config, ManagerOptions, load_config
 from ..errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, DcpExtError, IncompleteCheckpointError
 from ..storage import storage_reader, storage_writer
 from ..storage.commit import CommitState
-from .retention import RetentionPolicy, StepRecord, steps_to_delete
+from .gc import leftover_victims, retention_victims
+from .retention import RetentionPolicy
 from .root import CheckpointRoot, StepEntry, StepInfo, jsonable_metrics
 from .signals import SignalWatcher, signal_number
 
@@ -475,38 +475,23 @@ class CheckpointManager:
     def _prune(self, just_committed: int | None = None) -> None:
         """Apply retention and remove leftovers of failed saves (rank 0)."""
         entries = self.root.scan()
-        committed = [e for e in entries if e.committed]
         with self._lock:
             protected = set(self._inflight)
-            self._committed = {e.step for e in committed}
+            self._committed = {e.step for e in entries if e.committed}
         if just_committed is not None:
             protected.add(just_committed)
-        latest = self.root.read_latest()
-        if latest is not None and self.root.parse_step(latest) is not None:
-            protected.add(self.root.parse_step(latest))
-        records = [StepRecord(e.step, e.owned, e.info.metrics if e.info else None) for e in committed]
-        doomed = steps_to_delete(records, self.policy, protected)
-        by_step = {e.step: e for e in committed}
-        for step in doomed:
-            self._delete(by_step[step], "retention")
+        for e in retention_victims(self.root, entries, self.policy, protected):
+            self._delete(e, "retention")
         self._remove_leftovers(entries)
 
     def _remove_leftovers(self, entries: list[StepEntry]) -> None:
         """Delete incomplete step directories the manager created whose save is over (crashed
         or failed): never one this manager is writing, one whose writer still runs on this host,
         or (tiered) one whose fast-tier copy is complete here (it may still be persisted)."""
-        for e in entries:
-            if e.committed or not e.owned:
-                continue
-            with self._lock:
-                if e.step in self._inflight:
-                    continue
-            info = e.info
-            if info.host == socket.gethostname() and info.pid != os.getpid() and _pid_alive(info.pid):
-                logger.info("leaving incomplete %s: its writer (pid %d) is still running here", e.url, info.pid)
-                continue
-            if self.tiered and _fast_copy_complete(e.url, self.config):
-                continue
+        with self._lock:
+            busy = set(self._inflight)
+        keep_if = (lambda e: _fast_copy_complete(e.url, self.config)) if self.tiered else None
+        for e in leftover_victims(entries, busy=busy, keep_if=keep_if):
             self._delete(e, "leftover of a save that did not finish")
 
     def _delete(self, e: StepEntry, why: str) -> None:
@@ -574,16 +559,6 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.url!r}, rank {self.rank}/{self.world_size})"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def _fast_copy_complete(url: str, config: Config) -> bool:
