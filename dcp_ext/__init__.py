@@ -115,7 +115,7 @@ from .manager import CheckpointManager, StepInfo  # noqa: E402  (issue 16: check
 
 __all__ += ["CheckpointManager", "StepInfo"]
 from .convert import ConvertReport, DiffReport, diff_checkpoints, export_checkpoint, import_checkpoint  # noqa: E402
-from .errors import ConvertError  # noqa: E402
+from .errors import CheckpointKeyError, ConvertError  # noqa: E402
 
-__all__ += ["ConvertError", "ConvertReport", "DiffReport", "diff_checkpoints", "export_checkpoint",
+__all__ += ["CheckpointKeyError", "ConvertError", "ConvertReport", "DiffReport", "diff_checkpoints", "export_checkpoint",
             "import_checkpoint"]
