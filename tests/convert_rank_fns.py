@@ -26,3 +26,18 @@ class Opaque:
 
     def __init__(self, x: int = 1):
         self.x = x
+
+
+def _trip(path: str) -> None:
+    with open(path, "w") as f:
+        f.write("unpickled!")
+
+
+class Tripwire:
+    """Unpickling it creates ``path``: proof that something unpickled a stored object."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __reduce__(self):
+        return (_trip, (self.path,))

@@ -62,3 +62,16 @@ def load_step(root: str, step: int | None, manager_kw: dict, opts: dict) -> dict
     loaded = mgr.load(fresh, step)
     mgr.close()
     return {"loaded": loaded, "exact": loaded is not None and _equal(fresh, expected_state(loaded, rank))}
+
+
+def save_into_a_blocked_step(root: str) -> str:
+    """Rank 0 cannot create the step directory (a file is in the way): every rank gets the error,
+    none is left waiting in a collective."""
+    mgr = dcp_ext.CheckpointManager(root)
+    try:
+        mgr.save(2, expected_state(2, dist.get_rank()))
+        return "saved"
+    except Exception as e:  # noqa: BLE001
+        return type(e).__name__
+    finally:
+        mgr.close()

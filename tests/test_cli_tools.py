@@ -170,3 +170,19 @@ def test_cli_on_s3(s3_server, tmp_path):
     r = _cli("gc", root, "--keep-last", "1", "--yes", env=env)
     assert r.returncode == 0 and "deleted" in r.stdout
     assert [s["step"] for s in json.loads(_cli("ls", "--json", root, env=env).stdout)["steps"]] == [2]
+
+
+def test_read_only_commands_never_unpickle_stored_objects(tmp_path, capsys):
+    from tests.convert_rank_fns import Tripwire
+
+    marker = tmp_path / "TRIPPED"
+    root = str(tmp_path / "run")
+    with dcp_ext.CheckpointManager(root) as mgr:
+        mgr.save(1, {"w": torch.ones(4), "trip": Tripwire(str(marker))})
+    ck = f"{root}/step_1"
+    for args in (["ls", root], ["inspect", ck, "trip"], ["verify", ck], ["diff", ck, ck],
+                 ["convert", ck, str(tmp_path / "st")], ["convert", ck, str(tmp_path / "m.pt"), "--to", "torch"]):
+        rc, out, err = _run(capsys, *args)
+        assert rc == 0, (args, out, err)
+        assert not marker.exists(), f"dcp-ext {' '.join(args)} unpickled a stored object"
+    assert "trip" in out and "weights_only" in out  # left out of the torch export, not executed

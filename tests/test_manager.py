@@ -288,3 +288,51 @@ def test_two_ranks_tiered(ranks, tmp_path):
     got = {"shared": torch.zeros(1024), "step": 0}
     dcp.load(got, storage_reader=dcp.FileSystemReader(str(tmp_path / "run" / "step_6")))
     assert got["step"] == 6 and torch.equal(got["shared"], torch.full((1024,), 6.0))
+
+
+def test_rank0_bookkeeping_errors_reach_every_rank(ranks, tmp_path):
+    root = tmp_path / "run"
+    root.mkdir()
+    (root / "step_2").write_text("a file where the step directory should be")
+    res = ranks(2).run(M.save_into_a_blocked_step, str(root), timeout=120)
+    assert res[0] == res[1] and res[0] != "saved", res
+
+
+def test_async_failure_surfaces_at_next_save_and_leftover_is_removed(tmp_path, monkeypatch):
+    from dcp_ext.storage.writer import ExtStorageWriter
+
+    real = ExtStorageWriter.write_data
+
+    def flaky(self, plan, planner):
+        if self.store.url.endswith("step_4"):
+            raise OSError("disk on fire")
+        return real(self, plan, planner)
+
+    monkeypatch.setattr(ExtStorageWriter, "write_data", flaky)
+    root = tmp_path / "run"
+    with dcp_ext.CheckpointManager(root, interval=2, async_save=True) as mgr:
+        assert mgr.save(2, _state(2)) and mgr.save(4, _state(4))  # step 4 fails in the background
+        with pytest.raises(BaseException, match="disk on fire"):
+            mgr.save(6, _state(6))
+        assert mgr.save(6, _state(6))
+        mgr.wait()
+        assert mgr.all_steps() == [2, 6]
+    assert not (root / "step_4").exists()  # the failed save's leftovers were removed
+    assert (root / "latest").read_text() == "step_6\n"
+
+
+def test_signal_in_one_process(tmp_path):
+    import signal
+
+    with dcp_ext.CheckpointManager(tmp_path, interval=100, save_on_signal=["SIGUSR1"], exit_on_signal=False) as mgr:
+        assert not mgr.maybe_save(1, _state(1))
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert mgr.maybe_save(2, _state(2)) and mgr.preempted == signal.SIGUSR1
+        assert mgr.all_steps() == [2]
+    mgr = dcp_ext.CheckpointManager(tmp_path / "b", interval=100, save_on_signal=[signal.SIGUSR1])
+    os.kill(os.getpid(), signal.SIGUSR1)
+    with pytest.raises(SystemExit) as ei:
+        mgr.maybe_save(3, _state(3))
+    assert ei.value.code == 128 + signal.SIGUSR1
+    assert (tmp_path / "b" / "step_3" / ".metadata").exists()
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # handlers restored on exit
