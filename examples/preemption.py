@@ -14,7 +14,7 @@ preemption checkpoint is the only one.
 
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401 - argparse.Namespace in annotations
 import os
 import sys
 import time
@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch.distributed as dist  # noqa: E402
 
 import dcp_ext  # noqa: E402
-from tiny_training import build, launch, say, train_step  # noqa: E402
+from tiny_training import build, example_parser, launch, say, train_step  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> None:
@@ -49,13 +49,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", required=True, help="checkpoint root (any dcp-ext URL)")
-    ap.add_argument("--steps", type=int, default=500)
-    ap.add_argument("--interval", type=int, default=1000)
-    ap.add_argument("--nproc", type=int, default=2, help="local ranks (ignored under torchrun)")
-    ap.add_argument("--sleep", type=float, default=0.05, help="seconds per step (time to send a signal)")
-    args = ap.parse_args(argv)
+    args = example_parser(__doc__, steps=500, interval=1000, sleep=0.05).parse_args(argv)
     return launch(run, args.nproc, args)
 
 

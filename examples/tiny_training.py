@@ -7,6 +7,7 @@ Nothing here is dcp-ext specific except that the state is what the examples hand
 
 from __future__ import annotations
 
+import argparse
 import multiprocessing as mp
 import os
 import signal
@@ -83,6 +84,18 @@ def say(*args: Any) -> None:
     """Print on rank 0 only, at once (the tests read the output as it comes)."""
     if dist.get_rank() == 0:
         print(*args, flush=True)
+
+
+def example_parser(doc: str, *, steps: int, interval: int, sleep: float) -> argparse.ArgumentParser:
+    """The options every training example takes (``--dir``, ``--steps``, ``--interval``,
+    ``--nproc``, ``--sleep``), with the example's defaults."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", required=True, help="checkpoint root (any dcp-ext URL)")
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--interval", type=int, default=interval, help="save every N steps")
+    ap.add_argument("--nproc", type=int, default=2, help="local ranks (ignored under torchrun)")
+    ap.add_argument("--sleep", type=float, default=sleep, help="seconds to pause per step (time to kill or signal it)")
+    return ap
 
 
 # -- launcher ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ depends on the step only, so the resumed run's losses equal an uninterrupted run
 
 from __future__ import annotations
 
-import argparse
+import argparse  # noqa: F401 - argparse.Namespace in annotations
 import os
 import sys
 import time
@@ -21,7 +21,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import dcp_ext  # noqa: E402
-from tiny_training import build, launch, say, train_step  # noqa: E402
+from tiny_training import build, example_parser, launch, say, train_step  # noqa: E402
 
 
 def run(args: argparse.Namespace) -> None:
@@ -42,13 +42,7 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", required=True, help="checkpoint root (any dcp-ext URL)")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--interval", type=int, default=2)
-    ap.add_argument("--nproc", type=int, default=2, help="local ranks (ignored under torchrun)")
-    ap.add_argument("--sleep", type=float, default=0.0, help="seconds to pause per step (to watch it)")
-    args = ap.parse_args(argv)
+    args = example_parser(__doc__, steps=12, interval=2, sleep=0.0).parse_args(argv)
     return launch(run, args.nproc, args)
 
 

@@ -32,14 +32,10 @@ def _state() -> dict:
             "cfg": {"lr": 0.1, "name": "run"}, "step": 5}
 
 
-def _flat(state: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in state.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def _flat(state: dict) -> dict:
+    """{"model": {"w": t}, "step": 5} -> {"model.w": t, "step": 5} (one level of nesting, as _state has)."""
+    return {f"{k}.{kk}" if isinstance(v, dict) else k: vv for k, v in state.items()
+            for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)])}
 
 
 def _save(path, state=None, **opts):
