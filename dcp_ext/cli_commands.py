@@ -114,21 +114,25 @@ def cmd_inspect(args) -> int:
     _out(f"{info['url']}: {len(info['tensors'])} tensors, {len(info['objects'])} objects, "
          f"{info['bytes'] / 2**20:.1f} MiB in {len(info['files'])} files; saved by "
          f"{info['world_size'] or '?'} ranks; checksums: {'yes' if info['checksummed'] else 'no'}")
-    if info["layout"]:
-        _out(f"saved layout: {info['layout']}")
+    if info.get("saved_layout"):
+        _out(f"saved layout: {info['saved_layout']}")
+    if info.get("layout"):
+        _out(f"storage layout: {info['layout']}")
     if args.fqns:
         for fqn, d in info["details"].items():
             if d.get("object"):
-                _out(f"{fqn}: object, {_fmt_bytes(d['bytes'])} stored")
+                _out(f"{fqn}: object" + (f", {_fmt_bytes(d['bytes'])} stored" if "bytes" in d else ""))
             else:
-                _out(f"{fqn}: {d['dtype']} {d['size']}, {d['chunks']} chunk(s), {_fmt_bytes(d['bytes'])} stored")
+                _out(f"{fqn}: {d['dtype']} {d['size']}, {d['chunks']} chunk(s)"
+                     + (f", {_fmt_bytes(d['bytes'])} stored" if "bytes" in d else ""))
             for c in d["stored"]:
                 where = f"{c['file']} @ {c['offset']}"
                 _out(f"  offsets {c['offsets']} sizes {c['sizes']}: {_fmt_bytes(c['bytes'])} in {where}"
                      + ("" if c["checksummed"] else " (no checksums)"))
         return 0
     for fqn, t in info["tensors"].items():
-        _out(f"  {fqn:50s} {t['dtype']:9s} {str(t['size']):22s} {t['chunks']} chunk(s) {_fmt_bytes(t['bytes'])}")
+        _out(f"  {fqn:50s} {t['dtype']:9s} {str(t['size']):22s} {t['chunks']} chunk(s)"
+             + (f" {_fmt_bytes(t['bytes'])}" if "bytes" in t else ""))
     for fqn in info["objects"]:
         _out(f"  {fqn:50s} (object)")
     return 0

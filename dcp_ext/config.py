@@ -165,10 +165,53 @@ class TierOptions:
 
 @dataclass
 class TensorStoreOptions:
-    """TensorStore (zarr3) backend."""
+    """TensorStore (zarr3) backend: each global tensor one zarr3 array (``docs/backends.md``)."""
 
-    #: extra kvstore spec entries (e.g. ``{"endpoint": "http://127.0.0.1:9000"}``)
+    #: target bytes of one zarr chunk, the unit of checksums, compression and (without
+    #: ``shard_size``) of files/objects and of partial reads
+    chunk_size: ByteSize = ByteSize(1024 * 1024)
+    #: group chunks into zarr3 shards of about this many bytes (one file/object each, read by
+    #: ranges); None/0: every chunk is its own file/object
+    shard_size: ByteSize | None = ByteSize(64 * 1024 * 1024)
+    #: ``"zstd"`` or None (no compression)
+    compression: str | None = None
+    #: zstd level (-131072..22; higher: smaller and slower)
+    compression_level: int = 3
+    #: concurrent kvstore requests (files / S3 / GCS) per process; None: TensorStore's default on
+    #: files, 4 x ``max_concurrency`` of the S3/GCS section on object stores
+    concurrency: int | None = None
+    #: CPU threads encoding/decoding/copying chunks per process; None: all cores
+    copy_concurrency: int | None = None
+    #: tensor bytes a rank keeps in flight while saving or loading (bounds memory beyond the
+    #: state itself)
+    inflight_bytes: ByteSize = ByteSize(256 * 1024 * 1024)
+    #: ``"auto"`` (one array per tensor unless its shard boundaries admit no sensible chunk
+    #: grid, then one array per saved box), ``"global"`` or ``"per_box"``
+    layout: str = "auto"
+    #: extra kvstore spec entries (e.g. ``{"requester_pays": true}``); driver, bucket and path
+    #: come from the URL
     kvstore: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """ConfigError naming the key for any out-of-range value."""
+        if self.chunk_size < 1024:
+            raise ConfigError(f"tensorstore.chunk_size: must be >= 1KiB, got {self.chunk_size}")
+        if self.shard_size and self.shard_size < self.chunk_size:
+            raise ConfigError(f"tensorstore.shard_size: must be >= tensorstore.chunk_size ({self.chunk_size}) "
+                              f"or None/0 for no shards, got {self.shard_size}")
+        if self.compression not in (None, "none", "zstd"):
+            raise ConfigError(f"tensorstore.compression: must be 'zstd' or None, got {self.compression!r}")
+        if not -131072 <= self.compression_level <= 22:
+            raise ConfigError(f"tensorstore.compression_level: must be in -131072..22 (zstd), got "
+                              f"{self.compression_level}")
+        for k in ("concurrency", "copy_concurrency"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ConfigError(f"tensorstore.{k}: must be >= 1, got {v}")
+        if self.inflight_bytes < 1024 * 1024:
+            raise ConfigError(f"tensorstore.inflight_bytes: must be >= 1MiB, got {self.inflight_bytes}")
+        if self.layout not in ("auto", "global", "per_box"):
+            raise ConfigError(f"tensorstore.layout: must be 'auto', 'global' or 'per_box', got {self.layout!r}")
 
 
 @dataclass
@@ -203,6 +246,34 @@ class ManagerOptions:
     cleanup: bool = True
     #: seconds a collective of the manager's own process groups may take
     timeout: float = 1800.0
+
+    def validate(self) -> None:
+        """ConfigError naming the key for any out-of-range value."""
+        m = self
+        for name in ("interval", "keep_last", "keep_every", "keep_best"):
+            v = getattr(m, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"manager.{name}: must be >= 1, got {v}")
+        if m.best_mode not in ("min", "max"):
+            raise ConfigError(f"manager.best_mode: must be 'min' or 'max', got {m.best_mode!r}")
+        if m.keep_best is not None and not m.best_metric:
+            raise ConfigError("manager.keep_best needs manager.best_metric: the metrics= key that ranks checkpoints")
+        if m.step_digits < 0 or m.step_digits > 20:
+            raise ConfigError(f"manager.step_digits: must be 0..20, got {m.step_digits}")
+        if not m.step_prefix or "/" in m.step_prefix or m.step_prefix.strip() != m.step_prefix:
+            raise ConfigError(f"manager.step_prefix: must be a non-empty name without '/' or surrounding spaces, "
+                              f"got {m.step_prefix!r}")
+        if m.timeout <= 0:
+            raise ConfigError(f"manager.timeout: must be > 0 seconds, got {m.timeout}")
+        import signal
+
+        for name in m.save_on_signal:
+            if not isinstance(name, str) or not isinstance(getattr(signal, name.upper(), None), signal.Signals):
+                raise ConfigError(f"manager.save_on_signal: {name!r} is not a signal name of this platform "
+                                  f"(e.g. 'SIGTERM', 'SIGUSR1')")
+        for k in m.exclude:
+            if not isinstance(k, str) or not k:
+                raise ConfigError(f"manager.exclude: expected state keys (strings), got {k!r}")
 
 
 @dataclass
@@ -273,7 +344,8 @@ class Config:
             raise ConfigError(f"tier.chunk_size: must be >= 4096 bytes, got {t.chunk_size}")
         if t.persist_timeout <= 0 or t.exchange_timeout <= 0:
             raise ConfigError("tier.persist_timeout and tier.exchange_timeout must be > 0 seconds")
-        _validate_manager(self.manager)
+        self.tensorstore.validate()
+        self.manager.validate()
         return self
 
     def redacted(self) -> dict:
@@ -284,33 +356,6 @@ class Config:
                 if d[sec].get(k):
                     d[sec][k] = "***"
         return d
-
-
-def _validate_manager(m: ManagerOptions) -> None:
-    for name in ("interval", "keep_last", "keep_every", "keep_best"):
-        v = getattr(m, name)
-        if v is not None and v < 1:
-            raise ConfigError(f"manager.{name}: must be >= 1, got {v}")
-    if m.best_mode not in ("min", "max"):
-        raise ConfigError(f"manager.best_mode: must be 'min' or 'max', got {m.best_mode!r}")
-    if m.keep_best is not None and not m.best_metric:
-        raise ConfigError("manager.keep_best needs manager.best_metric: the metrics= key that ranks checkpoints")
-    if m.step_digits < 0 or m.step_digits > 20:
-        raise ConfigError(f"manager.step_digits: must be 0..20, got {m.step_digits}")
-    if not m.step_prefix or "/" in m.step_prefix or m.step_prefix.strip() != m.step_prefix:
-        raise ConfigError(f"manager.step_prefix: must be a non-empty name without '/' or surrounding spaces, "
-                          f"got {m.step_prefix!r}")
-    if m.timeout <= 0:
-        raise ConfigError(f"manager.timeout: must be > 0 seconds, got {m.timeout}")
-    import signal
-
-    for name in m.save_on_signal:
-        if not isinstance(name, str) or not isinstance(getattr(signal, name.upper(), None), signal.Signals):
-            raise ConfigError(f"manager.save_on_signal: {name!r} is not a signal name of this platform "
-                              f"(e.g. 'SIGTERM', 'SIGUSR1')")
-    for k in m.exclude:
-        if not isinstance(k, str) or not k:
-            raise ConfigError(f"manager.exclude: expected state keys (strings), got {k!r}")
 
 
 _SECTIONS = {f.name: f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)

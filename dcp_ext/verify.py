@@ -46,21 +46,39 @@ class VerifyReport:
 def _reader(url: str, options: dict):
     cfg = load_config(**options)
     reader = get_backend(url, cfg).make_reader(url, cfg)
-    if not hasattr(reader, "store"):
-        raise DcpExtError(f"{url}: this backend's reader has no byte store to verify")
+    if not cfg.backend and not hasattr(reader, "verify") and _layout(reader.store) == "zarr3":
+        # a TensorStore checkpoint reached by a plain path / s3:// / gs:// URL
+        cfg = load_config(**{**options, "backend": "tensorstore"})
+        reader = get_backend(url, cfg).make_reader(url, cfg)
+    if not hasattr(reader, "verify") and not hasattr(reader, "locations"):
+        raise DcpExtError(f"{url}: this backend's reader can neither verify itself nor give byte locations")
     return reader
+
+
+def _layout(store) -> str | None:
+    """The ``layout`` a committed location's manifest names (None: DCP data files)."""
+    try:
+        if not store.exists(METADATA_NAME) or not store.exists(MANIFEST_NAME):
+            return None
+        return decode_manifest(store.read_bytes(MANIFEST_NAME), store.url).extra.get("layout")
+    except (OSError, DcpExtError):
+        return None  # the normal path reports it
 
 
 def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) -> dict:
     """A JSON-able summary: tensors (dtype, size, chunks, stored bytes), objects, files, bytes,
-    world size, the saving layout; for the keys matching ``fqns`` (globs) every chunk's offsets,
-    sizes, file and bytes too. Reads only metadata (the JSON manifest when there is one); never
-    loads a stored object."""
-    import fnmatch
-
+    world size, the saving layout (``saved_layout``); for the keys matching ``fqns`` (globs),
+    ``details``: every chunk's offsets, sizes, file and bytes. Reads only metadata (the JSON
+    manifest when there is one); never loads a stored object."""
     from .planner import saved_layout
 
     reader = _reader(url, options)
+    if hasattr(reader, "inspect"):  # a backend with its own layout (tensorstore) describes itself
+        info = reader.inspect()
+        info.setdefault("saved_layout", None)
+        info["details"] = {n: dict(info["tensors"].get(n) or {"object": True}, stored=[])
+                           for n in _matching(url, list(info["tensors"]) + info["objects"], fqns)}
+        return info
     md = reader.read_metadata()
     stored: dict[str, int] = {}
     for idx, loc in reader.locations.items():
@@ -74,17 +92,10 @@ def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) 
             objects.append(fqn)
     details = {}
     if fqns:
-        names = list(tensors) + objects
-        missing = [p for p in fqns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
-        if missing:
-            raise CheckpointKeyError(f"{url} has no key matching {', '.join(missing)}; keys look like: "
-                                     f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
         by_key: dict[str, list] = {}
         for idx, loc in reader.locations.items():
             by_key.setdefault(idx.fqn, []).append((idx, loc))
-        for n in names:
-            if not any(fnmatch.fnmatchcase(n, p) for p in fqns):
-                continue
+        for n in _matching(url, list(tensors) + objects, fqns):
             d = dict(tensors.get(n) or {"object": True, "bytes": stored.get(n, 0)})
             d["stored"] = [{"offsets": None if idx.offset is None else list(idx.offset),
                             "sizes": _chunk_sizes(md.state_dict_metadata[n], idx.offset),
@@ -98,10 +109,23 @@ def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) 
     layout = saved_layout(md)
     return {"url": url, "tensors": tensors, "objects": objects, "files": files,
             "bytes": sum(files.values()), "world_size": reader.manifest_extra.get("world_size"),
-            "layout": None if layout.startswith("unknown") else layout,
+            "saved_layout": None if layout.startswith("unknown") else layout,
             "has_manifest": reader.store.exists(MANIFEST_NAME),
             "checksummed": any(loc.checksums is not None for loc in reader.locations.values()),
             "details": details}
+
+
+def _matching(url: str, names: list[str], fqns: list[str] | None) -> list[str]:
+    """``names`` matching any glob of ``fqns`` (none: no details); a glob matching nothing is an error."""
+    import fnmatch
+
+    if not fqns:
+        return []
+    missing = [p for p in fqns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if missing:
+        raise CheckpointKeyError(f"{url} has no key matching {', '.join(missing)}; keys look like: "
+                                 f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in fqns)]
 
 
 def _chunk_sizes(m, offsets) -> list | None:
@@ -117,6 +141,8 @@ def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) ->
     store = reader.store
     require_committed(store)
     report = VerifyReport(url)
+    if hasattr(reader, "verify"):  # a backend with its own layout (tensorstore) checks itself
+        return reader.verify(report, progress)
     if not store.exists(MANIFEST_NAME):
         report.errors.append(f"{url} has no {MANIFEST_NAME}: it was not written by dcp-ext, nothing to verify")
         return report

@@ -269,5 +269,18 @@ def _register_builtins() -> None:
     store_backend("gcs", ["gs", "gcs"], "gcs", "GCSStore", extra="gcs", requires=("urllib3", "google.auth"),
                   description="Google Cloud Storage: resumable (or parallel composite) uploads, ranged GETs, retries")
 
+    def tensorstore_factory(cls: str):
+        def make(url: str, cfg: Config):
+            from . import tensorstore
+
+            return getattr(tensorstore, cls)(url, cfg)
+
+        return make
+
+    register_backend(Backend("tensorstore", ("zarr3+file", "zarr3+s3", "zarr3+gs", "zarr3+gcs"),
+                             tensorstore_factory("TensorStoreWriter"), tensorstore_factory("TensorStoreReader"),
+                             extra="tensorstore", requires=("tensorstore",),
+                             description="each global tensor a zarr3 array (TensorStore) on local disk, S3 or GCS"))
+
 
 _register_builtins()

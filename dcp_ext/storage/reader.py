@@ -141,6 +141,9 @@ class ExtStorageReader(StorageReader):
         if self.store.exists(MANIFEST_NAME):
             where = f"{self.store.url}/{MANIFEST_NAME}"
             m = decode_manifest(self.store.read_bytes(MANIFEST_NAME), where)
+            if m.extra.get("layout") is not None:  # e.g. "zarr3": arrays, not DCP data files
+                raise DcpExtError(f"{self.store.url} is a {m.extra['layout']} checkpoint written by "
+                                  f"{m.extra.get('writer')}; load it with backend='tensorstore' (or a zarr3+ URL)")
             if checksum(raw_md) != m.metadata_crc:
                 raise CorruptCheckpointError(
                     f"{self.store.url}: {METADATA_NAME} does not match {MANIFEST_NAME} (they belong to "

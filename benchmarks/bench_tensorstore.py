@@ -1,0 +1,193 @@
+"""Benchmark the TensorStore (zarr3) backend against dcp-ext's local backend and stock
+``FileSystemWriter``/``FileSystemReader``, side by side in one run, on real-looking weights.
+
+Contenders: ``tensorstore`` (zarr3, crc32c per chunk), ``tensorstore+zstd`` (zstd level 3 too),
+``dcp_ext`` (our local byte backend), ``stock`` (``FileSystemWriter``/``FileSystemReader``).
+For each dtype (bf16, fp32) a Megatron-like stack of layers (QKV, proj, MLP up/down, norms;
+``randn * 0.02``: weights do not compress much, which the zstd column shows):
+
+1. **save** of the whole state by one process (GB/s, median of ``--runs``, contenders interleaved),
+   and the bytes on disk;
+2. **full load** into preallocated tensors (GB/s);
+3. **1 -> 4 resharded partial load**: the 1-rank checkpoint loaded by 4 gloo ranks at TP=4
+   (column-parallel weights split by rows, row-parallel ones by columns) with
+   ``ReshardLoadPlanner``; per rank: bytes read from storage / bytes the rank needs (stock reads
+   whole items; TensorStore's own counter for the zarr3 backend), and the load time.
+
+Usage::
+
+    PYTHONPATH=$PWD python benchmarks/bench_tensorstore.py --quick            # smoke run (small)
+    PYTHONPATH=$PWD python benchmarks/bench_tensorstore.py --hidden 2048 --runs 5 --dir /dev/shm
+
+Writes ``bench_out/bench_tensorstore.json``; prints the load average before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter  # noqa: E402
+
+from dcp_ext.layout import ParallelLayout, ShardSpec  # noqa: E402
+from dcp_ext.planner import ReshardLoadPlanner, ReshardSavePlanner  # noqa: E402
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+CONTENDERS = ("tensorstore", "tensorstore+zstd", "dcp_ext", "stock")
+RULES = {"*.qkv.weight": ShardSpec(0), "*.up.weight": ShardSpec(0), "*.proj.weight": ShardSpec(1),
+         "*.down.weight": ShardSpec(1)}
+
+
+def make_state(hidden: int, layers: int, dtype: torch.dtype, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Global weights of ``layers`` transformer layers (``randn * 0.02``, like trained weights)."""
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for i in range(layers):
+        for name, shape in (("qkv", (3 * hidden, hidden)), ("proj", (hidden, hidden)), ("up", (4 * hidden, hidden)),
+                            ("down", (hidden, 4 * hidden)), ("norm", (hidden,))):
+            sd[f"layers.{i}.{name}.weight"] = (torch.randn(*shape, generator=g) * 0.02).to(dtype)
+    return sd
+
+
+def nbytes(sd: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in sd.values())
+
+
+def writer_for(c: str, path: str):
+    import dcp_ext
+
+    if c == "stock":
+        return FileSystemWriter(path)
+    if c == "dcp_ext":
+        return dcp_ext.storage_writer(path)
+    zstd = {"compression": "zstd", "compression_level": 3} if c.endswith("+zstd") else {}
+    return dcp_ext.storage_writer(path, backend="tensorstore", tensorstore=zstd)
+
+
+def reader_for(c: str, path: str):
+    import dcp_ext
+
+    if c == "stock":
+        return FileSystemReader(path)
+    return dcp_ext.storage_reader(path, backend="tensorstore" if c.startswith("tensorstore") else None)
+
+
+def disk_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def save_and_load(c: str, sd: dict, path: str) -> tuple[float, float]:
+    shutil.rmtree(path, ignore_errors=True)
+    t = time.perf_counter()
+    dcp.save({"model": sd}, storage_writer=writer_for(c, path), planner=ReshardSavePlanner(ParallelLayout(rules=RULES)))
+    ts = time.perf_counter() - t
+    out = {"model": {k: torch.empty_like(v) for k, v in sd.items()}}
+    t = time.perf_counter()
+    dcp.load(out, storage_reader=reader_for(c, path), planner=ReshardLoadPlanner(ParallelLayout(rules=RULES)))
+    tl = time.perf_counter() - t
+    assert all(torch.equal(out["model"][k], v) for k, v in sd.items()), f"{c}: loaded values differ"
+    return ts, tl
+
+
+def rank_partial_load(path: str, c: str, hidden: int, layers: int, dtype_name: str) -> dict:
+    """One rank of the 1 -> 4 load: its TP=4 shards, bytes read vs needed, seconds."""
+    import torch.distributed as dist
+
+    rank, ws = dist.get_rank(), dist.get_world_size()
+    lay = ParallelLayout(tp_rank=rank, tp_size=ws, rules=RULES)
+    full = make_state(hidden, layers, getattr(torch, dtype_name))
+    expect = {k: lay.shard(k, v) for k, v in full.items()}
+    out = {"model": {k: torch.empty_like(v) for k, v in expect.items()}}
+    needed = nbytes(expect)
+    reader = reader_for(c, path)
+    dist.barrier()
+    t = time.perf_counter()
+    dcp.load(out, storage_reader=reader, planner=ReshardLoadPlanner(lay))
+    dt = time.perf_counter() - t
+    assert all(torch.equal(out["model"][k], v) for k, v in expect.items()), f"{c}: rank {rank} loaded wrong values"
+    if c == "stock":  # it torch.loads every stored item it touches, whole
+        read = sum(full[k].numel() * full[k].element_size() for k in expect)
+    else:
+        read = reader.stats.bytes_read
+    return {"needed": needed, "read": read, "seconds": dt}
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, one run (smoke test)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "bench_tensorstore.json"))
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.hidden, args.layers, args.runs = 256, 2, 1
+    from dcp_ext.testing import RankPool
+
+    base = tempfile.mkdtemp(prefix="bench_ts_", dir=args.dir)
+    report = {"args": vars(args), "loadavg_before": loadavg(), "results": {}}
+    print(f"under {base}; load average {report['loadavg_before']}")
+    pool = RankPool(4)
+    try:
+        for dtype in (torch.bfloat16, torch.float32):
+            dname = str(dtype).removeprefix("torch.")
+            sd = make_state(args.hidden, args.layers, dtype)
+            total = nbytes(sd)
+            times = {c: {"save": [], "load": []} for c in CONTENDERS}
+            for rep in range(args.runs):  # interleaved, rotating order
+                for c in CONTENDERS[rep % 4:] + CONTENDERS[:rep % 4]:
+                    s, l_ = save_and_load(c, sd, os.path.join(base, c))
+                    times[c]["save"].append(s)
+                    times[c]["load"].append(l_)
+            res = {}
+            for c in CONTENDERS:
+                path = os.path.join(base, c)
+                part = pool.run(rank_partial_load, path, c, args.hidden, args.layers, dname, timeout=3600)
+                res[c] = {"save_GBps": total / statistics.median(times[c]["save"]) / 1e9,
+                          "load_GBps": total / statistics.median(times[c]["load"]) / 1e9,
+                          "disk_MiB": disk_bytes(path) / 2**20,
+                          "partial_read_over_needed": [round(p["read"] / p["needed"], 3) for p in part],
+                          "partial_load_s": round(max(p["seconds"] for p in part), 3)}
+            for c in CONTENDERS:
+                for k in ("save", "load"):
+                    res[c][f"{k}_vs_dcp_ext"] = res[c][f"{k}_GBps"] / res["dcp_ext"][f"{k}_GBps"]
+            report["results"][dname] = {"MiB": total / 2**20, "contenders": res}
+            print(f"\n== {dname}: {total / 2**20:.0f} MiB, hidden {args.hidden}, {args.layers} layers, "
+                  f"median of {args.runs} ==")
+            print(f"{'contender':18s} {'save GB/s':>9s} {'vs ours':>7s} {'load GB/s':>9s} {'vs ours':>7s} "
+                  f"{'disk MiB':>8s} {'1->4 read/needed per rank':>28s} {'1->4 s':>7s}")
+            for c, r in res.items():
+                print(f"{c:18s} {r['save_GBps']:9.2f} {r['save_vs_dcp_ext']:6.2f}x {r['load_GBps']:9.2f} "
+                      f"{r['load_vs_dcp_ext']:6.2f}x {r['disk_MiB']:8.1f} "
+                      f"{str(r['partial_read_over_needed']):>28s} {r['partial_load_s']:7.3f}")
+    finally:
+        pool.close()
+        shutil.rmtree(base, ignore_errors=True)
+    report["loadavg_after"] = loadavg()
+    print(f"\nload average after: {report['loadavg_after']}")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

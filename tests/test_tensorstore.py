@@ -1,0 +1,457 @@
+"""The TensorStore (zarr3) backend: layout rules, selection, options, every dtype, integrity,
+commit protocol, resharded and DTensor loads on gloo ranks, on local disk, S3 and GCS."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+import warnings
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+pytest.importorskip("tensorstore")
+import tensorstore as ts  # noqa: E402
+
+import dcp_ext  # noqa: E402
+from dcp_ext.errors import (  # noqa: E402
+    CheckpointExistsError,
+    ConfigError,
+    DcpExtError,
+    IncompleteCheckpointError,
+    MissingDependencyError,
+    UnknownBackendError,
+)
+from dcp_ext.storage.tensorstore import TensorStoreReader, TensorStoreWriter  # noqa: E402
+from dcp_ext.storage.tensorstore.layout import (  # noqa: E402
+    array_name,
+    chunk_count,
+    grid_for,
+    plan_array,
+    stored_dtype,
+)
+from dcp_ext.verify import inspect_checkpoint, verify_checkpoint  # noqa: E402
+
+from . import object_rank_fns as orf  # noqa: E402
+from . import ts_rank_fns as tr  # noqa: E402
+from .conftest import get_pool  # noqa: E402
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TS = {"backend": "tensorstore"}
+
+
+def _err(fn) -> str:
+    try:
+        fn()
+    except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
+        return f"{type(e).__name__}: {e}"
+    raise AssertionError("no error raised")
+
+
+# -- layout rules (pure) -----------------------------------------------------------------------
+
+def test_array_names_escape_and_stay_distinct():
+    assert array_name("model.layers.0.attn.qkv.weight") == "model.layers.0.attn.qkv.weight"
+    assert array_name("a/b c%") == "a%2Fb%20c%25"
+    assert array_name(".metadata") == "%2Emetadata"
+    assert array_name("__objects") == "%5F_objects"
+    assert array_name("zarr.json") == "zarr%2Ejson"
+    assert array_name("") == "%"
+    long_a, long_b = "x" * 300 + "a", "x" * 300 + "b"
+    assert len(array_name(long_a)) <= 200 and array_name(long_a) != array_name(long_b)
+    names = ["a.b", "a/b", "a%2Fb", "a b", "é", "_x", "__x", "%", ""]
+    assert len({array_name(n) for n in names}) == len(names)
+
+
+def _cells_in_one_box(shape, chunk, boxes) -> bool:
+    """Every chunk of the grid lies inside a single box."""
+    import itertools
+
+    for idx in itertools.product(*[range(-(-s // c)) for s, c in zip(shape, chunk)]):
+        lo = [i * c for i, c in zip(idx, chunk)]
+        hi = [min((i + 1) * c, s) for i, c, s in zip(idx, chunk, shape)]
+        inside = [b for b in boxes if all(o <= l and h <= o + n for o, n, l, h in zip(b[0], b[1], lo, hi))]
+        if len(inside) != 1:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("shape,boxes", [
+    ([64, 48], [([0, 0], [32, 48]), ([32, 0], [32, 48])]),
+    ([64, 48], [([0, 0], [64, 24]), ([0, 24], [64, 24])]),
+    ([10, 8], [([0, 0], [3, 8]), ([3, 0], [3, 8]), ([6, 0], [4, 8])]),  # uneven
+    ([12, 12], [([0, 0], [6, 4]), ([6, 0], [6, 4]), ([0, 4], [12, 8])]),  # T-junction
+    ([96, 16], [([0, 0], [48, 16]), ([48, 0], [24, 16]), ([72, 0], [24, 16])]),  # fused parts
+])
+def test_chunk_grid_never_spans_two_ranks_boxes(shape, boxes):
+    for target in (64, 256, 1 << 20):
+        p = plan_array("w", shape, torch.float32, boxes, target, None, "global")
+        assert _cells_in_one_box(shape, p.grid.chunk, boxes), (target, p.grid)
+        sh = plan_array("w", shape, torch.float32, boxes, target, 4 * target, "global")
+        assert _cells_in_one_box(shape, sh.grid.chunk, boxes)
+        if sh.grid.inner:  # inner chunks tile a shard exactly
+            assert all(c % i == 0 for c, i in zip(sh.grid.chunk, sh.grid.inner))
+
+
+def test_chunks_split_to_the_target_size_largest_extent_first():
+    assert grid_for([4096, 4096], [None, None], 4, 4 << 20, None).chunk == [1024, 1024]
+    g = grid_for([4096, 4096], [None, None], 2, 1 << 20, 64 << 20)
+    assert g.chunk == [4096, 4096] and g.inner == [512, 1024]  # one 32 MiB shard of 1 MiB chunks
+    g = grid_for([1024, 1024], [None, None], 2, 1 << 20, 64 << 20)
+    assert g.inner == [256, 256]  # at least 16 chunks: quarters along either dim are whole chunks
+    assert grid_for([], [], 4, 1 << 20, 64 << 20).chunk == []
+    assert grid_for([0, 5], [None, None], 4, 1 << 20, None).chunk == [1, 5]
+
+
+def test_irregular_boundaries_fall_back_to_one_array_per_box():
+    boxes = [([0, 0], [1000, 64]), ([1000, 0], [1001, 64]), ([2001, 0], [999, 64])]  # gcd 1 along dim 0
+    p = plan_array("w", [3000, 64], torch.float32, boxes, 1 << 20, None, "auto")
+    assert p.per_box and len(p.arrays()) == 3
+    assert p.location([1000, 0]) == ("w/part_1000_0", [1000, 0])
+    g = plan_array("w", [3000, 64], torch.float32, boxes, 1 << 20, None, "global")
+    assert not g.per_box and g.grid.chunk[0] == 1 and chunk_count([3000, 64], g.grid.chunk) == 3000
+    even = [([0, 0], [1500, 64]), ([1500, 0], [1500, 64])]
+    assert not plan_array("w", [3000, 64], torch.float32, even, 1 << 20, None, "auto").per_box
+
+
+def test_dtypes_zarr_lacks_are_bitcast():
+    assert stored_dtype(torch.bfloat16).zarr == "bfloat16" and not stored_dtype(torch.bfloat16).bitcast
+    assert stored_dtype(torch.bool).zarr == "bool"
+    assert stored_dtype(torch.complex32).zarr == "uint32" and stored_dtype(torch.complex32).bitcast
+    with pytest.raises(TypeError, match="quantized"):
+        stored_dtype(torch.qint8)
+
+
+# -- selection and options ---------------------------------------------------------------------
+
+def test_selected_by_scheme_backend_option_env_and_config_file(tmp_path, monkeypatch):
+    p = str(tmp_path / "c")
+    assert isinstance(dcp_ext.storage_writer(f"zarr3+file://{p}"), TensorStoreWriter)
+    assert isinstance(dcp_ext.storage_reader(p, backend="tensorstore"), TensorStoreReader)
+    cfg = tmp_path / "ckpt.toml"
+    cfg.write_text('backend = "tensorstore"\n[tensorstore]\nchunk_size = "64KiB"\ncompression = "zstd"\n')
+    w = dcp_ext.storage_writer(p, config=str(cfg))
+    assert isinstance(w, TensorStoreWriter) and w.config.tensorstore.chunk_size == 64 * 1024
+    monkeypatch.setenv("DCP_EXT_BACKEND", "tensorstore")
+    monkeypatch.setenv("DCP_EXT_TENSORSTORE_COMPRESSION_LEVEL", "7")
+    w = dcp_ext.storage_writer(p)
+    assert isinstance(w, TensorStoreWriter) and w.config.tensorstore.compression_level == 7
+
+
+@pytest.mark.parametrize("opts,msg", [
+    ({"chunk_size": 100}, "tensorstore.chunk_size: must be >= 1KiB"),
+    ({"shard_size": "64KiB", "chunk_size": "1MiB"}, "tensorstore.shard_size: must be >= tensorstore.chunk_size"),
+    ({"compression": "lz4"}, "tensorstore.compression: must be 'zstd' or None, got 'lz4'"),
+    ({"compression_level": 23}, "tensorstore.compression_level: must be in -131072..22"),
+    ({"concurrency": 0}, "tensorstore.concurrency: must be >= 1"),
+    ({"inflight_bytes": 10}, "tensorstore.inflight_bytes: must be >= 1MiB"),
+    ({"layout": "rows"}, "tensorstore.layout: must be 'auto', 'global' or 'per_box'"),
+    ({"chunks": 3}, "unknown option 'tensorstore.chunks'; valid options in [tensorstore]: chunk_size"),
+    ({"chunk_size": "big"}, "tensorstore.chunk_size: expected a byte size"),
+])
+def test_bad_options_are_named(tmp_path, opts, msg):
+    with pytest.raises(ConfigError) as ei:
+        dcp_ext.storage_writer(str(tmp_path), backend="tensorstore", tensorstore=opts)
+    assert msg in str(ei.value)
+
+
+def test_bad_urls_and_kvstore_extras_are_named(tmp_path):
+    assert "no backend for URL scheme 'zarr3+ftp'" in _err(lambda: dcp_ext.storage_writer("zarr3+ftp://h/x"))
+    e = _err(lambda: dcp_ext.storage_writer("ftp://h/x", backend="tensorstore"))
+    assert "UnknownBackendError" in e and "zarr3+file://, zarr3+s3://" in e
+    assert "names no bucket" in _err(lambda: dcp_ext.storage_writer("zarr3+s3:///p"))
+    e = _err(lambda: dcp_ext.storage_writer(str(tmp_path), backend="tensorstore",
+                                            tensorstore={"kvstore": {"driver": "memory"}}))
+    assert "tensorstore.kvstore: 'driver', 'bucket' and 'path' come from the URL" in e
+    e = _err(lambda: dcp_ext.storage_writer("zarr3+gs://b/p", gcs={"token": "anon", "endpoint_url": None}))
+    assert "needs an emulator endpoint" in e or "TENSORSTORE_GCS_HTTP_URL" in e
+
+
+def test_missing_tensorstore_names_the_extra(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "tensorstore", None)  # import tensorstore -> ImportError
+    with pytest.raises(MissingDependencyError, match=r"pip install 'dcp-ext\[tensorstore\]'"):
+        dcp_ext.storage_writer(f"zarr3+file://{tmp_path}")
+    with pytest.raises(UnknownBackendError):
+        dcp_ext.storage_writer(str(tmp_path), backend="zarr")
+
+
+# -- one process: dtypes, plain tensorstore interop, integrity, commit -------------------------
+
+def _all_dtypes_state() -> dict:
+    g = torch.Generator().manual_seed(5)
+    r = torch.randn(40, 24, generator=g)
+    return {
+        "w": r, "w_bf16": r.to(torch.bfloat16), "half": r[:5].half(), "f64": r[:3].double(),
+        "flag": r[0] > 0, "i8": (r[1] * 50).to(torch.int8), "u8": (r[2].abs() * 50).to(torch.uint8),
+        "i64": torch.arange(-5, 5), "i32": torch.arange(7, dtype=torch.int32), "i16": torch.arange(3, dtype=torch.int16),
+        "u16": torch.arange(5, dtype=torch.int32).to(torch.uint16), "c64": torch.randn(4, dtype=torch.complex64, generator=g),
+        "c128": torch.randn(4, dtype=torch.complex128, generator=g), "c32": r[3, :6].view(torch.complex32),
+        "f8": r[4].to(torch.float8_e4m3fn), "f8b": r[5].to(torch.float8_e5m2),
+        "scalar": torch.tensor(2.5), "empty": torch.empty(0, 7), "odd/name %": torch.ones(3),
+        "obj": {"step": 3, "note": "a/b"}, "blob": b"\x00\x01raw",
+    }
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype in (torch.complex32, torch.float8_e4m3fn, torch.float8_e5m2):
+        return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    return torch.equal(a, b)
+
+
+def _zero_like(sd: dict) -> dict:
+    out = {}
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = torch.zeros_like(v.view(torch.uint8) if v.dtype == torch.complex32 else v)
+            out[k] = out[k].view(torch.complex32) if v.dtype == torch.complex32 else out[k]
+        elif isinstance(v, dict):
+            out[k] = {kk: None for kk in v}
+        else:
+            out[k] = None
+    return out
+
+
+def test_every_dtype_roundtrips_and_plain_tensorstore_opens_the_arrays(tmp_path):
+    url = f"zarr3+file://{tmp_path}/ck"
+    sd = _all_dtypes_state()
+    dcp.save(sd, storage_writer=dcp_ext.storage_writer(url))
+    out = _zero_like(sd)
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(url))
+    for k, v in sd.items():
+        if isinstance(v, torch.Tensor):
+            assert _same(out[k], v), k
+    assert out["obj"] == {"step": 3, "note": "a/b"} and out["blob"] == b"\x00\x01raw"
+    # a plain TensorStore open by path: shape, dtype and values exactly
+    w = ts.open({"driver": "zarr3", "kvstore": f"file://{tmp_path}/ck/w/"}).result()
+    assert w.dtype == ts.float32 and list(w.shape) == [40, 24]
+    assert torch.equal(torch.from_numpy(w.read().result()), sd["w"])
+    b = ts.open({"driver": "zarr3", "kvstore": f"file://{tmp_path}/ck/w_bf16/"}).result()
+    assert b.dtype == ts.bfloat16
+    assert torch.equal(torch.from_numpy(b.read().result().view("int16")).view(torch.bfloat16), sd["w_bf16"])
+    name = array_name("odd/name %")  # "odd%2Fname%20%25": a directory of that name; in a URL, quote it again
+    odd = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{tmp_path}/ck/{name}/"}}).result()
+    assert odd.read().result().tolist() == [1.0, 1.0, 1.0]
+    from urllib.parse import quote
+
+    odd = ts.open({"driver": "zarr3", "kvstore": f"file://{tmp_path}/ck/{quote(name)}/"}).result()
+    assert odd.read().result().tolist() == [1.0, 1.0, 1.0]
+    c32 = json.loads((tmp_path / "ck" / "c32" / "zarr.json").read_text())
+    assert c32["data_type"] == "uint32" and c32["attributes"]["dcp_ext"]["bitcast_from"] == "complex32"
+    assert json.loads((tmp_path / "ck" / "zarr.json").read_text())["node_type"] == "group"
+
+
+def test_every_chunk_has_crc32c_and_zstd_when_asked(tmp_path):
+    url = str(tmp_path / "z")
+    sd = {"w": torch.zeros(512, 512), "v": torch.arange(4096.0)}
+    dcp.save(sd, storage_writer=dcp_ext.storage_writer(url, **TS, tensorstore={"compression": "zstd",
+                                                                                "compression_level": 5}))
+    md = json.loads((tmp_path / "z" / "w" / "zarr.json").read_text())
+    inner = md["codecs"][0]["configuration"]["codecs"] if md["codecs"][0]["name"] == "sharding_indexed" else md["codecs"]
+    assert [c["name"] for c in inner] == ["bytes", "zstd", "crc32c"] and inner[1]["configuration"]["level"] == 5
+    size = sum(f.stat().st_size for f in (tmp_path / "z" / "w").rglob("*") if f.is_file())
+    assert size < 512 * 512 * 4 / 20  # zeros compress
+    out = {"w": torch.ones(512, 512), "v": torch.zeros(4096)}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(url, **TS))
+    assert torch.equal(out["w"], sd["w"]) and torch.equal(out["v"], sd["v"])
+
+
+def _flip_a_byte(path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def _chunk_files(d):
+    return sorted(f for f in d.rglob("*") if f.is_file() and f.name != "zarr.json")
+
+
+@pytest.mark.parametrize("shards", [None, "256KiB"])
+def test_a_flipped_bit_fails_the_load_naming_the_tensor(tmp_path, shards):
+    url = str(tmp_path / "c")
+    sd = {"layer.w": torch.randn(256, 256), "other": torch.randn(8)}
+    opts = {**TS, "tensorstore": {"chunk_size": "64KiB", "shard_size": shards}}
+    dcp.save(sd, storage_writer=dcp_ext.storage_writer(url, **opts))
+    files = _chunk_files(tmp_path / "c" / "layer.w")
+    assert len(files) == (1 if shards else 4)  # one 256 KiB shard of 64 KiB chunks, or four 64 KiB chunks
+    _flip_a_byte(files[-1])
+    out = {"layer.w": torch.zeros(256, 256), "other": torch.zeros(8)}
+    e = _err(lambda: dcp.load(out, storage_reader=dcp_ext.storage_reader(url, **opts)))
+    assert "CorruptCheckpointError" in e and "layer.w" in e and "crc32c" in e
+    rep = verify_checkpoint(url, **opts)
+    assert not rep.ok and len(rep.errors) == 1 and "layer.w" in rep.errors[0]
+    r = subprocess.run([sys.executable, "-m", "dcp_ext.cli", "verify", f"zarr3+file://{tmp_path}/c"], cwd=ROOT,
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 1 and "CORRUPT" in r.stdout and "layer.w" in r.stderr
+
+
+def test_a_missing_chunk_or_object_is_corruption_not_zeros(tmp_path):
+    url = str(tmp_path / "c")
+    dcp.save({"w": torch.randn(64, 64), "obj": {"k": 1}}, storage_writer=dcp_ext.storage_writer(
+        url, **TS, tensorstore={"chunk_size": "4KiB", "shard_size": None}))
+    _chunk_files(tmp_path / "c" / "w")[0].unlink()
+    e = _err(lambda: dcp.load({"w": torch.zeros(64, 64), "obj": {"k": None}},
+                              storage_reader=dcp_ext.storage_reader(url, **TS)))
+    assert "CorruptCheckpointError" in e and "chunk is missing" in e and "w" in e
+    (tmp_path / "c" / "__objects" / "obj.k").unlink()
+    assert any("obj.k" in x and "missing" in x for x in verify_checkpoint(url, **TS).errors)
+
+
+def test_commit_protocol_overwrite_and_incomplete(tmp_path):
+    url = str(tmp_path / "c")
+    dcp.save({"a": torch.ones(4), "gone": torch.ones(2)}, storage_writer=dcp_ext.storage_writer(url, **TS))
+    e = _err(lambda: dcp.save({"a": torch.zeros(4)}, storage_writer=dcp_ext.storage_writer(url, **TS)))
+    assert "Checkpoint already exists" in e
+    with pytest.raises(CheckpointExistsError):
+        dcp_ext.storage_writer(url, **TS).prepare_local_plan(None)
+    dcp.save({"a": torch.full((4,), 2.0)}, storage_writer=dcp_ext.storage_writer(url, **TS, overwrite=True))
+    assert not (tmp_path / "c" / "gone").exists()  # the old checkpoint's arrays are gone
+    out = {"a": torch.zeros(4)}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(url, **TS))
+    assert torch.equal(out["a"], torch.full((4,), 2.0))
+    (tmp_path / "c" / ".metadata").unlink()
+    with pytest.raises(IncompleteCheckpointError, match="incomplete checkpoint"):
+        dcp_ext.storage_reader(url, **TS).read_metadata()
+
+
+def test_async_save_then_load(tmp_path):
+    url = f"zarr3+file://{tmp_path}/a"
+    sd = {"w": torch.randn(128, 64), "b": torch.randn(64).to(torch.bfloat16), "step": 5}
+    dcp.async_save(sd, storage_writer=dcp_ext.storage_writer(url)).result()
+    out = {"w": torch.zeros(128, 64), "b": torch.zeros(64, dtype=torch.bfloat16), "step": -1}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(url))
+    assert torch.equal(out["w"], sd["w"]) and torch.equal(out["b"], sd["b"]) and out["step"] == 5
+
+
+def test_each_reader_refuses_the_other_format(tmp_path):
+    dcp.save({"a": torch.ones(4)}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "z"), **TS))
+    dcp.save({"a": torch.ones(4)}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "f")))
+    with pytest.raises(DcpExtError, match="is not a TensorStore"):
+        dcp_ext.storage_reader(str(tmp_path / "f"), **TS).read_metadata()
+    with pytest.raises(DcpExtError, match="backend='tensorstore'"):
+        dcp_ext.storage_reader(str(tmp_path / "z")).read_metadata()
+
+
+def test_inspect_cli_describes_the_arrays(tmp_path):
+    dcp.save({"w": torch.randn(8, 4).to(torch.bfloat16), "n": 3},
+             storage_writer=dcp_ext.storage_writer(str(tmp_path / "c"), **TS))
+    info = inspect_checkpoint(f"zarr3+file://{tmp_path}/c")
+    assert info["layout"] == "zarr3" and info["tensors"]["w"] == {"dtype": "bfloat16", "size": [8, 4], "chunks": 1,
+                                                                  "array": "w"}
+    assert info["objects"] == ["n"] and info["world_size"] == 1
+    assert inspect_checkpoint(str(tmp_path / "c"))["layout"] == "zarr3"  # a plain path finds the backend
+    r = subprocess.run([sys.executable, "-m", "dcp_ext.cli", "inspect", str(tmp_path / "c")], cwd=ROOT,
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert r.returncode == 0 and "bfloat16" in r.stdout and "(object)" in r.stdout
+
+
+def test_a_killed_save_is_refused_and_an_earlier_checkpoint_stays_intact(tmp_path):
+    first, second = str(tmp_path / "step_1"), str(tmp_path / "step_2")
+    dcp.save(tr.big_state(1), storage_writer=dcp_ext.storage_writer(first, **TS))
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "tests.ts_rank_fns", "killed_saver", second], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = p.stdout.readline()
+        assert line.strip() == "WRITING", p.stderr.read()
+        p.kill()  # SIGKILL mid-save: no cleanup
+        p.wait(60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert list((tmp_path / "step_2").glob("layer*"))  # it had started writing arrays
+    with pytest.raises(IncompleteCheckpointError):
+        dcp_ext.storage_reader(second, **TS).read_metadata()
+    out = {k: torch.zeros_like(v) for k, v in tr.big_state(1).items()}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(first, **TS))
+    assert all(torch.equal(out[k], v) for k, v in tr.big_state(1).items())
+    # the dead save's location takes a new save without overwrite=True (it was never committed)
+    dcp.save(tr.big_state(3), storage_writer=dcp_ext.storage_writer(second, **TS))
+    out = {k: torch.zeros_like(v) for k, v in tr.big_state(3).items()}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(second, **TS))
+    assert all(torch.equal(out[k], v) for k, v in tr.big_state(3).items())
+
+
+# -- gloo ranks ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("world,save,load", [
+    (2, {"w": "row", "emb": "col"}, {"w": "col", "emb": "row", "b": "row"}),
+    (4, {"w": "col", "emb": "row", "b": "row"}, {"w": "row", "emb": "rep"}),
+])
+def test_dtensor_resharded_load_on_local_disk(tmp_path, world, save, load):
+    opts = {"tensorstore": {"chunk_size": "2KiB", "shard_size": "8KiB"}}
+    res = get_pool(world).run(tr.dtensor_roundtrip, str(tmp_path / "c"), save, load, opts)
+    for r in res:
+        assert all(r["equal"].values()), r["equal"]
+        assert r["step"] == 7 and r["meta"] == {"note": "hello", "ranks": world}
+        assert r["direct"] > 0  # reads went straight into the DTensors' local shards
+
+
+def test_dtensor_per_box_fallback_loads_exactly(tmp_path):
+    opts = {"tensorstore": {"layout": "per_box", "chunk_size": "2KiB", "shard_size": None}}
+    res = get_pool(2).run(tr.dtensor_roundtrip, str(tmp_path / "c"), {"w": "row", "emb": "col"}, {"w": "col"}, opts)
+    assert all(all(r["equal"].values()) for r in res)
+    assert (tmp_path / "c" / "w" / "part_32_0" / "zarr.json").exists()
+    group = json.loads((tmp_path / "c" / "w" / "zarr.json").read_text())
+    assert group["node_type"] == "group" and len(group["attributes"]["dcp_ext"]["parts"]) == 2
+
+
+@pytest.mark.parametrize("save,load", [((2, 2, 1), (1, 2, 2)), ((1, 1, 4), (4, 1, 1)), ((2, 2, 1), (1, 1, 4))])
+def test_megatron_tp_pp_reshard_with_the_resharding_planners(tmp_path, save, load):
+    opts = {"tensorstore": {"chunk_size": "4KiB", "shard_size": "64KiB"}}
+    res = get_pool(4).run(orf.reshard_planners, str(tmp_path / "c"), save, load, {**TS, **opts})
+    for r in res:
+        assert r["bad"] == [] and r["step"] == 3
+    read, needed = sum(r["bytes_read"] for r in res), sum(r["bytes_needed"] for r in res)
+    assert needed > 0 and read <= 1.6 * needed, (read, needed)  # 4 KiB chunks over 32-256 KiB tensors
+
+
+def test_corrupt_chunk_fails_every_loading_rank(tmp_path):
+    url = str(tmp_path / "c")
+    opts = {"tensorstore": {"chunk_size": "1KiB", "shard_size": None}}
+    get_pool(2).run(tr.dtensor_roundtrip, url, {"w": "row"}, {"w": "row"}, opts)
+    _flip_a_byte(_chunk_files(tmp_path / "c" / "w")[0])
+    msgs = get_pool(2).run(tr.load_expect_failure, url, {"w": "row"}, opts)
+    assert all("CorruptCheckpointError" in m and "loading w" in m for m in msgs), msgs
+
+
+# -- object stores ----------------------------------------------------------------------------
+
+@pytest.mark.s3
+def test_s3_save_and_resharded_load_on_two_ranks(s3_server):
+    url = f"zarr3+s3://{s3_server.bucket}/ts-{uuid.uuid4().hex[:8]}/ck"
+    opts = {**s3_server.options(), "tensorstore": {"chunk_size": "2KiB", "shard_size": "8KiB"}}
+    res = get_pool(2).run(tr.dtensor_roundtrip, url, {"w": "row", "emb": "col"}, {"w": "col", "b": "row"}, opts)
+    assert all(all(r["equal"].values()) and r["meta"]["ranks"] == 2 for r in res)
+    info = inspect_checkpoint(url, **opts)
+    assert info["world_size"] == 2 and info["tensors"]["w"]["size"] == [64, 48]
+    assert verify_checkpoint(url, **opts).ok
+    e = _err(lambda: dcp_ext.storage_reader(url, **{**opts, "s3": {**opts["s3"], "secret_access_key": "wrong"}})
+             .read_metadata())
+    assert "SignatureDoesNotMatch" in e or "credentials" in e
+
+
+@pytest.mark.s3
+def test_s3_megatron_reshard_on_four_ranks(s3_server):
+    url = f"zarr3+s3://{s3_server.bucket}/ts-{uuid.uuid4().hex[:8]}/gpt"
+    opts = {**s3_server.options(), "tensorstore": {"chunk_size": "8KiB", "shard_size": "64KiB"}}
+    res = get_pool(4).run(orf.reshard_planners, url, (2, 2, 1), (4, 1, 1), {**TS, **opts})
+    assert all(r["bad"] == [] for r in res)
+
+
+@pytest.mark.gcs
+def test_gcs_save_and_resharded_load_on_two_ranks(gcs_server):
+    url = f"zarr3+gs://{gcs_server.bucket}/ts-{uuid.uuid4().hex[:8]}/ck"
+    opts = {**gcs_server.options(), "tensorstore": {"chunk_size": "2KiB", "shard_size": "8KiB"}}
+    res = get_pool(2).run(tr.dtensor_roundtrip, url, {"w": "col"}, {"w": "row", "emb": "col"}, opts)
+    assert all(all(r["equal"].values()) for r in res)
+    assert verify_checkpoint(url, **opts).ok
+    res = get_pool(4).run(orf.reshard_planners, url + "-gpt", (1, 2, 2), (2, 2, 1),
+                          {**TS, **gcs_server.options(), "tensorstore": {"chunk_size": "8KiB"}})
+    assert all(r["bad"] == [] for r in res)
