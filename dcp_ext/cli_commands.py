@@ -58,7 +58,7 @@ def cmd_ls(args) -> int:
     rows, docs = [], []
     for e in entries:
         size = root.checkpoint_bytes(e.name) if e.committed else None
-        if size is None:
+        if not size:  # no manifest, or one that does not list byte ranges (zarr3)
             size = root.files_bytes(e.name)
         tier = _tier(e.url, args.cache) if args.cache else None
         info = e.info

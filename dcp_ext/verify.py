@@ -21,7 +21,7 @@ from .storage import get_backend
 from .storage.commit import MANIFEST_NAME, METADATA_NAME, require_committed
 from .storage.manifest import decode_manifest
 
-__all__ = ["VerifyReport", "verify_checkpoint", "inspect_checkpoint"]
+__all__ = ["VerifyReport", "verify_checkpoint", "inspect_checkpoint", "checkpoint_reader"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +43,9 @@ class VerifyReport:
         return not self.errors
 
 
-def _reader(url: str, options: dict):
+def checkpoint_reader(url: str, options: dict):
+    """A reader for the checkpoint at ``url``: the URL's backend, or TensorStore when a plain
+    path / ``s3://`` / ``gs://`` URL holds a zarr3 checkpoint (its manifest says so)."""
     cfg = load_config(**options)
     reader = get_backend(url, cfg).make_reader(url, cfg)
     if not cfg.backend and not hasattr(reader, "verify") and _layout(reader.store) == "zarr3":
@@ -72,7 +74,7 @@ def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) 
     manifest when there is one); never loads a stored object."""
     from .planner import saved_layout
 
-    reader = _reader(url, options)
+    reader = checkpoint_reader(url, options)
     if hasattr(reader, "inspect"):  # a backend with its own layout (tensorstore) describes itself
         info = reader.inspect()
         info.setdefault("saved_layout", None)
@@ -137,7 +139,7 @@ def _chunk_sizes(m, offsets) -> list | None:
 
 def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) -> VerifyReport:
     """Check every byte of a committed checkpoint against its block checksums."""
-    reader = _reader(url, options)
+    reader = checkpoint_reader(url, options)
     store = reader.store
     require_committed(store)
     report = VerifyReport(url)

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorSt
 from torch.distributed.checkpoint.planner import ReadItem
 
 from ..errors import ConvertError
-from ..storage import storage_reader
+from ..verify import checkpoint_reader
 
 __all__ = ["CheckpointTensors", "select_keys", "rename_key"]
 
@@ -61,7 +61,7 @@ class CheckpointTensors:
 
     def __init__(self, url: str, **options: Any):
         self.url = url
-        self.reader = storage_reader(url, **options)
+        self.reader = checkpoint_reader(url, options)
         self.metadata = self.reader.read_metadata()
         self.reader.set_up_storage_reader(self.metadata, True)
         sdm = self.metadata.state_dict_metadata

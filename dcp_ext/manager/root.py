@@ -166,8 +166,9 @@ class CheckpointRoot:
         return f"{self.url}/{name}"
 
     def step_store(self, name: str):
-        """A byte store at one step directory (same backend and options as the root)."""
-        return type(self.store)(self.step_url(name), self.config)
+        """A byte store at one step directory (same store type and options as the root; for a
+        format over a byte URL, e.g. ``zarr3+file://``, the store of the byte URL)."""
+        return type(self.store)(f"{self.store.url.rstrip('/')}/{name}", self.config)
 
     # -- scanning ---------------------------------------------------------------------------
     def scan(self, with_info: bool = True) -> list[StepEntry]:
