@@ -13,6 +13,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 
 from .errors import DcpExtError
 
@@ -136,6 +137,8 @@ def _main(argv: list[str] | None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     if args.config:
         os.environ["DCP_EXT_CONFIG"] = args.config
+    # the commands read and write checkpoints in this one process on purpose
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
         rc = args.fn(args)
     except DcpExtError as e:

@@ -66,7 +66,8 @@ def cmd_ls(args) -> int:
                "latest": e.name == latest, "bytes": size, "managed": e.owned,
                "created": info.created if info else None, "committed": info.committed if info else None,
                "metrics": info.metrics if info else None, "metadata": info.metadata if info else None,
-               "world_size": info.world_size if info else None, "layout": info.layout if info else None}
+               "world_size": info.world_size if info else None, "layout": info.layout if info else None,
+               "fast_tier": info.tier if info else None}
         if tier is not None:
             doc["tier"] = tier
         docs.append(doc)

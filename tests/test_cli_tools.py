@@ -94,8 +94,9 @@ def test_convert_both_ways_and_diff(tmp_path):
     assert "exported" in r.stdout and "model.safetensors" in r.stdout
     got = load_file(str(tmp_path / "hf" / "model.safetensors"))
     assert got["w"].dtype == torch.bfloat16 and torch.equal(got["b"], torch.arange(3))
+    assert r.stderr == ""  # no warnings, and no progress bar when stderr is not a terminal
     r = _cli("convert", "--from", "hf", str(tmp_path / "hf"), str(tmp_path / "back"), "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["tensors"] == 2
+    assert r.returncode == 0 and json.loads(r.stdout)["tensors"] == 2 and r.stderr == "", r.stderr
     r = _cli("diff", f"{root}/step_1", str(tmp_path / "back"), "--keys", "w", "b", "--atol", "0")
     assert r.returncode == 1 and "w" in r.stdout and "dtype" in r.stdout and "1 of 2 keys differ" in r.stdout
     r = _cli("diff", str(tmp_path / "back"), str(tmp_path / "back"))

@@ -312,6 +312,8 @@ def test_async_failure_surfaces_at_next_save_and_leftover_is_removed(tmp_path, m
     root = tmp_path / "run"
     with dcp_ext.CheckpointManager(root, interval=2, async_save=True) as mgr:
         assert mgr.save(2, _state(2)) and mgr.save(4, _state(4))  # step 4 fails in the background
+        failed = mgr._pending[-1]
+        assert failed.step == 4 and failed.done.wait(60)  # its failure was recorded before the next save
         with pytest.raises(BaseException, match="disk on fire"):
             mgr.save(6, _state(6))
         assert mgr.save(6, _state(6))

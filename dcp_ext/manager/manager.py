@@ -506,8 +506,9 @@ class CheckpointManager:
         """Wait for this manager's async uploads; raise the first failure (every rank's upload
         future fails alike: DCP gathers errors from all ranks)."""
         with self._lock:
-            # drop finished saves with nothing left to report
-            self._pending = [p for p in self._pending if not p.done.is_set() or p.durable_error is not None]
+            # drop finished saves with nothing left to report (an upload not yet reported stays)
+            self._pending = [p for p in self._pending
+                             if not p.done.is_set() or p.upload is not None or p.durable_error is not None]
             uploads = [p for p in self._pending if p.upload is not None]
         errors: list[tuple[_Pending, BaseException]] = []
         for p in uploads:
