@@ -24,6 +24,7 @@ from .errors import (
     StorageAuthError,
     StorageError,
     UnknownBackendError,
+    UnsafePickleError,
 )
 from .storage import Backend, backends, register_backend, storage_reader, storage_writer
 
@@ -43,6 +44,7 @@ __all__ = [
     "StorageAuthError",
     "StorageError",
     "UnknownBackendError",
+    "UnsafePickleError",
     "backends",
     "load_config",
     "register_backend",

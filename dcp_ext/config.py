@@ -299,6 +299,10 @@ class Config:
     #: loading only: refuse a checkpoint saved by a different number of ranks (for state
     #: that is per rank and cannot be resharded, e.g. RNG or data-loader positions)
     expect_world_size: int | None = None
+    #: loading only: unpickle non-tensor values and stock ``.metadata`` fully (can run code: only
+    #: for checkpoints you trust); off, they load with weights-only semantics plus a documented
+    #: allowlist (docs/config.md)
+    allow_pickle: bool = False
     fs: FsOptions = field(default_factory=FsOptions)
     fsspec: FsspecOptions = field(default_factory=FsspecOptions)
     s3: S3Options = field(default_factory=S3Options)

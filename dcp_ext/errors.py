@@ -27,6 +27,7 @@ __all__ = [
     "PersistError",
     "ConvertError",
     "CheckpointKeyError",
+    "UnsafePickleError",
 ]
 
 
@@ -113,3 +114,8 @@ class CheckpointKeyError(DcpExtError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class UnsafePickleError(DcpExtError):
+    """Loading a value (or stock ``.metadata``) would need full unpickling, which can run code;
+    refused unless ``allow_pickle=True`` (the message names the key and the option)."""

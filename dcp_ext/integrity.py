@@ -14,11 +14,15 @@ raw tensor bytes (C order) and is covered by ``blocks`` (block ``i`` covers data
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import crc32c as _crc32c
 
-__all__ = ["ALGORITHM", "checksum", "BlockHasher", "ItemChecksums"]
+from .errors import CorruptCheckpointError
+
+__all__ = ["ALGORITHM", "checksum", "BlockHasher", "ItemChecksums", "ChecksumMismatch", "verify_range",
+           "verify_rest"]
 
 #: the checksum algorithm name recorded in manifests
 ALGORITHM = "crc32c"
@@ -77,3 +81,44 @@ class ItemChecksums:
         """Data-relative byte range ``[start, end)`` widened to whole blocks."""
         bs = self.block_size
         return (start // bs) * bs, min(self.data_length, -(-end // bs) * bs)
+
+
+class ChecksumMismatch(CorruptCheckpointError):
+    """Stored bytes of one item fail their checksum. ``start``/``end``: the failing range,
+    relative to the item's data region (``block`` its index), or ``block`` None for the bytes
+    outside it (the record's headers). Callers add the file and the tensor to the message."""
+
+    def __init__(self, block: int | None, start: int, end: int):
+        self.block, self.start, self.end = block, start, end
+        what = f"data bytes {start}-{end} (block {block})" if block is not None else "record headers"
+        super().__init__(f"checksum mismatch in {what}")
+
+
+def verify_range(checks: ItemChecksums, data_start: int, buf) -> int:
+    """Check ``buf``, the item's data bytes from ``data_start`` on, against their blocks.
+
+    ``data_start`` must be block aligned and ``buf`` must end on a block boundary or at the end
+    of the data (what :meth:`ItemChecksums.block_range` gives a ranged read). Returns the number
+    of blocks checked; raises :class:`ChecksumMismatch` for the first failing one (or a block
+    the checksums do not have, i.e. data longer than what was saved). The one block check every
+    reader uses: ranged reads, whole records and ``dcp-ext verify``.
+    """
+    bs = checks.block_size
+    if data_start % bs:
+        raise ValueError(f"verify_range: data_start {data_start} is not a multiple of the block size {bs}")
+    mv = memoryview(buf).cast("B")
+    n = len(mv)
+    first = data_start // bs
+    for k in range(first, first + math.ceil(n / bs)):
+        lo = (k - first) * bs
+        hi = min(lo + bs, n)
+        if k >= len(checks.blocks) or checksum(mv[lo:hi]) != checks.blocks[k]:
+            raise ChecksumMismatch(k, data_start + lo, data_start + hi)
+    return math.ceil(n / bs)
+
+
+def verify_rest(checks: ItemChecksums, head, tail) -> None:
+    """Check the bytes of the record outside its data region (``head``: before it, ``tail``:
+    after it) against ``checks.rest``; :class:`ChecksumMismatch` with ``block`` None if not."""
+    if checksum(tail, checksum(head)) != checks.rest:
+        raise ChecksumMismatch(None, 0, len(head) + len(tail))

@@ -85,6 +85,11 @@ def _pin(ptr: int, nbytes: int) -> None:
         raise StagingError(f"cudaHostRegister of {_fmt_bytes(nbytes)} staging pool failed (cudaError {rc})")
 
 
+def _unpin_all(ptrs: list[int]) -> None:
+    for ptr in ptrs:
+        _unpin(ptr)
+
+
 def _unpin(ptr: int) -> None:
     try:
         rc = int(torch.cuda.cudart().cudaHostUnregister(ptr))
@@ -102,6 +107,8 @@ class _Leaf:
     tensor: torch.Tensor  # the plain local tensor to copy (DTensor's local shard)
     offset: int = 0
     nbytes: int = 0
+    #: the local shard of a DTensor (in shared memory it gets a segment of its own, see _Pool)
+    dtensor: bool = False
 
 
 class _Pool:
@@ -116,20 +123,28 @@ class _Pool:
 
     Shared memory (``share_memory=True``): one shared segment and plain views of it, so the
     process executor passes one handle (one file descriptor) per save instead of one per
-    tensor; the clone then happens in the checkpoint process, off the training process.
+    tensor; the clone then happens in the checkpoint process, off the training process. The
+    local shards of DTensors are the exception: each gets a shared segment of its own, because
+    pickling a DTensor whose local tensor starts at a non-zero offset of a shared storage
+    crashes the process (segmentation fault in torch 2.13's ``_share_fd_cpu_``).
     """
 
     def __init__(self, signature: tuple, leaves: list[_Leaf], *, pin: bool, share: bool, index: int):
         self.signature = signature
         self.index = index
         total = 0
-        slots: list[tuple[int, torch.dtype, torch.Size]] = []
+        own_bytes = 0
+        slots: list[tuple[int, torch.dtype, torch.Size, bool]] = []
         for leaf in leaves:
             t = leaf.tensor
             nbytes = t.numel() * t.element_size()
-            slots.append((total, t.dtype, t.shape))
-            total += _align(nbytes)
-        self.nbytes = total
+            own = share and leaf.dtensor  # a shared segment of its own (see the class docstring)
+            slots.append((-1 if own else total, t.dtype, t.shape, own))
+            if own:
+                own_bytes += _align(nbytes)
+            else:
+                total += _align(nbytes)
+        self.nbytes = total + own_bytes
         if share:
             storage = torch.UntypedStorage._new_shared(max(total, 1))
             base = torch.empty(0, dtype=torch.uint8).set_(storage)
@@ -138,23 +153,35 @@ class _Pool:
         self.base = base
         self.shared = share
         self.pinned = False
-        if pin and total > 0:
-            ptr = base.data_ptr()
-            _pin(ptr, base.numel())
-            self.pinned = True
-            self._finalizer = weakref.finalize(self, _unpin, ptr)
-            self._finalizer.atexit = False
         flat = None if share else base.numpy()
         self.views: list[torch.Tensor] = []
-        for off, dtype, shape in slots:
+        regions = [(base.data_ptr(), base.numel())] if total > 0 else []  # host ranges to pin
+        for off, dtype, shape, own in slots:
             nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-            if share:
+            if own:
+                seg = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)))
+                v = seg[:nbytes]
+                if nbytes:
+                    regions.append((seg.data_ptr(), nbytes))
+            elif share:
                 v = base[off:off + nbytes]
             elif nbytes == 0:
                 v = torch.empty(0, dtype=torch.uint8)
             else:
                 v = torch.frombuffer(flat, dtype=torch.uint8, count=nbytes, offset=off)
             self.views.append(v.view(dtype).view(shape))
+        if pin and regions:
+            done: list[int] = []
+            try:
+                for ptr, n in regions:
+                    _pin(ptr, n)
+                    done.append(ptr)
+            except BaseException:
+                _unpin_all(done)
+                raise
+            self.pinned = True
+            self._finalizer = weakref.finalize(self, _unpin_all, [ptr for ptr, _ in regions])
+            self._finalizer.atexit = False
         # Distinct storages and the references the pool itself holds on each (its own
         # tensors and these storage objects); anything above that is someone else's.
         seen: dict[int, Any] = {}
@@ -297,7 +324,7 @@ class PooledStager(AsyncStager):
         leaves: list[_Leaf] = []
         by_id: dict[int, _Ref] = {}
         template = self._collect(state_dict, "", leaves, by_id)
-        signature = tuple((leaf.tensor.dtype, tuple(leaf.tensor.shape)) for leaf in leaves)
+        signature = tuple((leaf.tensor.dtype, tuple(leaf.tensor.shape), leaf.dtensor) for leaf in leaves)
         lease = self._acquire(signature, leaves)  # leased with staging=True: never reaped mid-copy
         try:
             views = lease.pool.views
@@ -410,6 +437,7 @@ class PooledStager(AsyncStager):
             if _DTensor is not None and isinstance(x, _DTensor):
                 local = x._local_tensor
                 ref = _Ref(self._add_leaf(local, path, leaves), dtensor=x)
+                leaves[ref.index].dtensor = True
             elif type(x) is torch.Tensor or type(x) is torch.nn.Parameter:
                 ref = _Ref(self._add_leaf(x, path, leaves))
             else:

@@ -1,12 +1,15 @@
 """Offline inspection and verification of a checkpoint (``dcp-ext inspect`` / ``verify``).
 
 ``verify_checkpoint`` re-reads every stored byte once, in parallel, and checks it against
-the manifest's block checksums, without building any tensor (so it needs little memory
-whatever the checkpoint size). It reports every damaged item, not just the first.
+the manifest's block checksums (with :func:`dcp_ext.integrity.verify_range`, the check the
+reader uses), without building any tensor (so it needs little memory whatever the checkpoint
+size). It reports every damaged item, not just the first. Neither function unpickles anything
+when the checkpoint has our manifest.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +18,10 @@ from typing import Any
 
 from .config import load_config
 from .errors import CheckpointKeyError, CorruptCheckpointError, DcpExtError
-from .integrity import checksum
+from .integrity import ChecksumMismatch, checksum, verify_range, verify_rest
 from .progress import Progress
 from .storage import get_backend
-from .storage.commit import MANIFEST_NAME, METADATA_NAME, require_committed
+from .storage.commit import MANIFEST_NAME, METADATA_NAME, committed_parts, manifest_name, metadata_name
 from .storage.manifest import decode_manifest
 
 __all__ = ["VerifyReport", "verify_checkpoint", "inspect_checkpoint", "checkpoint_reader"]
@@ -44,13 +47,14 @@ class VerifyReport:
 
 
 def checkpoint_reader(url: str, options: dict):
-    """A reader for the checkpoint at ``url``: the URL's backend, or TensorStore when a plain
-    path / ``s3://`` / ``gs://`` URL holds a zarr3 checkpoint (its manifest says so)."""
-    cfg = load_config(**options)
+    """A reader for the checkpoint at ``url`` that never unpickles anything but DCP metadata
+    (whatever ``allow_pickle`` says): the URL's backend, or TensorStore when a plain path /
+    ``s3://`` / ``gs://`` URL holds a zarr3 checkpoint (its manifest says so)."""
+    cfg = dataclasses.replace(load_config(**options), allow_pickle=False)
     reader = get_backend(url, cfg).make_reader(url, cfg)
     if not cfg.backend and not hasattr(reader, "verify") and _layout(reader.store) == "zarr3":
         # a TensorStore checkpoint reached by a plain path / s3:// / gs:// URL
-        cfg = load_config(**{**options, "backend": "tensorstore"})
+        cfg = dataclasses.replace(load_config(**{**options, "backend": "tensorstore"}), allow_pickle=False)
         reader = get_backend(url, cfg).make_reader(url, cfg)
     if not hasattr(reader, "verify") and not hasattr(reader, "locations"):
         raise DcpExtError(f"{url}: this backend's reader can neither verify itself nor give byte locations")
@@ -71,7 +75,8 @@ def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) 
     """A JSON-able summary: tensors (dtype, size, chunks, stored bytes), objects, files, bytes,
     world size, the saving layout (``saved_layout``); for the keys matching ``fqns`` (globs),
     ``details``: every chunk's offsets, sizes, file and bytes. Reads only metadata (the JSON
-    manifest when there is one); never loads a stored object."""
+    manifest when there is one); never loads a stored object. A rank-local checkpoint
+    (``use_collectives=False``) is summed over its parts, listed in ``rank_local_parts``."""
     from .planner import saved_layout
 
     reader = checkpoint_reader(url, options)
@@ -81,40 +86,48 @@ def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) 
         info["details"] = {n: dict(info["tensors"].get(n) or {"object": True}, stored=[])
                            for n in _matching(url, list(info["tensors"]) + info["objects"], fqns)}
         return info
-    md = reader.read_metadata()
-    stored: dict[str, int] = {}
-    for idx, loc in reader.locations.items():
-        stored[idx.fqn] = stored.get(idx.fqn, 0) + loc.length
-    tensors, objects = {}, []
-    for fqn, m in sorted(md.state_dict_metadata.items()):
-        if hasattr(m, "chunks"):
-            tensors[fqn] = {"dtype": str(m.properties.dtype).removeprefix("torch."), "size": list(m.size),
-                            "chunks": len(m.chunks), "bytes": stored.get(fqn, 0)}
-        else:
-            objects.append(fqn)
-    details = {}
-    if fqns:
-        by_key: dict[str, list] = {}
-        for idx, loc in reader.locations.items():
-            by_key.setdefault(idx.fqn, []).append((idx, loc))
-        for n in _matching(url, list(tensors) + objects, fqns):
-            d = dict(tensors.get(n) or {"object": True, "bytes": stored.get(n, 0)})
-            d["stored"] = [{"offsets": None if idx.offset is None else list(idx.offset),
-                            "sizes": _chunk_sizes(md.state_dict_metadata[n], idx.offset),
-                            "file": loc.relative_path, "offset": loc.offset, "bytes": loc.length,
-                            "checksummed": loc.checksums is not None}
-                           for idx, loc in sorted(by_key.get(n, []), key=lambda il: list(il[0].offset or []))]
-            details[n] = d
+    parts = committed_parts(reader.store)
+    tensors: dict[str, dict] = {}
+    objects: set[str] = set()
     files: dict[str, int] = {}
-    for loc in reader.locations.values():
-        files[loc.relative_path] = files.get(loc.relative_path, 0) + loc.length
-    layout = saved_layout(md)
-    return {"url": url, "tensors": tensors, "objects": objects, "files": files,
-            "bytes": sum(files.values()), "world_size": reader.manifest_extra.get("world_size"),
-            "saved_layout": None if layout.startswith("unknown") else layout,
-            "has_manifest": reader.store.exists(MANIFEST_NAME),
-            "checksummed": any(loc.checksums is not None for loc in reader.locations.values()),
-            "details": details}
+    checksummed = False
+    sdm: dict[str, Any] = {}
+    by_key: dict[str, list] = {}
+    layout = "unknown"
+    for part in parts:
+        md = reader.read_metadata(**({} if part is None else {"rank": part}))
+        layout = saved_layout(md)
+        for fqn, m in sorted(md.state_dict_metadata.items()):
+            if hasattr(m, "chunks"):
+                t = tensors.setdefault(fqn, {"dtype": str(m.properties.dtype).removeprefix("torch."),
+                                             "size": list(m.size), "chunks": 0, "bytes": 0})
+                t["chunks"] += len(m.chunks)
+                sdm.setdefault(fqn, []).extend(m.chunks)
+            else:
+                objects.add(fqn)
+        for idx, loc in reader.locations.items():
+            files[loc.relative_path] = files.get(loc.relative_path, 0) + loc.length
+            checksummed = checksummed or loc.checksums is not None
+            by_key.setdefault(idx.fqn, []).append((idx, loc))
+            if idx.fqn in tensors:
+                tensors[idx.fqn]["bytes"] += loc.length
+    details = {}
+    for n in _matching(url, sorted(tensors) + sorted(objects), fqns):
+        d = dict(tensors.get(n) or {"object": True, "bytes": sum(loc.length for _i, loc in by_key.get(n, []))})
+        d["stored"] = [{"offsets": None if idx.offset is None else list(idx.offset),
+                        "sizes": _chunk_sizes(sdm.get(n, []), idx.offset),
+                        "file": loc.relative_path, "offset": loc.offset, "bytes": loc.length,
+                        "checksummed": loc.checksums is not None}
+                       for idx, loc in sorted(by_key.get(n, []), key=lambda il: list(il[0].offset or []))]
+        details[n] = d
+    out = {"url": url, "tensors": dict(sorted(tensors.items())), "objects": sorted(objects), "files": files,
+           "bytes": sum(files.values()), "world_size": reader.manifest_extra.get("world_size"),
+           "saved_layout": None if layout.startswith("unknown") else layout,
+           "has_manifest": reader.store.exists(manifest_name(parts[-1])), "checksummed": checksummed,
+           "details": details}
+    if parts != (None,):
+        out["rank_local_parts"] = list(parts)
+    return out
 
 
 def _matching(url: str, names: list[str], fqns: list[str] | None) -> list[str]:
@@ -130,28 +143,31 @@ def _matching(url: str, names: list[str], fqns: list[str] | None) -> list[str]:
     return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in fqns)]
 
 
-def _chunk_sizes(m, offsets) -> list | None:
-    for c in getattr(m, "chunks", []):
+def _chunk_sizes(chunks: list, offsets) -> list | None:
+    for c in chunks:
         if offsets is not None and list(c.offsets) == list(offsets):
             return list(c.sizes)
     return None
 
 
 def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) -> VerifyReport:
-    """Check every byte of a committed checkpoint against its block checksums."""
+    """Check every byte of a committed checkpoint (or of every part of a rank-local one)
+    against its block checksums."""
     reader = checkpoint_reader(url, options)
     store = reader.store
-    require_committed(store)
     report = VerifyReport(url)
     if hasattr(reader, "verify"):  # a backend with its own layout (tensorstore) checks itself
         return reader.verify(report, progress)
-    if not store.exists(MANIFEST_NAME):
-        report.errors.append(f"{url} has no {MANIFEST_NAME}: it was not written by dcp-ext, nothing to verify")
-        return report
-    m = decode_manifest(store.read_bytes(MANIFEST_NAME), f"{url}/{MANIFEST_NAME}")
-    if checksum(store.read_bytes(METADATA_NAME)) != m.metadata_crc:
-        report.errors.append(f"{url}: {METADATA_NAME} does not match {MANIFEST_NAME}")
-    items = list(m.locations.items())
+    items = []
+    for part in committed_parts(store):
+        man, md_name = manifest_name(part), metadata_name(part)
+        if not store.exists(man):
+            report.errors.append(f"{url} has no {man}: it was not written by dcp-ext, nothing to verify")
+            continue
+        m = decode_manifest(store.read_bytes(man), f"{url}/{man}")
+        if checksum(store.read_bytes(md_name)) != m.metadata_crc:
+            report.errors.append(f"{url}: {md_name} does not match {man}")
+        items += list(m.locations.items())
     report.items = len(items)
     total = sum(loc.length for _, loc in items if loc.checksums is not None)
     bar = Progress(f"verifying {url}", total, progress, logger)
@@ -172,26 +188,24 @@ def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) ->
             tail = bytearray(tail_len)
             if tail_len:
                 store.read_into(loc.relative_path, loc.offset + c.data_offset + c.data_length, memoryview(tail))
-            if checksum(tail, checksum(head)) != c.rest:
-                raise CorruptCheckpointError(f"{loc.relative_path}: record header of {name} is corrupt")
-            bs = c.block_size
-            part = max(bs, (_PART // bs) * bs)
+            verify_rest(c, head, tail)
+            part = max(c.block_size, (_PART // c.block_size) * c.block_size)
             buf = bytearray(min(part, c.data_length))
             pos = 0
             while pos < c.data_length:
                 n = min(part, c.data_length - pos)
                 mv = memoryview(buf)[:n]
                 store.read_into(loc.relative_path, loc.offset + c.data_offset + pos, mv)
-                for k in range(0, n, bs):
-                    blk = (pos + k) // bs
-                    if blk >= len(c.blocks) or checksum(mv[k:k + bs]) != c.blocks[blk]:
-                        raise CorruptCheckpointError(
-                            f"{loc.relative_path}: {name} fails its checksum at data bytes {pos + k}-"
-                            f"{min(pos + k + bs, c.data_length)}")
+                verify_range(c, pos, mv)
                 pos += n
                 bar.advance(n)
             with lock:
                 report.bytes_checked += loc.length
+        except ChecksumMismatch as e:
+            msg = (f"{loc.relative_path}: record header of {name} is corrupt" if e.block is None else
+                   f"{loc.relative_path}: {name} fails its checksum at data bytes {e.start}-{e.end}")
+            with lock:
+                report.errors.append(msg)
         except CorruptCheckpointError as e:
             with lock:
                 report.errors.append(str(e))

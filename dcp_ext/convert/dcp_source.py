@@ -101,9 +101,21 @@ class CheckpointTensors:
         return sd
 
     def load_raw_objects(self, fqns: list[str]) -> dict[str, bytes]:
-        """The stored bytes of non-tensor items (a ``torch.save`` record each), not unpickled."""
-        planner = self._run({f: None for f in fqns})
-        return planner.raw
+        """The stored bytes of non-tensor items (a ``torch.save`` record each), never unpickled:
+        read by byte range where the reader says where items are (byte backends), else through
+        the reader (which applies its own pickle policy)."""
+        locations = getattr(self.reader, "locations", None)
+        store = getattr(self.reader, "store", None)
+        if locations is None or store is None:
+            return self._run({f: None for f in fqns}).raw
+        where = {idx.fqn: loc for idx, loc in locations.items() if idx.fqn in set(fqns)}
+        out = {}
+        for f in fqns:
+            loc = where[f]
+            buf = bytearray(loc.length)
+            store.read_into(loc.relative_path, loc.offset, memoryview(buf))
+            out[f] = bytes(buf)
+        return out
 
     def _run(self, sd: dict[str, Any]) -> _BatchPlanner:
         planner = _BatchPlanner()

@@ -154,7 +154,8 @@ def _tier_shorthand(options: dict) -> dict:
     return options
 
 
-def storage_writer(url: str | os.PathLike, *, config: Any = None, **options: Any) -> StorageWriter:
+def storage_writer(url: str | os.PathLike, *, config: Any = None, _extensions: Any = None,
+                   **options: Any) -> StorageWriter:
     """A DCP ``StorageWriter`` for ``url``; options as in :class:`~dcp_ext.config.Config`.
 
     >>> dcp.save(state, storage_writer=dcp_ext.storage_writer("/ckpt/step_100"))
@@ -162,15 +163,32 @@ def storage_writer(url: str | os.PathLike, *, config: Any = None, **options: Any
     With ``cache="/dev/shm/dcp_ext"`` (or ``tier.cache`` in the config) the result is a
     :class:`~dcp_ext.storage.tiered.TieredStorageWriter`: the save commits to that fast local
     tier, and ``url`` (any byte-store backend) is written in the background.
+
+    ``_extensions``: stock DCP's stream transforms (as ``FileSystemWriter(_extensions=...)``,
+    experimental there too), for byte-store backends; see docs/backends.md.
     """
     cfg = load_config(config, **_tier_shorthand(options))
     b = get_backend(url, cfg)
     logger.debug("storage_writer(%s): backend %s", url, b.name)
     if cfg.tier.cache:  # tiered: fast local tier first, this backend as the durable tier
+        if _extensions:
+            from ..errors import DcpExtError
+
+            raise DcpExtError("_extensions (stream transforms) are not supported by tiered writers (cache=...): "
+                              "their fast-tier copies are read back by ranged reads")
         from .tiered import TieredStorageWriter
 
         return TieredStorageWriter(os.fspath(url), cfg, _durable_store(os.fspath(url), cfg, b))
-    return b.make_writer(os.fspath(url), cfg)
+    w = b.make_writer(os.fspath(url), cfg)
+    if _extensions:
+        from ..errors import DcpExtError
+        from .writer import ExtStorageWriter, _check_extensions
+
+        if not isinstance(w, ExtStorageWriter):
+            raise DcpExtError(f"_extensions (stream transforms) need a byte-store backend; the {b.name!r} backend "
+                              f"for {os.fspath(url)!r} does not take them")
+        w.extensions = _check_extensions(_extensions)
+    return w
 
 
 def storage_reader(url: str | os.PathLike, *, config: Any = None, **options: Any) -> StorageReader:

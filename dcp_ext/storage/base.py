@@ -55,9 +55,28 @@ class Store(abc.ABC):
     """
 
     coalesce_gap: ClassVar[int] = 64 * 1024
+    #: attributes holding process-local resources (clients, connections, file descriptors,
+    #: locks): left out when the store is pickled (``dcp.async_save`` with
+    #: ``AsyncCheckpointerType.PROCESS`` sends the storage writer to its checkpoint process) and
+    #: rebuilt there by :meth:`_init_local_state`
+    _unpicklable: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, url: str):
         self.url = url
+
+    def _init_local_state(self) -> None:
+        """Create the process-local state named in ``_unpicklable`` (after unpickling; stores
+        that build it lazily need nothing here)."""
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        for k in self._unpicklable:
+            d.pop(k, None)
+        return d
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._init_local_state()
 
     # -- writing -----------------------------------------------------------------------
     @abc.abstractmethod

@@ -16,6 +16,16 @@ Saving over a committed checkpoint (``overwrite=True``) first *un-commits* it
 incomplete checkpoint, never a mix of two saves that looks whole. Orbax keeps the same
 decision in one module (``atomicity.py``); every backend and the tiered code call this one.
 
+**Rank-local checkpoints** (``dcp.save(..., use_collectives=False)``): no rank learns whether the
+others succeeded, so there is no whole-checkpoint commit point. Each rank's *part* is committed
+on its own, exactly like a checkpoint: its data files, then its manifest
+``__{rank}.dcp_ext.json``, then ``__{rank}.metadata`` (stock DCP's name for rank-local metadata)
+last, atomically; overwriting un-commits the part (its ``__{rank}.metadata`` first) before any of
+its data changes. A rank loads only its own part, and only a committed one. What this cannot
+give (no rule can, without collectives): a guarantee that every rank's part comes from the same
+save after a rank failed *before* it began overwriting (it keeps its previous part). Use a new
+location per save, or collective saves, where that matters (see docs/backends.md).
+
 The tiered code's markers (a fast-tier copy persisted; a partner's replica; each rank's part
 of a background persistence) are named here as well, so no other module invents file names.
 """
@@ -39,12 +49,19 @@ __all__ = [
     "REPLICA_MARKER",
     "CommitState",
     "CommitStatus",
+    "RANK_METADATA_RE",
     "data_file_name",
+    "rank_metadata_name",
+    "rank_manifest_name",
+    "metadata_name",
+    "manifest_name",
+    "rank_local_parts",
     "data_file_rank",
     "is_data_file",
     "commit_status",
     "is_committed",
     "require_committed",
+    "committed_parts",
     "refuse_overwrite",
     "uncommit",
     "publish",
@@ -67,6 +84,8 @@ METADATA_NAME = ".metadata"
 MANIFEST_NAME = ".dcp_ext.json"
 #: data files, as stock ``FileSystemWriter`` names them: ``__{rank}_{n}.distcp``
 DATA_FILE_RE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
+#: a rank-local part's metadata (``use_collectives=False``), as stock names it: ``__{rank}.metadata``
+RANK_METADATA_RE = re.compile(r"^__(\d+)\.metadata$")
 
 #: fast tier: the save id whose durable copy is committed (retention may then delete it)
 PERSISTED_MARKER = ".dcp_ext_persisted"
@@ -84,6 +103,26 @@ _REPLICA_DIR_RE = re.compile(r"^replica_of_rank(\d+)$")
 def data_file_name(rank: int, n: int) -> str:
     """The ``n``-th data file of ``rank``: ``__{rank}_{n}.distcp``."""
     return f"__{rank}_{n}.distcp"
+
+
+def rank_metadata_name(rank: int) -> str:
+    """Rank ``rank``'s metadata in a rank-local checkpoint: ``__{rank}.metadata`` (stock's name)."""
+    return f"__{rank}{METADATA_NAME}"
+
+
+def rank_manifest_name(rank: int) -> str:
+    """Rank ``rank``'s manifest in a rank-local checkpoint: ``__{rank}.dcp_ext.json``."""
+    return f"__{rank}{MANIFEST_NAME}"
+
+
+def metadata_name(rank: int | None = None) -> str:
+    """The commit marker: ``.metadata``, or rank ``rank``'s part's ``__{rank}.metadata``."""
+    return METADATA_NAME if rank is None else rank_metadata_name(rank)
+
+
+def manifest_name(rank: int | None = None) -> str:
+    """The manifest beside :func:`metadata_name`."""
+    return MANIFEST_NAME if rank is None else rank_manifest_name(rank)
 
 
 def data_file_rank(relpath: str) -> int | None:
@@ -126,6 +165,7 @@ class CommitState(enum.Enum):
     EMPTY = "empty"  # it exists and holds nothing
     INCOMPLETE = "incomplete"  # files, but no .metadata: a save is running or died
     COMMITTED = "committed"  # .metadata exists
+    RANK_LOCAL = "rank_local"  # no .metadata, but committed rank-local parts (__{rank}.metadata)
 
 
 @dataclass(frozen=True)
@@ -136,15 +176,23 @@ class CommitStatus:
     url: str
     state: CommitState
     data_files: tuple[str, ...] = ()
+    #: ranks whose rank-local part is committed (state RANK_LOCAL)
+    ranks: tuple[int, ...] = ()
 
     @property
     def committed(self) -> bool:
         return self.state is CommitState.COMMITTED
 
 
-def is_committed(store: Store) -> bool:
-    """Whether ``store`` holds a committed checkpoint (one existence check)."""
-    return store.exists(METADATA_NAME)
+def is_committed(store: Store, rank: int | None = None) -> bool:
+    """Whether ``store`` holds a committed checkpoint, or (``rank`` given) a committed
+    rank-local part of that rank (one existence check)."""
+    return store.exists(metadata_name(rank))
+
+
+def rank_local_parts(files: Iterable[str]) -> tuple[int, ...]:
+    """The ranks whose committed rank-local part (``__{rank}.metadata``) is among ``files``."""
+    return tuple(sorted(int(m.group(1)) for f in files if "/" not in f and (m := RANK_METADATA_RE.match(f))))
 
 
 def commit_status(store: Store) -> CommitStatus:
@@ -157,61 +205,113 @@ def commit_status(store: Store) -> CommitStatus:
     files = store.list()
     if not files:
         return CommitStatus(store.url, CommitState.EMPTY)
-    return CommitStatus(store.url, CommitState.INCOMPLETE, tuple(f for f in files if is_data_file(f)))
+    data = tuple(f for f in files if is_data_file(f))
+    ranks = rank_local_parts(files)
+    if ranks:
+        return CommitStatus(store.url, CommitState.RANK_LOCAL, data, ranks)
+    return CommitStatus(store.url, CommitState.INCOMPLETE, data)
 
 
-def require_committed(store: Store) -> None:
-    """Raise unless ``store`` holds a committed checkpoint: :class:`CheckpointNotFoundError`
-    for a missing or empty location, :class:`IncompleteCheckpointError` for one a save did not
-    finish (never load such a location as if it were whole)."""
+def require_committed(store: Store, rank: int | None = None) -> None:
+    """Raise unless ``store`` holds a committed checkpoint (``rank`` given: a committed
+    rank-local part of that rank): :class:`CheckpointNotFoundError` for a missing or empty
+    location, :class:`IncompleteCheckpointError` for one a save did not finish (never load such
+    a location as if it were whole), or that holds only rank-local parts when a global
+    checkpoint is asked for."""
+    if rank is not None and is_committed(store, rank):
+        return
     st = commit_status(store)
-    if st.state is CommitState.COMMITTED:
+    if rank is None and st.state is CommitState.COMMITTED:
         return
     if st.state is CommitState.MISSING:
         raise CheckpointNotFoundError(f"no checkpoint at {store.url}: the location does not exist")
     if st.state is CommitState.EMPTY:
         raise CheckpointNotFoundError(f"no checkpoint at {store.url}: the location is empty")
+    if rank is not None:
+        raise IncompleteCheckpointError(
+            f"{store.url} has no committed rank-local part of rank {rank}: no {rank_metadata_name(rank)} "
+            f"(rank {rank}'s save with use_collectives=False did not finish there"
+            + (f"; committed parts: ranks {list(st.ranks)}" if st.ranks else "") + "); refusing to load it")
+    if st.state is CommitState.RANK_LOCAL:
+        raise IncompleteCheckpointError(
+            f"{store.url} holds a rank-local checkpoint (saved with use_collectives=False; parts of ranks "
+            f"{list(st.ranks)}) and no global {METADATA_NAME}: each rank loads its own part")
     raise IncompleteCheckpointError(
         f"{store.url} is an incomplete checkpoint: it holds {len(st.data_files)} data file(s) but no "
         f"{METADATA_NAME} (a save did not finish there); refusing to load it")
 
 
-def refuse_overwrite(store: Store, overwrite: bool, what: str | None = None) -> bool:
+def committed_parts(store: Store) -> tuple[int | None, ...]:
+    """What a committed location holds: ``(None,)`` for a checkpoint, the ranks of its parts for
+    a rank-local one; raises as :func:`require_committed` for anything else."""
+    st = commit_status(store)
+    if st.state is CommitState.COMMITTED:
+        return (None,)
+    if st.state is CommitState.RANK_LOCAL:
+        return st.ranks
+    require_committed(store)
+    raise AssertionError("unreachable")  # pragma: no cover - require_committed raised
+
+
+def refuse_overwrite(store: Store, overwrite: bool, what: str | None = None, rank: int | None = None) -> bool:
     """Before a save: raise :class:`CheckpointExistsError` if ``store`` is committed and
     ``overwrite`` is false; return whether it is committed (the caller must then
     :func:`uncommit` it before changing any data). ``what`` names the location in the message
-    (default: its URL). The message starts with stock DCP's phrase, which user code matches."""
-    committed = is_committed(store)
+    (default: its URL). The message starts with stock DCP's phrase, which user code matches.
+
+    With ``rank`` (a rank-local save of that rank) the location counts as committed if it holds
+    a global checkpoint or rank ``rank``'s own part; other ranks' parts are theirs to check (a
+    fast rank's fresh part must not make a slower rank refuse the same save).
+    """
+    committed = is_committed(store) or (rank is not None and is_committed(store, rank))
     if committed and not overwrite:
+        part = "" if rank is None or is_committed(store) else f" (rank {rank}'s rank-local part)"
         raise CheckpointExistsError(
-            f"Checkpoint already exists: {what or store.url} already holds a complete checkpoint; refusing "
-            f"to overwrite it (pass overwrite=True to replace it, or save to a new location)")
+            f"Checkpoint already exists: {what or store.url} already holds a complete checkpoint{part}; "
+            f"refusing to overwrite it (pass overwrite=True to replace it, or save to a new location)")
     return committed
 
 
-def uncommit(store: Store, also: Iterable[str] = ()) -> None:
+def uncommit(store: Store, also: Iterable[str] = (), rank: int | None = None) -> None:
     """Take a committed checkpoint out of service before it is overwritten: ``.metadata``
-    first (from then on it is *incomplete*), then the manifest and ``also`` (markers)."""
+    first (from then on it is *incomplete*), then the manifest and ``also`` (markers).
+
+    Without ``rank`` (a collective save) the rank-local parts of an earlier rank-local save are
+    un-committed too (their ``__{rank}.metadata`` after ``.metadata``: one listing, only here).
+    With ``rank`` (a rank-local save): the global checkpoint, if any, then that rank's part.
+    """
     store.remove([METADATA_NAME])
-    rest = [MANIFEST_NAME, *also]
+    if rank is None:
+        parts = rank_local_parts(store.list())
+        store.remove([rank_metadata_name(r) for r in parts])
+        rest = [MANIFEST_NAME, *(rank_manifest_name(r) for r in parts), *also]
+    else:
+        store.remove([rank_metadata_name(rank)])
+        rest = [MANIFEST_NAME, rank_manifest_name(rank), *also]
     store.remove(rest)
 
 
-def publish(store: Store, manifest: bytes, metadata: bytes) -> None:
+def publish(store: Store, manifest: bytes, metadata: bytes, rank: int | None = None) -> None:
     """Commit: the manifest, then ``.metadata`` (the commit point), each atomically. Call it
-    only once every rank's data is durable."""
-    store.put_atomic(MANIFEST_NAME, manifest)
-    store.put_atomic(METADATA_NAME, metadata)
+    only once every rank's data is durable (``rank`` given: once that rank's data is durable;
+    it commits that rank's rank-local part)."""
+    store.put_atomic(manifest_name(rank), manifest)
+    store.put_atomic(metadata_name(rank), metadata)
 
 
 def remove_stale_data(store: Store, used: Iterable[str], rank: int | None = None) -> list[str]:
     """Delete data files that the committed checkpoint does not use (left by the save it
-    overwrote), only those of ``rank`` when given. Never raises: the checkpoint is committed
-    and leftovers are harmless. Returns what was removed."""
+    overwrote), only those of ``rank`` when given (a rank-local part). After a global commit
+    (``rank`` None) rank-local parts of an earlier save are stale too. Never raises: the
+    checkpoint is committed and leftovers are harmless. Returns what was removed."""
     keep = set(used)
     try:
-        stale = [p for p in store.list() if "/" not in p and is_data_file(p) and p not in keep
+        files = store.list()
+        stale = [p for p in files if "/" not in p and is_data_file(p) and p not in keep
                  and (rank is None or data_file_rank(p) == rank)]
+        if rank is None:  # commit markers first: a part is never committed over removed data
+            parts = rank_local_parts(files)
+            stale = [*(rank_metadata_name(r) for r in parts), *(rank_manifest_name(r) for r in parts), *stale]
         if stale:
             store.remove(stale)
         return stale

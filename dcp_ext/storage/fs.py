@@ -112,10 +112,16 @@ class LocalStore(Store):
     #: (so a column shard of rows narrower than a page costs the device no extra bytes)
     coalesce_gap = 4096
 
+    #: open read descriptors and their lock belong to one process (pickling: see Store)
+    _unpicklable = ("_fds", "_lock")
+
     def __init__(self, url: str, config: Config | None = None):
         super().__init__(url)
         self.config = config or Config()
         self.root = _path_of(url)
+        self._init_local_state()
+
+    def _init_local_state(self) -> None:
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 

@@ -12,6 +12,7 @@ commit marker: a manifest without ``.metadata`` belongs to an unfinished save.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,8 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+
 from ..errors import CorruptCheckpointError
 from ..integrity import ItemChecksums
 from .commit import MANIFEST_NAME, METADATA_NAME
@@ -36,11 +39,20 @@ __all__ = ["MANIFEST_NAME", "METADATA_NAME", "FORMAT_VERSION", "ItemLocation", "
 FORMAT = "dcp-ext-manifest"
 FORMAT_VERSION = 1
 
-_DTYPES = {str(d).removeprefix("torch."): d for d in (
-    torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.complex64, torch.complex128,
-    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
-    torch.uint16, torch.uint32, torch.uint64, torch.float8_e4m3fn, torch.float8_e5m2,
-    torch.float8_e4m3fnuz, torch.float8_e5m2fnuz, torch.complex32)}
+
+
+def _torch_dtypes() -> dict[str, torch.dtype]:
+    """Every dtype this torch defines, by its name (``"float8_e8m0fnu"``), taken from torch
+    itself: a dtype added by a newer torch never makes our own checkpoints unreadable."""
+    out: dict[str, torch.dtype] = {}
+    for name in dir(torch):
+        d = getattr(torch, name, None)
+        if isinstance(d, torch.dtype):
+            out[str(d).removeprefix("torch.")] = d
+    return out
+
+
+_DTYPES = _torch_dtypes()
 _MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
                    "preserve": torch.preserve_format}
 
@@ -60,6 +72,17 @@ class ItemLocation:
     data_offset: int | None = None
     data_length: int | None = None
     checksums: ItemChecksums | None = None
+    #: stock stream transforms (``_extensions``) applied to the stored bytes, outermost last,
+    #: as stock records them; None for plain records
+    transform_descriptors: tuple[str, ...] | None = None
+
+    def storage_info(self) -> Any:
+        """The same location as stock DCP's ``_StorageInfo`` (what ``Metadata.storage_data``
+        holds in stock checkpoints, and what DCP and user code expect to find there)."""
+        info = _StorageInfo(self.relative_path, self.offset, self.length)
+        if self.transform_descriptors:
+            info.transform_descriptors = list(self.transform_descriptors)
+        return info
 
 
 def _enc_index(idx: MetadataIndex) -> list:
@@ -78,7 +101,8 @@ def _enc_props(p: TensorProperties) -> dict:
 
 def _dec_props(d: dict) -> TensorProperties:
     if d["dtype"] not in _DTYPES:
-        raise CorruptCheckpointError(f"manifest names an unknown dtype {d['dtype']!r}")
+        raise CorruptCheckpointError(f"manifest names the dtype {d['dtype']!r}, which torch {torch.__version__} "
+                                     f"does not have (saved by a newer torch?)")
     return TensorProperties(dtype=_DTYPES[d["dtype"]], requires_grad=d["requires_grad"],
                             memory_format=_MEMORY_FORMATS[d["memory_format"]], pin_memory=d["pin_memory"])
 
@@ -127,6 +151,7 @@ def encode_manifest(metadata: Metadata, locations: dict[MetadataIndex, ItemLocat
             "index": _enc_index(idx), "file": loc.relative_path, "offset": loc.offset, "length": loc.length,
             "data_offset": loc.data_offset, "data_length": loc.data_length,
             "checksums": None if c is None else {"block_size": c.block_size, "blocks": c.blocks, "rest": c.rest},
+            **({"transforms": list(loc.transform_descriptors)} if loc.transform_descriptors else {}),
         })
     doc = {
         "format": FORMAT, "version": FORMAT_VERSION, "save_id": save_id,
@@ -134,6 +159,10 @@ def encode_manifest(metadata: Metadata, locations: dict[MetadataIndex, ItemLocat
         "metadata_crc32c": metadata_crc, "planner_data": planner_data,
         "planner_data_complete": planner_data_ok,
         "modules": list(metadata.storage_meta.modules) if metadata.storage_meta else [],
+        "checkpoint_id": (os.fspath(metadata.storage_meta.checkpoint_id)
+                          if metadata.storage_meta and metadata.storage_meta.checkpoint_id is not None else None),
+        # records hold resolved values: no conj/neg bit in any record's pickle (see records.compact_cpu)
+        "views_resolved": True,
         "state_dict_metadata": sdm, "items": items, "extra": extra or {},
     }
     return json.dumps(doc, separators=(",", ":")).encode()
@@ -150,6 +179,9 @@ class Manifest:
     checksum_algorithm: str | None
     planner_data_complete: bool
     extra: dict
+    #: False for manifests written before the writer resolved conj/neg views: a record of
+    #: such a checkpoint may carry the bit in its pickle, so its raw bytes are not its values
+    views_resolved: bool = True
 
 
 def decode_manifest(raw: bytes, where: str) -> Manifest:
@@ -177,14 +209,18 @@ def decode_manifest(raw: bytes, where: str) -> Manifest:
             if c is not None:
                 checks = ItemChecksums(it["data_offset"] or 0, it["data_length"] or 0, c["block_size"],
                                        list(c["blocks"]), c["rest"])
+            transforms = it.get("transforms")
             locations[_dec_index(it["index"])] = ItemLocation(
-                it["file"], it["offset"], it["length"], it["data_offset"], it["data_length"], checks)
+                it["file"], it["offset"], it["length"], it["data_offset"], it["data_length"], checks,
+                tuple(transforms) if transforms else None)
         md = Metadata(state_dict_metadata=sdm, planner_data=_tupleize(doc["planner_data"]),
-                      storage_data=None, storage_meta=StorageMeta(save_id=doc["save_id"],
+                      storage_data=None, storage_meta=StorageMeta(checkpoint_id=doc.get("checkpoint_id"),
+                                                                  save_id=doc["save_id"],
                                                                   modules=doc.get("modules", [])),
                       version=doc.get("dcp_version"))
         return Manifest(md, locations, doc["save_id"], doc["metadata_crc32c"], doc["checksum_algorithm"],
-                        doc.get("planner_data_complete", True), doc.get("extra", {}))
+                        doc.get("planner_data_complete", True), doc.get("extra", {}),
+                        bool(doc.get("views_resolved", False)))
     except CorruptCheckpointError:
         raise
     except (ValueError, KeyError, TypeError, IndexError) as e:

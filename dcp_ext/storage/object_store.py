@@ -632,11 +632,3 @@ class ObjectStore(Store):
         if keys:
             self.retry.call(lambda: self._delete(keys), f"deleting {len(keys)} object(s) under "
                                                         f"{self.describe_key(self._dir_prefix())}")
-
-    def __getstate__(self) -> dict:  # clients hold sockets and locks: rebuild them after pickling
-        d = dict(self.__dict__)
-        for k in self._unpicklable:
-            d.pop(k, None)
-        return d
-
-    _unpicklable: ClassVar[tuple[str, ...]] = ()

@@ -5,8 +5,10 @@ What it does better than stock ``FileSystemReader`` (and why):
 * **Refuses what is not whole.** A location without ``.metadata`` is reported as an
   incomplete checkpoint (or as missing), never loaded; a manifest that does not match its
   ``.metadata`` is refused.
-* **No unpickling when it can avoid it.** Metadata comes from the JSON manifest when
-  present (stock checkpoints without one fall back to the pickle, like stock DCP).
+* **Nothing executed on load.** Metadata comes from the JSON manifest when present (stock
+  checkpoints without one: a restricted unpickler that admits DCP's metadata classes only);
+  non-tensor values are loaded with weights-only semantics before the planner sees them
+  (:mod:`dcp_ext.storage.safe_pickle`), unless ``allow_pickle=True``.
 * **Reads only what a rank needs.** Stock ``torch.load``\\ s each whole item and then
   narrows it; we know where each item's raw tensor bytes sit inside its ``torch.save``
   record, so we fetch only the byte spans of the requested box (coalescing close spans),
@@ -20,9 +22,7 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
-import pickle
 import threading
 import uuid
 from dataclasses import dataclass, field
@@ -38,20 +38,23 @@ from ..config import Config
 from ..errors import (
     CorruptCheckpointError,
     DcpExtError,
-    IncompleteCheckpointError,
 )
-from ..integrity import checksum
+from ..integrity import ChecksumMismatch, checksum, verify_range, verify_rest
 from ..progress import Progress
 from .base import Store
-from .commit import MANIFEST_NAME, METADATA_NAME, data_file_rank, require_committed
+from .commit import METADATA_NAME, data_file_rank, manifest_name, metadata_name, require_committed
 from .manifest import ItemLocation, decode_manifest
 from .ranges import box_spans, merge_ranges
+from .safe_pickle import checked_bytes_item, load_metadata
 from .threads import run_all
 
 __all__ = ["ExtStorageReader", "LoadStats"]
 
 logger = logging.getLogger(__name__)
 
+#: quantized dtypes (their records carry scale and zero point: read whole, like stock)
+_QUANTIZED = frozenset(d for d in (getattr(torch, n, None) for n in dir(torch))
+                       if isinstance(d, torch.dtype) and str(d).startswith(("torch.qint", "torch.quint")))
 #: large contiguous reads are split into parts of this size so threads share them
 PART_BYTES = 32 * 1024 * 1024
 
@@ -103,6 +106,15 @@ class _ItemJob:
     remaining: int = 0
 
 
+def _location_of(info: Any) -> ItemLocation:
+    """An :class:`ItemLocation` from a ``.metadata`` entry (stock ``_StorageInfo`` or ours)."""
+    if isinstance(info, ItemLocation):
+        return info
+    transforms = getattr(info, "transform_descriptors", None)
+    return ItemLocation(info.relative_path, info.offset, info.length,
+                        transform_descriptors=tuple(transforms) if transforms else None)
+
+
 class ExtStorageReader(StorageReader):
     """Reads standard DCP checkpoints (ours and stock ones) through a Store.
 
@@ -128,42 +140,44 @@ class ExtStorageReader(StorageReader):
             self.store = type(self.store)(os.fspath(checkpoint_id), self.config)
         self.load_id = uuid.uuid4().hex
 
-    def _check_committed(self) -> None:
-        require_committed(self.store)
-
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if kwargs.get("rank") is not None:
-            raise IncompleteCheckpointError(
-                f"{self.store.url}: rank-local metadata is not supported; the checkpoint has no global "
-                f"{METADATA_NAME}")
-        self._check_committed()
-        raw_md = self.store.read_bytes(METADATA_NAME)
-        if self.store.exists(MANIFEST_NAME):
-            where = f"{self.store.url}/{MANIFEST_NAME}"
-            m = decode_manifest(self.store.read_bytes(MANIFEST_NAME), where)
+        """The checkpoint's ``Metadata``, as stock readers return it (``storage_data`` values are
+        stock ``_StorageInfo``; ``storage_meta.checkpoint_id`` is the location it was saved to);
+        our richer item locations (data offsets, checksums) are kept in :attr:`locations`.
+
+        ``rank=r`` (DCP asks for it when the location has no global ``.metadata``): rank r's
+        part of a rank-local checkpoint (``dcp.save(..., use_collectives=False)``).
+        """
+        rank = kwargs.get("rank")
+        md_name, man_name = metadata_name(rank), manifest_name(rank)
+        require_committed(self.store, rank)
+        raw_md = self.store.read_bytes(md_name)
+        self.manifest_extra = {}
+        if self.store.exists(man_name):
+            where = f"{self.store.url}/{man_name}"
+            m = decode_manifest(self.store.read_bytes(man_name), where)
             if m.extra.get("layout") is not None:  # e.g. "zarr3": arrays, not DCP data files
                 raise DcpExtError(f"{self.store.url} is a {m.extra['layout']} checkpoint written by "
                                   f"{m.extra.get('writer')}; load it with backend='tensorstore' (or a zarr3+ URL)")
             if checksum(raw_md) != m.metadata_crc:
                 raise CorruptCheckpointError(
-                    f"{self.store.url}: {METADATA_NAME} does not match {MANIFEST_NAME} (they belong to "
+                    f"{self.store.url}: {md_name} does not match {man_name} (they belong to "
                     f"different saves, or one is corrupt); refusing to load")
             metadata = m.metadata
             if not m.planner_data_complete:  # planner data JSON could not hold: take it from the pickle
-                metadata.planner_data = self._unpickle(raw_md).planner_data
+                metadata.planner_data = self._unpickle(raw_md, md_name).planner_data
             self.locations = m.locations
             self.manifest_extra = m.extra
-            metadata.storage_data = dict(m.locations)
+            if not m.views_resolved:
+                # written before the writer resolved conj/neg views: a record's pickle may carry the
+                # bit, which only torch.load of the whole record honours (no ranged reads then)
+                logger.info("%s was saved by an older dcp-ext: reading whole records", self.store.url)
+                for loc in self.locations.values():
+                    loc.data_offset = None
+            metadata.storage_data = {idx: loc.storage_info() for idx, loc in m.locations.items()}
         else:
-            metadata = self._unpickle(raw_md)
-            self.locations = {idx: ItemLocation(si.relative_path, si.offset, si.length)
-                              for idx, si in (metadata.storage_data or {}).items()}
-            for idx, si in (metadata.storage_data or {}).items():
-                if getattr(si, "transform_descriptors", None):
-                    raise DcpExtError(f"{self.store.url}: item {idx.fqn} uses stream transforms "
-                                      f"{si.transform_descriptors}, which dcp-ext cannot read; use stock "
-                                      f"FileSystemReader")
-            metadata.storage_data = dict(self.locations)
+            metadata = self._unpickle(raw_md, md_name)
+            self.locations = {idx: _location_of(si) for idx, si in (metadata.storage_data or {}).items()}
         self._check_world_size()
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
@@ -190,21 +204,14 @@ class ExtStorageReader(StorageReader):
         logger.warning("%s has no dcp-ext manifest, so the number of ranks that saved it is unknown; "
                        "expect_world_size=%d could not be checked", self.store.url, want)
 
-    def _unpickle(self, raw: bytes) -> Metadata:
-        try:
-            md = pickle.loads(raw)
-        except Exception as e:  # noqa: BLE001
-            raise CorruptCheckpointError(f"{self.store.url}/{METADATA_NAME} is unreadable: {e}") from e
-        if not isinstance(md, Metadata):
-            raise CorruptCheckpointError(f"{self.store.url}/{METADATA_NAME} does not hold DCP Metadata")
-        return md
+    def _unpickle(self, raw: bytes, name: str = METADATA_NAME) -> Metadata:
+        """Stock ``.metadata``: DCP metadata classes only, unless ``allow_pickle``."""
+        return load_metadata(raw, f"{self.store.url}/{name}", self.config.allow_pickle)
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.rank = kwargs.get("rank") or 0
         if not self.locations:
-            self.locations = {idx: (loc if isinstance(loc, ItemLocation) else
-                                    ItemLocation(loc.relative_path, loc.offset, loc.length))
-                              for idx, loc in (metadata.storage_data or {}).items()}
+            self.locations = {idx: _location_of(loc) for idx, loc in (metadata.storage_data or {}).items()}
         self._chunks = {}
         for fqn, md in metadata.state_dict_metadata.items():
             if isinstance(md, TensorStorageMetadata):
@@ -226,39 +233,47 @@ class ExtStorageReader(StorageReader):
         return True
 
     # -- data --------------------------------------------------------------------------
-    def _verify(self, job: _ItemJob, data_start: int, buf: memoryview) -> int:
-        """Check the blocks in ``buf`` (which holds data bytes from ``data_start``, block aligned)."""
+    def _verify(self, job: _ItemJob, data_start: int, buf: memoryview | None, rest: tuple | None = None) -> int:
+        """Check data bytes ``buf`` (from ``data_start``, block aligned) and, with ``rest``
+        (``(head, tail)``), the record's bytes outside its data, through the one block check of
+        :mod:`dcp_ext.integrity`; the error names the file, the byte range and the tensor."""
         c = job.loc.checksums
         assert c is not None
-        bs = c.block_size
-        first = data_start // bs
-        n = 0
-        for k in range(first, first + math.ceil(len(buf) / bs)):
-            lo = k * bs - data_start
-            hi = min(lo + bs, len(buf), c.data_length - data_start)
-            if k >= len(c.blocks) or checksum(buf[lo:hi]) != c.blocks[k]:
-                s = job.req.storage_index
-                raise CorruptCheckpointError(
-                    f"checksum mismatch in {self.store.url}/{job.loc.relative_path} (bytes "
-                    f"{job.loc.offset + c.data_offset + k * bs}-{job.loc.offset + c.data_offset + k * bs + hi - lo}) "
-                    f"for {s.fqn} chunk {list(s.offset or [])}: the file is corrupt or was modified")
-            n += 1
-        return n
+        try:
+            n = verify_range(c, data_start, buf) if buf is not None and len(buf) else 0
+            if rest is not None:
+                verify_rest(c, *rest)
+            return n
+        except ChecksumMismatch as e:
+            s, loc = job.req.storage_index, job.loc
+            if e.block is None:
+                where = f"record header at byte {loc.offset}"
+            else:
+                base = loc.offset + c.data_offset
+                where = f"bytes {base + e.start}-{base + e.end}"
+            raise CorruptCheckpointError(
+                f"checksum mismatch in {self.store.url}/{loc.relative_path} ({where}) for {s.fqn} chunk "
+                f"{list(s.offset or [])}: the file is corrupt or was modified") from e
 
     def _plan_item(self, req: ReadItem, planner: LoadPlanner, stats: LoadStats) -> _ItemJob:
         loc = self.locations.get(req.storage_index)
         if loc is None:
             raise CorruptCheckpointError(f"{self.store.url}: metadata has no location for {req.storage_index.fqn} "
                                          f"chunk {list(req.storage_index.offset or [])}")
+        if loc.transform_descriptors:
+            raise DcpExtError(f"{self.store.url}: item {req.storage_index.fqn} uses stream transforms "
+                              f"{list(loc.transform_descriptors)}, which dcp-ext cannot read; use stock "
+                              f"FileSystemReader")
         job = _ItemJob(req, loc)
         verify = self.config.verify and loc.checksums is not None
         if req.type == LoadItemType.BYTE_IO:
             return self._plan_whole(job, planner, stats, verify, as_bytes=True)
         meta = self._chunks.get(req.storage_index)
-        if loc.data_offset is None or meta is None:
+        if loc.data_offset is None or meta is None or meta[1] in _QUANTIZED:
+            # quantized: the scale and zero point live in the record's pickle, as stock reads them
             return self._plan_whole(job, planner, stats, verify, as_bytes=False)
         shape, dtype = meta
-        esize = torch._utils._element_size(dtype)
+        esize = dtype.itemsize
         spans = box_spans(list(shape), list(req.storage_offsets), list(req.lengths), esize,
                           gap=self.store.coalesce_gap)
         stats.bytes_needed += spans.needed_bytes
@@ -277,7 +292,8 @@ class ExtStorageReader(StorageReader):
             ranges = [(s, s + spans.span_bytes) for s in spans.starts]
         direct = (len(ranges) == 1 and spans.count == 1 and spans.exact
                   and ranges[0] == (spans.starts[0], spans.starts[0] + spans.needed_bytes)
-                  and target.is_contiguous() and target.dtype == dtype and target.device.type == "cpu")
+                  and target.is_contiguous() and target.dtype == dtype and target.device.type == "cpu"
+                  and not target.is_conj() and not target.is_neg())  # bytes of a conj view are not its values
         if direct:
             out = _as_bytes_view(target)
             self._add_fetches(job, data_base, ranges[0][0], out, verify)
@@ -344,17 +360,13 @@ class ExtStorageReader(StorageReader):
 
         def finalize() -> None:
             if verify and c is not None:
-                if c.data_length:
-                    self._verify(job, 0, mv[c.data_offset:c.data_offset + c.data_length])
-                rest = checksum(mv[:c.data_offset])
-                rest = checksum(mv[c.data_offset + c.data_length:], rest)
-                if rest != c.rest:
-                    raise CorruptCheckpointError(
-                        f"checksum mismatch in {self.store.url}/{loc.relative_path} (record header at byte "
-                        f"{loc.offset}) for {req.storage_index.fqn}: the file is corrupt or was modified")
+                d0, d1 = c.data_offset, c.data_offset + c.data_length
+                self._verify(job, 0, mv[d0:d1], rest=(mv[:d0], mv[d1:]))
             if as_bytes:
-                bio = io.BytesIO(bytes(buf))
-                planner.load_bytes(req, bio)
+                # stock planners torch.load these bytes with weights_only=False: check them first
+                raw = bytes(buf) if self.config.allow_pickle else checked_bytes_item(
+                    buf, req.storage_index.fqn, self.store.url)
+                planner.load_bytes(req, io.BytesIO(raw))
                 return
             try:
                 tensor = torch.load(io.BytesIO(buf), map_location="cpu", weights_only=True)

@@ -20,6 +20,7 @@ import contextvars
 import io
 import struct
 import threading
+from typing import Any, Sequence
 
 import torch
 
@@ -27,7 +28,8 @@ from ..integrity import BlockHasher, ItemChecksums, checksum
 from .base import BlobWriter
 from .manifest import ItemLocation
 
-__all__ = ["write_tensor_record", "write_bytes_record", "zip_crc_disabled", "compact_cpu"]
+__all__ = ["write_tensor_record", "write_bytes_record", "write_transformed_record", "zip_crc_disabled",
+           "compact_cpu"]
 
 _LOCAL_HEADER = b"PK\x03\x04"
 _crc_lock = threading.Lock()
@@ -87,10 +89,21 @@ def zip_crc_disabled():
 
 
 def compact_cpu(t: torch.Tensor) -> torch.Tensor:
-    """A CPU tensor whose storage is exactly its C-contiguous elements (what we save)."""
+    """A CPU tensor whose storage is exactly its C-contiguous elements (what we save), with its
+    conjugate and negative bits resolved.
+
+    A ``conj()`` view (or one with the neg bit, e.g. ``x.conj().imag``) keeps its *unconjugated*
+    bytes in storage and the bit in the record's pickle; a ranged reader copies raw bytes and
+    would silently return the unconjugated values. Resolving the bit here stores the values
+    themselves, which every reader (ours ranged, stock ``torch.load``) reads the same way.
+    """
     t = t.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")
+    if t.is_conj():
+        t = t.resolve_conj()
+    if t.is_neg():
+        t = t.resolve_neg()
     if (not t.is_contiguous() or t.storage_offset() != 0
             or t.untyped_storage().nbytes() != t.numel() * t.element_size()):
         t = t.contiguous().clone() if t.is_contiguous() else t.contiguous()
@@ -198,3 +211,54 @@ def write_bytes_record(out: BlobWriter, relative_path: str, data: io.BytesIO,
         checks = ItemChecksums(0, n, block_size, h.finish(), 0)
     del buf
     return ItemLocation(relative_path, start, n, 0, n, checks)
+
+
+class _HashingSink(io.RawIOBase):
+    """The innermost stream under stock stream transforms: appends to a BlobWriter, hashes the
+    stored (transformed) bytes in blocks, and is not closed by the transforms' ``close()``."""
+
+    def __init__(self, out: BlobWriter, block_size: int | None):
+        super().__init__()
+        self.out = out
+        self.hasher = BlockHasher(block_size) if block_size else None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        mv = memoryview(b).cast("B")
+        self.out.write(mv)
+        if self.hasher is not None:
+            self.hasher.update(mv)
+        return len(mv)
+
+    def close(self) -> None:  # the BlobWriter stays open for the next record
+        pass
+
+
+def write_transformed_record(out: BlobWriter, relative_path: str, data: torch.Tensor | io.BytesIO,
+                             extensions: Sequence[Any], block_size: int | None) -> ItemLocation:
+    """Append one item through stock DCP stream transforms (``_extensions``, e.g. compression),
+    as stock ``FileSystemWriter`` does: the tensor's ``torch.save`` record (or the bytes item)
+    is written into ``extensions[-1].transform_to(... extensions[0].transform_to(file))``.
+
+    The stored bytes are no longer the raw tensor, so there is no data offset (no ranged
+    reads); the block checksums cover the stored bytes (``dcp-ext verify`` checks them). The
+    descriptors are recorded outermost first, as stock's reader expects.
+    """
+    start = out.tell()
+    sink = _HashingSink(out, block_size)
+    stream: Any = sink
+    for ex in extensions:
+        stream = ex.transform_to(stream)
+    if isinstance(data, io.BytesIO):
+        stream.write(data.getbuffer())
+    else:
+        torch.save(compact_cpu(data), stream)
+    stream.close()
+    n = out.tell() - start
+    checks = None
+    if block_size:
+        checks = ItemChecksums(0, n, block_size, sink.hasher.finish(), 0)
+    return ItemLocation(relative_path, start, n, None, n, checks,
+                        tuple(ex.get_descriptor() for ex in reversed(extensions)))

@@ -37,6 +37,7 @@ from ..commit import MANIFEST_NAME, METADATA_NAME, require_committed
 from ..manifest import decode_manifest
 from .arrays import LAYOUT, LAYOUT_VERSION, LocatedIO, Window, bytes_counter, numpy_view, translate_error
 from ..reader import ExtStorageReader
+from ..safe_pickle import checked_bytes_item, load_metadata
 
 __all__ = ["TensorStoreReader", "TensorStoreLoadStats"]
 
@@ -95,10 +96,9 @@ class TensorStoreReader(LocatedIO, StorageReader):
             raise CorruptCheckpointError(f"{self.store.url}: {METADATA_NAME} does not match {MANIFEST_NAME} (they "
                                          f"belong to different saves, or one is corrupt); refusing to load")
         md = m.metadata
-        if not m.planner_data_complete:
-            import pickle
-
-            md.planner_data = pickle.loads(raw).planner_data
+        if not m.planner_data_complete:  # DCP metadata classes only, unless allow_pickle (safe_pickle)
+            md.planner_data = load_metadata(raw, self.loc.describe(METADATA_NAME),
+                                            self.config.allow_pickle).planner_data
         self.manifest_extra = m.extra
         self.array_metadata = m.extra["arrays"]
         self.refs = {MetadataIndex(fqn, None if off is None else torch.Size(off)): ref
@@ -161,7 +161,10 @@ class TensorStoreReader(LocatedIO, StorageReader):
                 idx = req.storage_index
                 ref = self._ref(idx)
                 if req.type == LoadItemType.BYTE_IO:
-                    planner.load_bytes(req, io.BytesIO(self.read_object(idx.fqn, ref)))
+                    raw = self.read_object(idx.fqn, ref)
+                    if not self.config.allow_pickle:  # stock planners unpickle fully: check first
+                        raw = checked_bytes_item(raw, idx.fqn, self.store.url)
+                    planner.load_bytes(req, io.BytesIO(raw))
                     continue
                 self._read_tensor(req, ref, planner, window, progress, stats)
         except BaseException:

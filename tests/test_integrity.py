@@ -1,0 +1,134 @@
+"""The one block-verification routine (dcp_ext.integrity.verify_range / verify_rest) and its users:
+the reader's ranged reads, its whole-record reads and ``dcp-ext verify`` (issue 14, point 5)."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+import dcp_ext
+from dcp_ext import integrity as I
+from dcp_ext.errors import CorruptCheckpointError
+from dcp_ext.storage import commit as C
+from dcp_ext.verify import inspect_checkpoint, verify_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+
+BS = 4096
+
+
+def _checks(data: bytes) -> I.ItemChecksums:
+    """Block checksums computed here from the definition (crc32c of each block), not by BlockHasher."""
+    import crc32c
+
+    blocks = [crc32c.crc32c(data[i:i + BS]) for i in range(0, len(data), BS)]
+    return I.ItemChecksums(0, len(data), BS, blocks, crc32c.crc32c(b"head" + b"tail"))
+
+
+DATA = bytes(random.Random(3).getrandbits(8) for _ in range(5 * BS + 100))  # 6 blocks, the last partial
+
+
+def test_verify_range_counts_blocks_of_any_aligned_range():
+    c = _checks(DATA)
+    assert I.verify_range(c, 0, DATA) == 6
+    assert I.verify_range(c, 2 * BS, DATA[2 * BS:4 * BS]) == 2
+    assert I.verify_range(c, 5 * BS, DATA[5 * BS:]) == 1  # the last, partial block
+    assert I.verify_range(c, 3 * BS, memoryview(bytearray(DATA))[3 * BS:]) == 3
+    I.verify_rest(c, b"head", b"tail")
+
+
+@pytest.mark.parametrize("pos", [0, 2 * BS + 17, 5 * BS + 99], ids=["first", "middle", "last-partial"])
+def test_verify_range_names_the_failing_block(pos):
+    c = _checks(DATA)
+    bad = bytearray(DATA)
+    bad[pos] ^= 0x01
+    k = pos // BS
+    with pytest.raises(I.ChecksumMismatch) as ei:
+        I.verify_range(c, 0, bad)
+    e = ei.value
+    assert (e.block, e.start, e.end) == (k, k * BS, min((k + 1) * BS, len(DATA)))
+    assert isinstance(e, CorruptCheckpointError)
+    assert str(e) == f"checksum mismatch in data bytes {k * BS}-{min((k + 1) * BS, len(DATA))} (block {k})"
+    with pytest.raises(I.ChecksumMismatch):  # and from an aligned start inside the data
+        I.verify_range(c, k * BS, bad[k * BS:])
+
+
+def test_verify_range_refuses_misuse_and_extra_data():
+    c = _checks(DATA)
+    with pytest.raises(ValueError, match="data_start 100 is not a multiple of the block size 4096"):
+        I.verify_range(c, 100, DATA[100:])
+    with pytest.raises(I.ChecksumMismatch) as ei:  # more data than was checksummed
+        I.verify_range(c, 0, DATA + bytes(BS))
+    assert ei.value.block == 5  # the partial last block no longer matches
+    with pytest.raises(I.ChecksumMismatch) as ei:
+        I.verify_rest(c, b"head", b"tail!")
+    assert ei.value.block is None and str(ei.value) == "checksum mismatch in record headers"
+
+
+def _spy(monkeypatch) -> dict[str, int]:
+    """Count the calls of the shared routine from the reader and from verify."""
+    calls = {"reader": 0, "verify": 0}
+    from dcp_ext import verify as V
+    from dcp_ext.storage import reader as R
+
+    for mod, key in ((R, "reader"), (V, "verify")):
+        def counted(*a, _key=key, **kw):
+            calls[_key] += 1
+            return I.verify_range(*a, **kw)
+
+        monkeypatch.setattr(mod, "verify_range", counted)
+    return calls
+
+
+def _flip(path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0xFF
+    path.write_bytes(bytes(raw))
+
+
+def test_reader_paths_and_verify_use_the_one_routine_and_agree(tmp_path, monkeypatch):
+    """Ranged reads, whole-record reads (bytes items, stock-style records) and dcp-ext verify all
+    call integrity.verify_range, and name the same damaged block."""
+    url = str(tmp_path / "ck")
+    t = torch.arange(6 * 1024, dtype=torch.float32)  # 24 KiB: 6 blocks of 4 KiB
+    dcp.save({"t": t, "obj": {"blob": bytes(9000)}},
+             storage_writer=dcp_ext.storage_writer(url, checksum_block_size=BS))
+    calls = _spy(monkeypatch)
+    out = {"t": torch.zeros_like(t), "obj": {"blob": None}}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(url))
+    assert calls["reader"] >= 2 and torch.equal(out["t"], t)  # the tensor (ranged) and the bytes item (whole)
+    assert verify_checkpoint(url).ok and calls["verify"] >= 2
+
+    man = json.loads((tmp_path / "ck" / C.MANIFEST_NAME).read_text())
+    it = next(i for i in man["items"] if i["index"][0] == "t")
+    _flip(tmp_path / "ck" / it["file"], it["offset"] + it["data_offset"] + 3 * BS + 5)  # block 3
+    rep = verify_checkpoint(url)
+    assert rep.errors == [f"{it['file']}: t chunk [0] fails its checksum at data bytes {3 * BS}-{4 * BS}"]
+    base = it["offset"] + it["data_offset"]
+    with pytest.raises(BaseException, match=rf"checksum mismatch in .*{it['file']} \(bytes {base + 3 * BS}-"
+                                            rf"{base + 4 * BS}\) for t chunk \[0\]"):
+        dcp.load({"t": torch.zeros_like(t)}, storage_reader=dcp_ext.storage_reader(url))
+
+
+def test_verify_and_inspect_rank_local_checkpoints(tmp_path):
+    url = str(tmp_path / "ck")
+    dcp.save({"t": torch.arange(10.0), "o": 3}, storage_writer=dcp_ext.storage_writer(url), use_collectives=False)
+    info = inspect_checkpoint(url)
+    assert info["rank_local_parts"] == [0] and info["tensors"] == {"t": {"dtype": "float32", "size": [10],
+                                                                         "chunks": 1}}
+    assert info["objects"] == ["o"] and info["checksummed"] and info["has_manifest"]
+    rep = verify_checkpoint(url)
+    assert rep.ok and rep.items == 2 and rep.bytes_checked > 40
+    _flip(tmp_path / "ck" / "__0.metadata", 10)
+    assert verify_checkpoint(url).errors == [f"{url}: __0.metadata does not match __0.dcp_ext.json"]
+
+
+def test_an_incomplete_location_is_refused_by_verify(tmp_path):
+    (tmp_path / "ck").mkdir()
+    (tmp_path / "ck" / "__0_0.distcp").write_bytes(b"x")
+    with pytest.raises(dcp_ext.IncompleteCheckpointError, match="is an incomplete checkpoint"):
+        verify_checkpoint(str(tmp_path / "ck"))
