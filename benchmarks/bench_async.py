@@ -62,10 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dcp_ext  # noqa: E402
 from dcp_ext.staging import PooledStager  # noqa: E402
 
-try:
-    from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
-except ImportError:  # torch < 2.9
-    DefaultStager = None  # type: ignore[assignment,misc]
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions  # noqa: E402
 
 CONFIGS = ["pooled", "stock_default", "default_stager_new", "default_stager_reused", "bare_copy"]
 
@@ -278,8 +275,6 @@ def main() -> None:
         tiered_main(args)
         return
     configs = [c for c in args.configs.split(",") if c]
-    if DefaultStager is None:
-        configs = [c for c in configs if not c.startswith("default_stager")]
     root = tempfile.mkdtemp(prefix="bench_async_", dir=args.dir)
     try:
         if args.rss_child:

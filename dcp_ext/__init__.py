@@ -11,8 +11,31 @@ Hand our objects to stock DCP::
 
 from __future__ import annotations
 
-from .config import Config, load_config
-from .errors import (
+import re as _re
+
+import torch as _torch
+
+#: the oldest torch dcp-ext runs on: the one CI tests (docs/architecture.md, "The torch floor")
+MIN_TORCH = (2, 13)
+
+
+def _check_torch(version: str) -> None:
+    """Refuse a torch older than :data:`MIN_TORCH` with an error that says what to do.
+
+    Older torch fails deep inside DCP calls (its planner and metadata APIs differ), long after
+    import; pip enforces the floor, but a torch installed some other way (conda, ``--no-deps``)
+    would not be checked.
+    """
+    m = _re.match(r"(\d+)\.(\d+)", version)
+    if m and (int(m.group(1)), int(m.group(2))) < MIN_TORCH:
+        raise ImportError(f"dcp-ext needs torch >= {MIN_TORCH[0]}.{MIN_TORCH[1]}, but torch {version} is installed: "
+                          f"pip install 'torch>={MIN_TORCH[0]}.{MIN_TORCH[1]}'")
+
+
+_check_torch(_torch.__version__)
+
+from .config import Config, load_config  # noqa: E402
+from .errors import (  # noqa: E402
     BucketNotFoundError,
     CheckpointExistsError,
     CheckpointNotFoundError,
@@ -26,7 +49,7 @@ from .errors import (
     UnknownBackendError,
     UnsafePickleError,
 )
-from .storage import Backend, backends, register_backend, storage_reader, storage_writer
+from .storage import Backend, backends, register_backend, storage_reader, storage_writer  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -77,7 +100,6 @@ from .optim import (  # noqa: E402  (issue 6: optimizer state)
     FlatParam,
     OptimizerState,
     OptimizerStateError,
-    ZeroAdam,
     flat_state_pieces,
     optimizer_state,
     range_to_boxes,
@@ -88,7 +110,6 @@ __all__ += [
     "FlatParam",
     "OptimizerState",
     "OptimizerStateError",
-    "ZeroAdam",
     "flat_state_pieces",
     "optimizer_state",
     "range_to_boxes",
@@ -121,3 +142,11 @@ from .errors import CheckpointKeyError, ConvertError  # noqa: E402
 
 __all__ += ["CheckpointKeyError", "ConvertError", "ConvertReport", "DiffReport", "diff_checkpoints", "export_checkpoint",
             "import_checkpoint"]
+
+
+def __getattr__(name: str) -> object:
+    if name == "ZeroAdam":  # moved out of the package (examples/zero_adam.py): say so
+        from .optim import ZEROADAM_MOVED
+
+        raise AttributeError(ZEROADAM_MOVED)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,7 +7,15 @@ Sources, highest precedence first:
    ``DCP_EXT_S3_PART_SIZE=16MiB``: section name, then key),
 3. a TOML or YAML file (``config="ckpt.toml"``, or the ``DCP_EXT_CONFIG`` variable),
    or a ``dict`` passed as ``config=``,
-4. the defaults below.
+4. the defaults.
+
+The top-level options and the ``[tier]`` and ``[manager]`` sections are defined here. Every other section belongs
+to a storage backend: a :class:`~dcp_ext.storage.Backend` declares its options dataclass
+(``Backend(..., options=S3Options)``) and its name becomes the section (``[s3]``,
+``DCP_EXT_S3_*``, ``s3={...}``, ``cfg.s3``), so a backend registered by a third party (with
+``register_backend`` or the ``dcp_ext.backends`` entry-point group) gets the same sources and
+the same errors as the built-in ones. An options class checks its own values in
+``validate(section)``; :mod:`dcp_ext.options` says what a field may be and parses values.
 
 Unknown keys and values of the wrong type are :class:`~dcp_ext.errors.ConfigError`\\ s that
 name the key and list the valid ones. Byte sizes accept ints or strings such as
@@ -16,132 +24,45 @@ name the key and list the valid ones. Byte sizes accept ints or strings such as
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import importlib
 import os
 import re
-import typing
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ConfigError
+from .options import ByteSize, Options, coerce, field_types, parse_size, supported_type
+
+if TYPE_CHECKING:
+    from .storage.fs import FsOptions
+    from .storage.fsspec import FsspecOptions
+    from .storage.gcs import GCSOptions
+    from .storage.s3 import S3Options
 
 __all__ = [
+    "ByteSize",
     "Config",
     "FsOptions",
     "FsspecOptions",
-    "S3Options",
     "GCSOptions",
-    "TierOptions",
-    "TensorStoreOptions",
     "ManagerOptions",
+    "Options",
+    "S3Options",
+    "TensorStoreOptions",
+    "TierOptions",
+    "check_options",
     "load_config",
     "parse_size",
+    "section_types",
 ]
 
 ENV_PREFIX = "DCP_EXT_"
 
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "ki": 1024,
-          "m": 1000**2, "mb": 1000**2, "mib": 1024**2, "mi": 1024**2,
-          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "gi": 1024**3,
-          "t": 1000**4, "tb": 1000**4, "tib": 1024**4, "ti": 1024**4}
-
-
-class ByteSize(int):
-    """Marker type for fields that accept ``"16MiB"``-style strings."""
-
-
-def parse_size(value: Any, key: str = "size") -> int:
-    """Parse ``123``, ``"64KiB"``, ``"1.5GB"`` into bytes; ConfigError otherwise."""
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected a byte size (int or '16MiB'), got {value!r}")
-    if isinstance(value, int):
-        if value < 0:
-            raise ConfigError(f"{key}: must be >= 0, got {value}")
-        return value
-    if isinstance(value, str):
-        m = _SIZE_RE.match(value)
-        if m and (m.group(2) or "").lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[(m.group(2) or "").lower()])
-    raise ConfigError(f"{key}: expected a byte size (int or e.g. '16MiB'), got {value!r}")
-
-
 @dataclass
-class FsOptions:
-    """Local / NFS backend."""
-
-    #: call fsync on data files, the metadata and the directory (turn off only for scratch)
-    fsync: bool = True
-    #: use O_DIRECT-free buffered writes of this size when streaming records
-    write_buffer: ByteSize = ByteSize(8 * 1024 * 1024)
-
-
-@dataclass
-class FsspecOptions:
-    """Generic fsspec backend (``memory://``, ``hdfs://``, ...)."""
-
-    #: passed to ``fsspec.filesystem(protocol, **storage_options)``
-    storage_options: dict = field(default_factory=dict)
-
-
-@dataclass
-class S3Options:
-    """S3 backend (botocore). Credentials, endpoint and region follow the AWS conventions
-    (``AWS_*`` environment variables, ``~/.aws`` files, instance roles) unless given here."""
-
-    #: e.g. ``http://127.0.0.1:9000`` for MinIO; default: ``AWS_ENDPOINT_URL(_S3)`` or AWS
-    endpoint_url: str | None = None
-    #: default: ``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile's region, ``us-east-1``
-    region: str | None = None
-    #: a named profile of ``~/.aws/config`` / ``~/.aws/credentials`` (default: ``AWS_PROFILE``)
-    profile: str | None = None
-    access_key_id: str | None = field(default=None, repr=False)
-    secret_access_key: str | None = field(default=None, repr=False)
-    session_token: str | None = field(default=None, repr=False)
-    #: ``"path"`` or ``"virtual"`` bucket addressing (default: botocore's choice)
-    addressing_style: str | None = None
-    #: multipart part size; every part but the last has exactly this size
-    part_size: ByteSize = ByteSize(16 * 1024 * 1024)
-    #: parts uploaded concurrently per process (bounds memory: about part_size x (this + files))
-    max_concurrency: int = 8
-    #: retries per request on throttling (503 SlowDown), 5xx and dropped connections (the
-    #: default rides out a minute or two of outage: 24 retries, backoff capped at 10 s)
-    max_retries: int = 24
-    #: first backoff delay in seconds (doubles per retry, with full jitter)
-    retry_base_delay: float = 0.2
-    #: longest backoff delay in seconds
-    retry_max_delay: float = 10.0
-    #: extra ``botocore.config.Config`` keyword arguments (e.g. ``{"read_timeout": 120}``)
-    client_config: dict = field(default_factory=dict)
-
-
-@dataclass
-class GCSOptions:
-    """GCS backend (JSON API). Application-default credentials unless a token is given."""
-
-    project: str | None = None
-    #: None (application-default credentials; anonymous for an emulator), "anon", the path
-    #: of a service-account JSON key, or "google_default"
-    token: str | None = field(default=None, repr=False)
-    #: emulator / custom endpoint; default: ``STORAGE_EMULATOR_HOST`` when set, else Google's
-    endpoint_url: str | None = None
-    #: chunk size of resumable uploads (a multiple of 256 KiB), or part size with composite uploads
-    part_size: ByteSize = ByteSize(16 * 1024 * 1024)
-    #: upload a large file as parallel part objects composed at the end (like gcloud's parallel
-    #: composite uploads) instead of one resumable upload: faster for one huge file on real GCS,
-    #: but costs extra operations, and emulators copy the data again to compose it
-    composite_uploads: bool = False
-    max_concurrency: int = 8
-    max_retries: int = 24
-    retry_base_delay: float = 0.2
-    retry_max_delay: float = 10.0
-    #: seconds to wait for a connection / for data before a request counts as dropped
-    timeout: float = 60.0
-
-
-@dataclass
-class TierOptions:
+class TierOptions(Options):
     """Tiered checkpoints: a fast local tier committed first, the durable URL after."""
 
     #: fast-tier root directory (e.g. ``/dev/shm/dcp_ext``); None disables tiering
@@ -162,61 +83,21 @@ class TierOptions:
     #: seconds a fast-tier exchange between ranks (replication, restore) may take
     exchange_timeout: float = 1800.0
 
-
-@dataclass
-class TensorStoreOptions:
-    """TensorStore (zarr3) backend: each global tensor one zarr3 array (``docs/backends.md``)."""
-
-    #: target bytes of one zarr chunk, the unit of checksums, compression and (without
-    #: ``shard_size``) of files/objects and of partial reads
-    chunk_size: ByteSize = ByteSize(1024 * 1024)
-    #: group chunks into zarr3 shards of about this many bytes (one file/object each, read by
-    #: ranges); None/0: every chunk is its own file/object
-    shard_size: ByteSize | None = ByteSize(64 * 1024 * 1024)
-    #: ``"zstd"`` or None (no compression)
-    compression: str | None = None
-    #: zstd level (-131072..22; higher: smaller and slower)
-    compression_level: int = 3
-    #: concurrent kvstore requests (files / S3 / GCS) per process; None: TensorStore's default on
-    #: files, 4 x ``max_concurrency`` of the S3/GCS section on object stores
-    concurrency: int | None = None
-    #: CPU threads encoding/decoding/copying chunks per process; None: all cores
-    copy_concurrency: int | None = None
-    #: tensor bytes a rank keeps in flight while saving or loading (bounds memory beyond the
-    #: state itself)
-    inflight_bytes: ByteSize = ByteSize(256 * 1024 * 1024)
-    #: ``"auto"`` (one array per tensor unless its shard boundaries admit no sensible chunk
-    #: grid, then one array per saved box), ``"global"`` or ``"per_box"``
-    layout: str = "auto"
-    #: extra kvstore spec entries (e.g. ``{"requester_pays": true}``); driver, bucket and path
-    #: come from the URL
-    kvstore: dict = field(default_factory=dict)
-
-    def validate(self) -> None:
-        """ConfigError naming the key for any out-of-range value."""
-        if self.chunk_size < 1024:
-            raise ConfigError(f"tensorstore.chunk_size: must be >= 1KiB, got {self.chunk_size}")
-        if self.shard_size and self.shard_size < self.chunk_size:
-            raise ConfigError(f"tensorstore.shard_size: must be >= tensorstore.chunk_size ({self.chunk_size}) "
-                              f"or None/0 for no shards, got {self.shard_size}")
-        if self.compression not in (None, "none", "zstd"):
-            raise ConfigError(f"tensorstore.compression: must be 'zstd' or None, got {self.compression!r}")
-        if not -131072 <= self.compression_level <= 22:
-            raise ConfigError(f"tensorstore.compression_level: must be in -131072..22 (zstd), got "
-                              f"{self.compression_level}")
-        for k in ("concurrency", "copy_concurrency"):
-            v = getattr(self, k)
-            if v is not None and v < 1:
-                raise ConfigError(f"tensorstore.{k}: must be >= 1, got {v}")
-        if self.inflight_bytes < 1024 * 1024:
-            raise ConfigError(f"tensorstore.inflight_bytes: must be >= 1MiB, got {self.inflight_bytes}")
-        if self.layout not in ("auto", "global", "per_box"):
-            raise ConfigError(f"tensorstore.layout: must be 'auto', 'global' or 'per_box', got {self.layout!r}")
+    def validate(self, section: str) -> None:
+        if self.keep_last < 1:
+            raise ConfigError(f"{section}.keep_last: must be >= 1, got {self.keep_last}")
+        if self.ranks_per_node is not None and self.ranks_per_node < 1:
+            raise ConfigError(f"{section}.ranks_per_node: must be >= 1, got {self.ranks_per_node}")
+        if self.chunk_size < 4096:
+            raise ConfigError(f"{section}.chunk_size: must be >= 4096 bytes, got {self.chunk_size}")
+        if self.persist_timeout <= 0 or self.exchange_timeout <= 0:
+            raise ConfigError(f"{section}.persist_timeout and {section}.exchange_timeout must be > 0 seconds")
 
 
 @dataclass
-class ManagerOptions:
-    """:class:`dcp_ext.CheckpointManager` (``[manager]``): when to save, what to keep, how."""
+class ManagerOptions(Options):
+    """:class:`dcp_ext.CheckpointManager` (``[manager]``): when to save, what to keep, how.
+    Read by the manager only; writers and readers ignore it."""
 
     #: save when ``step % interval == 0`` (``force=True`` and preemption signals save anyway)
     interval: int = 1
@@ -247,38 +128,128 @@ class ManagerOptions:
     #: seconds a collective of the manager's own process groups may take
     timeout: float = 1800.0
 
-    def validate(self) -> None:
-        """ConfigError naming the key for any out-of-range value."""
-        m = self
+    def validate(self, section: str = "manager") -> None:
         for name in ("interval", "keep_last", "keep_every", "keep_best"):
-            v = getattr(m, name)
+            v = getattr(self, name)
             if v is not None and v < 1:
-                raise ConfigError(f"manager.{name}: must be >= 1, got {v}")
-        if m.best_mode not in ("min", "max"):
-            raise ConfigError(f"manager.best_mode: must be 'min' or 'max', got {m.best_mode!r}")
-        if m.keep_best is not None and not m.best_metric:
-            raise ConfigError("manager.keep_best needs manager.best_metric: the metrics= key that ranks checkpoints")
-        if m.step_digits < 0 or m.step_digits > 20:
-            raise ConfigError(f"manager.step_digits: must be 0..20, got {m.step_digits}")
-        if not m.step_prefix or "/" in m.step_prefix or m.step_prefix.strip() != m.step_prefix:
-            raise ConfigError(f"manager.step_prefix: must be a non-empty name without '/' or surrounding spaces, "
-                              f"got {m.step_prefix!r}")
-        if m.timeout <= 0:
-            raise ConfigError(f"manager.timeout: must be > 0 seconds, got {m.timeout}")
+                raise ConfigError(f"{section}.{name}: must be >= 1, got {v}")
+        if self.best_mode not in ("min", "max"):
+            raise ConfigError(f"{section}.best_mode: must be 'min' or 'max', got {self.best_mode!r}")
+        if self.keep_best is not None and not self.best_metric:
+            raise ConfigError(f"{section}.keep_best needs {section}.best_metric: the metrics= key that ranks "
+                              f"checkpoints")
+        if self.step_digits < 0 or self.step_digits > 20:
+            raise ConfigError(f"{section}.step_digits: must be 0..20, got {self.step_digits}")
+        if not self.step_prefix or "/" in self.step_prefix or self.step_prefix.strip() != self.step_prefix:
+            raise ConfigError(f"{section}.step_prefix: must be a non-empty name without '/' or surrounding spaces, "
+                              f"got {self.step_prefix!r}")
+        if self.timeout <= 0:
+            raise ConfigError(f"{section}.timeout: must be > 0 seconds, got {self.timeout}")
         import signal
 
-        for name in m.save_on_signal:
+        for name in self.save_on_signal:
             if not isinstance(name, str) or not isinstance(getattr(signal, name.upper(), None), signal.Signals):
-                raise ConfigError(f"manager.save_on_signal: {name!r} is not a signal name of this platform "
+                raise ConfigError(f"{section}.save_on_signal: {name!r} is not a signal name of this platform "
                                   f"(e.g. 'SIGTERM', 'SIGUSR1')")
-        for k in m.exclude:
+        for k in self.exclude:
             if not isinstance(k, str) or not k:
-                raise ConfigError(f"manager.exclude: expected state keys (strings), got {k!r}")
+                raise ConfigError(f"{section}.exclude: expected state keys (strings), got {k!r}")
 
 
 @dataclass
+class TensorStoreOptions(Options):
+    """The ``[tensorstore]`` section: each global tensor one zarr3 array (``docs/backends.md``).
+
+    Declared by the ``tensorstore`` backend (``Backend(..., options=TensorStoreOptions)``); it
+    stays in this module so that declaring it imports nothing of the backend's package.
+    """
+
+    #: target bytes of one zarr chunk, the unit of checksums, compression and (without
+    #: ``shard_size``) of files/objects and of partial reads
+    chunk_size: ByteSize = ByteSize(1024 * 1024)
+    #: group chunks into zarr3 shards of about this many bytes (one file/object each, read by
+    #: ranges); None/0: every chunk is its own file/object
+    shard_size: ByteSize | None = ByteSize(64 * 1024 * 1024)
+    #: ``"zstd"`` or None (no compression)
+    compression: str | None = None
+    #: zstd level (-131072..22; higher: smaller and slower)
+    compression_level: int = 3
+    #: concurrent kvstore requests (files / S3 / GCS) per process; None: TensorStore's default on
+    #: files, 4 x ``max_concurrency`` of the S3/GCS section on object stores
+    concurrency: int | None = None
+    #: CPU threads encoding/decoding/copying chunks per process; None: all cores
+    copy_concurrency: int | None = None
+    #: tensor bytes a rank keeps in flight while saving or loading (bounds memory beyond the
+    #: state itself)
+    inflight_bytes: ByteSize = ByteSize(256 * 1024 * 1024)
+    #: ``"auto"`` (one array per tensor unless its shard boundaries admit no sensible chunk
+    #: grid, then one array per saved box), ``"global"`` or ``"per_box"``
+    layout: str = "auto"
+    #: extra kvstore spec entries (e.g. ``{"requester_pays": true}``); driver, bucket and path
+    #: come from the URL
+    kvstore: dict = field(default_factory=dict)
+
+    def validate(self, section: str = "tensorstore") -> None:
+        """ConfigError naming the key for any out-of-range value."""
+        if self.chunk_size < 1024:
+            raise ConfigError(f"{section}.chunk_size: must be >= 1KiB, got {self.chunk_size}")
+        if self.shard_size and self.shard_size < self.chunk_size:
+            raise ConfigError(f"{section}.shard_size: must be >= {section}.chunk_size ({self.chunk_size}) "
+                              f"or None/0 for no shards, got {self.shard_size}")
+        if self.compression not in (None, "none", "zstd"):
+            raise ConfigError(f"{section}.compression: must be 'zstd' or None, got {self.compression!r}")
+        if not -131072 <= self.compression_level <= 22:
+            raise ConfigError(f"{section}.compression_level: must be in -131072..22 (zstd), got "
+                              f"{self.compression_level}")
+        for k in ("concurrency", "copy_concurrency"):
+            v = getattr(self, k)
+            if v is not None and v < 1:
+                raise ConfigError(f"{section}.{k}: must be >= 1, got {v}")
+        if self.inflight_bytes < 1024 * 1024:
+            raise ConfigError(f"{section}.inflight_bytes: must be >= 1MiB, got {self.inflight_bytes}")
+        if self.layout not in ("auto", "global", "per_box"):
+            raise ConfigError(f"{section}.layout: must be 'auto', 'global' or 'per_box', got {self.layout!r}")
+
+
+#: Sections that belong to no backend (tiering wraps any byte-store backend; the manager drives any).
+_CORE_SECTIONS: dict[str, type] = {"tier": TierOptions, "manager": ManagerOptions}
+#: Options classes that moved into their backend's module, importable from here as before.
+_MOVED = {"FsOptions": "dcp_ext.storage.fs", "FsspecOptions": "dcp_ext.storage.fsspec",
+          "S3Options": "dcp_ext.storage.s3", "GCSOptions": "dcp_ext.storage.gcs"}
+#: Keyword names ``storage_writer``/``load_config`` take for themselves, and the variable prefix
+#: the test suite reserves: no section may be called so.
+_RESERVED_NAMES = frozenset({"config", "cache", "sections", "environ", "test"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        return getattr(importlib.import_module(_MOVED[name]), name)
+    if name == "_SECTIONS":  # the section names and classes (kept for code that read the old table)
+        return section_types()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def section_types() -> dict[str, type]:
+    """Every config section by name: ``tier``, then each registered backend's options class."""
+    # Imported here: the backend registry imports this module (for Config and load_config).
+    from .storage import backends
+
+    out = dict(_CORE_SECTIONS)
+    for name, b in backends().items():
+        if b.options is not None and name not in _CORE_SECTIONS:
+            out[name] = b.options
+    return out
+
+
+@dataclass(eq=False, repr=False)
 class Config:
-    """Everything a dcp-ext writer or reader can be told."""
+    """Everything a dcp-ext writer or reader can be told.
+
+    The fields below are the top-level options and ``tier``; each backend's section is an
+    attribute named after the backend (``cfg.s3.part_size``, ``cfg.fs.fsync``, ...), created
+    with its defaults on first access. ``Config(sections={"s3": S3Options(region="x")})`` sets
+    sections at construction; ``dataclasses.replace(cfg, ...)`` carries them over.
+    """
 
     #: force a backend by name instead of picking it from the URL scheme
     backend: str | None = None
@@ -303,15 +274,64 @@ class Config:
     #: for checkpoints you trust); off, they load with weights-only semantics plus a documented
     #: allowlist (docs/config.md)
     allow_pickle: bool = False
-    fs: FsOptions = field(default_factory=FsOptions)
-    fsspec: FsspecOptions = field(default_factory=FsspecOptions)
-    s3: S3Options = field(default_factory=S3Options)
-    gcs: GCSOptions = field(default_factory=GCSOptions)
     tier: TierOptions = field(default_factory=TierOptions)
-    tensorstore: TensorStoreOptions = field(default_factory=TensorStoreOptions)
     manager: ManagerOptions = field(default_factory=ManagerOptions)
+    #: backend sections to start from, by name (not a field: read back through ``.sections``)
+    sections: InitVar[Mapping[str, Any] | None] = None
+
+    if TYPE_CHECKING:  # the built-in backends' sections, for type checkers
+        fs: FsOptions
+        fsspec: FsspecOptions
+        s3: S3Options
+        gcs: GCSOptions
+        tensorstore: TensorStoreOptions
+
+    def __post_init__(self, sections: Mapping[str, Any] | None) -> None:
+        for name, value in (sections or {}).items():
+            if name in _FIELD_NAMES:
+                raise ConfigError(f"sections: {name!r} is not a backend section (pass it as {name}=...)")
+            setattr(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not set: a backend section not touched yet.
+        if not name.startswith("_"):
+            cls = section_types().get(name)
+            if cls is not None:
+                section = self.__dict__[name] = cls()
+                return section
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _FIELD_NAMES or name.startswith("_"):
+            object.__setattr__(self, name, value)
+            return
+        cls = section_types().get(name)
+        if cls is None:
+            raise AttributeError(f"Config has no option or section {name!r}; options: "
+                                 f"{', '.join(_valid_keys())}")
+        if not isinstance(value, cls):
+            raise ConfigError(f"section '{name}' must be an instance of {cls.__name__}, got {type(value).__name__}")
+        self.__dict__[name] = value
+
+    def _backend_sections(self) -> dict[str, Any]:
+        """Every backend section (created with its defaults if untouched), by name."""
+        return {name: getattr(self, name) for name in section_types() if name not in _FIELD_NAMES}
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (all(getattr(self, n) == getattr(other, n) for n in _FIELD_NAMES)
+                and self._backend_sections() == other._backend_sections())
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like any non-frozen dataclass
+
+    def __repr__(self) -> str:
+        parts = [f"{n}={getattr(self, n)!r}" for n in _FIELD_NAMES]
+        parts += [f"{n}={v!r}" for n, v in self.__dict__.items() if n not in _FIELD_NAMES and not n.startswith("_")]
+        return f"{type(self).__name__}({', '.join(parts)})"
 
     def validate(self) -> "Config":
+        """Check every value (the top level here, each section in its ``validate``); returns self."""
         if self.io_threads < 1:
             raise ConfigError(f"io_threads: must be >= 1, got {self.io_threads}")
         if self.files_per_rank is not None and self.files_per_rank < 1:
@@ -319,148 +339,99 @@ class Config:
         if self.checksum_block_size < 4096:
             raise ConfigError(
                 f"checksum_block_size: must be >= 4096 bytes, got {self.checksum_block_size}")
-        for name, sec in (("s3", self.s3), ("gcs", self.gcs)):
-            if sec.part_size < 5 * 1024 * 1024:
-                raise ConfigError(f"{name}.part_size: must be >= 5MiB (S3 minimum), got {sec.part_size}")
-            if sec.max_concurrency < 1:
-                raise ConfigError(f"{name}.max_concurrency: must be >= 1, got {sec.max_concurrency}")
-            if sec.max_retries < 0:
-                raise ConfigError(f"{name}.max_retries: must be >= 0, got {sec.max_retries}")
-            if sec.retry_base_delay < 0:
-                raise ConfigError(f"{name}.retry_base_delay: must be >= 0 seconds, got {sec.retry_base_delay}")
-            if sec.retry_max_delay < sec.retry_base_delay:
-                raise ConfigError(f"{name}.retry_max_delay: must be >= retry_base_delay ({sec.retry_base_delay}), "
-                                  f"got {sec.retry_max_delay}")
-        if self.s3.addressing_style not in (None, "path", "virtual", "auto"):
-            raise ConfigError(f"s3.addressing_style: must be 'path', 'virtual' or 'auto', got "
-                              f"{self.s3.addressing_style!r}")
-        if self.gcs.part_size % (256 * 1024):
-            raise ConfigError(f"gcs.part_size: must be a multiple of 256 KiB (GCS resumable uploads), got "
-                              f"{self.gcs.part_size}")
-        if self.gcs.timeout <= 0:
-            raise ConfigError(f"gcs.timeout: must be > 0 seconds, got {self.gcs.timeout}")
-        t = self.tier
-        if t.keep_last < 1:
-            raise ConfigError(f"tier.keep_last: must be >= 1, got {t.keep_last}")
-        if t.ranks_per_node is not None and t.ranks_per_node < 1:
-            raise ConfigError(f"tier.ranks_per_node: must be >= 1, got {t.ranks_per_node}")
-        if t.chunk_size < 4096:
-            raise ConfigError(f"tier.chunk_size: must be >= 4096 bytes, got {t.chunk_size}")
-        if t.persist_timeout <= 0 or t.exchange_timeout <= 0:
-            raise ConfigError("tier.persist_timeout and tier.exchange_timeout must be > 0 seconds")
-        self.tensorstore.validate()
-        self.manager.validate()
+        self.tier.validate("tier")
+        self.manager.validate("manager")
+        # sections left untouched hold their defaults; only the ones set are checked
+        for name, section in list(self.__dict__.items()):
+            if name not in _FIELD_NAMES and not name.startswith("_") and hasattr(section, "validate"):
+                section.validate(name)
         return self
 
     def redacted(self) -> dict:
-        """A dict view safe to log: secrets replaced by ``"***"``."""
-        d = dataclasses.asdict(self)
-        for sec in ("s3", "gcs"):
-            for k in ("secret_access_key", "session_token", "access_key_id", "token"):
-                if d[sec].get(k):
-                    d[sec][k] = "***"
+        """A dict view safe to log: secrets (fields declared with ``repr=False``) replaced by ``"***"``."""
+        d: dict[str, Any] = {}
+        for name in _FIELD_NAMES:
+            value = getattr(self, name)
+            d[name] = _redacted(value) if dataclasses.is_dataclass(value) else value
+        for name, section in self._backend_sections().items():
+            d[name] = _redacted(section)
         return d
 
 
-_SECTIONS = {f.name: f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)
-             if f.default_factory is not dataclasses.MISSING}
+def _sections_of(self: Config) -> dict[str, Any]:
+    """A copy of every backend section, by name: what ``dataclasses.replace`` passes on."""
+    return {name: copy.copy(section) for name, section in self._backend_sections().items()}
 
 
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+# ``sections`` is an init-only argument, so ``dataclasses.replace(cfg, ...)`` reads it back from
+# the instance: this property hands it the sections, which would be lost otherwise.
+Config.sections = property(_sections_of)  # type: ignore[assignment,method-assign]
+_FIELD_NAMES = tuple(f.name for f in dataclasses.fields(Config))
 
 
-def _coerce(key: str, value: Any, tp: Any, from_env: bool) -> Any:
-    """Check/convert ``value`` against the annotation ``tp``; ConfigError on mismatch."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None or (from_env and isinstance(value, str) and value.lower() in ("", "none")):
-            if type(None) in args:
-                return None
-        inner = [a for a in args if a is not type(None)]
-        errors = []
-        for a in inner:
-            try:
-                return _coerce(key, value, a, from_env)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
-    if tp is ByteSize:
-        return ByteSize(parse_size(value, key))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if from_env and isinstance(value, str):
-            v = value.strip().lower()
-            if v in ("1", "true", "yes", "on"):
-                return True
-            if v in ("0", "false", "no", "off"):
-                return False
-        raise ConfigError(f"{key}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if from_env and isinstance(value, str) and re.fullmatch(r"-?\d+", value.strip()):
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if from_env and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, os.PathLike):
-            return os.fspath(value)
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if tp is list or origin is list:
-        if isinstance(value, (list, tuple)):
-            return list(value)
-        if from_env and isinstance(value, str):  # DCP_EXT_MANAGER_EXCLUDE=data_loader,lr
-            return [v.strip() for v in value.split(",") if v.strip()]
-        raise ConfigError(f"{key}: expected a list, got {value!r}")
-    if tp is dict or origin is dict:
-        if isinstance(value, Mapping):
-            return dict(value)
-        if from_env and isinstance(value, str):
-            import json
+def _redacted(section: Any) -> dict:
+    d = dataclasses.asdict(section)
+    for f in dataclasses.fields(section):
+        if not f.repr and d.get(f.name):
+            d[f.name] = "***"
+    return d
 
-            try:
-                parsed = json.loads(value)
-            except ValueError as e:
-                raise ConfigError(f"{key}: expected a JSON object, got {value!r}") from e
-            if isinstance(parsed, dict):
-                return parsed
-        raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-    raise ConfigError(f"{key}: unsupported option type {tp}")  # pragma: no cover
+
+def _valid_keys() -> list[str]:
+    sections = section_types()
+    return sorted([k for k in _FIELD_NAMES if k not in sections] + [f"{s}.*" for s in sections])
+
+
+def check_options(name: str, options: Any) -> None:
+    """Raise ``ValueError``/``TypeError`` unless ``options`` can be the ``[name]`` section.
+
+    Called by :func:`~dcp_ext.storage.register_backend` for a backend that declares options:
+    the name must spell a TOML table and an environment variable, must not clash with a
+    top-level option, and every field needs a default of a supported type.
+    """
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
+        raise ValueError(f"backend {name!r} declares options, so its name must be lowercase letters, digits and "
+                         f"'_' (it names the [{name}] section and the DCP_EXT_<NAME>_* variables)")
+    if name in _FIELD_NAMES or name in _CORE_SECTIONS or name in _RESERVED_NAMES:
+        raise ValueError(f"backend {name!r} declares options, but {name!r} is already a top-level option or "
+                         f"keyword of dcp_ext's config; choose another backend name")
+    clash = [k for k in _FIELD_NAMES if k.startswith(name + "_")]
+    if clash:
+        raise ValueError(f"backend {name!r} declares options, but DCP_EXT_{name.upper()}_* variables would be "
+                         f"ambiguous with DCP_EXT_{clash[0].upper()}; choose another backend name")
+    if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        raise TypeError(f"backend {name!r}: options must be a dataclass type, got {options!r}")
+    try:
+        hints = field_types(options)
+    except Exception as e:  # noqa: BLE001 - an annotation naming something undefined
+        raise TypeError(f"backend {name!r}: cannot resolve the annotations of {options.__name__}: {e}") from e
+    for f in dataclasses.fields(options):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise TypeError(f"backend {name!r}: option {name}.{f.name} needs a default")
+        if not supported_type(hints[f.name]):
+            raise TypeError(f"backend {name!r}: option {name}.{f.name} has type {hints[f.name]}; supported: "
+                            f"str, int, float, bool, ByteSize, dict, or one of them | None")
 
 
 def _apply(cfg: Config, data: Mapping[str, Any], source: str, from_env: bool = False) -> None:
-    top = _field_types(Config)
+    top = field_types(Config)
+    sections = section_types()
     for key, value in data.items():
-        if key in _SECTIONS:
+        if key in sections:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: section '{key}' must be a mapping, got {value!r}")
             section = getattr(cfg, key)
-            types = _field_types(type(section))
+            types_ = field_types(type(section))
             for k, v in value.items():
-                if k not in types:
+                if k not in types_:
                     raise ConfigError(
                         f"{source}: unknown option '{key}.{k}'; valid options in [{key}]: "
-                        f"{', '.join(sorted(types))}")
-                setattr(section, k, _coerce(f"{key}.{k}", v, types[k], from_env))
+                        f"{', '.join(sorted(types_))}")
+                setattr(section, k, coerce(f"{key}.{k}", v, types_[k], from_env))
         elif key in top:
-            setattr(cfg, key, _coerce(key, value, top[key], from_env))
+            setattr(cfg, key, coerce(key, value, top[key], from_env))
         else:
-            valid = sorted([k for k in top if k not in _SECTIONS] + [f"{s}.*" for s in _SECTIONS])
-            raise ConfigError(f"{source}: unknown option '{key}'; valid options: {', '.join(valid)}")
+            raise ConfigError(f"{source}: unknown option '{key}'; valid options: {', '.join(_valid_keys())}")
 
 
 def _read_file(path: str | os.PathLike) -> dict:
@@ -502,13 +473,14 @@ def _read_file(path: str | os.PathLike) -> dict:
 def _env_options(environ: Mapping[str, str]) -> dict:
     """Map ``DCP_EXT_IO_THREADS`` / ``DCP_EXT_S3_PART_SIZE`` to nested option dicts."""
     out: dict[str, Any] = {}
+    sections = sorted(section_types(), key=len, reverse=True)
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or name == ENV_PREFIX + "CONFIG":
             continue
         if name.startswith(ENV_PREFIX + "TEST_"):  # reserved for the test suite
             continue
         rest = name[len(ENV_PREFIX):].lower()
-        for sec in sorted(_SECTIONS, key=len, reverse=True):
+        for sec in sections:
             if rest.startswith(sec + "_"):
                 out.setdefault(sec, {})[rest[len(sec) + 1:]] = value
                 break
@@ -521,14 +493,14 @@ def load_config(config: "Config | Mapping[str, Any] | str | os.PathLike | None" 
                 environ: Mapping[str, str] | None = None, **options: Any) -> Config:
     """Build a :class:`Config` from (lowest first) defaults, file/dict, env, explicit options.
 
-    ``config`` may be a :class:`Config` (used as the base), a mapping, or a TOML/YAML path.
-    With ``config=None`` the file named by ``DCP_EXT_CONFIG`` is used, if set.
+    ``config`` may be a :class:`Config` (used as the base, not modified), a mapping, or a
+    TOML/YAML path. With ``config=None`` the file named by ``DCP_EXT_CONFIG`` is used, if set.
     """
     environ = os.environ if environ is None else environ
     if isinstance(config, Config):
-        cfg = dataclasses.replace(config)
-        for sec in _SECTIONS:  # copy sections so callers' objects are not mutated
-            setattr(cfg, sec, dataclasses.replace(getattr(config, sec)))
+        cfg = dataclasses.replace(config)  # copies the backend sections (see Config.sections)
+        cfg.tier = copy.copy(config.tier)
+        cfg.manager = copy.deepcopy(config.manager)
     else:
         cfg = Config()
         if config is None and environ.get(ENV_PREFIX + "CONFIG"):

@@ -43,7 +43,6 @@ __all__ = [
     "pack_flat",
     "unpack_flat",
     "OptimizerState",
-    "ZeroAdam",
     "flat_state_pieces",
     "optimizer_state",
 ]
@@ -500,7 +499,7 @@ class OptimizerState:
     tensors (stock planners load them in place). With a ``layout``, every tensor state becomes a
     :class:`~dcp_ext.layout.GlobalPieces` named ``<key>.state.<global fqn>.<name>``: states with
     the parameter's shape are split like the parameter (its ``ShardSpec``, PP renumbering),
-    other tensors (``step``) are replicated. ZeRO-style optimizers (see :class:`ZeroAdam`) present
+    other tensors (``step``) are replicated. flat-buffer (ZeRO-style) optimizers present
     their flat-buffer slices as pieces of the same global tensors, so plain and ZeRO checkpoints
     are interchangeable. ``key`` must be the key of this object in the dict given to ``dcp.save``.
     ``state_dict()`` gathers the param groups' FQNs over ``process_group`` (default: the default
@@ -566,7 +565,7 @@ class OptimizerState:
                         names.append(n)
             out.append({"params": names, **h})
         # a tuple is one leaf for DCP: saved and loaded whole, so optimizers with different
-        # hyper-parameter keys (ZeroAdam vs torch.optim.Adam) still load each other's groups
+        # hyper-parameter keys (a flat-buffer optimizer vs torch.optim.Adam) still load each other's groups
         return tuple(out)
 
     # -- Stateful ------------------------------------------------------------------------
@@ -761,111 +760,24 @@ def optimizer_state(model: torch.nn.Module, optimizer: object, layout: ParallelL
         state = {"model": model_state, "optim": dcp_ext.optimizer_state(model, opt, layout)}
 
     ``optimizer`` is a ``torch.optim.Optimizer`` (Adam, AdamW, SGD, ...: per-parameter state
-    tensors of the parameter's shape or scalars) or a flat-buffer optimizer such as
-    :class:`ZeroAdam`. With ``layout`` use ``ReshardSavePlanner/ReshardLoadPlanner``.
+    tensors of the parameter's shape or scalars) or a flat-buffer (ZeRO-style) optimizer: one
+    with ``flat_spec`` (a :class:`FlatBufferSpec`), ``flat_state`` (name -> this rank's 1-D
+    slice buffer), ``scalar_state`` (name -> tensor), ``param_groups`` and optionally
+    ``after_load()`` (``examples/zero_adam.py`` is a small one). With ``layout`` use
+    ``ReshardSavePlanner/ReshardLoadPlanner``.
     """
     return OptimizerState(model, optimizer, layout, key=key, init_lazy=init_lazy, process_group=process_group,
                           no_dist=no_dist)
 
 
-# --------------------------------------------------------------------------------------
-# A small ZeRO-1 style reference optimizer
-# --------------------------------------------------------------------------------------
+def __getattr__(name: str) -> object:
+    if name == "ZeroAdam":
+        raise AttributeError(ZEROADAM_MOVED)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-class ZeroAdam:
-    """ZeRO-1 style Adam/AdamW: each DP rank keeps fp32 master weights and Adam moments only for
-    its slice of one flat buffer (described by :class:`FlatBufferSpec`).
-
-    ``step()`` (optionally) averages gradients over the DP group, updates this rank's slice
-    and all-gathers the updated weights into every rank's parameters. The arithmetic uses only
-    correctly rounded element-wise operations, so results do not depend on how the buffer is
-    sliced: a run at any DP size is bit-identical to the same run at DP 1. It is a reference for
-    checkpointing flat buffers (``dcp_ext.optimizer_state`` presents its state as pieces of the
-    global parameters), kept simple rather than fast.
-
-    ``group`` is the DP process group (``None``: the default group, which must then be exactly
-    the DP ranks); no collective runs when ``dp_size == 1``. ``average_grads=False`` skips the
-    gradient all-reduce (when every DP rank already holds the same gradients).
-    """
-
-    def __init__(self, named_params: Sequence[tuple[str, torch.nn.Parameter]], *, dp_size: int = 1,
-                 dp_rank: int = 0, group: object | None = None, lr: float = 1e-3,
-                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
-                 alignment: int = 1, bucket_numel: int | None = None, average_grads: bool = True) -> None:
-        self.params = dict(named_params)
-        if len(self.params) != len(named_params):
-            raise OptimizerStateError("ZeroAdam got the same parameter FQN twice")
-        self.flat_spec = FlatBufferSpec.build([(f, tuple(p.shape)) for f, p in self.params.items()],
-                                              dp_size=dp_size, dp_rank=dp_rank, alignment=alignment,
-                                              bucket_numel=bucket_numel)
-        self.group = group
-        self.average_grads = average_grads
-        with torch.no_grad():
-            master = pack_flat(self.flat_spec, {f: p.detach().float() for f, p in self.params.items()},
-                               dtype=torch.float32)
-        self.flat_state = {"master": master, "exp_avg": torch.zeros_like(master),
-                           "exp_avg_sq": torch.zeros_like(master)}
-        self.scalar_state = {"step": torch.tensor(0.0)}
-        self.param_groups = [{"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay}]
-
-    def zero_grad(self) -> None:
-        for p in self.params.values():
-            p.grad = None
-
-    def _dp_world(self) -> int:
-        return self.flat_spec.dp_size
-
-    @torch.no_grad()
-    def step(self) -> None:
-        """One Adam(W) step on this rank's slice, then all-gather the weights into the params."""
-        import torch.distributed as dist
-
-        grads = {f: (p.grad if p.grad is not None else torch.zeros_like(p)).float() for f, p in self.params.items()}
-        world = self._dp_world()
-        if self.average_grads and world > 1:
-            for f in grads:
-                grads[f] = grads[f].clone()
-                dist.all_reduce(grads[f], group=self.group)
-                grads[f].div_(world)
-        g = pack_flat(self.flat_spec, grads, dtype=torch.float32)
-        hp = self.param_groups[0]
-        lr, (b1, b2), eps, wd = hp["lr"], hp["betas"], hp["eps"], hp["weight_decay"]
-        st = self.flat_state
-        self.scalar_state["step"].add_(1)
-        step = float(self.scalar_state["step"].item())
-        master, m, v = st["master"], st["exp_avg"], st["exp_avg_sq"]
-        if wd:
-            master.mul_(1 - lr * wd)
-        m.mul_(b1)
-        m.add_(g * (1 - b1))
-        v.mul_(b2)
-        v.add_((g * g) * (1 - b2))
-        bc1 = 1 - b1 ** step
-        bc2 = math.sqrt(1 - b2 ** step)
-        denom = v.sqrt() / bc2 + eps
-        master.sub_((m / denom) * (lr / bc1))
-        self._gather_params()
-
-    @torch.no_grad()
-    def _gather_params(self) -> None:
-        """Write every rank's master slice into all ranks' parameters (zeros + sum = exact)."""
-        import torch.distributed as dist
-
-        spec = self.flat_spec
-        full = torch.zeros(spec.numel, dtype=torch.float32)
-        pos = 0
-        for a, b in spec.ranges:
-            full[a:b] = self.flat_state["master"][pos:pos + b - a]
-            pos += b - a
-        if self._dp_world() > 1:
-            dist.all_reduce(full, group=self.group)
-        whole = FlatBufferSpec(spec.params, spec.numel, ((0, spec.numel),), spec.buckets, spec.alignment)
-        tmp = {f: torch.empty(p.shape, dtype=torch.float32) for f, p in self.params.items()}
-        unpack_flat(whole, full, tmp)
-        for f, p in self.params.items():
-            p.copy_(tmp[f])
-
-    def after_load(self) -> None:
-        """Called by :class:`OptimizerState` after ``dcp.load``: refresh params from the master weights."""
-        self._gather_params()
+#: why ``dcp_ext.ZeroAdam`` / ``dcp_ext.optim.ZeroAdam`` is gone, and where it went
+ZEROADAM_MOVED = ("ZeroAdam is no longer part of dcp_ext: it was a reference optimizer kept simple rather than "
+                  "fast; copy examples/zero_adam.py from the dcp-ext repository. dcp_ext.optimizer_state "
+                  "checkpoints any flat-buffer optimizer with flat_spec, flat_state, scalar_state and "
+                  "param_groups (docs/optimizer.md)")

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch.distributed.checkpoint.staging import AsyncStager
+from torch.distributed.tensor import DTensor
 
 from .errors import StagingBudgetError, StagingError, StagingPoolBusyError
 
@@ -46,25 +47,9 @@ _ALIGN = 64  # byte alignment of every tensor inside a pool (cache line; any dty
 _ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
 _POLL_S = 0.02
 
-try:  # torch >= 2.4 exposes the storage reference count; used for implicit release.
-    _use_count: Callable[[Any], int] | None = torch._C._storage_Use_Count  # type: ignore[attr-defined]
-except AttributeError:  # pragma: no cover - older torch
-    _use_count = None
-
-try:  # torch >= 2.9(ish): async_save accepts a Future from stage() and returns AsyncSaveResponse
-    from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse as _AsyncSaveResponse  # noqa: F401
-
-    _STAGE_FUTURE_OK = True
-except ImportError:  # pragma: no cover - older torch
-    _STAGE_FUTURE_OK = False
-
-try:
-    from torch.distributed.tensor import DTensor as _DTensor
-except ImportError:  # pragma: no cover - torch < 2.4 layout
-    try:
-        from torch.distributed._tensor import DTensor as _DTensor  # type: ignore[no-redef]
-    except ImportError:
-        _DTensor = None  # type: ignore[assignment,misc]
+#: the reference count of a storage (counts every tensor and storage object viewing it): how a
+#: pool tells that nobody holds its staged tensors any more (implicit release)
+_use_count: Callable[[Any], int] = torch._C._storage_Use_Count  # type: ignore[attr-defined]
 
 
 def _fmt_bytes(n: int) -> str:
@@ -195,12 +180,10 @@ class _Pool:
 
     def measure_baseline(self) -> None:
         """Record the pool's own reference counts; call once the constructor's locals are gone."""
-        self.baseline = [_use_count(st._cdata) for st in self.storages] if _use_count is not None else []
+        self.baseline = [_use_count(st._cdata) for st in self.storages]
 
     def external_refs(self) -> int:
         """Tensors (or storages) viewing this pool that the pool did not create itself."""
-        if _use_count is None:
-            return -1
         return sum(_use_count(st._cdata) - b for st, b in zip(self.storages, self.baseline))
 
     def moved(self) -> bool:
@@ -280,9 +263,6 @@ class PooledStager(AsyncStager):
             raise ValueError(f"PooledStager: wait_timeout must be >= 0 seconds or None, got {wait_timeout!r}")
         if not warn_every_s > 0:
             raise ValueError(f"PooledStager: warn_every_s must be > 0 seconds, got {warn_every_s!r}")
-        if max_pools > 1 and not _STAGE_FUTURE_OK:
-            raise ValueError(f"PooledStager: max_pools={max_pools} needs torch >= 2.9 (dcp.async_save must accept "
-                             f"a staging Future to keep uploads in order); this is torch {torch.__version__}")
         cuda = torch.cuda.is_available()
         if pin_memory and not cuda:
             raise ValueError("PooledStager: pin_memory=True needs CUDA, which is not available; "
@@ -434,7 +414,7 @@ class PooledStager(AsyncStager):
         if isinstance(x, torch.Tensor):
             if id(x) in by_id:  # the same tensor object under two keys (tied weights)
                 return by_id[id(x)]
-            if _DTensor is not None and isinstance(x, _DTensor):
+            if isinstance(x, DTensor):
                 local = x._local_tensor
                 ref = _Ref(self._add_leaf(local, path, leaves), dtensor=x)
                 leaves[ref.index].dtensor = True
@@ -620,8 +600,6 @@ class PooledStager(AsyncStager):
             lease = p.lease
             if lease is None or lease.tracked or lease.staging:
                 continue
-            if _use_count is None:
-                continue  # cannot tell: only track() releases
             if p.external_refs() <= 0:
                 lease.released = True
                 p.lease = None
@@ -679,7 +657,7 @@ def _rewrap_dtensor(src: Any, local: torch.Tensor) -> Any:
     ``DTensor.from_local`` would move a CPU local tensor back to a CUDA mesh's device, so the
     constructor is used directly (its signature is stable since torch 2.1).
     """
-    return _DTensor(local, src._spec, requires_grad=False)  # type: ignore[misc]
+    return DTensor(local, src._spec, requires_grad=False)
 
 
 def _outcome(f: Future) -> str:
@@ -688,71 +666,13 @@ def _outcome(f: Future) -> str:
     return "upload failed" if f.exception() is not None else "upload finished"
 
 
-def _async_save_has_stager_arg() -> bool:
-    import inspect
-
-    import torch.distributed.checkpoint as dcp
-
-    try:
-        return "async_stager" in inspect.signature(dcp.async_save).parameters
-    except (TypeError, ValueError):  # pragma: no cover - wrapped beyond inspection
-        return False
-
-
-#: torch >= 2.9 has ``dcp.async_save(..., async_stager=)``; older torch stages through the
-#: storage writer when it is an ``AsyncStager``, so we hand it a :class:`_StagingWriter`.
-_HAS_STAGER_ARG = _async_save_has_stager_arg()
-
-
-class _StagingWriter:
-    """A storage writer that stages with a :class:`PooledStager` (torch < 2.9 path).
-
-    Older ``dcp.async_save`` has no ``async_stager`` argument; it calls ``stage()`` on the
-    storage writer if that is an ``AsyncStager``. Everything else is delegated to the real
-    writer. Pickling (process executor) keeps only the real writer.
-    """
-
-    _synchronize_after_execute = False
-
-    def __init__(self, writer: Any, stager: PooledStager) -> None:
-        self._writer = writer
-        self._stager = stager
-
-    @property
-    def should_synchronize_after_execute(self) -> bool:
-        return False
-
-    def stage(self, state_dict: dict[str, Any]) -> Any:
-        return self._stager.stage(state_dict)
-
-    def synchronize_staging(self) -> None:
-        """No-op: staging is complete when ``stage()`` returns."""
-
-    def close(self) -> None:
-        """No-op: the caller owns (and closes) the PooledStager."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") or name in ("_writer", "_stager"):
-            raise AttributeError(name)
-        return getattr(self._writer, name)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"_writer": self._writer}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self._writer = state["_writer"]
-        self._stager = None  # type: ignore[assignment]
-
-
 def async_save(state_dict: dict[str, Any], *, async_stager: PooledStager | None = None,
                **kwargs: Any) -> Any:
     """``dcp.async_save`` that hands ``async_stager``'s pool back exactly when the upload ends.
 
     Same arguments and return value as ``torch.distributed.checkpoint.async_save``. With a
     :class:`PooledStager` it registers a done-callback on the upload future
-    (:meth:`PooledStager.track`); any other stager is passed through untouched. On torch
-    older than 2.9 (no ``async_stager`` argument) the stager is applied through a wrapper
-    around ``storage_writer``, which must then be given explicitly.
+    (:meth:`PooledStager.track`); any other stager is passed through untouched.
     """
     import torch.distributed.checkpoint as dcp
 
@@ -760,15 +680,7 @@ def async_save(state_dict: dict[str, Any], *, async_stager: PooledStager | None 
         return dcp.async_save(state_dict, **kwargs)
     if not isinstance(async_stager, PooledStager):
         return dcp.async_save(state_dict, async_stager=async_stager, **kwargs)
-    if _HAS_STAGER_ARG:
-        result = dcp.async_save(state_dict, async_stager=async_stager, **kwargs)
-    else:
-        writer = kwargs.pop("storage_writer", None)
-        if writer is None:
-            raise StagingError(f"dcp_ext.async_save with a PooledStager needs storage_writer=... on torch "
-                               f"{torch.__version__} (its dcp.async_save has no async_stager argument, so the "
-                               f"stager is applied by wrapping the writer)")
-        result = dcp.async_save(state_dict, storage_writer=_StagingWriter(writer, async_stager), **kwargs)
+    result = dcp.async_save(state_dict, async_stager=async_stager, **kwargs)
     # If async_save raised after staging, the lease stays untracked: it ends once the staged
     # tensors are unreferenced, i.e. never while an upload could still read them.
     async_stager.track(result)

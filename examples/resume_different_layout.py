@@ -28,8 +28,13 @@ from torch import nn
 
 import dcp_ext
 from dcp_ext.layout import ParallelLayout, ShardSpec
-from dcp_ext.optim import FlatBufferSpec, ZeroAdam, pack_flat
+from dcp_ext.optim import pack_flat
 from dcp_ext.testing import run_on_ranks
+
+try:  # run as a script: examples/ is on sys.path
+    from zero_adam import ZeroAdam
+except ImportError:  # python -m examples.resume_different_layout
+    from examples.zero_adam import ZeroAdam
 
 D_IN, HIDDEN, D_OUT = 16, 32, 4
 RULES = {"*fc1.weight": ShardSpec(0), "*fc1.bias": ShardSpec(0), "*fc2.weight": ShardSpec(1)}

@@ -10,6 +10,11 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
 import pytest  # noqa: E402
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+# no per-example deadline anywhere: the machine is shared and loaded, and a slow example is not a bug
+_hypothesis_settings.register_profile("dcp_ext", deadline=None)
+_hypothesis_settings.load_profile("dcp_ext")
 
 from dcp_ext.testing import RankPool  # noqa: E402
 
@@ -38,9 +43,9 @@ def _server(kind: str):
     """The session's S3 / GCS test server, started on first use and stopped at session end."""
     srv = _SERVERS.get(kind)
     if srv is None:
-        from tests.support.servers import GCSTestServer, S3TestServer
+        from tests.support.servers import GCSTestServer, MotoS3Server, S3TestServer
 
-        srv = (S3TestServer() if kind == "s3" else GCSTestServer()).start()
+        srv = {"s3": S3TestServer, "moto": MotoS3Server, "gcs": GCSTestServer}[kind]().start()
         _SERVERS[kind] = srv
     return srv
 
@@ -49,6 +54,15 @@ def _server(kind: str):
 def s3_server():
     """A real S3-compatible server (SeaweedFS ``weed mini``, MinIO, or DCP_EXT_TEST_S3_ENDPOINT)."""
     return _server("s3")
+
+
+@pytest.fixture(scope="session")
+def moto_server():
+    """moto's S3 server (a second S3 implementation), from a private environment built on first use;
+    ``DCP_EXT_TEST_MOTO=0`` skips the tests that need it."""
+    if os.environ.get("DCP_EXT_TEST_MOTO", "1") == "0":
+        pytest.skip("DCP_EXT_TEST_MOTO=0: the moto S3 server tests are switched off")
+    return _server("moto")
 
 
 @pytest.fixture(scope="session")

@@ -5,7 +5,10 @@
   (ShardSpec(1)), column-parallel fused SwiGLU gate/up (ShardSpec(0, (ffn, ffn))), row-parallel
   down projection (ShardSpec(1)), replicated RMSNorm weights, column-parallel LM head.
 * Layers are split over PP stages (even: ``layer_offset``; uneven: explicit ``stage_layers``).
-* Parameters come from a seed (:func:`full_params`), so one process holds the reference.
+* Parameters come from a seed (:func:`full_params`), so one process holds the reference; the
+  vocabulary is padded with zero rows (``true_vocab`` real tokens of ``vocab`` rows).
+* :func:`local_params` cuts a rank's shards with the independent split functions of
+  ``tests/reference.py`` (never with ``dcp_ext.layout``, the code under test).
 * :func:`forward` is written once against local shards plus two collectives (TP all-reduce and
   TP all-gather); :func:`reference_forward` runs it with TP=PP=1 and identity collectives,
   :func:`distributed_forward` runs it on a gloo group (all ranks in lock-step over the stages).
@@ -21,19 +24,22 @@ import torch.nn.functional as F
 
 from dcp_ext.layout import ParallelLayout, ShardSpec
 
+from tests import reference as ref
+
 
 @dataclass(frozen=True)
 class Cfg:
-    vocab: int = 64
+    vocab: int = 64  # rows of the (padded) embedding and LM head
     hidden: int = 16
     n_heads: int = 8
     n_kv: int = 4
     head_dim: int = 2
     ffn: int = 32
     n_layers: int = 4
+    true_vocab: int | None = None  # real tokens (None: no padding); rows beyond are zero
 
 
-CFG = Cfg()
+CFG = Cfg(true_vocab=61)
 
 
 def rules(cfg: Cfg = CFG) -> dict[str, ShardSpec]:
@@ -58,7 +64,9 @@ def full_params(seed: int = 0, cfg: Cfg = CFG) -> dict[str, torch.Tensor]:
 
     H, hd = cfg.hidden, cfg.head_dim
     qkv_rows = (cfg.n_heads + 2 * cfg.n_kv) * hd
-    p = {"embed.weight": r(cfg.vocab, H)}
+    tokens = cfg.true_vocab or cfg.vocab
+    assert ref.padded_vocab(tokens, 4) == cfg.vocab, "vocab must be true_vocab padded to a multiple of 4"
+    p = {"embed.weight": ref.pad_vocab(r(tokens, H), cfg.vocab)}
     for i in range(cfg.n_layers):
         p[f"layers.{i}.attn_norm.weight"] = 1 + r(H)
         p[f"layers.{i}.attn.qkv.weight"] = r(qkv_rows, H)
@@ -68,7 +76,7 @@ def full_params(seed: int = 0, cfg: Cfg = CFG) -> dict[str, torch.Tensor]:
         p[f"layers.{i}.mlp.gate_up.weight"] = r(2 * cfg.ffn, H)
         p[f"layers.{i}.mlp.down.weight"] = r(H, cfg.ffn)
     p["final_norm.weight"] = 1 + r(H)
-    p["output.weight"] = r(cfg.vocab, H)
+    p["output.weight"] = ref.pad_vocab(r(tokens, H), cfg.vocab)
     return p
 
 
@@ -112,21 +120,34 @@ class Topo:
         return ParallelLayout(**common, layer_offset=self.stage_layers(pp, cfg)[0])
 
 
+def shard_param(gfqn: str, t: torch.Tensor, tp: int, tp_rank: int, cfg: Cfg = CFG) -> torch.Tensor:
+    """TP rank ``tp_rank``'s local tensor of the global parameter ``gfqn`` (reference splits)."""
+    if gfqn in ("embed.weight", "output.weight"):  # vocab-parallel embedding and LM head
+        return ref.vocab_parallel(t, tp, tp_rank)
+    if gfqn.endswith(("attn.qkv.weight", "attn.qkv.bias")):
+        return ref.fused_qkv(t, cfg.n_heads, cfg.n_kv, cfg.head_dim, tp, tp_rank)
+    if gfqn.endswith(("attn.proj.weight", "mlp.down.weight")):
+        return ref.row_parallel(t, tp, tp_rank)
+    if gfqn.endswith("mlp.gate_up.weight"):
+        return ref.gate_up(t, cfg.ffn, tp, tp_rank)
+    return t.clone()  # norms: replicated
+
+
 def local_params(topo: Topo, rank: int, full: dict[str, torch.Tensor], cfg: Cfg = CFG) -> dict[str, torch.Tensor]:
-    """The plain local parameters (local FQNs) a rank holds at ``topo``, cut from ``full``."""
-    lay = topo.layout(rank, cfg)
-    _, pp, _ = topo.coords(rank)
+    """The plain local parameters (local FQNs) a rank holds at ``topo``, cut from ``full`` by the
+    independent reference (tests/reference.py)."""
+    tp, pp, _ = topo.coords(rank)
+    layers = topo.stage_layers(pp, cfg)
     out = {}
     for g, t in full.items():
         if g == "embed.weight" and pp != 0:
             continue
         if g in ("final_norm.weight", "output.weight") and pp != topo.pp - 1:
             continue
-        if g.startswith("layers.") and int(g.split(".")[1]) not in topo.stage_layers(pp, cfg):
+        local = ref.stage_local_name(g, layers)
+        if local is None:
             continue
-        local = lay.local_fqn(g)
-        assert local is not None
-        out[local] = lay.shard(local, t)
+        out[local] = shard_param(g, t, topo.tp, tp, cfg)
     return out
 
 

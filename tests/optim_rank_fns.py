@@ -1,15 +1,19 @@
 """Functions run on gloo ranks by tests/test_optim.py (module-level so spawned ranks can import them).
 
 Scheme: every rank builds the same single-process *reference* model and optimizer and trains it
-on the same data. A rank's *local* model holds its TP/PP piece of each parameter (sliced from
-the reference through ``layout.map_tensor``) and its local optimizer steps on the matching
-slice of the reference gradients. Adam/SGD are element-wise, so the local optimizer state is
-exactly the corresponding slice of the reference state, which is what the checks compare.
+on the same data. A rank's *local* model holds its TP/PP piece of each parameter (cut from
+the reference by the independent split functions of ``tests/reference.py``, never by
+``dcp_ext.layout``) and its local optimizer steps on the matching slice of the reference
+gradients. Adam/SGD are element-wise, so the local optimizer state is exactly the corresponding
+slice of the reference state, which is what the checks compare. ZeRO slices are expected from
+``reference.zero_slice`` (the flat-buffer layout element by element), never from
+``dcp_ext.optim``'s own buffer math.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.distributed as dist
@@ -17,7 +21,9 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 import dcp_ext
-from dcp_ext.optim import ZeroAdam, optimizer_state
+from dcp_ext.optim import optimizer_state
+from examples.zero_adam import ZeroAdam
+from tests import reference
 
 D, FFN, N_IN, N_OUT = 8, 8, 4, 3
 
@@ -98,9 +104,7 @@ class Topo:
         self.tp_rank, self.pp_rank, self.dp_rank = rank % tp, (rank // tp) % pp, rank // (tp * pp)
         self.n_layers = n_layers
         # uneven split when it does not divide: earlier stages get more layers
-        sizes = [n_layers // pp + (1 if s < n_layers % pp else 0) for s in range(pp)]
-        first = sum(sizes[: self.pp_rank])
-        self.stage_layers = tuple(range(first, first + sizes[self.pp_rank]))
+        self.stage_layers = reference.even_stages(n_layers, pp)[self.pp_rank]
         self.layout = None
         if use_layout:
             from dcp_ext.layout import ParallelLayout
@@ -119,32 +123,21 @@ class Topo:
     def local_fqn(self, gfqn: str) -> str:
         if self.layout is None:
             return gfqn
-        lf = self.layout.local_fqn(gfqn)
-        assert lf is not None and self.layout.global_fqn(lf) == gfqn, (gfqn, lf)
+        lf = reference.stage_local_name(gfqn, self.stage_layers)
+        assert lf is not None, gfqn
         return lf
 
-    def local_shape(self, lfqn: str, gshape: tuple[int, ...]) -> tuple[int, ...]:
-        spec = self.layout.spec_for(lfqn) if self.layout is not None else None
-        if spec is None or not gshape:
-            return gshape
-        s = list(gshape)
-        s[spec.dim] //= self.tp
-        return tuple(s)
-
     def slice_global(self, lfqn: str, g: torch.Tensor) -> torch.Tensor:
-        """This rank's local tensor of global tensor ``g`` (a copy)."""
+        """This rank's local tensor of global tensor ``g`` (a copy), cut by the reference: fc1 is
+        a fused gate/up column-parallel linear, fc2 a row-parallel one, the rest replicated."""
+        g = g.detach()
         if self.layout is None:
-            return g.detach().clone()
-        local = torch.empty(self.local_shape(lfqn, tuple(g.shape)), dtype=g.dtype)
-        m = self.layout.map_tensor(lfqn, tuple(local.shape))
-        assert tuple(m.global_shape) == tuple(g.shape), (lfqn, m.global_shape, g.shape)
-        for pm in m.pieces:
-            local[_sl(pm.local_offsets, pm.sizes)] = g[_sl(pm.global_offsets, pm.sizes)]
-        return local
-
-
-def _sl(offs, sizes):
-    return tuple(slice(o, o + s) for o, s in zip(offs, sizes))
+            return g.clone()
+        if lfqn.endswith(("fc1.weight", "fc1.bias")):
+            return reference.gate_up(g, FFN, self.tp, self.tp_rank)
+        if lfqn.endswith("fc2.weight"):
+            return reference.row_parallel(g, self.tp, self.tp_rank)
+        return g.clone()
 
 
 class LocalModel(nn.Module):
@@ -439,36 +432,73 @@ def make_zero(topo: Topo, named, alignment: int, bucket: int | None) -> ZeroAdam
                     lr=0.01, weight_decay=0.1, alignment=alignment, bucket_numel=bucket, average_grads=False)
 
 
-def ref_zero(steps: int, alignment: int, bucket: int | None, dtype: str = "float32"):
-    """Single-process reference: ZeroAdam at DP 1 on the global model (parameters in ``dtype``, fp32
-    master weights and moments); returns (ref, its optimizer, full fp32 states by FQN)."""
-    from dcp_ext.optim import unpack_flat
+class RefZeroAdamW:
+    """Single-process reference for ZeroAdam: AdamW with fp32 master weights and moments kept per
+    parameter (no flat buffer), with the element-wise update ZeroAdam documents (decoupled weight
+    decay on the master weights, then Adam), the parameters set from the master weights."""
 
-    ref = Net().to(getattr(torch, dtype))
-    opt = ZeroAdam(list(ref.named_parameters()), lr=0.01, weight_decay=0.1, alignment=alignment,
-                   bucket_numel=bucket, average_grads=False)
+    def __init__(self, model: nn.Module, lr: float = 0.01, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.1) -> None:
+        self.model, self.lr, self.betas, self.eps, self.wd = model, lr, betas, eps, weight_decay
+        named = list(model.named_parameters())
+        self.state = {"master": {n: p.detach().float().clone() for n, p in named},
+                      "exp_avg": {n: torch.zeros(p.shape) for n, p in named},
+                      "exp_avg_sq": {n: torch.zeros(p.shape) for n, p in named}}
+        self.steps = 0
+
+    def zero_grad(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.steps += 1
+        (b1, b2), lr = self.betas, self.lr
+        bc1, bc2 = 1 - b1 ** self.steps, math.sqrt(1 - b2 ** self.steps)
+        for n, p in self.model.named_parameters():
+            g = (p.grad if p.grad is not None else torch.zeros_like(p)).float()
+            w, m, v = self.state["master"][n], self.state["exp_avg"][n], self.state["exp_avg_sq"][n]
+            w.mul_(1 - lr * self.wd)
+            m.mul_(b1)
+            m.add_(g * (1 - b1))
+            v.mul_(b2)
+            v.add_((g * g) * (1 - b2))
+            w.sub_((m / (v.sqrt() / bc2 + self.eps)) * (lr / bc1))
+            p.copy_(w)
+
+    def snapshot(self):
+        return copy.deepcopy((self.state, self.steps))
+
+    def restore(self, snap) -> None:
+        self.state, self.steps = copy.deepcopy(snap)
+
+
+def ref_zero(steps: int, dtype: str = "float32"):
+    """The reference run: the global model (parameters in ``dtype``) trained ``steps`` steps by
+    :class:`RefZeroAdamW`; returns (ref, its optimizer, full fp32 states by global FQN)."""
+    ref_model = Net().to(getattr(torch, dtype))
+    opt = RefZeroAdamW(ref_model)
     for s in range(steps):
         x, y = batch(s)
         opt.zero_grad()
-        torch.nn.functional.mse_loss(ref(x.to(ref.emb.weight.dtype)), y.to(ref.emb.weight.dtype)).backward()
+        torch.nn.functional.mse_loss(ref_model(x.to(ref_model.emb.weight.dtype)),
+                                     y.to(ref_model.emb.weight.dtype)).backward()
         opt.step()
-    full = {}
-    for name, buf in opt.flat_state.items():
-        full[name] = {n: torch.empty(p.shape) for n, p in ref.named_parameters()}
-        unpack_flat(opt.flat_spec, buf, full[name])
-    return ref, opt, full
+    return ref_model, opt, opt.state
 
 
-def _zero_expected(topo, names, local, full, opt: ZeroAdam) -> dict[str, torch.Tensor]:
-    from dcp_ext.optim import pack_flat
-
-    return {name: pack_flat(opt.flat_spec, {lf: topo.slice_global(lf, full[name][names[lf]]) for lf in names})
+def _zero_expected(topo, names, local, full, alignment: int, bucket: int | None,
+                   fill: float = 0.0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's expected ZeRO slice of every state and its padding mask, by the reference."""
+    order = [lf for lf, _ in local.named_parameters()]  # ZeroAdam's buffer order
+    return {name: reference.zero_slice({lf: topo.slice_global(lf, full[name][names[lf]]) for lf in order},
+                                 topo.dp, topo.dp_rank, alignment, bucket, fill=fill, dtype=torch.float32)
             for name in full}
 
 
 def zero_save(path: str, grid, steps: int, alignment: int, bucket: int | None, dtype: str = "float32") -> int:
     topo = Topo(*grid)
-    ref, ref_opt, _ = ref_zero(0, alignment, bucket, dtype)
+    ref, ref_opt, _ = ref_zero(0, dtype)
     local, names = build_local(topo, ref)
     opt = make_zero(topo, list(local.named_parameters()), alignment, bucket)
     for s in range(steps):
@@ -478,10 +508,9 @@ def zero_save(path: str, grid, steps: int, alignment: int, bucket: int | None, d
         push_grads(topo, ref, local, names)
         ref_opt.step()
         opt.step()
-    _, _, full = ref_zero(steps, alignment, bucket, dtype)
-    want = _zero_expected(topo, names, local, full, opt)
+    want = _zero_expected(topo, names, local, ref_opt.state, alignment, bucket)
     for name, buf in opt.flat_state.items():
-        assert torch.equal(buf, want[name]), f"ZeRO {name} slice differs from the DP-1 reference before saving"
+        assert torch.equal(buf, want[name][0]), f"ZeRO {name} slice differs from the reference before saving"
     sp, _ = planners(topo)
     dcp.save({"model": local.state_dict(), "optim": optimizer_state(local, opt, topo.layout)},
              storage_writer=dcp.FileSystemWriter(path), planner=sp)
@@ -491,14 +520,6 @@ def zero_save(path: str, grid, steps: int, alignment: int, bucket: int | None, d
 _SENTINEL = -7.0
 
 
-def _padding_mask(spec) -> torch.Tensor:
-    """True where a rank's local slice buffer holds padding (no parameter element)."""
-    mask = torch.ones(spec.local_numel, dtype=torch.bool)
-    for seg in spec.segments():
-        mask[seg.local_offset: seg.local_offset + seg.param_end - seg.param_start] = False
-    return mask
-
-
 def zero_load(path: str, grid, steps: int, alignment: int, bucket: int | None, target: str,
               resave: str | None = None, dtype: str = "float32") -> int:
     """Load a ZeRO checkpoint at ``grid`` into a fresh ZeroAdam (any DP size/alignment/buckets) or a
@@ -506,7 +527,7 @@ def zero_load(path: str, grid, steps: int, alignment: int, bucket: int | None, t
     filled with a sentinel: every parameter element must be loaded and the padding left alone.
     ``resave``: then save the *loaded* state (no training in between) there, for the next hop."""
     topo = Topo(*grid)
-    ref, ref_opt, full = ref_zero(steps, alignment, bucket, dtype)
+    ref, ref_opt, full = ref_zero(steps, dtype)
     local, names = build_local(topo, ref, seed_offset=5 + dist.get_rank())
     sp, lp = planners(topo)
     if target == "zero":
@@ -517,13 +538,13 @@ def zero_load(path: str, grid, steps: int, alignment: int, bucket: int | None, t
         opt.scalar_state["step"].fill_(-1)
         dcp.load({"model": local.state_dict(), "optim": optimizer_state(local, opt, topo.layout)},
                  storage_reader=dcp.FileSystemReader(path), planner=lp)
-        want = _zero_expected(topo, names, local, full, opt)
-        pad = _padding_mask(opt.flat_spec)
+        want = _zero_expected(topo, names, local, full, alignment, bucket, fill=_SENTINEL)
         for name, buf in opt.flat_state.items():
             assert buf.dtype == torch.float32, (name, buf.dtype)
-            assert torch.equal(buf[~pad], want[name][~pad]), \
-                f"ZeRO {name} slice differs after load on rank {dist.get_rank()}"
-            assert bool((buf[pad] == _SENTINEL).all()), f"ZeRO {name}: the load wrote into the padding"
+            # padding cells hold the sentinel in the expected slice: the load must leave them alone
+            assert torch.equal(buf, want[name][0]), \
+                f"ZeRO {name} slice differs after load on rank {dist.get_rank()} " \
+                f"(padding cells written: {bool((buf[want[name][1]] != _SENTINEL).any())})"
         assert opt.scalar_state["step"].item() == steps
         assert opt.param_groups[0]["lr"] == 0.01
         checked = len(want)
@@ -566,22 +587,20 @@ def zero_resume_same(path: str, grid, n: int, m: int) -> int:
             ref_opt.step()
             opt.step()
 
-    ref, ref_opt, _ = ref_zero(0, alignment, bucket)
+    ref, ref_opt, _ = ref_zero(0)
     local, names = build_local(topo, ref)
     opt = make_zero(topo, list(local.named_parameters()), alignment, bucket)
     run(local, opt, ref, ref_opt, range(n))
     sp, lp = planners(topo)
     dcp.save({"model": local.state_dict(), "optim": optimizer_state(local, opt, topo.layout)},
              storage_writer=dcp.FileSystemWriter(path), planner=sp)
-    ref_n = copy.deepcopy((ref.state_dict(), ref_opt.flat_state, ref_opt.scalar_state))
+    ref_n = copy.deepcopy(ref.state_dict()), ref_opt.snapshot()
     run(local, opt, ref, ref_opt, range(n, n + m))
     final = {k: v.detach().clone() for k, v in local.state_dict().items()}
 
-    ref2, ref2_opt, _ = ref_zero(0, alignment, bucket)
+    ref2, ref2_opt, _ = ref_zero(0)
     ref2.load_state_dict(ref_n[0])
-    for k in ref2_opt.flat_state:
-        ref2_opt.flat_state[k].copy_(ref_n[1][k])
-    ref2_opt.scalar_state["step"].copy_(ref_n[2]["step"])
+    ref2_opt.restore(ref_n[1])
     local2, _ = build_local(topo, ref2, seed_offset=11)
     opt2 = make_zero(topo, list(local2.named_parameters()), alignment, bucket)
     dcp.load({"model": local2.state_dict(), "optim": optimizer_state(local2, opt2, topo.layout)},

@@ -245,3 +245,222 @@ def test_docs_config_lists_every_option():
     for name in _SECTIONS:
         expected[name] = {f.name for f in dataclasses.fields(type(getattr(Config(), name)))}
     assert documented == expected
+
+
+# -- backend-owned sections -----------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import pickle  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+from dcp_ext.config import ByteSize, Options, section_types  # noqa: E402
+
+
+@dataclass
+class VaultOptions(Options):
+    """Options of a third-party backend used by the tests below."""
+
+    endpoint: str | None = None
+    chunk: ByteSize = ByteSize(4 * 1024 * 1024)
+    streams: int = 2
+    compress: bool = False
+    timeout: float = 30.0
+    extra: dict = field(default_factory=dict)
+    api_key: str | None = field(default=None, repr=False)
+
+    def validate(self, section: str) -> None:
+        if self.streams < 1:
+            raise ConfigError(f"{section}.streams: must be >= 1, got {self.streams}")
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """A private copy of the backend registry: what a test registers does not leak."""
+    import dcp_ext.storage as storage
+
+    monkeypatch.setattr(storage, "_REGISTRY", dict(storage._REGISTRY))
+    monkeypatch.setattr(storage, "_SCHEMES", dict(storage._SCHEMES))
+    return storage
+
+
+@pytest.fixture
+def vault(registry):
+    """Register the ``vault`` backend; its writer/reader factories return (url, its section)."""
+    def mk(url, cfg):
+        return url, cfg.vault
+
+    registry.register_backend(Backend("vault", ("vault",), mk, mk, options=VaultOptions))
+    return mk
+
+
+def test_third_party_section_from_file_env_and_kwargs(vault, tmp_path):
+    f = tmp_path / "ck.toml"
+    f.write_text('io_threads = 2\n[vault]\nendpoint = "https://vault.example"\nchunk = "8MiB"\nstreams = 3\n'
+                 'extra = {retries = 5}\n')
+    c = load_config(f, environ={})
+    assert c.vault == VaultOptions(endpoint="https://vault.example", chunk=8 * 1024 * 1024, streams=3,
+                                   extra={"retries": 5})
+    env = {"DCP_EXT_VAULT_STREAMS": "4", "DCP_EXT_VAULT_COMPRESS": "on", "DCP_EXT_VAULT_TIMEOUT": "2.5",
+           "DCP_EXT_VAULT_EXTRA": '{"retries": 1}', "DCP_EXT_VAULT_API_KEY": "k-123"}
+    c = load_config(f, environ=env)
+    assert (c.vault.streams, c.vault.compress, c.vault.timeout, c.vault.extra) == (4, True, 2.5, {"retries": 1})
+    assert c.vault.endpoint == "https://vault.example" and c.io_threads == 2  # the file still applies
+    c = load_config(f, environ=env, vault={"streams": 5, "chunk": 1 << 20})
+    assert c.vault.streams == 5 and c.vault.chunk == 1 << 20 and c.vault.compress is True
+    # storage_writer / storage_reader hand the backend its resolved section
+    url, sec = dcp_ext.storage_writer("vault://b/run", config=f, vault={"streams": 6})
+    assert url == "vault://b/run" and sec.streams == 6 and sec.endpoint == "https://vault.example"
+    url, sec = dcp_ext.storage_reader("vault://b/run")
+    assert sec == VaultOptions()
+    # secrets: hidden from repr and redacted() like the built-ins' credentials
+    assert "k-123" not in repr(c) and c.redacted()["vault"]["api_key"] == "***"
+    assert c.redacted()["vault"]["streams"] == 5
+
+
+@pytest.mark.parametrize("opts,msg", [
+    ({"vault": {"stream": 1}},
+     r"options: unknown option 'vault.stream'; valid options in \[vault\]: api_key, chunk, compress, endpoint, "
+     r"extra, streams, timeout$"),
+    ({"vault": {"streams": "two"}}, r"vault.streams: expected an integer, got 'two'"),
+    ({"vault": {"chunk": "lots"}}, r"vault.chunk: expected a byte size"),
+    ({"vault": {"compress": "yes"}}, r"vault.compress: expected true/false, got 'yes'"),
+    ({"vault": {"endpoint": 5}}, r"vault.endpoint: expected a string, got 5"),
+    ({"vault": {"extra": [1]}}, r"vault.extra: expected a mapping"),
+    ({"vault": {"streams": 0}}, r"vault.streams: must be >= 1, got 0"),
+    ({"vault": 3}, r"section 'vault' must be a mapping, got 3"),
+    ({"vaults": {}}, r"unknown option 'vaults'; valid options: .*vault\.\*"),
+])
+def test_third_party_section_errors_name_the_key(vault, opts, msg):
+    with pytest.raises(ConfigError, match=msg):
+        load_config(environ={}, **opts)
+
+
+def test_third_party_section_errors_from_env_and_file(vault, tmp_path):
+    with pytest.raises(ConfigError, match=r"environment: unknown option 'vault.stream'; valid options in \[vault\]"):
+        load_config(environ={"DCP_EXT_VAULT_STREAM": "1"})
+    with pytest.raises(ConfigError, match=r"vault.timeout: expected a number, got 'soon'"):
+        load_config(environ={"DCP_EXT_VAULT_TIMEOUT": "soon"})
+    f = tmp_path / "ck.yaml"
+    f.write_text("vault:\n  streams: 0\n")
+    with pytest.raises(ConfigError, match=r"vault.streams: must be >= 1, got 0"):
+        load_config(f, environ={})
+
+
+def test_section_exists_only_while_its_backend_is_registered(registry):
+    with pytest.raises(ConfigError, match=r"unknown option 'vault'"):
+        load_config(environ={}, vault={"streams": 2})
+    with pytest.raises(AttributeError, match="no attribute 'vault'"):
+        Config().vault  # noqa: B018
+    registry.register_backend(Backend("vault", ("vault",), print, print, options=VaultOptions))
+    assert load_config(environ={}, vault={"streams": 2}).vault.streams == 2
+    assert section_types()["vault"] is VaultOptions
+
+
+def test_entry_point_backend_gets_its_section(registry, monkeypatch):
+    import importlib.metadata
+
+    monkeypatch.setattr(registry, "_ENTRY_POINTS_LOADED", False)
+
+    class EP:
+        name = "vault"
+
+        def load(self):
+            return Backend("vault", ("vault",), lambda u, c: c.vault, lambda u, c: c.vault, options=VaultOptions)
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", lambda group=None: [EP()])
+    # the first config built loads the plugins: their sections are known at once
+    c = load_config(environ={"DCP_EXT_VAULT_ENDPOINT": "http://127.0.0.1:1"})
+    assert c.vault.endpoint == "http://127.0.0.1:1"
+    assert dcp_ext.storage_writer("vault://x", vault={"streams": 7}).streams == 7
+
+
+@pytest.mark.parametrize("name,options,exc,msg", [
+    ("My-Vault", VaultOptions, ValueError, r"name must be lowercase letters, digits and '_'"),
+    ("io_threads", VaultOptions, ValueError, r"'io_threads' is already a top-level option"),
+    ("tier", VaultOptions, ValueError, r"'tier' is already a top-level option"),
+    ("cache", VaultOptions, ValueError, r"'cache' is already a top-level option or keyword"),
+    ("config", VaultOptions, ValueError, r"'config' is already a top-level option or keyword"),
+    ("checksum", VaultOptions, ValueError, r"'checksum' is already a top-level option"),
+    ("io", VaultOptions, ValueError, r"DCP_EXT_IO_\* variables would be ambiguous with DCP_EXT_IO_THREADS"),
+    ("vault", {"streams": 1}, TypeError, r"options must be a dataclass type"),
+    ("vault", VaultOptions(), TypeError, r"options must be a dataclass type"),
+])
+def test_register_backend_checks_its_options(registry, name, options, exc, msg):
+    with pytest.raises(exc, match=msg):
+        registry.register_backend(Backend(name, (name.lower(),), print, print, options=options))
+    assert name not in registry._REGISTRY
+
+
+def test_register_backend_checks_option_fields(registry):
+    @dataclass
+    class NoDefault:
+        endpoint: str
+
+    @dataclass
+    class ListField:
+        hosts: list = field(default_factory=list)
+
+    with pytest.raises(TypeError, match=r"option vault.endpoint needs a default"):
+        registry.register_backend(Backend("vault", ("vault",), print, print, options=NoDefault))
+    with pytest.raises(TypeError, match=r"option vault.hosts has type <class 'list'>; supported: str, int"):
+        registry.register_backend(Backend("vault", ("vault",), print, print, options=ListField))
+
+
+def test_builtin_sections_are_declared_by_their_backends():
+    from dcp_ext.storage import backends
+    from dcp_ext.storage.fs import FsOptions
+    from dcp_ext.storage.fsspec import FsspecOptions
+    from dcp_ext.storage.gcs import GCSOptions
+    from dcp_ext.storage.s3 import S3Options
+
+    from dcp_ext.config import TensorStoreOptions
+
+    declared = {n: b.options for n, b in backends().items() if n in ("fs", "fsspec", "s3", "gcs", "tensorstore")}
+    assert declared == {"fs": FsOptions, "fsspec": FsspecOptions, "s3": S3Options, "gcs": GCSOptions,
+                        "tensorstore": TensorStoreOptions}
+    # still importable from dcp_ext.config, as before
+    import dcp_ext.config as config
+
+    assert (config.FsOptions, config.FsspecOptions, config.S3Options, config.GCSOptions) == (
+        FsOptions, FsspecOptions, S3Options, GCSOptions)
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchOptions'"):
+        config.NoSuchOptions  # noqa: B018
+    c = Config()
+    assert type(c.s3) is S3Options and type(c.tensorstore).__name__ == "TensorStoreOptions"
+    for name, section in Config().sections.items():  # every default validates
+        section.validate(name)
+
+
+def test_importing_config_does_not_import_clients():
+    import subprocess
+    import sys
+
+    code = ("import sys, dcp_ext.config as c; c.load_config(environ={}, s3={'region': 'x'}); "
+            "print(sorted(m for m in ('botocore', 'google.auth', 'urllib3', 'gcsfs', 's3fs', 'tensorstore') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_sections_survive_replace_copy_pickle_and_compare():
+    c = load_config(environ={}, s3={"region": "eu-1", "secret_access_key": "s"}, fs={"fsync": False})
+    r = dataclasses.replace(c, io_threads=3)
+    assert r.io_threads == 3 and r.s3.region == "eu-1" and r.fs.fsync is False
+    r.s3.region = "other"  # the copy's sections are its own
+    assert c.s3.region == "eu-1" and r != c
+    assert dataclasses.replace(c) == c and c != Config() and Config() == Config()
+    p = pickle.loads(pickle.dumps(c))
+    assert p == c and p.s3.secret_access_key == "s" and p.fs.fsync is False
+    base = Config(sections={"s3": c.s3})
+    assert base.s3 is c.s3 and load_config(base, environ={}).s3.region == "eu-1"
+
+
+def test_setting_sections_and_unknown_attributes():
+    c = Config()
+    with pytest.raises(ConfigError, match=r"section 's3' must be an instance of S3Options, got dict"):
+        c.s3 = {"region": "x"}
+    with pytest.raises(AttributeError, match=r"Config has no option or section 'io_thread'; options: .*io_threads"):
+        c.io_thread = 4
+    with pytest.raises(ConfigError, match=r"sections: 'tier' is not a backend section"):
+        Config(sections={"tier": c.tier})
+    with pytest.raises(AttributeError, match=r"no option or section 'nosuch'"):
+        Config(sections={"nosuch": c.tier})

@@ -16,7 +16,7 @@ def _page(name: str) -> str:
 
 
 def test_troubleshooting_lists_every_error_message():
-    page = _page("troubleshooting.md")
+    page = _page("troubleshooting.md").replace("\\|", "|")  # a '|' in a table cell is written '\|'
     missing = sorted({f"{r.path}:{r.line} {r.key!r}" for r in raised_messages() if " ".join(r.key.split()) not in page})
     assert missing == [], "add these messages (and what to do) to docs/troubleshooting.md:\n" + "\n".join(missing)
 

@@ -21,6 +21,7 @@ from dcp_ext.optim import (
     range_to_boxes,
     unpack_flat,
 )
+from tests import reference
 
 
 @st.composite
@@ -149,6 +150,34 @@ def test_dp_1_2_3_4_round_trip(alignment, bucket):
         assert torch.equal(rebuilt[f], full[f])
 
 
+@st.composite
+def flat_cases(draw):
+    shapes = [(f"p{i}", tuple(draw(st.lists(st.integers(0, 4), min_size=0, max_size=3))))
+              for i in range(draw(st.integers(1, 5)))]
+    dp = draw(st.integers(1, 4))
+    return shapes, dp, draw(st.integers(0, dp - 1)), draw(st.sampled_from([1, 2, 3, 8])), \
+        draw(st.sampled_from([None, 1, 5, 17]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(flat_cases())
+def test_flat_buffer_matches_the_reference_layout(case):
+    """FlatBufferSpec.build + pack_flat give exactly the slice the element-by-element reference of
+    the Megatron layout gives (alignment, buckets, padding, rank ranges), and segments() skip
+    exactly its padding cells."""
+    shapes, dp, rank, alignment, bucket = case
+    g = torch.Generator().manual_seed(len(shapes) * 31 + dp)
+    full = {n: torch.randn(s, generator=g, dtype=torch.float64) + 1 for n, s in shapes}
+    want, pad = reference.zero_slice(full, dp, rank, alignment, bucket, fill=0.0)
+    spec = FlatBufferSpec.build(shapes, dp_size=dp, dp_rank=rank, alignment=alignment, bucket_numel=bucket)
+    got = pack_flat(spec, full)
+    assert torch.equal(got, want), (case, got, want)
+    covered = torch.zeros(spec.local_numel, dtype=torch.bool)
+    for seg in spec.segments():
+        covered[seg.local_offset: seg.local_offset + seg.param_end - seg.param_start] = True
+    assert torch.equal(covered, ~pad), case
+
+
 def test_segments_cover_every_param_once():
     for dp in (1, 2, 3, 4):
         cover = {f: torch.zeros(math.prod(s), dtype=torch.int64) for f, s in PARAMS}
@@ -200,17 +229,10 @@ def test_flat_state_pieces_tile_global_params():
     cover = {f: torch.zeros(t.shape, dtype=torch.int64) for f, t in glob.items()}
     for tr in range(tp):
         layout = ParallelLayout(tp_rank=tr, tp_size=tp, rules=rules)
-        local = {}
-        for f, t in glob.items():
-            spec = layout.spec_for(f)
-            shape = list(t.shape)
-            if spec is not None:
-                shape[spec.dim] //= tp
-            m = layout.map_tensor(f, shape)
-            local[f] = torch.empty(shape)
-            for pm in m.pieces:
-                local[f][tuple(slice(o, o + s) for o, s in zip(pm.local_offsets, pm.sizes))] = \
-                    t[tuple(slice(o, o + s) for o, s in zip(pm.global_offsets, pm.sizes))]
+        # the rank's local tensors, cut by the independent reference (not by dcp_ext.layout)
+        local = {"layers.0.qkv.weight": reference.fused_split(glob["layers.0.qkv.weight"], 0, (8, 4, 4), tp, tr),
+                 "layers.0.out.weight": reference.row_parallel(glob["layers.0.out.weight"], tp, tr),
+                 "layers.0.norm.weight": glob["layers.0.norm.weight"].clone()}
         for dr in range(dp):
             spec = FlatBufferSpec.build([(f, tuple(t.shape)) for f, t in local.items()], dp_size=dp, dp_rank=dr,
                                         alignment=4)
@@ -244,7 +266,8 @@ def test_flat_state_errors():
     pytest.importorskip("dcp_ext.layout")
     from torch import nn
 
-    from dcp_ext.optim import ZeroAdam, flat_state_pieces, optimizer_state
+    from dcp_ext.optim import flat_state_pieces, optimizer_state
+    from examples.zero_adam import ZeroAdam
 
     spec = FlatBufferSpec.build(PARAMS, dp_size=2, dp_rank=0, alignment=4)
     with pytest.raises(OptimizerStateError, match=r"flat state 'exp_avg' has shape \(5,\), expected \(40,\) for this rank.s slice"):
@@ -293,7 +316,7 @@ def test_flat_state_pieces_property(case):
     bounds = [sum(segments[:i + 1]) for i in range(len(segments) - 1)]
     for tr in range(tp):
         lay = ParallelLayout(tp_rank=tr, tp_size=tp, rules=rules)
-        local = {f: lay.shard(f, t) for f, t in glob.items()}
+        local = {"w": reference.fused_split(glob["w"], dim, segments, tp, tr), "norm": glob["norm"].clone()}
         for dr in range(dp):
             spec = FlatBufferSpec.build([("norm", (5,)), ("w", tuple(local["w"].shape))], dp_size=dp, dp_rank=dr,
                                         alignment=alignment, bucket_numel=bucket)
@@ -319,7 +342,7 @@ def test_flat_state_pieces_three_chunks_for_a_ragged_slice():
 
     lay = ParallelLayout(tp_rank=1, tp_size=2, rules={"w": ShardSpec(0, (8, 4))})
     glob = torch.arange(12 * 3, dtype=torch.float32).reshape(12, 3)
-    local = lay.shard("w", glob)  # rows 4-7 (second half of part 0) and 10-11 (of part 1)
+    local = glob[[4, 5, 6, 7, 10, 11]]  # rows 4-7 (second half of part 0) and 10-11 (of part 1)
     # a hand-made slice of local flat elements [2, 10): row 0 cols 2, rows 1-2, row 3 col 0
     spec = FlatBufferSpec((FlatParam("w", (6, 3), 0),), 18, ((2, 10),))
     pieces = flat_state_pieces(spec, {"m": pack_flat(spec, {"w": local})}, layout=lay)["w"]["m"].pieces
@@ -328,3 +351,16 @@ def test_flat_state_pieces_three_chunks_for_a_ragged_slice():
     for p in pieces:
         assert torch.equal(p.view, glob[p.global_offsets[0]:p.global_offsets[0] + p.view.shape[0],
                                         p.global_offsets[1]:p.global_offsets[1] + p.view.shape[1]])
+
+
+def test_zeroadam_moved_to_examples():
+    """ZeroAdam left the package (a reference kept simple rather than fast): the old names say where it went."""
+    import dcp_ext
+    import dcp_ext.optim
+
+    for mod in (dcp_ext, dcp_ext.optim):
+        with pytest.raises(AttributeError, match=r"ZeroAdam is no longer part of dcp_ext.*examples/zero_adam.py"):
+            mod.ZeroAdam  # noqa: B018
+    assert "ZeroAdam" not in dcp_ext.__all__
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
+        dcp_ext.optim.NoSuchName  # noqa: B018

@@ -15,12 +15,66 @@ def _pyproject() -> dict:
         return tomllib.load(f)
 
 
+def _dist_name(requirement: str) -> str:
+    return re.split(r"[<>=;\[ ]", requirement, maxsplit=1)[0]
+
+
+#: core dependencies the package needs without importing them itself, and why
+_INDIRECT = {"numpy": "torch.distributed's object collectives (used by DCP) need it; torch's CPU wheel does not "
+                      "pull it in"}
+
+
+def dcp_ext_min_torch() -> tuple[int, int]:
+    import dcp_ext
+
+    return dcp_ext.MIN_TORCH
+
+
+def test_torch_floor_is_the_tested_torch():
+    """pyproject's floor, dcp_ext's import check and the torch the README/CI installs agree."""
+    cmd = _setup_commands()[1]
+    pinned = re.match(r"python -m pip install torch==(\d+)\.(\d+)\.\d+ ", cmd)
+    assert pinned and tuple(map(int, pinned.groups())) == dcp_ext_min_torch(), cmd
+
+
+def test_older_torch_is_refused_at_import():
+    import pytest
+
+    import dcp_ext
+
+    for old in ("2.7.1+cu126", "2.9.1", "2.12.0", "1.13.1"):
+        with pytest.raises(ImportError, match=rf"dcp-ext needs torch >= 2\.13, but torch {re.escape(old)} is "
+                                              rf"installed: pip install 'torch>=2\.13'"):
+            dcp_ext._check_torch(old)
+    for ok in ("2.13.0", "2.13.0+cpu", "2.14.0a0+git1234", "2.15.0", "3.0.0"):
+        dcp_ext._check_torch(ok)
+
+
+def test_every_core_dependency_is_used():
+    """No dead weight: each core dependency is imported by dcp_ext (or listed in _INDIRECT with the reason)."""
+    sources = []
+    for dirpath, _, files in os.walk(os.path.join(ROOT, "dcp_ext")):
+        sources += [open(os.path.join(dirpath, f), encoding="utf-8").read() for f in files if f.endswith(".py")]
+    text = "\n".join(sources)
+    unused = []
+    for req in _pyproject()["project"]["dependencies"]:
+        name = _dist_name(req)
+        module = name.replace("-", "_")
+        if name in _INDIRECT:
+            continue
+        if not re.search(rf"^\s*(import|from) {module}\b", text, flags=re.M):
+            unused.append(name)
+    assert unused == [], f"core dependencies that dcp_ext never imports: {unused}"
+
+
 def test_distribution_extras_and_console_script():
     proj = _pyproject()["project"]
     assert proj["name"] == "dcp-ext"
-    deps = {re.split(r"[<>=;\[ ]", d, maxsplit=1)[0]: d for d in proj["dependencies"]}
-    assert deps["torch"].replace(" ", "") == "torch>=2.7"
-    assert "fsspec" in deps and "aiofiles" in deps
+    deps = {_dist_name(d): d for d in proj["dependencies"]}
+    # the floor is the torch CI tests (the README's command installs it); dcp_ext checks it at import
+    assert deps["torch"].replace(" ", "") == f"torch>={'.'.join(map(str, dcp_ext_min_torch()))}"
+    assert "fsspec" in deps and "crc32c" in deps
+    assert "aiofiles" not in deps  # dropped: nothing here is asyncio (docs/architecture.md, Decisions)
     assert "numpy" in deps  # not pulled in by torch's CPU wheel; DCP's object collectives need it
     extras = proj["optional-dependencies"]
     assert {"s3", "gcs", "tensorstore", "all", "test"} <= set(extras)

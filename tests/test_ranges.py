@@ -53,6 +53,7 @@ def test_merge_ranges():
     assert merge_ranges([(5, 8), (0, 2), (2, 4), (7, 9)]) == [(0, 4), (5, 9)]
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=5000), st.integers(1, 7))
 def test_block_hasher_matches_direct_blocks(data, nsplit):
     h = BlockHasher(512)

@@ -161,15 +161,20 @@ def test_fault_rule_rejects_unknown_actions():
         FaultRule(".", "explode")
 
 
-def test_fault_rule_window_starts_at_its_first_match():
-    import time
+def test_fault_rule_window_starts_at_its_first_match(monkeypatch):
+    import types
 
+    from tests.support import fault_proxy
+
+    now = [1000.0]  # a fake clock for the proxy module only: the window is tested without sleeping
+    monkeypatch.setattr(fault_proxy, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
     r = FaultRule(".", "503", times=None, seconds=0.2)
-    time.sleep(0.3)  # nothing matched yet: the window has not started
+    now[0] += 0.3  # nothing matched yet: the window has not started
     assert r.live()
     r.hit()
+    now[0] += 0.19
     assert r.live()
-    time.sleep(0.3)
+    now[0] += 0.02
     assert not r.live() and r.hits == 1
 
 

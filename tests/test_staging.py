@@ -269,73 +269,60 @@ def test_staged_tensor_storage_layout(share):
 
 def test_two_pools_uploads_do_not_overlap(tmp_path):
     """max_pools=2: the 2nd save stages into a second pool without waiting, but its upload
-    starts only after the 1st upload ended (AsyncSaveResponse; its upload_completion)."""
+    starts only after the 1st upload ended (AsyncSaveResponse; its upload_completion). The 1st
+    upload is held until the 2nd save has staged and then until the 2nd upload starts (at most
+    1 s): uploads that could overlap would, and the counter of concurrent uploads would see it."""
     import threading
     import time
 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
-    spans: list[tuple[str, float, float]] = []
     lock = threading.Lock()
+    active, peak, entered = [0], [0], []
+    second_entered = threading.Event()
+    held_since: list[float] = []
 
-    class Timed(fns.GatedWriter):
+    class Counted(fns.GatedWriter):
         def write_data(self, plan, planner):
-            t0 = time.monotonic()
-            fut = super().write_data(plan, planner)
-            fut.wait()
             with lock:
-                spans.append((str(self.fs.concat_path(self.path, "")), t0, time.monotonic()))
-            return fut
+                active[0] += 1
+                peak[0] = max(peak[0], active[0])
+                entered.append(self.index)
+            if self.index == 1:
+                second_entered.set()
+            try:
+                fut = super().write_data(plan, planner)
+                fut.wait()
+                return fut
+            finally:
+                with lock:
+                    active[0] -= 1
+
+    def release_first() -> bool:  # polled by the 1st upload
+        if st.stats["stages"] < 2:
+            return False
+        if not held_since:
+            held_since.append(time.monotonic())
+        return second_entered.is_set() or time.monotonic() - held_since[0] > 1.0
 
     st = PooledStager(max_pools=2)
     sd = {"w": torch.arange(64.0)}
     res = []
     for i in range(2):
-        # the 1st upload is held until the 2nd save has staged (into the second pool)
-        release = (lambda: st.stats["stages"] >= 2) if i == 0 else (lambda: True)
-        res.append(dcp_ext.async_save(sd, async_stager=st, no_dist=True,
-                                      storage_writer=Timed(str(tmp_path / str(i)), release)))
+        writer = Counted(str(tmp_path / str(i)), release_first if i == 0 else (lambda: True))
+        writer.index = i
+        res.append(dcp_ext.async_save(sd, async_stager=st, no_dist=True, storage_writer=writer))
         sd["w"].add_(1)
     assert all(isinstance(r, AsyncSaveResponse) for r in res)
     for r in res:
         r.upload_completion.result()
     assert st.stats["waits"] == 0 and st.stats["pools_allocated"] == 2
-    (_, s0, e0), (_, s1, e1) = sorted(spans, key=lambda s: s[1])
-    assert s1 >= e0, f"uploads overlapped: {spans}"
+    assert entered == [0, 1] and peak[0] == 1, f"uploads overlapped: {entered}, {peak[0]} at once"
     for i in range(2):
         out = {"w": torch.zeros(64)}
         dcp.load(out, checkpoint_id=str(tmp_path / str(i)), no_dist=True)
         assert torch.equal(out["w"], torch.arange(64.0) + i)
-    st.close()
-
-
-def test_old_torch_path_wraps_writer(tmp_path, monkeypatch):
-    """torch < 2.9 has no async_save(async_stager=): the wrapper stages through a writer
-    proxy instead. Forced here on 2.13 (stock async_save then uses the writer as stager)."""
-    import pickle
-
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import FileSystemWriter
-
-    from dcp_ext import staging
-
-    monkeypatch.setattr(staging, "_HAS_STAGER_ARG", False)
-    st = PooledStager()
-    sd = {"w": torch.arange(10.0), "n": {"k": torch.ones(3, dtype=torch.int64)}}
-    with pytest.raises(StagingError, match="needs storage_writer"):
-        dcp_ext.async_save(sd, async_stager=st, checkpoint_id=str(tmp_path / "x"), no_dist=True)
-    for i in range(2):
-        dcp_ext.async_save(sd, async_stager=st, no_dist=True,
-                           storage_writer=FileSystemWriter(str(tmp_path / str(i)))).result()
-        sd["w"].add_(1)
-    assert st.stats["stages"] == 2 and st.stats["pools_allocated"] == 1
-    out = {"w": torch.zeros(10), "n": {"k": torch.zeros(3, dtype=torch.int64)}}
-    dcp.load(out, checkpoint_id=str(tmp_path / "1"), no_dist=True)
-    assert torch.equal(out["w"], torch.arange(10.0) + 1) and torch.equal(out["n"]["k"], torch.ones(3, dtype=torch.int64))
-    proxy = staging._StagingWriter(FileSystemWriter(str(tmp_path / "p")), st)
-    clone = pickle.loads(pickle.dumps(proxy))  # the process executor pickles the writer
-    assert clone.path == proxy.path and clone._stager is None
     st.close()
 
 

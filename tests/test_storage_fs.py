@@ -8,7 +8,6 @@ import json
 import os
 import re
 import threading
-import time
 import warnings
 
 import pytest
@@ -298,20 +297,27 @@ def test_writes_and_reads_run_on_several_threads(tmp_path, monkeypatch):
 
     writers, readers = set(), set()
     open_writer, read_into = LocalStore.open_writer, LocalStore.read_into
+    cond = threading.Condition()
 
-    def slow_open(self, relpath):
-        writers.add(threading.current_thread().name)
-        time.sleep(0.05)  # so one thread cannot take every file before the others start
+    def meet(names: set) -> None:
+        """Hold each thread until two distinct threads have arrived (at most 30 s: a one-thread
+        implementation passes through after that and fails the assertions below)."""
+        with cond:
+            names.add(threading.current_thread().name)
+            cond.notify_all()
+            cond.wait_for(lambda: len(names) >= 2, timeout=30)
+
+    def gated_open(self, relpath):
+        meet(writers)
         return open_writer(self, relpath)
 
-    def slow_read(self, relpath, offset, out):
+    def gated_read(self, relpath, offset, out):
         if relpath.endswith(".distcp"):  # (metadata is read on the calling thread)
-            readers.add(threading.current_thread().name)
-            time.sleep(0.02)
+            meet(readers)
         return read_into(self, relpath, offset, out)
 
-    monkeypatch.setattr(LocalStore, "open_writer", slow_open)
-    monkeypatch.setattr(LocalStore, "read_into", slow_read)
+    monkeypatch.setattr(LocalStore, "open_writer", gated_open)
+    monkeypatch.setattr(LocalStore, "read_into", gated_read)
     g = torch.Generator().manual_seed(4)
     src = {f"t{i}": torch.randn(128, 256, generator=g) for i in range(8)}
     dcp.save(src, storage_writer=dcp_ext.storage_writer(tmp_path, files_per_rank=4, io_threads=4))

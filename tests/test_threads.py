@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 import pytest
 
@@ -29,27 +28,33 @@ def test_single_call_runs_inline():
 
 
 def test_first_error_raised_after_running_jobs_finished_and_rest_cancelled():
+    """Job 0 fails while job 1 runs: run_all waits for job 1 (held until run_all returns, at most
+    1 s: a run_all that returned at once would leave it running), cancels the queued jobs (those a
+    worker grabbed before the cancellation are held until job 1 ends: without the cancellation
+    all 50 would start) and raises job 0's error. Events, no sleeps."""
     started, finished = [], []
-    gate = threading.Event()
+    job1_running, job1_done, returned = threading.Event(), threading.Event(), threading.Event()
 
     def f(i):
         started.append(i)
         if i == 0:
+            assert job1_running.wait(30)
             raise ValueError("boom in job 0")
         if i == 1:
-            gate.wait(0.2)  # still running when job 0 fails
-            time.sleep(0.1)
-        time.sleep(0.01)  # 48 queued jobs take ~0.5 s: the failure is seen long before they all start
+            job1_running.set()
+            returned.wait(1.0)
+            finished.append(i)
+            job1_done.set()
+            return
+        assert job1_done.wait(30)
         finished.append(i)
 
     with pytest.raises(ValueError, match="boom in job 0"):
         run_all("test-err", 2, f, [(i,) for i in range(50)])
-    # the running job was waited for: nothing still runs after run_all raised
-    snapshot = list(finished)
-    time.sleep(0.3)
-    assert finished == snapshot
-    assert 1 in finished
-    assert len(started) < 50  # queued jobs were cancelled
+    returned.set()
+    assert 1 in finished  # the running job was waited for
+    assert sorted(finished) == sorted(i for i in started if i != 0)  # nothing still runs
+    assert len(started) < 50, started  # queued jobs were cancelled
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
@@ -83,11 +88,10 @@ def test_jobs_see_the_callers_context():
         assert run_all("test-ctx", 2, lambda i: var.get(), [(i,) for i in range(6)]) == ["caller"] * 6
     finally:
         var.reset(token)
-    if hasattr(torch.serialization, "get_crc32_options"):
-        with zip_crc_disabled():
-            seen = run_all("test-ctx", 2, lambda i: torch.serialization.get_crc32_options(), [(0,), (1,)])
-        assert seen == [False, False]
-        assert torch.serialization.get_crc32_options() is True  # restored for the caller
+    with zip_crc_disabled():
+        seen = run_all("test-ctx", 2, lambda i: torch.serialization.get_crc32_options(), [(0,), (1,)])
+    assert seen == [False, False]
+    assert torch.serialization.get_crc32_options() is True  # restored for the caller
 
 
 def test_zip_crc_switch_is_per_thread_and_restored():
@@ -97,8 +101,6 @@ def test_zip_crc_switch_is_per_thread_and_restored():
 
     from dcp_ext.storage.records import zip_crc_disabled
 
-    if not hasattr(torch.serialization, "get_crc32_options"):
-        pytest.skip("torch without set_crc32_options")
     inside, after = {}, {}
     entered, release = threading.Barrier(2), threading.Event()
 

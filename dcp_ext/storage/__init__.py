@@ -6,6 +6,12 @@ group ``dcp_ext.backends`` (the entry point must resolve to a :class:`Backend`):
 
     [project.entry-points."dcp_ext.backends"]
     mystore = "my_pkg.dcp:BACKEND"
+
+A backend that declares ``options`` (a dataclass) owns the config section of its name: the
+built-ins declare ``FsOptions``, ``FsspecOptions``, ``S3Options`` and ``GCSOptions`` (defined in
+their modules) and ``TensorStoreOptions`` (defined in :mod:`dcp_ext.config`, so that declaring it
+imports nothing of the TensorStore package), and :mod:`dcp_ext.config` builds its sections from
+this registry.
 """
 
 from __future__ import annotations
@@ -16,8 +22,13 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..config import Config, load_config
+from ..config import Config, TensorStoreOptions, check_options, load_config
 from ..errors import MissingDependencyError, UnknownBackendError
+# the built-in backends' modules import their clients (botocore, google-auth, fsspec) lazily
+from .fs import FsOptions, LocalStore
+from .fsspec import FsspecOptions, FsspecStore
+from .gcs import GCSOptions, GCSStore
+from .s3 import S3Options, S3Store
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint import StorageReader, StorageWriter
@@ -37,7 +48,10 @@ class Backend:
     ``make_writer(url, config)`` and ``make_reader(url, config)`` receive the URL as given
     and a validated :class:`~dcp_ext.config.Config`. ``extra`` names the pip extra that
     installs the backend's dependencies (used in error messages); ``requires`` lists the
-    modules it imports.
+    modules it imports. ``options`` is the backend's options dataclass (see
+    :class:`~dcp_ext.config.Options`): the config gets a section named after the backend
+    (``[name]`` in files, ``DCP_EXT_<NAME>_<KEY>``, ``name={...}`` keywords), which
+    ``make_writer``/``make_reader`` read as ``config.<name>``.
     """
 
     name: str
@@ -47,6 +61,7 @@ class Backend:
     extra: str | None = None
     requires: tuple[str, ...] = field(default_factory=tuple)
     description: str = ""
+    options: type | None = None
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -55,7 +70,13 @@ _ENTRY_POINTS_LOADED = False
 
 
 def register_backend(backend: Backend, *, replace: bool = False) -> None:
-    """Register ``backend`` under its name and URL schemes."""
+    """Register ``backend`` under its name and URL schemes (and its options as a config section).
+
+    ``ValueError`` if the name is taken (unless ``replace``) or, for a backend with options, if
+    the name cannot be a config section; ``TypeError`` if ``options`` is not a valid options class.
+    """
+    if backend.options is not None:
+        check_options(backend.name, backend.options)
     if not replace and backend.name in _REGISTRY and _REGISTRY[backend.name] is not backend:
         raise ValueError(f"a backend named {backend.name!r} is already registered")
     _REGISTRY[backend.name] = backend
@@ -260,31 +281,27 @@ def _durable_reader(url: str, cfg: Config, b: Backend | None = None):
 
 
 def _register_builtins() -> None:
-    def store_backend(name, schemes, module, cls, extra=None, requires=(), description=""):
-        def make_store(url: str, cfg: Config):
-            mod = importlib.import_module(f"dcp_ext.storage.{module}")
-            return getattr(mod, cls)(url, cfg)
-
+    def store_backend(name, schemes, store_cls, options, extra=None, requires=(), description=""):
         def make_writer(url: str, cfg: Config):
             from .writer import ExtStorageWriter
 
-            return ExtStorageWriter(make_store(url, cfg), cfg)
+            return ExtStorageWriter(store_cls(url, cfg), cfg)
 
         def make_reader(url: str, cfg: Config):
             from .reader import ExtStorageReader
 
-            return ExtStorageReader(make_store(url, cfg), cfg)
+            return ExtStorageReader(store_cls(url, cfg), cfg)
 
         register_backend(Backend(name, tuple(schemes), make_writer, make_reader, extra,
-                                 tuple(requires), description))
+                                 tuple(requires), description, options))
 
-    store_backend("fs", ["file"], "fs", "LocalStore",
+    store_backend("fs", ["file"], LocalStore, FsOptions,
                   description="local disk or NFS: parallel writes, ranged reads, atomic commit")
-    store_backend("fsspec", ["memory"], "fsspec", "FsspecStore",
+    store_backend("fsspec", ["memory"], FsspecStore, FsspecOptions,
                   description="any fsspec protocol")
-    store_backend("s3", ["s3", "s3a"], "s3", "S3Store", extra="s3", requires=("botocore",),
+    store_backend("s3", ["s3", "s3a"], S3Store, S3Options, extra="s3", requires=("botocore",),
                   description="S3 and S3-compatible stores: parallel multipart, ranged GETs, retries")
-    store_backend("gcs", ["gs", "gcs"], "gcs", "GCSStore", extra="gcs", requires=("urllib3", "google.auth"),
+    store_backend("gcs", ["gs", "gcs"], GCSStore, GCSOptions, extra="gcs", requires=("urllib3", "google.auth"),
                   description="Google Cloud Storage: resumable (or parallel composite) uploads, ranged GETs, retries")
 
     def tensorstore_factory(cls: str):
@@ -298,7 +315,8 @@ def _register_builtins() -> None:
     register_backend(Backend("tensorstore", ("zarr3+file", "zarr3+s3", "zarr3+gs", "zarr3+gcs"),
                              tensorstore_factory("TensorStoreWriter"), tensorstore_factory("TensorStoreReader"),
                              extra="tensorstore", requires=("tensorstore",),
-                             description="each global tensor a zarr3 array (TensorStore) on local disk, S3 or GCS"))
+                             description="each global tensor a zarr3 array (TensorStore) on local disk, S3 or GCS",
+                             options=TensorStoreOptions))
 
 
 _register_builtins()

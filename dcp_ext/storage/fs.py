@@ -19,18 +19,30 @@ import errno
 import os
 import threading
 import uuid
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 from ..config import Config
+from ..options import ByteSize, Options
 from ..errors import CorruptCheckpointError, StorageError
 from .base import BlobWriter, Store
 
-__all__ = ["LocalStore"]
+__all__ = ["FsOptions", "LocalStore"]
 
 #: start the disk writeback of a data file after every this many bytes written to it
 WRITEBACK_EVERY = 32 * 1024 * 1024
 _SYNC_FILE_RANGE_WRITE = 2
 _sync_file_range: Callable[[int, int, int, int], int] | None | bool = False  # False: not looked up yet
+
+
+@dataclass
+class FsOptions(Options):
+    """The ``[fs]`` section: local disk / NFS."""
+
+    #: call fsync on data files, the metadata and the directory (turn off only for scratch)
+    fsync: bool = True
+    #: buffered write size when streaming records (smaller records are coalesced)
+    write_buffer: ByteSize = ByteSize(8 * 1024 * 1024)
 
 
 def _writeback_starter() -> Callable[[int, int, int, int], int] | None:

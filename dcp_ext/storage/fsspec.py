@@ -8,18 +8,28 @@ long tail and for tests (``memory://``).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass, field
 from typing import Iterable
 
 from ..config import Config
+from ..options import Options
 from ..errors import CorruptCheckpointError, MissingDependencyError, StorageError
 from .base import BlobWriter, Store
 
-__all__ = ["FsspecStore"]
+__all__ = ["FsspecOptions", "FsspecStore"]
 
 logger = logging.getLogger(__name__)
 
 #: fsspec protocols whose implementation one of our pip extras installs (for error messages)
 PROTOCOL_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
+
+
+@dataclass
+class FsspecOptions(Options):
+    """The ``[fsspec]`` section: the generic fsspec backend (``memory://``, ``hdfs://``, ...)."""
+
+    #: passed to ``fsspec.core.url_to_fs(url, **storage_options)``
+    storage_options: dict = field(default_factory=dict)
 
 
 def _missing_implementation(url: str, err: ImportError) -> MissingDependencyError:

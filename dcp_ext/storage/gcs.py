@@ -31,18 +31,48 @@ import logging
 import os
 import threading
 import uuid
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from ..config import Config
-from ..errors import BucketNotFoundError, MissingDependencyError, StorageAuthError, StorageError
-from .object_store import NotFound, ObjectStore, RangeNotSatisfiable
+from ..options import ByteSize
+from ..errors import BucketNotFoundError, ConfigError, MissingDependencyError, StorageAuthError, StorageError
+from .object_store import NotFound, ObjectStore, ObjectStoreOptions, RangeNotSatisfiable
 from .retry import TRANSIENT_HTTP_STATUS, is_network_error
 from .threads import run_all
 
-__all__ = ["GCSStore", "GCSHTTPError"]
+__all__ = ["GCSOptions", "GCSStore", "GCSHTTPError"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GCSOptions(ObjectStoreOptions):
+    """The ``[gcs]`` section (JSON API). Application-default credentials unless a token is given."""
+
+    project: str | None = None
+    #: None (application-default credentials; anonymous for an emulator), "anon", the path
+    #: of a service-account JSON key, or "google_default"
+    token: str | None = field(default=None, repr=False)
+    #: emulator / custom endpoint; default: ``STORAGE_EMULATOR_HOST`` when set, else Google's
+    endpoint_url: str | None = None
+    #: chunk size of resumable uploads (a multiple of 256 KiB), or part size with composite uploads
+    part_size: ByteSize = ByteSize(16 * 1024 * 1024)
+    #: upload a large file as parallel part objects composed at the end (like gcloud's parallel
+    #: composite uploads) instead of one resumable upload: faster for one huge file on real GCS,
+    #: but costs extra operations, and emulators copy the data again to compose it
+    composite_uploads: bool = False
+    #: seconds to wait for a connection / for data before a request counts as dropped
+    timeout: float = 60.0
+
+    def validate(self, section: str) -> None:
+        super().validate(section)
+        if self.part_size % (256 * 1024):
+            raise ConfigError(f"{section}.part_size: must be a multiple of 256 KiB (GCS resumable uploads), got "
+                              f"{self.part_size}")
+        if self.timeout <= 0:
+            raise ConfigError(f"{section}.timeout: must be > 0 seconds, got {self.timeout}")
 
 GOOGLE_ENDPOINT = "https://storage.googleapis.com"
 _SCOPES = ["https://www.googleapis.com/auth/devstorage.read_write"]
@@ -88,7 +118,7 @@ class _Auth:
             if token in (None, "google_default"):
                 self.creds, _ = google.auth.default(scopes=_SCOPES)
             elif os.path.isfile(os.path.expanduser(token)):
-                self.creds, _ = google.auth.load_credentials_from_file(os.path.expanduser(token), scopes=_SCOPES)
+                self.creds = _key_file_credentials(os.path.expanduser(token))
             else:
                 raise StorageAuthError(f"gcs.token must be None, 'anon', 'google_default' or the path of a JSON key "
                                        f"file; {token[:4]!r}... is none of these (and no such file exists)")
@@ -107,6 +137,34 @@ class _Auth:
                     raise StorageAuthError(f"refreshing the Google credentials failed ({type(e).__name__}); "
                                            f"{_AUTH_HINT}") from e
             return {"Authorization": f"Bearer {self.creds.token}"}
+
+
+def _key_file_credentials(path: str) -> Any:
+    """Credentials from a service-account or authorized-user JSON key file, and nothing else.
+
+    Not ``google.auth.load_credentials_from_file``: it also accepts external-account
+    configurations, which can name a program to run to get a token (google-auth deprecates it
+    for files from untrusted sources); a key file must never make us execute anything.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise StorageAuthError(f"gcs.token: cannot read the JSON key file {path}: {e}") from e
+    kind = info.get("type") if isinstance(info, dict) else None
+    try:
+        if kind == "service_account":
+            from google.oauth2 import service_account
+
+            return service_account.Credentials.from_service_account_info(info, scopes=_SCOPES)
+        if kind == "authorized_user":
+            from google.oauth2 import credentials
+
+            return credentials.Credentials.from_authorized_user_info(info, scopes=_SCOPES)
+    except ValueError as e:  # a key file missing fields or with a malformed private key
+        raise StorageAuthError(f"gcs.token: {path} is not a valid {kind} key file: {e}") from e
+    raise StorageAuthError(f"gcs.token: {path} holds credentials of type {kind!r}; only 'service_account' and "
+                           f"'authorized_user' JSON key files are accepted (use 'google_default' for others)")
 
 
 _SHARED: dict[tuple, tuple[Any, _Auth]] = {}
@@ -154,9 +212,6 @@ class GCSStore(ObjectStore):
     def __init__(self, url: str, config: Config | None = None):
         super().__init__(url, config)
         self._conn = None
-
-    def options(self):
-        return self.config.gcs
 
     def _c(self) -> tuple[Any, _Auth, str]:
         c = getattr(self, "_conn", None)

@@ -30,15 +30,17 @@ import collections
 import logging
 import threading
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any, ClassVar, Iterable
 
 from ..config import Config
-from ..errors import CorruptCheckpointError, StorageError
+from ..options import ByteSize, Options
+from ..errors import ConfigError, CorruptCheckpointError, StorageError
 from .base import BlobWriter, Store
 from .retry import RetryPolicy
 from .threads import io_pool
 
-__all__ = ["ObjectStore", "split_bucket_url", "NotFound", "RangeNotSatisfiable", "IncompleteChunk",
+__all__ = ["ObjectStore", "ObjectStoreOptions", "split_bucket_url", "NotFound", "RangeNotSatisfiable", "IncompleteChunk",
            "release_buffers"]
 
 logger = logging.getLogger(__name__)
@@ -402,6 +404,36 @@ class _ResumableUpload(_Upload):
         return "cancelled"
 
 
+@dataclass
+class ObjectStoreOptions(Options):
+    """Options every object-store backend has (the S3 and GCS sections extend them)."""
+
+    #: multipart part size (S3: every part but the last has exactly this size) / upload chunk size
+    part_size: ByteSize = ByteSize(16 * 1024 * 1024)
+    #: parts uploaded concurrently per process (bounds memory: about part_size x (this + files))
+    max_concurrency: int = 8
+    #: retries per request on throttling (503 SlowDown), 5xx and dropped connections (the
+    #: default rides out a minute or two of outage: 24 retries, backoff capped at 10 s)
+    max_retries: int = 24
+    #: first backoff delay in seconds (doubles per retry, with full jitter)
+    retry_base_delay: float = 0.2
+    #: longest backoff delay in seconds
+    retry_max_delay: float = 10.0
+
+    def validate(self, section: str) -> None:
+        if self.part_size < 5 * 1024 * 1024:
+            raise ConfigError(f"{section}.part_size: must be >= 5MiB (S3 minimum), got {self.part_size}")
+        if self.max_concurrency < 1:
+            raise ConfigError(f"{section}.max_concurrency: must be >= 1, got {self.max_concurrency}")
+        if self.max_retries < 0:
+            raise ConfigError(f"{section}.max_retries: must be >= 0, got {self.max_retries}")
+        if self.retry_base_delay < 0:
+            raise ConfigError(f"{section}.retry_base_delay: must be >= 0 seconds, got {self.retry_base_delay}")
+        if self.retry_max_delay < self.retry_base_delay:
+            raise ConfigError(f"{section}.retry_max_delay: must be >= retry_base_delay ({self.retry_base_delay}), "
+                              f"got {self.retry_max_delay}")
+
+
 class ObjectStore(Store):
     """A checkpoint location ``SCHEME://BUCKET/PREFIX`` in an object store.
 
@@ -430,11 +462,11 @@ class ObjectStore(Store):
                                  translate=self._translate)
         self._bucket_checked = False
 
-    # -- for subclasses ------------------------------------------------------------------
-    @abc.abstractmethod
-    def options(self) -> Any:
-        """This backend's config section (part_size, max_concurrency, max_retries, ...)."""
+    def options(self) -> ObjectStoreOptions:
+        """This backend's config section (``config.<backend_name>``: part_size, max_retries, ...)."""
+        return getattr(self.config, self.backend_name)
 
+    # -- for subclasses ------------------------------------------------------------------
     @property
     def part_slots(self) -> threading.BoundedSemaphore:
         return _PartSlots.get((self.backend_name,), self.max_concurrency)

@@ -16,10 +16,8 @@ crc32c block checksums replace it at ~14 GB/s and, unlike the zip CRC, cover ran
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import io
 import struct
-import threading
 from typing import Any, Sequence
 
 import torch
@@ -32,60 +30,22 @@ __all__ = ["write_tensor_record", "write_bytes_record", "write_transformed_recor
            "compact_cpu"]
 
 _LOCAL_HEADER = b"PK\x03\x04"
-_crc_lock = threading.Lock()
-_crc_users = 0
-_crc_saved: bool | None = None
-_crc_local: bool | None = None
-
-
-def _crc_option_is_context_local() -> bool:
-    """Whether torch keeps the zip CRC32 option per :mod:`contextvars` context (torch 2.13 does)."""
-    global _crc_local
-    if _crc_local is None:
-        getter, setter = torch.serialization.get_crc32_options, torch.serialization.set_crc32_options
-        cur = getter()
-        contextvars.copy_context().run(setter, not cur)
-        _crc_local = getter() == cur
-        if not _crc_local:
-            setter(cur)
-    return _crc_local
 
 
 @contextlib.contextmanager
 def zip_crc_disabled():
-    """Turn off ``torch.save``'s zip CRC32 for the duration.
+    """Turn off ``torch.save``'s zip CRC32 for the duration, in the calling context only.
 
-    torch 2.13 keeps the option per context (thread): then it is switched for the calling
-    context only and restored on exit (run pool jobs in a copy of this context, as
-    :func:`~dcp_ext.storage.threads.run_all` does). Where it is process-global (older torch), a
-    thread-safe reference count restores it when the last user leaves.
+    torch keeps the option per :mod:`contextvars` context (thread), so it is switched for the
+    caller and restored on exit; pool jobs that should see it run in a copy of this context, as
+    :func:`~dcp_ext.storage.threads.run_all` does (``tests/test_threads.py`` checks both).
     """
-    global _crc_users, _crc_saved
-    getter = getattr(torch.serialization, "get_crc32_options", None)
-    setter = getattr(torch.serialization, "set_crc32_options", None)
-    if getter is None or setter is None:  # older torch: nothing to switch
-        yield
-        return
-    if _crc_option_is_context_local():
-        prev = getter()
-        setter(False)
-        try:
-            yield
-        finally:
-            setter(prev)
-        return
-    with _crc_lock:
-        if _crc_users == 0:
-            _crc_saved = getter()
-            setter(False)
-        _crc_users += 1
+    prev = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
     try:
         yield
     finally:
-        with _crc_lock:
-            _crc_users -= 1
-            if _crc_users == 0 and _crc_saved is not None:
-                setter(_crc_saved)
+        torch.serialization.set_crc32_options(prev)
 
 
 def compact_cpu(t: torch.Tensor) -> torch.Tensor:

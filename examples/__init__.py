@@ -1,0 +1,1 @@
+"""Runnable examples. A package so that the test suite imports their parts (``examples.zero_adam``)."""
