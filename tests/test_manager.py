@@ -7,6 +7,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -350,3 +351,40 @@ def test_manager_on_tensorstore(tmp_path):
     # conversions find the zarr3 format behind a plain path
     rep = dcp_ext.export_checkpoint(str(tmp_path / "b" / "step_6"), str(tmp_path / "w.safetensors"))
     assert rep.tensors == 2
+
+
+def test_a_step_being_claimed_is_never_pruned_as_a_leftover(tmp_path, monkeypatch):
+    """A retention pass (in an upload's callback thread) that runs while save() writes the next
+    step's record must not take that step for a leftover of a dead save (seen on GCS)."""
+    import threading
+
+    real, real_delete = CheckpointRoot.write_info, CheckpointRoot.delete
+    passes = []
+
+    def slow_delete(self, name):  # a deletion that takes long: it lands after step 2 committed
+        if name == "step_2":
+            for _ in range(600):
+                if (tmp_path / "step_2" / ".metadata").exists():
+                    break
+                time.sleep(0.05)
+        real_delete(self, name)
+
+    def write_info_then_prune(self, name, info):
+        real(self, name, info)
+        if info.committed is None and name == "step_2":  # the record of a save that is starting
+            t = threading.Thread(target=mgr._prune)  # a concurrent pass, as after another commit
+            t.start()
+            t.join(1.0)  # (with the fix it waits for the claim to finish)
+            passes.append(t)
+
+    with dcp_ext.CheckpointManager(tmp_path, keep_last=1) as mgr:
+        mgr.save(1, _state(1))
+        monkeypatch.setattr(CheckpointRoot, "write_info", write_info_then_prune)
+        monkeypatch.setattr(CheckpointRoot, "delete", slow_delete)
+        assert mgr.save(2, _state(2))
+        for t in passes:
+            t.join(60)
+        assert mgr.all_steps() == [2]
+    got = M._blank(0)
+    with dcp_ext.CheckpointManager(tmp_path) as mgr:
+        assert mgr.load(got) == 2 and M._equal(got, _state(2))

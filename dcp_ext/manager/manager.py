@@ -135,6 +135,9 @@ class CheckpointManager:
         self._stager = stager
         self._own_stager = stager is None
         self._lock = threading.Lock()
+        #: rank 0: held while claiming a step directory and while pruning the root, so a step
+        #: being claimed is never chosen as a leftover between the scan and the deletion
+        self._root_lock = threading.Lock()
         self._pending: list[_Pending] = []
         self._inflight: set[int] = set()  # rank 0: steps being written (never deleted)
         self._committed: set[int] = set()  # rank 0: complete steps it knows of
@@ -372,9 +375,12 @@ class CheckpointManager:
     # -- rank 0 bookkeeping ------------------------------------------------------------------
     def _start(self) -> tuple[str, list[int]]:
         self.run_id = uuid.uuid4().hex[:12]
-        entries = self.root.scan()
         if self.options.cleanup:
-            self._remove_leftovers(entries)
+            with self._root_lock:
+                entries = self.root.scan()
+                self._remove_leftovers(entries)
+        else:
+            entries = self.root.scan()
         with self._lock:
             self._committed = {e.step for e in entries if e.committed}
         return self.run_id, sorted(self._committed)
@@ -407,22 +413,28 @@ class CheckpointManager:
         from ..storage.commit import is_committed
 
         step = info.step
-        with self._lock:
-            busy = step in self._inflight
-        if busy:
-            raise DcpExtError(f"step {step} is still being saved by this manager; wait() before saving it again")
-        if is_committed(self.root.step_store(name)):
-            if not forced:
-                logger.warning("step %d already has a complete checkpoint at %s; not saving it again (force=True "
-                               "with overwrite=True replaces it)", step, self.root.step_url(name))
-                return False
-            if not self.config.overwrite:
-                raise CheckpointExistsError(
-                    f"Checkpoint already exists: step {step} at {self.root.step_url(name)} is complete; pass "
-                    f"overwrite=True to the CheckpointManager to replace it")
-        self.root.write_info(name, info)
-        with self._lock:
-            self._inflight.add(step)
+        with self._root_lock:
+            with self._lock:
+                busy = step in self._inflight
+            if busy:
+                raise DcpExtError(f"step {step} is still being saved by this manager; wait() before saving it again")
+            if is_committed(self.root.step_store(name)):
+                if not forced:
+                    logger.warning("step %d already has a complete checkpoint at %s; not saving it again (force=True "
+                                   "with overwrite=True replaces it)", step, self.root.step_url(name))
+                    return False
+                if not self.config.overwrite:
+                    raise CheckpointExistsError(
+                        f"Checkpoint already exists: step {step} at {self.root.step_url(name)} is complete; pass "
+                        f"overwrite=True to the CheckpointManager to replace it")
+            with self._lock:  # in flight before its record exists: a scan that sees the record sees this
+                self._inflight.add(step)
+            try:
+                self.root.write_info(name, info)
+            except BaseException:
+                with self._lock:
+                    self._inflight.discard(step)
+                raise
         return True
 
     def _after_upload(self, p: _Pending, error: BaseException | None) -> None:
@@ -474,6 +486,10 @@ class CheckpointManager:
 
     def _prune(self, just_committed: int | None = None) -> None:
         """Apply retention and remove leftovers of failed saves (rank 0)."""
+        with self._root_lock:
+            self._prune_locked(just_committed)
+
+    def _prune_locked(self, just_committed: int | None) -> None:
         entries = self.root.scan()
         with self._lock:
             protected = set(self._inflight)
