@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -142,6 +143,7 @@ class CheckpointRoot:
         self._re = re.compile(rf"^{re.escape(self.prefix)}(\d+)$")
         self._store = None
         self._infos: dict[str, StepInfo] = {}
+        self._read_lock = threading.Lock()  # _read closes the store's read descriptors
 
     # -- naming -----------------------------------------------------------------------------
     @property
@@ -273,12 +275,13 @@ class CheckpointRoot:
     def _read(self, relpath: str) -> bytes:
         """Read a small file that may be replaced later (records, ``latest``): the local store
         keeps read descriptors open for immutable checkpoint files, so drop them after."""
-        try:
-            return self.store.read_bytes(relpath)
-        finally:
-            close = getattr(self.store, "close_readers", None)
-            if close is not None:
-                close()
+        with self._read_lock:
+            try:
+                return self.store.read_bytes(relpath)
+            finally:
+                close = getattr(self.store, "close_readers", None)
+                if close is not None:
+                    close()
 
     def _put(self, relpath: str, data: bytes) -> None:
         store = self.store
