@@ -119,20 +119,24 @@ from .staging import PooledStager, async_save  # noqa: E402
 
 __all__ += ["PooledStager", "StagingBudgetError", "StagingError", "StagingPoolBusyError", "async_save"]
 
-from .errors import PersistError  # noqa: E402
-from .storage.tiered import (  # noqa: E402
+from .errors import CheckpointMismatchError, PeerLostError, PersistError  # noqa: E402
+from .tiered import (  # noqa: E402
     PersistHandle,
     PersistResult,
+    ResumeOutcome,
     TieredStorageReader,
     TieredStorageWriter,
     TierStatus,
+    newest_loadable,
     pending_persists,
+    resume_persists,
     tier_status,
     wait_persisted,
 )
 
-__all__ += ["PersistError", "PersistHandle", "PersistResult", "TieredStorageReader", "TieredStorageWriter",
-            "TierStatus", "pending_persists", "tier_status", "wait_persisted"]
+__all__ += ["CheckpointMismatchError", "PeerLostError", "PersistError", "PersistHandle", "PersistResult",
+            "ResumeOutcome", "TieredStorageReader", "TieredStorageWriter", "TierStatus", "newest_loadable",
+            "pending_persists", "resume_persists", "tier_status", "wait_persisted"]
 
 from .manager import CheckpointManager, StepInfo  # noqa: E402  (issue 16: checkpoint manager)
 

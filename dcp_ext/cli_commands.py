@@ -93,14 +93,15 @@ def cmd_ls(args) -> int:
 
 
 def _tier(url: str, cache: str) -> str:
-    from .storage.tiered import tier_status
+    from .tiered import tier_status
 
     try:
         st = tier_status(url, cache=cache)
     except DcpExtError as e:
         return f"? ({e})"
     fast = "fast" if st.fast_complete else "-"
-    return f"{fast}/{'durable' if st.durable_state == 'complete' else st.durable_state}"
+    durable = str(st.durable_state)
+    return f"{fast}/{'durable' if durable == 'complete' else durable}"
 
 
 # -- inspect / verify -------------------------------------------------------------------------

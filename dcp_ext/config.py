@@ -82,6 +82,10 @@ class TierOptions(Options):
     persist_timeout: float = 3600.0
     #: seconds a fast-tier exchange between ranks (replication, restore) may take
     exchange_timeout: float = 1800.0
+    #: seconds the save may spend asking the durable tier whether it already holds a checkpoint
+    #: (to refuse an overwrite early); an unreachable durable tier never stops the fast commit,
+    #: the background persistence checks again. 0: do not ask during the save
+    durable_check_timeout: float = 5.0
 
     def validate(self, section: str) -> None:
         if self.keep_last < 1:
@@ -92,6 +96,9 @@ class TierOptions(Options):
             raise ConfigError(f"{section}.chunk_size: must be >= 4096 bytes, got {self.chunk_size}")
         if self.persist_timeout <= 0 or self.exchange_timeout <= 0:
             raise ConfigError(f"{section}.persist_timeout and {section}.exchange_timeout must be > 0 seconds")
+        if self.durable_check_timeout < 0:
+            raise ConfigError(f"{section}.durable_check_timeout: must be >= 0 seconds, got "
+                              f"{self.durable_check_timeout}")
 
 
 @dataclass

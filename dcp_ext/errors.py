@@ -27,6 +27,8 @@ __all__ = [
     "PersistError",
     "ConvertError",
     "CheckpointKeyError",
+    "CheckpointMismatchError",
+    "PeerLostError",
     "UnsafePickleError",
 ]
 
@@ -114,6 +116,16 @@ class CheckpointKeyError(DcpExtError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else ""
+
+
+class CheckpointMismatchError(DcpExtError, ValueError):
+    """The ranks of one collective call (a tiered load, ``newest_loadable``) were given different
+    checkpoints; the message names what each rank asked for."""
+
+
+class PeerLostError(DcpExtError, RuntimeError):
+    """A rank died, hung past its timeout or became unreachable during one of dcp-ext's own
+    exchanges between ranks (tiered replication, restore, agreement); nothing was committed."""
 
 
 class UnsafePickleError(DcpExtError):

@@ -27,15 +27,11 @@ from dcp_ext.errors import (
     UnknownBackendError,
 )
 from dcp_ext.storage.manifest import MANIFEST_NAME, METADATA_NAME
-from dcp_ext.storage.tiered import (
-    TieredStorageReader,
-    TieredStorageWriter,
-    apply_retention,
-    choose_copy,
-    fast_dir_for,
-    restore_schedule,
-    tier_status,
-)
+from dcp_ext.tiered import TieredStorageReader, TieredStorageWriter, fast_dir_for, tier_status
+from dcp_ext.tiered.choice import Holdings, choose_copy, plan_load_transfers
+from dcp_ext.tiered.records import CopyKind, DurableState, DurableView, FastCommit, FileCopy, NodeView, Tier
+from dcp_ext.tiered.retention import apply_retention
+from dcp_ext.tiered.topology import Topology
 from tests import tiered_rank_fns as T
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -63,6 +59,11 @@ def _same(a, b):
     if isinstance(a, dict):
         return set(a) == set(b) and all(_same(a[k], b[k]) for k in a)
     return a == b
+
+
+def _fast_dirs(cache):
+    """The checkpoint directories of a cache root (not its own records, such as the node id)."""
+    return sorted(n for n in os.listdir(cache) if not n.startswith("."))
 
 
 def _load(url, cache, seed=0, **opts):
@@ -136,7 +137,7 @@ def test_incomplete_durable_copy_falls_back_to_fast_then_refuses(tmp_path, caplo
     dcp.save(_state(), storage_writer=w)
     w.wait_persisted(30)
     os.unlink(os.path.join(url, METADATA_NAME))  # as if the persist had died before its commit
-    with caplog.at_level("INFO", logger="dcp_ext.storage.tiered"):
+    with caplog.at_level("INFO", logger="dcp_ext.tiered"):
         assert _load(url, cache).tier == "fast"
     assert "the durable copy is incomplete" in caplog.text
     shutil.rmtree(cache)
@@ -176,13 +177,13 @@ def test_retention_keeps_last_k_and_never_an_unpersisted_one(tmp_path, caplog):
     with pytest.raises(PersistError, match=r"persisting .*__0_0\.distcp to failfs://.*step_1/__0_0\.distcp failed "
                                            r"after 0 of \d+ bytes: StorageError: injected failure"):
         w.wait_persisted(30)
-    assert sorted(os.listdir(cache)) == sorted(os.path.basename(fast_dir_for(u, cache)) for u in (good0, bad1))
+    assert _fast_dirs(cache) == sorted(os.path.basename(fast_dir_for(u, cache)) for u in (good0, bad1))
     w = dcp_ext.storage_writer(good2, **opts)
     dcp.save(_state(2), storage_writer=w)
-    with caplog.at_level("INFO", logger="dcp_ext.storage.tiered"):
+    with caplog.at_level("INFO", logger="dcp_ext.tiered"):
         w.wait_persisted(120)  # retention has run when the persist future resolves: no sleep needed
     # keep_last=1: step 2 is kept, step 0 (persisted) is removed, step 1 (not persisted) is kept
-    assert sorted(os.listdir(cache)) == sorted(os.path.basename(fast_dir_for(u, cache)) for u in (bad1, good2))
+    assert _fast_dirs(cache) == sorted(os.path.basename(fast_dir_for(u, cache)) for u in (bad1, good2))
     assert "its durable copy is not persisted" in caplog.text
     assert _load(bad1, cache, seed=1).tier == "fast"  # the unpersisted copy is still loadable
     assert _load(good0, cache, seed=0).tier == "durable"
@@ -206,7 +207,7 @@ def test_retention_removes_leftovers_of_crashed_saves(tmp_path):
     with pytest.raises(CheckpointNotFoundError):
         dcp_ext.storage_reader(str(tmp_path / "crashed_old"), cache=cache).read_metadata()
     w.wait_persisted(120)  # retention ran
-    left = sorted(os.listdir(cache))
+    left = _fast_dirs(cache)
     assert os.path.basename(old_crash) not in left
     assert left == sorted([os.path.basename(fast_dir_for(url, cache)), os.path.basename(new_crash)])
 
@@ -227,6 +228,14 @@ def test_durable_url_with_unknown_scheme(tmp_path):
         dcp_ext.storage_writer("nope://b/x", cache=str(tmp_path))
     with pytest.raises(UnknownBackendError, match="nope"):
         dcp_ext.storage_reader("nope://b/x", cache=str(tmp_path))
+
+
+def test_rank_local_saves_are_refused_with_the_reason(tmp_path):
+    w = dcp_ext.storage_writer(str(tmp_path / "d"), cache=str(tmp_path / "c"))
+    with pytest.raises(BaseException, match=r"the tiered writer needs use_collectives=True: its fast commit on every "
+                                            r"node and the replicas are agreed on by all ranks"):
+        dcp.save(_state(), storage_writer=w, use_collectives=False)
+    assert not os.path.exists(os.path.join(w.fast_dir, METADATA_NAME))
 
 
 def test_bad_tier_options(tmp_path):
@@ -262,19 +271,42 @@ def test_wait_persisted_timeout_and_misuse(tmp_path, monkeypatch):
     gate.unlink()
     assert url in [r.url for r in dcp_ext.wait_persisted(timeout=300)]
     assert dcp_ext.pending_persists() == []
+
+
+def test_writer_and_reader_pickle_and_the_original_follows_the_copy(tmp_path):
+    """What DCP's process executor does: pickle the writer, save with the copy (here in this
+    process), and wait on the original; the reader pickles too."""
     import pickle
 
-    with pytest.raises(DcpExtError, match="cannot be pickled.*thread executor"):
-        pickle.dumps(w)
+    url, cache = str(tmp_path / "d"), str(tmp_path / "c")
+    w = dcp_ext.storage_writer(url, cache=cache)
+    copy = pickle.loads(pickle.dumps(w))
+    assert copy.url == url and copy.fast_dir == w.fast_dir and copy is not w
+    dcp.save(_state(4), storage_writer=copy)
+    res = w.wait_persisted(60)  # the original follows the copy's persistence (its outcome record)
+    assert res.url == url and res.committed_by_this_rank and res.bytes > 0
+    assert w.persisted.result(60) == res
+    assert not os.listdir(os.path.join(cache, ".dcp_ext_outcomes"))  # the record was consumed
+    r = pickle.loads(pickle.dumps(dcp_ext.storage_reader(url, cache=cache)))
+    dst = _zeros(_state(4))
+    dcp.load(dst, storage_reader=r)
+    assert r.tier == "fast" and _same(_state(4), dst)
+    # (in this test the copy's own handle is in this process too: collect it)
+    assert [x.url for x in dcp_ext.wait_persisted(60)] == [url]
+    unused = dcp_ext.storage_writer(str(tmp_path / "e"), cache=cache)
+    pickle.dumps(unused)  # a copy that never saves: the module-level wait does not wait for it
+    assert dcp_ext.pending_persists() == [] and dcp_ext.wait_persisted(5) == []
+    with pytest.raises(TimeoutError, match="was not persisted to its durable location within 0.1s"):
+        unused.wait_persisted(0.1)  # ... but its own writer says nothing was persisted
 
 
 def test_persist_logs_progress(tmp_path, monkeypatch, caplog):
-    from dcp_ext.storage import tiered
+    from dcp_ext.tiered import persist
 
-    monkeypatch.setattr(tiered, "PROGRESS_EVERY_S", 0.0)  # a line per chunk instead of every 30 s
+    monkeypatch.setattr(persist, "PROGRESS_EVERY_S", 0.0)  # a line per chunk instead of every 30 s
     url = f"slowfs://{tmp_path}/p"
     w = dcp_ext.storage_writer(url, cache=str(tmp_path / "c"), tier={"chunk_size": "4KiB"})
-    with caplog.at_level("INFO", logger="dcp_ext.storage.tiered"):
+    with caplog.at_level("INFO", logger="dcp_ext.tiered"):
         dcp.save(_state(), storage_writer=w)
         res = w.wait_persisted(120)
     total = res.bytes / 2**20
@@ -299,33 +331,36 @@ def test_reader_errors_name_what_is_missing(tmp_path):
 
 # -- pure decision logic ---------------------------------------------------------------------------
 
-def _view(sid, created, needed, have):
-    return {"save_id": sid, "created": created, "needed": needed,
-            "have": {f: ("/p/" + f, kind, size, sid) for f, (kind, size) in have.items()}, "error": None}
+def _view(rank, sid, created, needed, have):
+    commit = None if sid is None else FastCommit(sid, created, 2, needed)
+    copies = tuple(FileCopy(f, f, size, sid, CopyKind.OWN if kind == "fast tier" else CopyKind.REPLICA)
+                   for f, (kind, size) in have.items())
+    return NodeView(rank, f"node{rank}", "file:///u", commit, copies)
 
 
 def test_choose_copy_rules():
     need = {"__0_0.distcp": 10, "__1_0.distcp": 10}
-    full = _view("a" * 8, 2.0, need, {"__0_0.distcp": ("fast tier", 10)})
-    other = _view("a" * 8, 2.0, need, {"__1_0.distcp": ("fast tier", 10)})
-    complete = {"state": "complete", "save_id": "a" * 8, "created": 2.0}
-    assert choose_copy("u", [full, other], complete)["tier"] == "fast"
+    full = _view(0, "a" * 8, 2.0, need, {"__0_0.distcp": ("fast tier", 10)})
+    other = _view(1, "a" * 8, 2.0, need, {"__1_0.distcp": ("fast tier", 10)})
+    complete = DurableView(DurableState.COMPLETE, "a" * 8, 2.0)
+    assert choose_copy("u", [full, other], complete).tier is Tier.FAST
+    assert choose_copy("u", [full, other], complete).durable_same_save
     # a file present on no node: the fast copy is not usable
-    d = choose_copy("u", [full, _view(None, None, None, {})], complete)
-    assert d["tier"] == "durable" and "lacks __1_0.distcp" in d["why"]
+    d = choose_copy("u", [full, _view(1, None, None, None, {})], complete)
+    assert d.tier is Tier.DURABLE and "lacks __1_0.distcp" in d.reason
     # the durable copy is a newer save
-    newer = {"state": "complete", "save_id": "b" * 8, "created": 3.0}
-    assert choose_copy("u", [full, other], newer)["tier"] == "durable"
-    assert choose_copy("u", [full, other], {"state": "incomplete", "files": 2})["tier"] == "fast"
+    newer = DurableView(DurableState.COMPLETE, "b" * 8, 3.0)
+    assert choose_copy("u", [full, other], newer).tier is Tier.DURABLE
+    assert choose_copy("u", [full, other], DurableView(DurableState.INCOMPLETE, data_files=2)).tier is Tier.FAST
     # a truncated file does not count
-    short = _view("a" * 8, 2.0, need, {"__1_0.distcp": ("fast tier", 9)})
+    short = _view(1, "a" * 8, 2.0, need, {"__1_0.distcp": ("fast tier", 9)})
     with pytest.raises(IncompleteCheckpointError, match="lacks __1_0.distcp"):
-        choose_copy("u", [full, short], {"state": "missing"})
+        choose_copy("u", [full, short], DurableView(DurableState.MISSING))
 
 
 def test_partner_and_node_rules(monkeypatch, caplog):
     from dcp_ext.config import load_config
-    from dcp_ext.storage.tiered import partner_offset, ranks_per_node, replicas_on_own_node
+    from dcp_ext.tiered.topology import partner_offset, ranks_per_node, replicas_on_own_node
 
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     cfg = load_config(None, tier={"cache": "/x"})
@@ -341,18 +376,35 @@ def test_partner_and_node_rules(monkeypatch, caplog):
     assert replicas_on_own_node(cfg, 6) == [2, 3]  # uneven nodes {0..3}, {4, 5}: 2 -> 0, 3 -> 1
 
 
+def _holdings(topo, per_node):
+    h = Holdings(topo, "s")
+    for node, files in per_node.items():
+        for name, (size, kind) in files.items():
+            h.on(node)[name] = FileCopy(name, name if kind == "fast tier" else f"replica_of_rank{name[2]}/{name}", size,
+                                        "s", CopyKind.OWN if kind == "fast tier" else CopyKind.REPLICA,
+                                        None if kind == "fast tier" else int(name[2]))
+    return h
+
+
 def test_restore_schedule_one_transfer_per_node_and_file():
+    topo = Topology((0, 0, 1, 1), 2)
     have0 = {"__0_0.distcp": (5, "fast tier"), "__2_0.distcp": (7, "replica of rank 2")}
     have1 = {"__1_0.distcp": (5, "fast tier"), "__3_0.distcp": (7, "replica of rank 3")}
-    gathered = [(0, [], have0), (0, [], have1 | {}), (1, ["__0_0.distcp", "__2_0.distcp"], {}),
-                (1, ["__2_0.distcp", "__3_0.distcp"], {})]
-    gathered[1] = (0, [], have0)  # ranks of one node see the same directory
-    gathered[0] = (0, [], have0)
-    sched = restore_schedule(gathered)
-    assert sched == [(0, 2, "__0_0.distcp", 5), (0, 2, "__2_0.distcp", 7)]  # __3_0 is on no node here
-    gathered[0] = (0, [], {**have0, **have1})
-    gathered[1] = (0, [], {**have0, **have1})
-    assert (0, 3, "__3_0.distcp", 7) in restore_schedule(gathered)
+    need = {"__0_0.distcp": 5, "__1_0.distcp": 5, "__2_0.distcp": 7, "__3_0.distcp": 7}
+    needs = [set(), set(), {"__0_0.distcp", "__2_0.distcp"}, {"__2_0.distcp", "__3_0.distcp"}]
+    sched, unavailable = plan_load_transfers(_holdings(topo, {0: have0}), needs, need)
+    # one transfer per (node, file): rank 3's __2_0 comes with rank 2's; __3_0 is on no node here
+    assert [(t.src, t.dst, t.name, t.size) for t in sched] == [(0, 2, "__0_0.distcp", 5), (0, 2, "__2_0.distcp", 7)]
+    assert unavailable == {3: ["__3_0.distcp"]}
+    sched, unavailable = plan_load_transfers(_holdings(topo, {0: {**have0, **have1}}), needs, need)
+    assert (0, 3, "__3_0.distcp", 7) in [(t.src, t.dst, t.name, t.size) for t in sched] and not unavailable
+    # a node's own copy is preferred over a replica; a node never sends to itself
+    both = _holdings(Topology((0, 1, 2), 1), {0: {"__1_0.distcp": (5, "replica of rank 1")},
+                                              1: {"__1_0.distcp": (5, "fast tier")}})
+    sched, _ = plan_load_transfers(both, [set(), set(), {"__1_0.distcp"}], {"__1_0.distcp": 5})
+    assert [(t.src, t.dst) for t in sched] == [(1, 2)]
+    sched, unavailable = plan_load_transfers(both, [set(), {"__1_0.distcp"}, set()], {"__1_0.distcp": 5})
+    assert sched == [] and unavailable == {}
 
 
 # -- kill -9 during background persistence --------------------------------------------------------
@@ -384,26 +436,37 @@ def test_kill_during_persist_then_restart_finds_last_complete(tmp_path, caplog):
     url2 = f"slowfs://{root}/step_2"
     st = tier_status(url2, cache=cache)
     assert st.fast_complete and not st.fast_persisted and st.durable_state == "incomplete"
-    # restart on the same node: the fast tier has step 2
-    dst = _zeros(T.single_state(2))
-    with caplog.at_level("INFO", logger="dcp_ext.storage.tiered"):
-        r = dcp_ext.storage_reader(url2, cache=cache)
-        dcp.load(dst, storage_reader=r)
-    assert r.tier == "fast" and _same(T.single_state(2), dst)
-    assert "the durable copy is incomplete (a persist did not finish)" in caplog.text
-    # restart on a replaced node (empty fast tier): step 2 is refused, step 1 is the newest complete
-    shutil.rmtree(cache)
+    assert st.persist_state == "interrupted" and not st.durable_error
+    # restart on a replaced node (an empty fast tier): step 2 is refused, step 1 is the newest complete
+    fresh = str(tmp_path / "replaced_node_cache")
     with pytest.raises(IncompleteCheckpointError, match="durable copy is incomplete"):
-        dcp_ext.storage_reader(url2, cache=cache).read_metadata()
+        dcp_ext.storage_reader(url2, cache=fresh).read_metadata()
     with pytest.raises(BaseException, match="durable copy is incomplete .* refusing to load it"):
-        dcp.load(_zeros(T.single_state(2)), storage_reader=dcp_ext.storage_reader(url2, cache=cache))
-    candidates = [f"slowfs://{root}/step_2", f"{root}/step_1"]
-    latest = next(u for u in candidates if tier_status(u, cache=cache).loadable)
-    assert latest == f"{root}/step_1"
+        dcp.load(_zeros(T.single_state(2)), storage_reader=dcp_ext.storage_reader(url2, cache=fresh))
+    candidates = [url2, f"{root}/step_1"]
+    latest = next(u for u in candidates if tier_status(u, cache=fresh).loadable)
+    assert latest == f"{root}/step_1" and dcp_ext.newest_loadable(candidates, cache=fresh) == latest
     dst = _zeros(T.single_state(1))
-    r = dcp_ext.storage_reader(latest, cache=cache)
+    r = dcp_ext.storage_reader(latest, cache=fresh)
     dcp.load(dst, storage_reader=r)
     assert r.tier == "durable" and _same(T.single_state(1), dst)
+    # restart on the same node: the fast tier has step 2, and the reader finishes persisting it
+    assert dcp_ext.newest_loadable(candidates, cache=cache) == url2
+    dst = _zeros(T.single_state(2))
+    with caplog.at_level("INFO", logger="dcp_ext.tiered"):
+        r = dcp_ext.storage_reader(url2, cache=cache)
+        dcp.load(dst, storage_reader=r)
+        results = dcp_ext.wait_persisted(300)
+    assert r.tier == "fast" and _same(T.single_state(2), dst)
+    assert "the durable copy is incomplete (a persist did not finish)" in caplog.text
+    assert f"resuming the interrupted persistence of {url2}" in caplog.text
+    assert url2 in [res.url for res in results]
+    st = tier_status(url2, cache=cache)
+    assert st.fast_persisted and st.durable_state == "complete" and st.persist_state == "persisted"
+    dst = _zeros(T.single_state(2))  # the durable copy alone is complete and exact
+    r = dcp_ext.storage_reader(url2, cache=str(tmp_path / "another_node"))
+    dcp.load(dst, storage_reader=r)
+    assert r.tier == "durable" and _same(T.single_state(2), dst)
 
 
 # -- multi-rank (4 gloo ranks pretending to be 2 nodes of 2) ----------------------------------------

@@ -28,7 +28,7 @@ from dcp_ext.storage import Backend, register_backend
 from dcp_ext.storage.base import BlobWriter
 from dcp_ext.storage.fs import LocalStore
 from dcp_ext.storage.manifest import METADATA_NAME
-from dcp_ext.storage.tiered import pending_persists, wait_persisted
+from dcp_ext.tiered import pending_persists, wait_persisted
 from tests.fs_rank_fns import empty_like_state, make_dtensor_state, reference_state
 
 
@@ -121,12 +121,12 @@ _register()
 
 
 class LogCapture(logging.Handler):
-    """Collects dcp_ext.storage.tiered log lines."""
+    """Collects dcp_ext.tiered log lines."""
 
     def __init__(self):
         super().__init__(logging.INFO)
         self.lines: list[str] = []
-        self.log = logging.getLogger("dcp_ext.storage.tiered")
+        self.log = logging.getLogger("dcp_ext.tiered")
 
     def emit(self, record) -> None:
         self.lines.append(record.getMessage())

@@ -281,7 +281,13 @@ class CheckpointManager:
         if missing:
             raise ConfigError(f"manager.exclude names {missing}, which the state does not have; its top-level keys: "
                               f"{sorted(map(str, state))}")
-        if step is None:
+        if self.tiered:
+            step = self._loadable_tiered_step(step)
+            if step is None:
+                logger.info("no loadable checkpoint under %s (fast tier %s): starting fresh", self.url,
+                            self.config.tier.cache)
+                return None
+        elif step is None:
             step = self.latest_step()
             if step is None:
                 logger.info("no complete checkpoint under %s: starting fresh", self.url)
@@ -299,6 +305,25 @@ class CheckpointManager:
         logger.info("step %d: loaded from %s in %.2fs%s", step, self.root.step_url(name), time.perf_counter() - t0,
                     f" (kept {self.options.exclude} as they were)" if self.options.exclude else "")
         return step
+
+    def _loadable_tiered_step(self, step: int | None) -> int | None:
+        """Tiered: the newest step (or ``step``) that a load can assemble from the ranks' fast
+        tiers or the durable tier, the same on every rank (``dcp_ext.newest_loadable``, a
+        collective): a step whose persistence a crash interrupted still resumes from the fast tier."""
+        from ..tiered import newest_loadable
+
+        if step is None:  # every step directory the root has, newest first, whatever its durable state
+            steps = self._coordinated(lambda: sorted((e.step for e in self.root.scan(with_info=False)), reverse=True))
+        else:
+            steps = [step]
+        urls = [self.root.step_url(s) for s in steps]
+        chosen = newest_loadable(urls, config=self.config) if urls else None
+        if chosen is None and step is not None:
+            avail = self._coordinated(self._scan_committed)
+            raise IncompleteCheckpointError(
+                f"step {step} under {self.url} cannot be loaded from the fast tier ({self.config.tier.cache}) or the "
+                f"durable location; durable complete steps: {', '.join(map(str, avail[-20:])) or 'none'}")
+        return None if chosen is None else steps[urls.index(chosen)]
 
     def close(self) -> None:
         """Wait for pending saves (raising their failures), then release the stager, the signal

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint import StorageReader, StorageWriter
 
 __all__ = ["Backend", "register_backend", "get_backend", "backends", "storage_writer",
-           "storage_reader", "split_url", "open_store"]
+           "storage_reader", "split_url", "expand_shorthands", "open_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ def _fsspec_fallback(scheme: str) -> str | None:
     return None
 
 
-def _tier_shorthand(options: dict) -> dict:
+def expand_shorthands(options: dict) -> dict:
     """``cache=DIR`` is short for ``tier={"cache": DIR}`` (a tiered checkpoint)."""
     if "cache" not in options:
         return options
@@ -182,13 +182,13 @@ def storage_writer(url: str | os.PathLike, *, config: Any = None, _extensions: A
     >>> dcp.save(state, storage_writer=dcp_ext.storage_writer("/ckpt/step_100"))
 
     With ``cache="/dev/shm/dcp_ext"`` (or ``tier.cache`` in the config) the result is a
-    :class:`~dcp_ext.storage.tiered.TieredStorageWriter`: the save commits to that fast local
+    :class:`~dcp_ext.tiered.TieredStorageWriter`: the save commits to that fast local
     tier, and ``url`` (any byte-store backend) is written in the background.
 
     ``_extensions``: stock DCP's stream transforms (as ``FileSystemWriter(_extensions=...)``,
     experimental there too), for byte-store backends; see docs/backends.md.
     """
-    cfg = load_config(config, **_tier_shorthand(options))
+    cfg = load_config(config, **expand_shorthands(options))
     b = get_backend(url, cfg)
     logger.debug("storage_writer(%s): backend %s", url, b.name)
     if cfg.tier.cache:  # tiered: fast local tier first, this backend as the durable tier
@@ -197,9 +197,9 @@ def storage_writer(url: str | os.PathLike, *, config: Any = None, _extensions: A
 
             raise DcpExtError("_extensions (stream transforms) are not supported by tiered writers (cache=...): "
                               "their fast-tier copies are read back by ranged reads")
-        from .tiered import TieredStorageWriter
+        from ..tiered import tiered_writer
 
-        return TieredStorageWriter(os.fspath(url), cfg, _durable_store(os.fspath(url), cfg, b))
+        return tiered_writer(os.fspath(url), cfg, b)
     w = b.make_writer(os.fspath(url), cfg)
     if _extensions:
         from ..errors import DcpExtError
@@ -215,16 +215,16 @@ def storage_writer(url: str | os.PathLike, *, config: Any = None, _extensions: A
 def storage_reader(url: str | os.PathLike, *, config: Any = None, **options: Any) -> StorageReader:
     """A DCP ``StorageReader`` for ``url``; options as in :class:`~dcp_ext.config.Config`.
 
-    With ``cache=`` / ``tier.cache``: a :class:`~dcp_ext.storage.tiered.TieredStorageReader`
+    With ``cache=`` / ``tier.cache``: a :class:`~dcp_ext.tiered.TieredStorageReader`
     that loads the newest complete copy, preferring the fast tier.
     """
-    cfg = load_config(config, **_tier_shorthand(options))
+    cfg = load_config(config, **expand_shorthands(options))
     b = get_backend(url, cfg)
     logger.debug("storage_reader(%s): backend %s", url, b.name)
     if cfg.tier.cache:
-        from .tiered import TieredStorageReader
+        from ..tiered import tiered_reader
 
-        return TieredStorageReader(os.fspath(url), cfg, _durable_reader(os.fspath(url), cfg, b))
+        return tiered_reader(os.fspath(url), cfg, b)
     return b.make_reader(os.fspath(url), cfg)
 
 
@@ -253,31 +253,6 @@ def open_store(url: str | os.PathLike, *, config: Any = None, **options: Any):
                           config=dataclasses.replace(cfg, backend=None))
     raise DcpExtError(f"the {b.name!r} backend for {url!r} has no byte store to list or delete files with "
                       f"(use a file, fsspec, S3 or GCS URL)")
-
-
-def _durable_store(url: str, cfg: Config, b: Backend | None = None):
-    """The byte :class:`~dcp_ext.storage.base.Store` of the durable tier for ``url``."""
-    from ..errors import DcpExtError
-    from .writer import ExtStorageWriter
-
-    b = b or get_backend(url, cfg)
-    w = b.make_writer(url, cfg)
-    if not isinstance(w, ExtStorageWriter):
-        raise DcpExtError(f"tiered checkpoints need a byte-store backend for the durable tier; the {b.name!r} "
-                          f"backend for {url!r} is not one (use a file, fsspec, S3 or GCS URL)")
-    return w.store
-
-
-def _durable_reader(url: str, cfg: Config, b: Backend | None = None):
-    from ..errors import DcpExtError
-    from .reader import ExtStorageReader
-
-    b = b or get_backend(url, cfg)
-    r = b.make_reader(url, cfg)
-    if not isinstance(r, ExtStorageReader):
-        raise DcpExtError(f"tiered checkpoints need a byte-store backend for the durable tier; the {b.name!r} "
-                          f"backend for {url!r} is not one (use a file, fsspec, S3 or GCS URL)")
-    return r
 
 
 def _register_builtins() -> None:

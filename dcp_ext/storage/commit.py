@@ -74,6 +74,12 @@ __all__ = [
     "LATEST_NAME",
     "child_states",
     "remove_checkpoint",
+    "TIER_RECORD",
+    "NODE_ID_FILE",
+    "PERSIST_LEASE",
+    "OUTCOMES_DIR",
+    "outcome_record_name",
+    "is_persist_marker",
 ]
 
 logger = logging.getLogger(__name__)
@@ -98,6 +104,16 @@ STEP_INFO_NAME = ".dcp_ext_step.json"
 LATEST_NAME = "latest"
 _PERSIST_MARKER_PREFIX = ".dcp_ext_persist."
 _REPLICA_DIR_RE = re.compile(r"^replica_of_rank(\d+)$")
+#: fast tier: which durable URL a committed fast-tier copy belongs to (written with its commit), so
+#: that a later process can finish persisting it after a crash
+TIER_RECORD = ".dcp_ext_tier.json"
+#: cache root: a random id shared by every rank that sees this directory (ranks that read the same
+#: id share the fast tier: they are one "node" whatever the hostnames or LOCAL_WORLD_SIZE say)
+NODE_ID_FILE = ".dcp_ext_node_id"
+#: fast tier: locked (``flock``) by every process persisting the copy, so recovery leaves it alone
+PERSIST_LEASE = ".dcp_ext_persist.lock"
+#: cache root: outcome records of persistences running in DCP's checkpoint process (PROCESS mode)
+OUTCOMES_DIR = ".dcp_ext_outcomes"
 
 
 def data_file_name(rank: int, n: int) -> str:
@@ -145,6 +161,16 @@ def persist_marker(save_id: str, what: str) -> str:
     """A background-persistence marker in the durable location (``what``: ``rank3.json``,
     ``rank3.failed``, ``FAILED``); never part of a committed checkpoint's data."""
     return persist_marker_prefix(save_id) + what
+
+
+def is_persist_marker(relpath: str) -> bool:
+    """Whether ``relpath`` is a background-persistence marker (of any save)."""
+    return relpath.rsplit("/", 1)[-1].startswith(_PERSIST_MARKER_PREFIX)
+
+
+def outcome_record_name(ticket: str) -> str:
+    """The outcome record (under the cache root) of the persistence of pickled writer ``ticket``."""
+    return f"{OUTCOMES_DIR}/{ticket}.json"
 
 
 def replica_dir_name(rank: int) -> str:
