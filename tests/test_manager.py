@@ -289,6 +289,12 @@ def test_two_ranks_tiered(ranks, tmp_path):
     got = {"shared": torch.zeros(1024), "step": 0}
     dcp.load(got, storage_reader=dcp.FileSystemReader(str(tmp_path / "run" / "step_6")))
     assert got["step"] == 6 and torch.equal(got["shared"], torch.full((1024,), 6.0))
+    # as if a crash had interrupted step 6's persistence: its durable copy is incomplete, its fast
+    # copy complete; a restarted manager resumes from it (newest_loadable), exactly
+    os.remove(tmp_path / "run" / "step_6" / ".metadata")
+    res = ranks(2).run(M.load_step, str(tmp_path / "run"), None, {}, opts, timeout=300)
+    assert all(r == {"loaded": 6, "exact": True} for r in res), res
+    assert (tmp_path / "run" / "step_6").exists()  # not removed as a leftover: its fast copy is complete
 
 
 def test_rank0_bookkeeping_errors_reach_every_rank(ranks, tmp_path):
