@@ -22,7 +22,7 @@ from ..errors import PeerLostError, StorageError
 from .faststore import AtomicFile, FastStore
 from .topology import abandon_group
 
-__all__ = ["gather", "broadcast", "collective", "FileSource", "FileSink", "stream_files"]
+__all__ = ["gather", "broadcast", "barrier", "collective", "FileSource", "FileSink", "stream_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,14 @@ def gather(obj: Any, group: Any, what: str) -> list[Any]:
     with collective(what, group):
         dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def barrier(group: Any, what: str) -> None:
+    """Every rank of ``group`` has reached this point."""
+    import torch.distributed as dist
+
+    with collective(what, group):
+        dist.barrier(group=group)
 
 
 def broadcast(obj: Any, src: int, group: Any, what: str) -> Any:

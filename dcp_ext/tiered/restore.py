@@ -16,7 +16,7 @@ import time
 from typing import Any, Sequence
 
 from ..storage.commit import REPLICA_MARKER, replica_dir_name, replica_dir_rank
-from .exchange import FileSink, FileSource, gather, stream_files
+from .exchange import FileSink, FileSource, barrier, gather, stream_files
 from .faststore import FastStore
 from .records import Purpose, Transfer
 
@@ -54,15 +54,24 @@ def run_transfers(transfers: Sequence[Transfer], rank: int, group: Any, fast: Fa
     failed: dict[int, str] = {}
     for errs in gather(errors, group, "restore outcome") if transfers else ():
         failed.update(errs)
-    for i, sink in sinks.items():
-        if i in failed:
-            sink.abort()
-        else:
-            for f in sink.done:
-                f.publish()
+    publish_error: BaseException | None = None
+    try:
+        for i, sink in sinks.items():
+            if i in failed:
+                sink.abort()
+            else:
+                for f in sink.done:
+                    f.publish()
+        _mark_replicas(transfers, failed, rank, fast, save_id)
+    except BaseException as e:  # noqa: BLE001 - raised after the barrier, so no peer waits for us
+        publish_error = e
+    # a file received by one rank of a node is read by the others: none reads before it is published
+    if transfers:
+        barrier(group, "restore published")
+    if publish_error is not None:
+        raise publish_error
     for i, msg in sorted(failed.items()):
         logger.warning("rank %d: restoring %s from rank %d failed: %s", rank, transfers[i].name, transfers[i].src, msg)
-    _mark_replicas(transfers, failed, rank, fast, save_id)
     if any(rank in (t.src, t.dst) for t in transfers):
         logger.info("rank %d: fast-tier restore moved %d file(s) over the process group (%.1f MiB by this rank, "
                     "%.2fs)", rank, len(transfers), nbytes / 2**20, time.perf_counter() - t0)
