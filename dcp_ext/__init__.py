@@ -48,8 +48,10 @@ from .errors import (  # noqa: E402
     StorageError,
     UnknownBackendError,
     UnsafePickleError,
+    UnsupportedFormatError,
 )
 from .storage import Backend, backends, register_backend, storage_reader, storage_writer  # noqa: E402
+from .storage.compression import extension_registry  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -68,7 +70,9 @@ __all__ = [
     "StorageError",
     "UnknownBackendError",
     "UnsafePickleError",
+    "UnsupportedFormatError",
     "backends",
+    "extension_registry",
     "load_config",
     "register_backend",
     "storage_reader",

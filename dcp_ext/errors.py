@@ -30,6 +30,7 @@ __all__ = [
     "CheckpointMismatchError",
     "PeerLostError",
     "UnsafePickleError",
+    "UnsupportedFormatError",
 ]
 
 
@@ -131,3 +132,8 @@ class PeerLostError(DcpExtError, RuntimeError):
 class UnsafePickleError(DcpExtError):
     """Loading a value (or stock ``.metadata``) would need full unpickling, which can run code;
     refused unless ``allow_pickle=True`` (the message names the key and the option)."""
+
+
+class UnsupportedFormatError(DcpExtError):
+    """A checkpoint, or an item of it, is stored in a format this reader cannot read (an unknown
+    stream transform, a safetensors dtype or header it does not know); the message names it."""

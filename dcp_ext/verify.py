@@ -22,6 +22,7 @@ from .integrity import ChecksumMismatch, checksum, verify_range, verify_rest
 from .progress import Progress
 from .storage import get_backend
 from .storage.commit import MANIFEST_NAME, METADATA_NAME, committed_parts, manifest_name, metadata_name
+from .storage.compression import decode_frame, unshuffle_into
 from .storage.manifest import decode_manifest
 
 __all__ = ["VerifyReport", "verify_checkpoint", "inspect_checkpoint", "checkpoint_reader"]
@@ -73,10 +74,11 @@ def _layout(store) -> str | None:
 
 def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) -> dict:
     """A JSON-able summary: tensors (dtype, size, chunks, stored bytes), objects, files, bytes,
-    world size, the saving layout (``saved_layout``); for the keys matching ``fqns`` (globs),
-    ``details``: every chunk's offsets, sizes, file and bytes. Reads only metadata (the JSON
-    manifest when there is one); never loads a stored object. A rank-local checkpoint
-    (``use_collectives=False``) is summed over its parts, listed in ``rank_local_parts``."""
+    world size, the saving layout (``saved_layout``), for a compressed checkpoint its compressed
+    items' data and stored bytes; for the keys matching ``fqns`` (globs), ``details``: every
+    chunk's offsets, sizes, file and bytes. Reads only metadata (the JSON manifest when there is
+    one); never loads a stored object. A rank-local checkpoint (``use_collectives=False``) is
+    summed over its parts, listed in ``rank_local_parts``."""
     from .planner import saved_layout
 
     reader = checkpoint_reader(url, options)
@@ -94,6 +96,7 @@ def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) 
     sdm: dict[str, Any] = {}
     by_key: dict[str, list] = {}
     layout = "unknown"
+    compressed = {"items": 0, "data_bytes": 0, "stored_bytes": 0}
     for part in parts:
         md = reader.read_metadata(**({} if part is None else {"rank": part}))
         layout = saved_layout(md)
@@ -108,6 +111,10 @@ def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) 
         for idx, loc in reader.locations.items():
             files[loc.relative_path] = files.get(loc.relative_path, 0) + loc.length
             checksummed = checksummed or loc.checksums is not None
+            if loc.compression is not None:
+                compressed["items"] += 1
+                compressed["data_bytes"] += loc.data_length or 0
+                compressed["stored_bytes"] += loc.length
             by_key.setdefault(idx.fqn, []).append((idx, loc))
             if idx.fqn in tensors:
                 tensors[idx.fqn]["bytes"] += loc.length
@@ -125,6 +132,8 @@ def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) 
            "saved_layout": None if layout.startswith("unknown") else layout,
            "has_manifest": reader.store.exists(manifest_name(parts[-1])), "checksummed": checksummed,
            "details": details}
+    if compressed["items"]:  # compression="zstd": tensors stored as frames, and how much smaller
+        out["compressed"] = compressed
     if parts != (None,):
         out["rank_local_parts"] = list(parts)
     return out
@@ -148,6 +157,55 @@ def _chunk_sizes(chunks: list, offsets) -> list | None:
         if offsets is not None and list(c.offsets) == list(offsets):
             return list(c.sizes)
     return None
+
+
+class _FrameDamaged(ValueError):
+    """A frame of a compressed item does not decompress (``what``: which one)."""
+
+    def __init__(self, what: str, cause: Exception):
+        super().__init__(str(cause))
+        self.what = what
+
+
+def _check_frames(store, loc, bar: Progress) -> None:
+    """Decompress every frame of a compressed item and check it: the head and tail frames against
+    the record's ``rest`` checksum, each data block against its block checksum."""
+    ft, c = loc.compression, loc.checksums
+
+    def frames(first: int, last: int) -> memoryview:
+        start, _ = ft.frame_span(first)
+        end = sum(ft.frame_span(last))
+        buf = bytearray(end - start)
+        store.read_into(loc.relative_path, loc.offset + start, memoryview(buf))
+        return memoryview(buf)
+
+    def decoded(mv: memoryview, what: str) -> bytearray:
+        try:
+            return decode_frame(mv)
+        except ValueError as e:
+            raise _FrameDamaged(what, e) from e
+
+    n = ft.nblocks
+    head = decoded(frames(0, 0), "record header")
+    tail = decoded(frames(n + 1, n + 1), "record tail")
+    verify_rest(c, head, tail)
+    b = 0
+    while b < n:  # runs of consecutive frames of about _PART stored bytes
+        e = b
+        while e + 1 < n and ft.block_frame(e + 1)[0] + ft.block_frame(e + 1)[1] - ft.block_frame(b)[0] <= _PART:
+            e += 1
+        run = frames(b + 1, e + 1)
+        base = ft.block_frame(b)[0]
+        for k in range(b, e + 1):
+            start, size = ft.block_frame(k)
+            data = decoded(run[start - base:start - base + size], f"data block {k}")
+            if ft.shuffle:
+                plain = bytearray(len(data))
+                unshuffle_into(data, memoryview(plain), ft.shuffle)
+                data = plain
+            verify_range(c, k * ft.block_size, data)
+            bar.advance(size)
+        b = e + 1
 
 
 def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) -> VerifyReport:
@@ -181,6 +239,11 @@ def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) ->
                 report.unchecked_items += 1
             return
         try:
+            if loc.compression is not None:
+                _check_frames(store, loc, bar)
+                with lock:
+                    report.bytes_checked += loc.length
+                return
             head = bytearray(c.data_offset)
             if head:
                 store.read_into(loc.relative_path, loc.offset, memoryview(head))
@@ -209,6 +272,9 @@ def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) ->
         except CorruptCheckpointError as e:
             with lock:
                 report.errors.append(str(e))
+        except _FrameDamaged as e:
+            with lock:
+                report.errors.append(f"{loc.relative_path}: compressed {e.what} of {name} is damaged: {e}")
 
     with ThreadPoolExecutor(max(1, reader.config.io_threads), thread_name_prefix="dcp_ext-verify") as pool:
         list(pool.map(lambda it: check(*it), items))

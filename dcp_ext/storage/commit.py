@@ -80,6 +80,9 @@ __all__ = [
     "OUTCOMES_DIR",
     "outcome_record_name",
     "is_persist_marker",
+    "HF_INDEX_NAME",
+    "SAFETENSORS_SUFFIX",
+    "safetensors_checkpoint_files",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,6 +95,11 @@ MANIFEST_NAME = ".dcp_ext.json"
 DATA_FILE_RE = re.compile(r"^__(\d+)_(\d+)\.distcp$")
 #: a rank-local part's metadata (``use_collectives=False``), as stock names it: ``__{rank}.metadata``
 RANK_METADATA_RE = re.compile(r"^__(\d+)\.metadata$")
+
+#: stock ``HuggingFaceStorageWriter`` checkpoints (no ``.metadata``): their tensor files, and the
+#: index that rank-0 saves and consolidation write after them
+SAFETENSORS_SUFFIX = ".safetensors"
+HF_INDEX_NAME = "model.safetensors.index.json"
 
 #: fast tier: the save id whose durable copy is committed (retention may then delete it)
 PERSISTED_MARKER = ".dcp_ext_persisted"
@@ -150,6 +158,14 @@ def data_file_rank(relpath: str) -> int | None:
 def is_data_file(relpath: str) -> bool:
     """Whether ``relpath`` (its base name) is a DCP data file."""
     return data_file_rank(relpath) is not None
+
+
+def safetensors_checkpoint_files(files: Iterable[str]) -> list[str]:
+    """The top-level ``*.safetensors`` files among ``files`` (a location's listing): a location
+    without ``.metadata`` that has them is a ``HuggingFaceStorageWriter`` checkpoint, which has no
+    commit marker of its own (see :func:`dcp_ext.storage.safetensors.hf_metadata` for what is
+    checked instead). Subdirectories (``sharded/`` of a consolidated save) are not part of it."""
+    return sorted(f for f in files if "/" not in f and f.endswith(SAFETENSORS_SUFFIX))
 
 
 def persist_marker_prefix(save_id: str) -> str:
