@@ -142,6 +142,15 @@ __all__ += ["CheckpointMismatchError", "PeerLostError", "PersistError", "Persist
             "ResumeOutcome", "TieredStorageReader", "TieredStorageWriter", "TierStatus", "newest_loadable",
             "pending_persists", "resume_persists", "tier_status", "wait_persisted"]
 
+from .manager import CheckpointManager, StepInfo  # noqa: E402  (issue 16: checkpoint manager)
+
+__all__ += ["CheckpointManager", "StepInfo"]
+from .convert import ConvertReport, DiffReport, diff_checkpoints, export_checkpoint, import_checkpoint  # noqa: E402
+from .errors import CheckpointKeyError, ConvertError  # noqa: E402
+
+__all__ += ["CheckpointKeyError", "ConvertError", "ConvertReport", "DiffReport", "diff_checkpoints", "export_checkpoint",
+            "import_checkpoint"]
+
 
 def __getattr__(name: str) -> object:
     if name == "ZeroAdam":  # moved out of the package (examples/zero_adam.py): say so
