@@ -49,8 +49,10 @@ from .errors import (  # noqa: E402
     StorageError,
     UnknownBackendError,
     UnsafePickleError,
+    UnsupportedFormatError,
 )
 from .storage import Backend, backends, register_backend, storage_reader, storage_writer  # noqa: E402
+from .storage.compression import extension_registry  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -69,7 +71,9 @@ __all__ = [
     "StorageError",
     "UnknownBackendError",
     "UnsafePickleError",
+    "UnsupportedFormatError",
     "backends",
+    "extension_registry",
     "load_config",
     "register_backend",
     "storage_reader",
@@ -138,6 +142,15 @@ from .tiered import (  # noqa: E402
 __all__ += ["CheckpointMismatchError", "PeerLostError", "PersistError", "PersistHandle", "PersistResult",
             "ResumeOutcome", "TieredStorageReader", "TieredStorageWriter", "TierStatus", "newest_loadable",
             "pending_persists", "resume_persists", "tier_status", "wait_persisted"]
+
+from .manager import CheckpointManager, StepInfo  # noqa: E402  (issue 16: checkpoint manager)
+
+__all__ += ["CheckpointManager", "StepInfo"]
+from .convert import ConvertReport, DiffReport, diff_checkpoints, export_checkpoint, import_checkpoint  # noqa: E402
+from .errors import CheckpointKeyError, ConvertError  # noqa: E402
+
+__all__ += ["CheckpointKeyError", "ConvertError", "ConvertReport", "DiffReport", "diff_checkpoints", "export_checkpoint",
+            "import_checkpoint"]
 
 
 def __getattr__(name: str) -> object:

@@ -25,9 +25,12 @@ __all__ = [
     "StagingBudgetError",
     "StagingPoolBusyError",
     "PersistError",
+    "ConvertError",
+    "CheckpointKeyError",
     "CheckpointMismatchError",
     "PeerLostError",
     "UnsafePickleError",
+    "UnsupportedFormatError",
 ]
 
 
@@ -103,6 +106,19 @@ class PersistError(StorageError):
     """
 
 
+class ConvertError(DcpExtError, ValueError):
+    """A conversion (``dcp-ext convert``, :func:`dcp_ext.export_checkpoint` /
+    :func:`dcp_ext.import_checkpoint`) cannot proceed: unsupported input, a key selection that
+    matches nothing, colliding names, or an output that already exists."""
+
+
+class CheckpointKeyError(DcpExtError, KeyError):
+    """A key (FQN) or step asked for is not in the checkpoint or root; the message lists what is."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class CheckpointMismatchError(DcpExtError, ValueError):
     """The ranks of one collective call (a tiered load, ``newest_loadable``) were given different
     checkpoints; the message names what each rank asked for."""
@@ -116,3 +132,8 @@ class PeerLostError(DcpExtError, RuntimeError):
 class UnsafePickleError(DcpExtError):
     """Loading a value (or stock ``.metadata``) would need full unpickling, which can run code;
     refused unless ``allow_pickle=True`` (the message names the key and the option)."""
+
+
+class UnsupportedFormatError(DcpExtError):
+    """A checkpoint, or an item of it, is stored in a format this reader cannot read (an unknown
+    stream transform, a safetensors dtype or header it does not know); the message names it."""

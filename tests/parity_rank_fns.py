@@ -313,8 +313,8 @@ def writer(kind: str, backend: dict, url: str, **kw: Any) -> Any:
 
 
 def reader(kind: str, backend: dict, url: str, **kw: Any) -> Any:
-    if kind == "ours":
-        return dcp_ext.storage_reader(url, **backend.get("ours", {}))
+    if kind == "ours":  # our reader takes stock's _extension_registry too
+        return dcp_ext.storage_reader(url, **backend.get("ours", {}), **kw)
     if backend["name"] == "local":
         return FileSystemReader(url, **kw)
     from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
@@ -401,7 +401,7 @@ def _save_extensions(kind, backend, url, state):
 
 
 def _load_extensions(kind, backend, url, target):
-    kw = {"_extension_registry": zlib_registry()} if backend["name"] == "local" else {}
+    kw = {"_extension_registry": zlib_registry()} if backend["name"] == "local" or kind == "ours" else {}
     dcp.load(target, storage_reader=reader(kind, backend, url, **kw))
 
 
@@ -423,8 +423,8 @@ def _location(entry: str, url: str) -> str:
 
 def _md_of(kind: str, backend: dict, url: str, entry: str) -> dict:
     r = reader(kind, backend, _location(entry, url), **({"_extension_registry": zlib_registry()}
-                                                        if entry == "extensions" and backend["name"] == "local"
-                                                        else {}))
+                                                        if entry == "extensions"
+                                                        and (backend["name"] == "local" or kind == "ours") else {}))
     kw = {"rank": dist.get_rank() if dist.is_initialized() else 0} if entry == "rank_local" else {}
     return md_summary(r.read_metadata(**kw), _location(entry, url))
 

@@ -120,8 +120,11 @@ def test_verify_and_inspect_rank_local_checkpoints(tmp_path):
     url = str(tmp_path / "ck")
     dcp.save({"t": torch.arange(10.0), "o": 3}, storage_writer=dcp_ext.storage_writer(url), use_collectives=False)
     info = inspect_checkpoint(url)
+    # (inspect also reports the stored bytes of each tensor: its record, the 40 data bytes and a header)
     assert info["rank_local_parts"] == [0] and info["tensors"] == {"t": {"dtype": "float32", "size": [10],
-                                                                         "chunks": 1}}
+                                                                         "chunks": 1,
+                                                                         "bytes": info["tensors"]["t"]["bytes"]}}
+    assert 40 < info["tensors"]["t"]["bytes"] < 40 + 4096
     assert info["objects"] == ["o"] and info["checksummed"] and info["has_manifest"]
     rep = verify_checkpoint(url)
     assert rep.ok and rep.items == 2 and rep.bytes_checked > 40

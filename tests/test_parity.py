@@ -75,11 +75,6 @@ def check_cell(res: dict, entry: str) -> None:
     """Every direction loads the source values; every reader's metadata says what stock's says."""
     exp = _expected(res, entry)
     for way, got in res["loaded"].items():
-        if entry == "extensions" and way.endswith("->ours"):
-            # reading stream-transformed items is not ours yet (issue 17): a clear error, not wrong data
-            assert got[0] == "error" and "uses stream transforms ['test.zlib/1']" in got[1] \
-                and "use stock FileSystemReader" in got[1], (way, got)
-            continue
         assert not (isinstance(got, tuple) and got[0] == "error"), (way, got[1][-3000:])
         bad = sorted(k for k in exp if got.get(k) != exp[k]) + sorted(set(got) - set(exp))
         assert not bad, f"{way}: {bad}"

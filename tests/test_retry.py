@@ -188,3 +188,38 @@ def test_part_buffers_are_reused_and_released():
     BUFFERS.put(a)
     release_buffers()
     assert BUFFERS.get(4096) is not a
+
+
+def test_token_bucket_paces_to_its_rate():
+    """A bucket of 1000 B/s: the burst passes at once, then every byte waits its turn (a fake
+    clock: no timing in the test)."""
+    from tests.support.fault_proxy import TokenBucket
+
+    now = [0.0]
+    slept = []
+
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    b = TokenBucket(1000, burst=100, clock=lambda: now[0], sleep=sleep)
+    assert b.take(100) == 0  # the burst
+    assert b.take(500) == pytest.approx(0.5)
+    assert b.take(1000) == pytest.approx(1.0)
+    now[0] += 10  # idle: the bucket refills up to its burst, not more
+    assert b.take(100) == 0 and b.take(100) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="rate must be > 0"):
+        TokenBucket(0)
+
+
+def test_bandwidth_limited_proxy_forwards_everything_and_counts_it(echo):
+    with FaultProxy("127.0.0.1", echo, bandwidth=50e6) as px:
+        c = http.client.HTTPConnection("127.0.0.1", px.port, timeout=10)
+        c.request("PUT", "/k", body=b"a" * 300_000)
+        assert c.getresponse().read() == b"got 300000"
+        c.request("GET", "/big")
+        assert c.getresponse().read() == b"x" * 100_000
+        assert px.bytes_up > 300_000 and px.bytes_down > 100_000
+        px.limit_bandwidth(None)
+        c.request("GET", "/big")
+        assert c.getresponse().read() == b"x" * 100_000

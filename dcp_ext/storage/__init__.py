@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint import StorageReader, StorageWriter
 
 __all__ = ["Backend", "register_backend", "get_backend", "backends", "storage_writer",
-           "storage_reader", "split_url", "expand_shorthands"]
+           "storage_reader", "split_url", "expand_shorthands", "open_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -209,23 +209,76 @@ def storage_writer(url: str | os.PathLike, *, config: Any = None, _extensions: A
             raise DcpExtError(f"_extensions (stream transforms) need a byte-store backend; the {b.name!r} backend "
                               f"for {os.fspath(url)!r} does not take them")
         w.extensions = _check_extensions(_extensions)
+        w._check_compression()
     return w
 
 
-def storage_reader(url: str | os.PathLike, *, config: Any = None, **options: Any) -> StorageReader:
+def storage_reader(url: str | os.PathLike, *, config: Any = None, _extension_registry: Any = None,
+                   **options: Any) -> StorageReader:
     """A DCP ``StorageReader`` for ``url``; options as in :class:`~dcp_ext.config.Config`.
 
     With ``cache=`` / ``tier.cache``: a :class:`~dcp_ext.tiered.TieredStorageReader`
     that loads the newest complete copy, preferring the fast tier.
+
+    Byte-store backends read every stock DCP 2.13 format (docs/backends.md). ``_extension_registry``:
+    a ``torch.distributed.checkpoint._extension.ExtensionRegistry`` knowing the stream transforms
+    of a checkpoint saved with custom ``_extensions`` (as ``FileSystemReader(_extension_registry=)``;
+    stock's ``ZStandard`` is known without it).
     """
     cfg = load_config(config, **expand_shorthands(options))
     b = get_backend(url, cfg)
     logger.debug("storage_reader(%s): backend %s", url, b.name)
     if cfg.tier.cache:
+        if _extension_registry is not None:
+            from ..errors import DcpExtError
+
+            raise DcpExtError("_extension_registry is not supported by tiered readers (cache=...): tiered checkpoints "
+                              "are never written with custom stream transforms")
         from ..tiered import tiered_reader
 
         return tiered_reader(os.fspath(url), cfg, b)
-    return b.make_reader(os.fspath(url), cfg)
+    r = b.make_reader(os.fspath(url), cfg)
+    if _extension_registry is not None:
+        from torch.distributed.checkpoint._extension import ExtensionRegistry
+
+        from ..errors import DcpExtError
+        from .reader import ExtStorageReader
+
+        if not isinstance(_extension_registry, ExtensionRegistry):
+            raise DcpExtError(f"_extension_registry: expected a torch.distributed.checkpoint._extension."
+                              f"ExtensionRegistry, got {type(_extension_registry).__name__}")
+        if not isinstance(r, ExtStorageReader):
+            raise DcpExtError(f"_extension_registry (stream transforms) needs a byte-store backend; the {b.name!r} "
+                              f"backend for {os.fspath(url)!r} does not take it")
+        r.extension_registry = _extension_registry
+    return r
+
+
+def open_store(url: str | os.PathLike, *, config: Any = None, **options: Any):
+    """The byte :class:`~dcp_ext.storage.base.Store` of any location ``url`` (options as for
+    :func:`storage_writer`; ``cache``/``tier`` are ignored): for tools that list, read and delete
+    files around checkpoints (the checkpoint manager's root, ``dcp-ext ls/gc``). Backends that
+    keep their own format under a byte URL (``zarr3+s3://...``) give the store of that URL."""
+    from ..errors import DcpExtError
+
+    options = {k: v for k, v in options.items() if k not in ("cache", "tier")}
+    cfg = load_config(config, **options)
+    if cfg.tier.cache:
+        cfg.tier.cache = None
+    url = os.fspath(url)
+    b = get_backend(url, cfg)
+    store = getattr(b.make_writer(url, cfg), "store", None)
+    if store is not None:
+        return store
+    scheme, rest = split_url(url)
+    if "+" in scheme:  # a format over a byte store: the store of the inner URL
+        inner = scheme.split("+", 1)[1]
+        import dataclasses
+
+        return open_store(rest if inner == "file" else f"{inner}://{rest}",
+                          config=dataclasses.replace(cfg, backend=None))
+    raise DcpExtError(f"the {b.name!r} backend for {url!r} has no byte store to list or delete files with "
+                      f"(use a file, fsspec, S3 or GCS URL)")
 
 
 def _register_builtins() -> None:

@@ -12,6 +12,7 @@ commit marker: a manifest without ``.metadata`` belongs to an unfinished save.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -33,13 +34,18 @@ from ..errors import CorruptCheckpointError
 from ..integrity import ItemChecksums
 from ..torch_compat import metadata_version
 from .commit import MANIFEST_NAME, METADATA_NAME
+from .compression import FrameTable
 
-__all__ = ["MANIFEST_NAME", "METADATA_NAME", "FORMAT_VERSION", "ItemLocation", "encode_manifest",
+__all__ = ["MANIFEST_NAME", "METADATA_NAME", "FORMAT_VERSION", "BASE_VERSION", "ItemLocation", "encode_manifest",
            "decode_manifest"]
 
 FORMAT = "dcp-ext-manifest"
-FORMAT_VERSION = 1
-
+#: the newest manifest version this dcp-ext reads. Version 2 adds per-item frame tables
+#: (``compression``); a checkpoint without compressed items is still written as version 1, so
+#: older dcp-ext releases keep reading it (and refuse, by version, what they could not read)
+FORMAT_VERSION = 2
+#: what a manifest without compressed items is written as
+BASE_VERSION = 1
 
 
 def _torch_dtypes() -> dict[str, torch.dtype]:
@@ -76,6 +82,10 @@ class ItemLocation:
     #: stock stream transforms (``_extensions``) applied to the stored bytes, outermost last,
     #: as stock records them; None for plain records
     transform_descriptors: tuple[str, ...] | None = None
+    #: for an item compressed per block (:mod:`dcp_ext.storage.compression`): where its frames
+    #: lie. ``data_offset``/``data_length``/``checksums`` then describe the *uncompressed*
+    #: record, ``offset``/``length`` the stored bytes
+    compression: FrameTable | None = None
 
     def storage_info(self) -> Any:
         """The same location as stock DCP's ``_StorageInfo`` (what ``Metadata.storage_data``
@@ -153,9 +163,11 @@ def encode_manifest(metadata: Metadata, locations: dict[MetadataIndex, ItemLocat
             "data_offset": loc.data_offset, "data_length": loc.data_length,
             "checksums": None if c is None else {"block_size": c.block_size, "blocks": c.blocks, "rest": c.rest},
             **({"transforms": list(loc.transform_descriptors)} if loc.transform_descriptors else {}),
+            **({"compression": loc.compression.to_json()} if loc.compression is not None else {}),
         })
+    compressed = any(loc.compression is not None for loc in locations.values())
     doc = {
-        "format": FORMAT, "version": FORMAT_VERSION, "save_id": save_id,
+        "format": FORMAT, "version": FORMAT_VERSION if compressed else BASE_VERSION, "save_id": save_id,
         "dcp_version": metadata.version, "checksum_algorithm": checksum_algorithm,
         "metadata_crc32c": metadata_crc, "planner_data": planner_data,
         "planner_data_complete": planner_data_ok,
@@ -211,9 +223,13 @@ def decode_manifest(raw: bytes, where: str) -> Manifest:
                 checks = ItemChecksums(it["data_offset"] or 0, it["data_length"] or 0, c["block_size"],
                                        list(c["blocks"]), c["rest"])
             transforms = it.get("transforms")
+            frames = None if it.get("compression") is None else FrameTable.from_json(it["compression"])
+            if frames is not None and (frames.nblocks != math.ceil((it["data_length"] or 0) / frames.block_size)
+                                       or frames.stored_length != it["length"]):
+                raise ValueError(f"the frame table of {it['index'][0]} does not match its length")
             locations[_dec_index(it["index"])] = ItemLocation(
                 it["file"], it["offset"], it["length"], it["data_offset"], it["data_length"], checks,
-                tuple(transforms) if transforms else None)
+                tuple(transforms) if transforms else None, frames)
         md = Metadata(state_dict_metadata=sdm, planner_data=_tupleize(doc["planner_data"]),
                       storage_data=None, storage_meta=StorageMeta(checkpoint_id=doc.get("checkpoint_id"),
                                                                   save_id=doc["save_id"],

@@ -16,12 +16,20 @@ What it does better than stock ``FileSystemReader`` (and why):
 * **Verifies what it reads.** Block checksums are checked for every block a read
   touches; a mismatch or a truncated file raises
   :class:`~dcp_ext.errors.CorruptCheckpointError` naming the file and the FQN.
+* **Compressed, still ranged.** Items we compressed per block (``compression="zstd"``) are read
+  frame by frame: only the blocks a rank touches are fetched and decompressed (straight into
+  the destination where the box allows), then verified like uncompressed blocks.
+* **Every stock 2.13 format.** ``torch.save`` records, stream-transformed ones (``_extensions``,
+  e.g. stock's ``ZStandard``: whole items, through stock's ``ExtensionRegistry``), the
+  ``SAFETENSORS`` serialization format and ``HuggingFaceStorageWriter`` checkpoints (raw bytes
+  located from the safetensors headers: ranged reads), on every byte backend.
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import threading
 import uuid
@@ -38,14 +46,25 @@ from ..config import Config
 from ..errors import (
     CorruptCheckpointError,
     DcpExtError,
+    IncompleteCheckpointError,
+    MissingDependencyError,
+    UnsupportedFormatError,
 )
 from ..integrity import ChecksumMismatch, checksum, verify_range, verify_rest
 from ..progress import Progress
 from ..torch_compat import reports_metadata_errors
 from .base import Store
-from .commit import METADATA_NAME, data_file_rank, manifest_name, metadata_name, require_committed
+from .commit import (
+    METADATA_NAME,
+    data_file_rank,
+    manifest_name,
+    metadata_name,
+    require_committed,
+    safetensors_checkpoint_files,
+)
+from .compression import decode_frame_into, frame_error, unshuffle_into, zstandard_module
 from .manifest import ItemLocation, decode_manifest
-from .ranges import box_spans, merge_ranges
+from .ranges import BoxSpans, box_spans, merge_ranges
 from .safe_pickle import checked_bytes_item, load_metadata
 from .threads import run_all
 
@@ -70,6 +89,13 @@ class LoadStats:
     items: int = 0
     seconds: float = 0.0
     blocks_verified: int = 0
+    #: the stored bytes the needed data takes (for a compressed item: its share of the item's
+    #: stored data frames, ``bytes_needed / data bytes * stored data bytes``); ``bytes_read`` over
+    #: this is the read amplification
+    stored_bytes_needed: float = 0.0
+    #: compressed items: blocks decompressed, and how many of them straight into the destination
+    blocks_decompressed: int = 0
+    blocks_direct: int = 0
 
 
 def _as_bytes_view(t: torch.Tensor) -> memoryview:
@@ -92,6 +118,8 @@ class _Fetch:
     offset: int  # absolute file offset
     out: memoryview
     more: list[tuple[int, memoryview]] | None = None
+    #: compressed frames in ``out`` to decode: ``(block, start in out, size, destination)``
+    decode: list[tuple[int, int, int, memoryview]] | None = None
 
     @property
     def nbytes(self) -> int:
@@ -105,6 +133,60 @@ class _ItemJob:
     fetches: list[_Fetch] = field(default_factory=list)
     finalize: Callable[[], None] | None = None
     remaining: int = 0
+    #: compressed items: verify each block after decompressing it
+    verify_decoded: bool = False
+
+
+def _copy_box(spans: BoxSpans, ranges: list[tuple[int, int]], scratch: list[torch.Tensor], dtype: torch.dtype,
+              target: torch.Tensor) -> None:
+    """Copy the box ``spans`` describes into ``target`` from ``scratch`` buffers holding the
+    data byte ``ranges`` (sorted, each covering whole spans)."""
+    if spans.count == 1 and len(scratch) == 1:
+        off = spans.starts[0] - ranges[0][0]
+        src = scratch[0][off:off + spans.span_bytes].view(dtype).as_strided(spans.lengths, spans.strides)
+    else:
+        packed = torch.empty(spans.count * spans.span_bytes, dtype=torch.uint8)
+        pv = _as_bytes_view(packed)
+        views = [_as_bytes_view(b) for b in scratch]
+        r = 0
+        for k, st in enumerate(spans.starts):  # spans and ranges are both sorted
+            while ranges[r][1] < st + spans.span_bytes:
+                r += 1
+            lo = st - ranges[r][0]
+            pv[k * spans.span_bytes:(k + 1) * spans.span_bytes] = views[r][lo:lo + spans.span_bytes]
+        src = packed.view(dtype).as_strided(spans.lengths, spans.strides)
+    target.copy_(src)
+
+
+def _format_hint(buf: bytearray) -> str:
+    """What an unreadable record looks like, for the error message."""
+    head = bytes(buf[:4])
+    if head == b"PK\x03\x04":
+        return ""
+    if head == b"\x28\xb5\x2f\xfd":
+        return " (it is zstd-compressed, but the checkpoint's metadata records no stream transform for it)"
+    return (f" (it starts with {head!r}: not a torch.save record, so not a format dcp-ext reads: DCP "
+            f"torch.save records, stream-transformed ones, and safetensors)")
+
+
+class _CountingStore:
+    """A store seen through a byte and request counter (the probes of stock checkpoints count in
+    :class:`LoadStats` like every other read)."""
+
+    def __init__(self, store: Store):
+        self._store = store
+        self.bytes_read = 0
+        self.requests = 0
+        self._lock = threading.Lock()
+
+    def read_into(self, relpath: str, offset: int, out: memoryview) -> None:
+        self._store.read_into(relpath, offset, out)
+        with self._lock:
+            self.bytes_read += len(out)
+            self.requests += 1
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
 
 def _location_of(info: Any) -> ItemLocation:
@@ -119,24 +201,34 @@ def _location_of(info: Any) -> ItemLocation:
 class ExtStorageReader(StorageReader):
     """Reads standard DCP checkpoints (ours and stock ones) through a Store.
 
-    Build it with :func:`dcp_ext.storage_reader` rather than directly.
+    Build it with :func:`dcp_ext.storage_reader` rather than directly. ``extension_registry``:
+    how stream-transformed items are decoded (stock's ``ExtensionRegistry``, which knows
+    ``ZStandard``, when None), as ``FileSystemReader(_extension_registry=...)``.
     """
 
-    def __init__(self, store: Store, config: Config):
+    def __init__(self, store: Store, config: Config, extension_registry: Any = None):
         super().__init__()
         self.store = store
         self.config = config
+        self.extension_registry = extension_registry
         self.load_id = uuid.uuid4().hex
         self.locations: dict[MetadataIndex, ItemLocation] = {}
         self._chunks: dict[MetadataIndex, tuple[torch.Size, torch.dtype]] = {}
         self.manifest_extra: dict = {}
         self.stats = LoadStats()
         self.rank = 0
+        #: None, or the format of a checkpoint without our manifest: "dcp" (stock ``.metadata``:
+        #: its data files may be in the SAFETENSORS format) or "hf" (``HuggingFaceStorageWriter``)
+        self.stock_format: str | None = None
+        #: data files (and items) of a stock checkpoint already looked into for raw data offsets
+        self._probed: set[Any] = set()
 
     # -- metadata ----------------------------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         self.locations = {}
         self._chunks = {}
+        self._probed = set()
+        self.stock_format = None
         if checkpoint_id is not None and os.fspath(checkpoint_id) != self.store.url:
             self.store = type(self.store)(os.fspath(checkpoint_id), self.config)
         self.load_id = uuid.uuid4().hex
@@ -152,7 +244,15 @@ class ExtStorageReader(StorageReader):
         """
         rank = kwargs.get("rank")
         md_name, man_name = metadata_name(rank), manifest_name(rank)
-        require_committed(self.store, rank)
+        self._probed = set()
+        self.stock_format = None
+        try:
+            require_committed(self.store, rank)
+        except IncompleteCheckpointError:
+            hf = safetensors_checkpoint_files(self.store.list()) if rank is None else []
+            if not hf:
+                raise
+            return self._read_hf_metadata(hf)  # a HuggingFaceStorageWriter checkpoint: no .metadata of its own
         raw_md = self.store.read_bytes(md_name)
         self.manifest_extra = {}
         if self.store.exists(man_name):
@@ -180,9 +280,25 @@ class ExtStorageReader(StorageReader):
         else:
             metadata = self._unpickle(raw_md, md_name)
             self.locations = {idx: _location_of(si) for idx, si in (metadata.storage_data or {}).items()}
+            self.stock_format = "dcp"
         self._check_world_size()
         if metadata.storage_meta is None:
             metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+    def _read_hf_metadata(self, files: list[str]) -> Metadata:
+        """Metadata of a ``HuggingFaceStorageWriter`` checkpoint, from its safetensors headers."""
+        from .safetensors import hf_metadata
+
+        metadata, self.locations = hf_metadata(self.store, files)
+        self.stock_format = "hf"
+        self.manifest_extra = {}
+        logger.info("%s is a safetensors checkpoint (HuggingFaceStorageWriter): %d file(s), %d tensors",
+                    self.store.url, len(files), len(metadata.state_dict_metadata))
+        self._check_world_size()
+        metadata.storage_data = {idx: loc.storage_info() for idx, loc in self.locations.items()}
+        metadata.storage_meta.checkpoint_id = self.store.url
         metadata.storage_meta.load_id = self.load_id
         return metadata
 
@@ -250,6 +366,10 @@ class ExtStorageReader(StorageReader):
             s, loc = job.req.storage_index, job.loc
             if e.block is None:
                 where = f"record header at byte {loc.offset}"
+            elif loc.compression is not None:
+                start, size = loc.compression.block_frame(e.block)
+                where = (f"compressed block {e.block}, bytes {loc.offset + start}-{loc.offset + start + size}, "
+                         f"decompressed")
             else:
                 base = loc.offset + c.data_offset
                 where = f"bytes {base + e.start}-{base + e.end}"
@@ -257,23 +377,43 @@ class ExtStorageReader(StorageReader):
                 f"checksum mismatch in {self.store.url}/{loc.relative_path} ({where}) for {s.fqn} chunk "
                 f"{list(s.offset or [])}: the file is corrupt or was modified") from e
 
+    def _extensions_for(self, job: _ItemJob) -> list[Any]:
+        """The stream transforms that decode ``job``'s stored bytes (stock's ``ExtensionRegistry``
+        turns the recorded descriptors into them); an error naming the transform if unknown."""
+        from torch.distributed.checkpoint._extension import ExtensionRegistry
+
+        descs = list(job.loc.transform_descriptors or ())
+        fqn = job.req.storage_index.fqn
+        registry = self.extension_registry if self.extension_registry is not None else ExtensionRegistry()
+        try:
+            return list(registry.from_descriptor_list(descs))
+        except ValueError as e:
+            if "no module named" in str(e):
+                raise MissingDependencyError(
+                    f"{self.store.url}: item {fqn} is compressed with stock's ZStandard ({descs}); reading it needs the "
+                    f"Python package 'zstandard' (or 'pyzstd'): pip install 'dcp-ext[zstd]'") from e
+            raise UnsupportedFormatError(
+                f"{self.store.url}: item {fqn} uses the stream transform(s) {descs}, which this reader does not know "
+                f"({e}); pass _extension_registry= (a torch.distributed.checkpoint._extension.ExtensionRegistry that "
+                f"has it registered) to dcp_ext.storage_reader, as to stock FileSystemReader") from e
+
     def _plan_item(self, req: ReadItem, planner: LoadPlanner, stats: LoadStats) -> _ItemJob:
         loc = self.locations.get(req.storage_index)
         if loc is None:
             raise CorruptCheckpointError(f"{self.store.url}: metadata has no location for {req.storage_index.fqn} "
                                          f"chunk {list(req.storage_index.offset or [])}")
-        if loc.transform_descriptors:
-            raise DcpExtError(f"{self.store.url}: item {req.storage_index.fqn} uses stream transforms "
-                              f"{list(loc.transform_descriptors)}, which dcp-ext cannot read; use stock "
-                              f"FileSystemReader")
         job = _ItemJob(req, loc)
         verify = self.config.verify and loc.checksums is not None
-        if req.type == LoadItemType.BYTE_IO:
-            return self._plan_whole(job, planner, stats, verify, as_bytes=True)
         meta = self._chunks.get(req.storage_index)
-        if loc.data_offset is None or meta is None or meta[1] in _QUANTIZED:
-            # quantized: the scale and zero point live in the record's pickle, as stock reads them
-            return self._plan_whole(job, planner, stats, verify, as_bytes=False)
+        ranged = (req.type != LoadItemType.BYTE_IO and loc.data_offset is not None and meta is not None
+                  and meta[1] not in _QUANTIZED)  # quantized: scale and zero point live in the record's pickle
+        if loc.compression is not None and ranged:
+            zstandard_module()  # MissingDependencyError naming the extra, before any read
+        elif loc.transform_descriptors:  # stream-transformed (stock's _extensions): whole items
+            extensions = self._extensions_for(job)
+            return self._plan_whole(job, planner, stats, verify, req.type == LoadItemType.BYTE_IO, extensions)
+        if not ranged:
+            return self._plan_whole(job, planner, stats, verify, as_bytes=req.type == LoadItemType.BYTE_IO)
         shape, dtype = meta
         esize = dtype.itemsize
         spans = box_spans(list(shape), list(req.storage_offsets), list(req.lengths), esize,
@@ -283,19 +423,24 @@ class ExtStorageReader(StorageReader):
         if tuple(target.shape) != tuple(req.lengths):
             raise DcpExtError(f"{req.storage_index.fqn}: planner target has shape {list(target.shape)} but the "
                               f"read is {list(req.lengths)}")
-        data_base = loc.offset + loc.data_offset
-        c = loc.checksums
         if spans.needed_bytes == 0:
             job.finalize = lambda: planner.commit_tensor(req, target)
             return job
+        # one exact span into a plain contiguous destination: bytes can land in place
+        into_target = (spans.count == 1 and spans.exact and target.is_contiguous() and target.dtype == dtype
+                       and target.device.type == "cpu"
+                       and not target.is_conj() and not target.is_neg())  # bytes of a conj view are not its values
+        if loc.compression is not None:
+            return self._plan_compressed(job, planner, stats, verify, spans, dtype, target, into_target)
+        stats.stored_bytes_needed += spans.needed_bytes
+        data_base = loc.offset + loc.data_offset
+        c = loc.checksums
         if verify:
             ranges = merge_ranges([c.block_range(s, s + spans.span_bytes) for s in spans.starts])
         else:
             ranges = [(s, s + spans.span_bytes) for s in spans.starts]
-        direct = (len(ranges) == 1 and spans.count == 1 and spans.exact
-                  and ranges[0] == (spans.starts[0], spans.starts[0] + spans.needed_bytes)
-                  and target.is_contiguous() and target.dtype == dtype and target.device.type == "cpu"
-                  and not target.is_conj() and not target.is_neg())  # bytes of a conj view are not its values
+        direct = into_target and len(ranges) == 1 and ranges[0] == (spans.starts[0],
+                                                                     spans.starts[0] + spans.needed_bytes)
         if direct:
             out = _as_bytes_view(target)
             self._add_fetches(job, data_base, ranges[0][0], out, verify)
@@ -330,63 +475,155 @@ class ExtStorageReader(StorageReader):
             self._add_fetches(job, data_base, s, _as_bytes_view(buf), verify)
 
         def finalize() -> None:
-            if spans.count == 1 and len(scratch) == 1:
-                off = spans.starts[0] - ranges[0][0]
-                src = scratch[0][off:off + spans.span_bytes].view(dtype).as_strided(spans.lengths, spans.strides)
-            else:
-                packed = torch.empty(spans.count * spans.span_bytes, dtype=torch.uint8)
-                pv = _as_bytes_view(packed)
-                views = [_as_bytes_view(b) for b in scratch]
-                r = 0
-                for k, st in enumerate(spans.starts):  # spans and ranges are both sorted
-                    while ranges[r][1] < st + spans.span_bytes:
-                        r += 1
-                    lo = st - ranges[r][0]
-                    pv[k * spans.span_bytes:(k + 1) * spans.span_bytes] = views[r][lo:lo + spans.span_bytes]
-                src = packed.view(dtype).as_strided(spans.lengths, spans.strides)
-            target.copy_(src)
+            _copy_box(spans, ranges, scratch, dtype, target)
             planner.commit_tensor(req, target)
 
         job.finalize = finalize
         return job
 
+    def _plan_compressed(self, job: _ItemJob, planner: LoadPlanner, stats: LoadStats, verify: bool,
+                         spans: BoxSpans, dtype: torch.dtype, target: torch.Tensor, into_target: bool) -> _ItemJob:
+        """Fetch and decompress only the frames of the blocks the box touches (consecutive frames
+        in one request of up to ``PART_BYTES``); blocks wholly inside a box that is one contiguous
+        byte range of the destination are decompressed straight into it, the others into scratch."""
+        loc, req = job.loc, job.req
+        ft = loc.compression
+        assert ft is not None and loc.data_length is not None
+        n, bs = loc.data_length, ft.block_size
+        stats.stored_bytes_needed += spans.needed_bytes * ft.stored_data_bytes / max(1, n)
+        blocks = sorted({b for st in spans.starts for b in range(st // bs, (st + spans.span_bytes - 1) // bs + 1)})
+        dests: dict[int, memoryview] = {}
+        edges: list[tuple[torch.Tensor, int, int]] = []  # (scratch, block start, block end)
+        if into_target:
+            a = spans.starts[0]
+            b = a + spans.needed_bytes
+            tv = _as_bytes_view(target)
+            for blk in blocks:
+                s, e = ft.block_data(blk, n)
+                if a <= s and e <= b:
+                    dests[blk] = tv[s - a:e - a]
+                else:
+                    buf = torch.empty(e - s, dtype=torch.uint8)
+                    dests[blk] = _as_bytes_view(buf)
+                    edges.append((buf, s, e))
+
+            def finalize() -> None:
+                for buf, s, e in edges:
+                    lo, hi = max(a, s), min(b, e)
+                    tv[lo - a:hi - a] = _as_bytes_view(buf)[lo - s:hi - s]
+                planner.commit_tensor(req, target)
+        else:
+            ranges = merge_ranges([ft.block_data(blk, n) for blk in blocks])
+            scratch = [torch.empty(e - s, dtype=torch.uint8) for s, e in ranges]
+            r = 0
+            for blk in blocks:
+                s, e = ft.block_data(blk, n)
+                while ranges[r][1] < e:
+                    r += 1
+                dests[blk] = _as_bytes_view(scratch[r])[s - ranges[r][0]:e - ranges[r][0]]
+
+            def finalize() -> None:
+                _copy_box(spans, ranges, scratch, dtype, target)
+                planner.commit_tensor(req, target)
+        stats.blocks_direct += len(blocks) - (len(edges) if into_target else len(blocks))
+        run: list[int] = []
+
+        def flush() -> None:
+            first, _ = ft.block_frame(run[0])
+            last, last_size = ft.block_frame(run[-1])
+            stored = torch.empty(last + last_size - first, dtype=torch.uint8)
+            decode = [(blk, ft.block_frame(blk)[0] - first, ft.block_frame(blk)[1], dests[blk]) for blk in run]
+            job.fetches.append(_Fetch(loc.relative_path, loc.offset + first, _as_bytes_view(stored), decode=decode))
+            run.clear()
+
+        for blk in blocks:
+            if run and (blk != run[-1] + 1 or ft.block_frame(blk)[0] + ft.block_frame(blk)[1]
+                        - ft.block_frame(run[0])[0] > PART_BYTES):
+                flush()
+            run.append(blk)
+        flush()
+        job.verify_decoded = verify
+        job.finalize = finalize
+        return job
+
+    def _decode(self, job: _ItemJob, f: _Fetch) -> int:
+        """Decompress the frames a fetch read into their destinations (and verify each block);
+        returns the number of blocks verified."""
+        verified = 0
+        loc, s = job.loc, job.req.storage_index
+        es = loc.compression.shuffle if loc.compression is not None else 0
+        for blk, start, size, dest in f.decode or ():
+            try:
+                if es:  # byte-shuffled: decompress aside, then put each byte back in its element
+                    shuffled = torch.empty(len(dest), dtype=torch.uint8)
+                    decode_frame_into(f.out[start:start + size], _as_bytes_view(shuffled))
+                    unshuffle_into(_as_bytes_view(shuffled), dest, es)
+                else:
+                    decode_frame_into(f.out[start:start + size], dest)
+            except ValueError as e:
+                raise frame_error(self.store.url, loc, blk + 1, s.fqn, list(s.offset or []), e) from e
+            if job.verify_decoded:
+                assert loc.compression is not None
+                verified += self._verify(job, blk * loc.compression.block_size, dest)
+        return verified
+
     def _plan_whole(self, job: _ItemJob, planner: LoadPlanner, stats: LoadStats, verify: bool,
-                    as_bytes: bool) -> _ItemJob:
-        """Read the whole record (bytes items, and stock checkpoints without data offsets)."""
+                    as_bytes: bool, extensions: list[Any] | None = None) -> _ItemJob:
+        """Read the whole record (bytes items, stock checkpoints without data offsets, and items
+        stored through stream transforms, decoded by ``extensions`` after their stored bytes
+        are verified)."""
         loc, req = job.loc, job.req
         buf = bytearray(loc.length)
         mv = memoryview(buf)
         stats.bytes_needed += loc.length
+        stats.stored_bytes_needed += loc.length
         job.fetches.append(_Fetch(loc.relative_path, loc.offset, mv))
         c = loc.checksums
+        fqn = req.storage_index.fqn
 
         def finalize() -> None:
+            nonlocal buf
             if verify and c is not None:
                 d0, d1 = c.data_offset, c.data_offset + c.data_length
                 self._verify(job, 0, mv[d0:d1], rest=(mv[:d0], mv[d1:]))
+            if extensions:
+                buf = self._untransform(job, buf, extensions)
             if as_bytes:
                 # stock planners torch.load these bytes with weights_only=False: check them first
-                raw = bytes(buf) if self.config.allow_pickle else checked_bytes_item(
-                    buf, req.storage_index.fqn, self.store.url)
+                raw = bytes(buf) if self.config.allow_pickle else checked_bytes_item(buf, fqn, self.store.url)
                 planner.load_bytes(req, io.BytesIO(raw))
                 return
             try:
                 tensor = torch.load(io.BytesIO(buf), map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001
                 raise CorruptCheckpointError(
-                    f"{self.store.url}/{loc.relative_path}: record of {req.storage_index.fqn} at byte "
-                    f"{loc.offset} is unreadable: {e}") from e
+                    f"{self.store.url}/{loc.relative_path}: record of {fqn} at byte {loc.offset} is unreadable"
+                    f"{_format_hint(buf)}: {e}") from e
             for dim, (o, n) in enumerate(zip(req.storage_offsets, req.lengths)):
                 tensor = tensor.narrow(dim, o, n)
             target = planner.resolve_tensor(req).detach()
             if target.size() != tensor.size():
-                raise DcpExtError(f"{req.storage_index.fqn}: size mismatch {list(target.size())} vs "
-                                  f"{list(tensor.size())}")
+                raise DcpExtError(f"{fqn}: size mismatch {list(target.size())} vs {list(tensor.size())}")
             target.copy_(tensor)
             planner.commit_tensor(req, target)
 
         job.finalize = finalize
         return job
+
+    def _untransform(self, job: _ItemJob, buf: bytearray, extensions: list[Any]) -> bytes:
+        """Stored bytes of a stream-transformed item through the transforms' readers, as stock's
+        ``FileSystemReader`` applies them."""
+        stream: Any = io.BytesIO(buf)
+        for ex in extensions:
+            stream = ex.transform_from(stream)
+        try:
+            return stream.read(-1)
+        except Exception as e:  # noqa: BLE001 - any codec's error: the stored bytes are damaged
+            loc = job.loc
+            raise CorruptCheckpointError(
+                f"{self.store.url}/{loc.relative_path}: {job.req.storage_index.fqn} (bytes {loc.offset}-"
+                f"{loc.offset + loc.length}) could not be decoded by its stream transforms "
+                f"{list(loc.transform_descriptors or ())}: {e}") from e
 
     def _add_fetches(self, job: _ItemJob, data_base: int, data_start: int, out: memoryview, verify: bool) -> None:
         """Split a contiguous read into block-aligned parts; each part verifies its own blocks."""
@@ -404,8 +641,66 @@ class ExtStorageReader(StorageReader):
             job.fetches.append(f)
             pos += take
 
+    def _locate_stock_data(self, plan: LoadPlan) -> tuple[int, int]:
+        """Stock checkpoints carry no data offsets; find the raw bytes where they can be found, so
+        that ranged reads fetch only what the plan needs:
+
+        * data files in stock's SAFETENSORS serialization format: tensor items point at their
+          bytes in the file's safetensors blob. Only files whose every tensor item is exactly its
+          data size can be in that format (a ``torch.save`` record is larger than its data), so
+          stock's default format costs no extra request here;
+        * ``torch.save`` records of which the plan needs only part (and at least
+          ``RANGED_MIN_BYTES``): their zip directory and pickle are read
+          (:func:`~dcp_ext.storage.stock_records.locate_record_data`, two small reads each, in
+          parallel); records whose bytes are not plainly the values are read whole, as stock does.
+
+        Returns the bytes and requests the probes took.
+        """
+        from .safetensors import locate_blob_items
+        from .stock_records import RANGED_MIN_BYTES, locate_record_data
+
+        store = _CountingStore(self.store)
+        wanted = {self.locations[r.storage_index].relative_path for r in plan.items
+                  if r.type != LoadItemType.BYTE_IO and r.storage_index in self.locations} - self._probed
+        for relpath in sorted(wanted):
+            self._probed.add(relpath)
+            items = {}
+            for idx, loc in self.locations.items():
+                meta = self._chunks.get(idx)
+                if loc.relative_path != relpath or meta is None:
+                    continue
+                if loc.data_offset is not None or loc.length != math.prod(meta[0]) * meta[1].itemsize:
+                    break  # a record (or already located): not the SAFETENSORS format
+                items[idx] = (loc, meta[0], meta[1])
+            else:
+                if items:
+                    found = locate_blob_items(store, relpath, items)
+                    if found:
+                        logger.debug("%s/%s is in stock's SAFETENSORS format", self.store.url, relpath)
+                        self.locations.update(found)
+        partial: dict[MetadataIndex, tuple[ItemLocation, torch.Size, torch.dtype]] = {}
+        for r in plan.items:
+            loc, meta = self.locations.get(r.storage_index), self._chunks.get(r.storage_index)
+            if (r.type == LoadItemType.BYTE_IO or loc is None or meta is None or loc.data_offset is not None
+                    or loc.transform_descriptors or meta[1] in _QUANTIZED or r.storage_index in self._probed
+                    or math.prod(meta[0]) * meta[1].itemsize < RANGED_MIN_BYTES or list(r.lengths) == list(meta[0])):
+                continue
+            partial[r.storage_index] = (loc, meta[0], meta[1])
+
+        def probe(idx: MetadataIndex, loc: ItemLocation, shape: torch.Size, dtype: torch.dtype) -> None:
+            d0 = locate_record_data(store, loc.relative_path, loc.offset, loc.length, shape, dtype)
+            if d0 is not None:
+                self.locations[idx] = ItemLocation(loc.relative_path, loc.offset, loc.length, d0,
+                                                   math.prod(shape) * dtype.itemsize)
+
+        self._probed.update(partial)
+        run_all("read", self.config.io_threads, probe, [(idx, *v) for idx, v in partial.items()])
+        return store.bytes_read, store.requests
+
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         stats = LoadStats(items=len(plan.items))
+        if self.stock_format == "dcp":
+            stats.bytes_read, stats.requests = self._locate_stock_data(plan)
         jobs = [self._plan_item(req, planner, stats) for req in plan.items]
         total = sum(f.nbytes for j in jobs for f in j.fetches)
         progress = Progress(f"rank {self.rank}: loading from {self.store.url}", total,
@@ -422,12 +717,15 @@ class ExtStorageReader(StorageReader):
                 raise CorruptCheckpointError(f"{e} (while reading {job.req.storage_index.fqn})") from e
             vat = getattr(f, "verify_at", None)
             nblocks = self._verify(job, vat, f.out) if vat is not None else 0
+            if f.decode:
+                nblocks += self._decode(job, f)
             n = f.nbytes
             progress.advance(n)
             with lock:
                 stats.bytes_read += n
                 stats.requests += 1 + len(f.more or ())
                 stats.blocks_verified += nblocks
+                stats.blocks_decompressed += len(f.decode or ())
                 job.remaining -= 1
                 last = job.remaining == 0
             if last:

@@ -28,7 +28,7 @@ from .base import BlobWriter
 from .manifest import ItemLocation
 
 __all__ = ["write_tensor_record", "write_bytes_record", "write_transformed_record", "zip_crc_disabled",
-           "compact_cpu"]
+           "compact_cpu", "DataLocator"]
 
 _LOCAL_HEADER = b"PK\x03\x04"
 
@@ -76,6 +76,34 @@ def compact_cpu(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+class DataLocator:
+    """Watches the writes of a ``torch.save`` record go by and notes where its ``.../data/0``
+    zip entry (the raw tensor bytes) starts: ``data_offset``, relative to the record start.
+
+    torch's zip writer writes each local header (30 bytes) and then the entry's file name in
+    the next write; the data follows the name and the extra field."""
+
+    __slots__ = ("data_offset", "_pending_header")
+
+    def __init__(self) -> None:
+        self.data_offset: int | None = None
+        self._pending_header: bytes | None = None  # a local header awaiting its file name
+
+    def feed(self, mv: memoryview, pos: int) -> int | None:
+        """Look at the write ``mv`` at record position ``pos``; returns ``data_offset`` (None
+        while not found)."""
+        if self.data_offset is None:
+            n = len(mv)
+            if n == 30 and bytes(mv[:4]) == _LOCAL_HEADER:
+                self._pending_header = bytes(mv)
+            elif self._pending_header is not None:
+                name_len, extra_len = struct.unpack_from("<HH", self._pending_header, 26)
+                if n >= name_len and bytes(mv[:name_len]).endswith(b"/data/0"):
+                    self.data_offset = pos + name_len + extra_len
+                self._pending_header = None
+        return self.data_offset
+
+
 class _RecordTap(io.RawIOBase):
     """A write-only stream in front of a BlobWriter that watches a ``torch.save`` record."""
 
@@ -85,8 +113,7 @@ class _RecordTap(io.RawIOBase):
         self.start = out.tell()
         self.pos = 0  # relative to the record start
         self.data_length = data_length
-        self.data_offset: int | None = None
-        self._pending_header: bytes | None = None  # a local header awaiting its file name
+        self.locator = DataLocator()
         self.hasher = BlockHasher(block_size) if block_size else None
         self.rest = 0
         self.error: BaseException | None = None  # the first failure of the store's writer
@@ -100,14 +127,7 @@ class _RecordTap(io.RawIOBase):
         if n == 0:
             return 0
         pos = self.pos
-        if self.data_offset is None:
-            if n == 30 and bytes(mv[:4]) == _LOCAL_HEADER:
-                self._pending_header = bytes(mv)
-            elif self._pending_header is not None:
-                name_len, extra_len = struct.unpack_from("<HH", self._pending_header, 26)
-                if n >= name_len and bytes(mv[:name_len]).endswith(b"/data/0"):
-                    self.data_offset = pos + name_len + extra_len
-                self._pending_header = None
+        self.locator.feed(mv, pos)
         if self.error is None:
             try:
                 self.out.write(mv)
@@ -119,6 +139,10 @@ class _RecordTap(io.RawIOBase):
             self._hash(mv, pos)
         self.pos += n
         return n
+
+    @property
+    def data_offset(self) -> int | None:
+        return self.locator.data_offset
 
     def _hash(self, mv: memoryview, pos: int) -> None:
         d0 = self.data_offset

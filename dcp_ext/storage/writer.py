@@ -41,6 +41,7 @@ from ..errors import DcpExtError
 from ..integrity import ALGORITHM, checksum
 from ..progress import Progress
 from .base import Store
+from .compressed_records import CompressionStats, RecordCompressor
 from .commit import data_file_name, publish, refuse_overwrite, remove_stale_data, uncommit
 from .manifest import ItemLocation, encode_manifest
 from .records import write_bytes_record, write_tensor_record, write_transformed_record, zip_crc_disabled
@@ -77,6 +78,8 @@ class SaveStats:
     files: int = 0
     items: int = 0
     seconds: float = 0.0
+    #: what ``compression`` did (None when it is off)
+    compression: CompressionStats | None = None
 
 
 def _item_nbytes(item: WriteItem) -> int:
@@ -117,7 +120,9 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
     Build it with :func:`dcp_ext.storage_writer` rather than directly. ``extensions``: stock
     DCP's stream transforms (``_extensions`` of ``FileSystemWriter``, e.g. compression), applied
     to every item as stock applies them; such items are read by stock ``FileSystemReader`` with
-    an ``ExtensionRegistry`` that knows them (not by ranged reads: see docs/backends.md).
+    an ``ExtensionRegistry`` that knows them, and by ours (whole items, not ranged reads: see
+    docs/backends.md). ``config.compression="zstd"`` compresses per block instead, keeping
+    ranged reads (:mod:`dcp_ext.storage.compression`).
     """
 
     def __init__(self, store: Store, config: Config, extensions: Sequence[Any] | None = None):
@@ -129,6 +134,9 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
         self.store = store
         self.config = config
         self.extensions = _check_extensions(extensions)
+        if config.compression:
+            RecordCompressor.check_available()  # fail when the writer is made, naming the extra
+            self._check_compression()
         self.save_id = uuid.uuid4().hex
         self.rank = 0
         self.is_coordinator = True
@@ -156,7 +164,21 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
         """The rank whose rank-local part this save commits (None: a collective save)."""
         return None if self.use_collectives else self.rank
 
+    def _check_compression(self) -> None:
+        if self.config.compression and self.extensions:
+            raise DcpExtError(f"compression={self.config.compression!r} and _extensions (stock stream transforms) "
+                              f"cannot be combined: each would compress what the other wrote; use one of them")
+
+    def _compressor(self) -> RecordCompressor | None:
+        """A fresh compressor for one save (None without ``compression``)."""
+        if not self.config.compression:
+            return None
+        workers = min(self.config.io_threads, os.cpu_count() or 1)
+        return RecordCompressor(self.config.compression_level, self.config.compression_min_ratio, workers,
+                                self.config.compression_shuffle)
+
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        self._check_compression()
         self.store.prepare_for_write()
         # a global checkpoint, or this rank's part of a rank-local one, is in the way
         refuse_overwrite(self.store, self.config.overwrite, rank=self.rank)
@@ -186,6 +208,7 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
         progress = Progress(f"rank {self.rank}: saving to {self.store.url}", total,
                             self.config.progress if self.rank == 0 else False, logger)
         block = self.config.checksum_block_size if self.config.checksum else None
+        compressor = self._compressor()
         results: list[WriteResult] = []
         lock = threading.Lock()
         cancel = threading.Event()
@@ -210,6 +233,8 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
                         loc = write_transformed_record(out, name, data, self.extensions, block)
                     elif item.type == WriteItemType.BYTE_IO:
                         loc = write_bytes_record(out, name, data, block)
+                    elif compressor is not None:
+                        loc = compressor.write(out, name, data, self.config.checksum_block_size, block is not None)
                     else:
                         loc = write_tensor_record(out, name, data, block)
                     progress.advance(_item_nbytes(item))
@@ -239,7 +264,8 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
                 if errors:  # the root cause, not the files cancelled because of it
                     raise next((e for e in errors if not isinstance(e, _Cancelled)), errors[0])
         dt = progress.close()
-        self.stats = SaveStats(sum(r.size_in_bytes for r in results), len(buckets), len(results), dt)
+        self.stats = SaveStats(sum(r.size_in_bytes for r in results), len(buckets), len(results), dt,
+                               compressor.stats if compressor is not None else None)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut

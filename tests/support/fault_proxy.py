@@ -20,6 +20,11 @@ may refuse it by returning an HTTP status. Used by the S3/GCS fault-injection te
     with FaultProxy("127.0.0.1", 9000) as proxy:
         proxy.add(FaultRule(r"^PUT ", "503", times=5))
         ... client with endpoint proxy.endpoint ...
+
+**Bandwidth limit** (no ``tc`` needed): ``FaultProxy(..., bandwidth=50e6)`` or
+``proxy.limit_bandwidth(50e6)`` passes at most that many bytes per second *each way* over all
+connections together (a :class:`TokenBucket` per direction), like a link to a remote store; used
+by ``benchmarks/bench_compression.py``. ``bytes_up`` / ``bytes_down`` count what went through.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
-__all__ = ["FaultProxy", "FaultRule"]
+__all__ = ["FaultProxy", "FaultRule", "TokenBucket"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +73,34 @@ class FaultRule:
         if self.hits == 0 and self.seconds is not None:
             self._until = time.monotonic() + self.seconds
         self.hits += 1
+
+
+class TokenBucket:
+    """At most ``rate`` bytes per second, with bursts of up to ``burst`` bytes (default: 50 ms
+    worth). :meth:`take` reserves bytes at once (the bucket may go into debt) and sleeps until
+    they are paid for, so concurrent takers share the rate fairly. ``clock``/``sleep`` can be
+    replaced (tests)."""
+
+    def __init__(self, rate: float, burst: float | None = None, clock=time.monotonic, sleep=time.sleep):
+        if rate <= 0:
+            raise ValueError(f"TokenBucket rate must be > 0 bytes/s, got {rate}")
+        self.rate = float(rate)
+        self.burst = float(burst if burst is not None else rate / 20)
+        self._clock, self._sleep = clock, sleep
+        self._tokens = self.burst
+        self._t = clock()
+        self._lock = threading.Lock()
+
+    def take(self, n: int) -> float:
+        """Account ``n`` bytes; sleep as long as the rate requires. Returns the seconds slept."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._t) * self.rate) - n
+            self._t = now
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait > 0:
+            self._sleep(wait)
+        return wait
 
 
 class _Conn:
@@ -138,12 +171,18 @@ class FaultProxy:
     """Forward ``127.0.0.1:<port>`` to ``target_host:target_port``, injecting faults by rule."""
 
     def __init__(self, target_host: str, target_port: int, port: int = 0,
-                 inspect: Callable[[str, dict[str, str]], int | None] | None = None):
+                 inspect: Callable[[str, dict[str, str]], int | None] | None = None, bandwidth: float | None = None):
         self.target = (target_host, target_port)
         self.inspect = inspect
         self.rules: list[FaultRule] = []
         self.requests = 0
         self.faults = 0
+        self.bytes_up = 0  # request bytes forwarded to the server
+        self.bytes_down = 0  # response bytes forwarded to clients
+        self._up: TokenBucket | None = None
+        self._down: TokenBucket | None = None
+        if bandwidth:
+            self.limit_bandwidth(bandwidth)
         self._lock = threading.Lock()
         self._conns: set[_Conn] = set()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -157,6 +196,20 @@ class FaultProxy:
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    def limit_bandwidth(self, bytes_per_second: float | None, burst: float | None = None) -> None:
+        """Pass at most ``bytes_per_second`` each way (None: no limit), over all connections."""
+        if bytes_per_second:
+            self._up, self._down = TokenBucket(bytes_per_second, burst), TokenBucket(bytes_per_second, burst)
+        else:
+            self._up = self._down = None
+
+    def _forward_up(self, c: "_Conn", data: bytes) -> None:
+        if self._up is not None:
+            self._up.take(len(data))
+        c.server.sendall(data)
+        with self._lock:
+            self.bytes_up += len(data)
 
     # -- rules -------------------------------------------------------------------------
     def add(self, rule: FaultRule) -> FaultRule:
@@ -217,6 +270,7 @@ class FaultProxy:
             except OSError:
                 return
             client.settimeout(None)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle stalls on small heads
             c = _Conn(client)
             with self._lock:
                 self._conns.add(c)
@@ -227,6 +281,7 @@ class FaultProxy:
         try:
             c.server = socket.create_connection(self.target, timeout=30)
             c.server.settimeout(None)
+            c.server.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             threading.Thread(target=self._pump_back, args=(c,), daemon=True, name="fault-proxy-back").start()
             rd = _Reader(c.client)
             while not c.closed:
@@ -249,8 +304,8 @@ class FaultProxy:
                         self._answer(c, int(rule.action))
                         break
                     c.cut_at = c.back + rule.after_bytes
-                c.server.sendall(head)
-                if not self._body(rd, headers, c.server.sendall):
+                self._forward_up(c, head)
+                if not self._body(rd, headers, lambda b: self._forward_up(c, b)):
                     break
         except OSError:
             pass
@@ -312,7 +367,11 @@ class FaultProxy:
                         c.client.sendall(data[:room])
                     break
                 c.back += len(data)  # before sending: the client's next request comes after it
+                if self._down is not None:
+                    self._down.take(len(data))
                 c.client.sendall(data)
+                with self._lock:
+                    self.bytes_down += len(data)
         except OSError:
             pass
         finally:
