@@ -13,9 +13,13 @@ import contextlib
 import contextvars
 import dataclasses
 import functools
+import gc
 import inspect
+import io
 import logging
+import pickle
 import threading
+import types
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -24,7 +28,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 __all__ = ["validate_global_plan", "metadata_version", "async_save_kwargs", "ASYNC_SAVE_TAKES_STAGER",
            "crc_option_is_context_local", "process_wide_zip_crc_disabled", "reports_metadata_errors",
-           "stock_load_hides_reader_errors"]
+           "stock_load_hides_reader_errors", "torch_save"]
 
 
 # --------------------------------------------------------------- DCP's global-plan check (planner.py)
@@ -263,3 +267,64 @@ def reports_metadata_errors(read_metadata: _F) -> _F:
                 self._compat_metadata_error = None
             raise
     return wrapper  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------- torch.save's storage cycle (records)
+_leaks: bool | None = None
+
+
+def torch_save_keeps_storages() -> bool:
+    """Whether ``torch.save`` leaves the storages it wrote in a reference cycle.
+
+    torch 2.7 and 2.9 do: the pickler class ``torch.save`` defines per call and its
+    ``persistent_id`` closure refer to each other, and the closure holds every storage written,
+    until the cyclic GC runs (2.13 breaks the cycle). Probed once: the storage's reference count
+    after a save with the GC off.
+    """
+    global _leaks
+    if _leaks is None:
+        t = torch.zeros(4)
+        count = torch._C._storage_Use_Count  # type: ignore[attr-defined]
+        before = count(t.untyped_storage()._cdata)
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            torch.save(t, io.BytesIO())
+            _leaks = count(t.untyped_storage()._cdata) > before
+        finally:
+            if was:
+                gc.enable()
+    return _leaks
+
+
+class _Pickler(pickle.Pickler):
+    """``pickle.Pickler`` that notes, per thread, the subclass ``torch.save`` defines in a call."""
+
+    made = threading.local()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _Pickler.made.cls = cls
+
+
+#: what ``torch.save(pickle_module=)`` uses of a pickle module: ``Pickler`` (and ``__name__``)
+_PICKLE = types.SimpleNamespace(__name__="pickle", Pickler=_Pickler)
+
+
+def torch_save(obj: Any, f: Any) -> None:
+    """``torch.save(obj, f)`` that does not keep a tensor's storage alive afterwards.
+
+    Where ``torch.save`` leaves its storages in a cycle (:func:`torch_save_keeps_storages`:
+    torch 2.7, 2.9), the cyclic GC frees them only once enough Python objects were allocated,
+    which a save of a few large tensors rarely does: a streamed import held the whole checkpoint
+    instead of about one tensor. There the pickler class of the call loses its
+    ``persistent_id`` method, which cuts the chain to the storages (the same bytes are written:
+    ``pickle.Pickler`` with a hook that only notes the class).
+    """
+    if not (isinstance(obj, torch.Tensor) and torch_save_keeps_storages()):
+        torch.save(obj, f)
+        return
+    torch.save(obj, f, pickle_module=_PICKLE)
+    cls = _Pickler.made.__dict__.pop("cls", None)
+    if cls is not None and "persistent_id" in cls.__dict__:
+        del cls.persistent_id

@@ -9,11 +9,16 @@ real old torch.
 
 from __future__ import annotations
 
+import gc
 import inspect
+import io
 import logging
+import math
+import mmap
 import pickle
 import re
 import threading
+import weakref
 from concurrent.futures import Future
 
 import pytest
@@ -364,3 +369,70 @@ def test_a_rank_local_retry_that_succeeds_logs_nothing(monkeypatch, tmp_path, ca
             r.read_metadata()
         assert "t" in r.read_metadata(rank=0).state_dict_metadata
     assert _ours(caplog) == []
+
+
+# ------------------------------------------------------------------ torch.save's storage cycle
+def _refs_after_save(save) -> tuple[int, int]:
+    """The storage's reference count before and after ``save(t, buffer)``, with the GC off."""
+    count = torch._C._storage_Use_Count
+    t = torch.arange(1 << 18, dtype=torch.float32)  # 1 MiB
+    before = count(t.untyped_storage()._cdata)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        save(t, io.BytesIO())
+        return before, count(t.untyped_storage()._cdata)
+    finally:
+        if was:
+            gc.enable()
+
+
+def test_the_probe_agrees_with_a_plain_torch_save():
+    before, after = _refs_after_save(torch.save)
+    assert torch_compat.torch_save_keeps_storages() is (after > before)
+
+
+@pytest.mark.parametrize("keeps", [False, True], ids=["modern", "cycle-cutting"])
+def test_torch_save_keeps_no_storage_and_writes_the_same_bytes(monkeypatch, keeps):
+    """Both paths on this torch: nothing holds the storage afterwards, the record is byte for byte
+    torch.save's, loads back, and no pickler class is left noted."""
+    if keeps:
+        monkeypatch.setattr(torch_compat, "_leaks", True)  # torch 2.7/2.9's path, forced
+    before, after = _refs_after_save(torch_compat.torch_save)
+    assert after == before
+    t = torch.arange(1 << 18, dtype=torch.float32).reshape(512, 512)
+    ours, stock = io.BytesIO(), io.BytesIO()
+    torch_compat.torch_save(t, ours)
+    torch.save(t, stock)
+    assert ours.getvalue() == stock.getvalue()
+    assert torch.equal(torch.load(io.BytesIO(ours.getvalue()), weights_only=True), t)
+    assert "cls" not in torch_compat._Pickler.made.__dict__
+
+
+def test_a_streamed_import_frees_each_tensor_once_written(monkeypatch, tmp_path):
+    """The defect the cut fixes (run it on torch 2.7/2.9: tests/old_torch.sh): every record's
+    storage stayed alive until the cyclic GC, so an import held the whole checkpoint. With the GC
+    off, each tensor the importer read (an mmap here) is freed by the time the import returns."""
+    save_file = pytest.importorskip("safetensors.torch").save_file
+    save_file({f"t{i}": torch.full((1 << 18,), float(i)) for i in range(4)}, str(tmp_path / "m.safetensors"))
+    from dcp_ext.convert import importing
+
+    buffers = []
+
+    def fresh(shape, dtype):
+        m = mmap.mmap(-1, math.prod(shape) * dtype.itemsize)
+        buffers.append(weakref.ref(m))
+        return torch.frombuffer(m, dtype=torch.uint8).view(dtype).view(shape)
+
+    monkeypatch.setattr(importing, "_fresh", fresh)
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        dcp_ext.import_checkpoint(str(tmp_path / "m.safetensors"), str(tmp_path / "out"), progress=False)
+        assert len(buffers) == 4 and [b() for b in buffers] == [None] * 4
+    finally:
+        if was:
+            gc.enable()
+    out = {f"t{i}": torch.zeros(1 << 18) for i in range(4)}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(str(tmp_path / "out")), no_dist=True)
+    assert all(torch.equal(out[f"t{i}"], torch.full((1 << 18,), float(i))) for i in range(4))

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from ..integrity import BlockHasher, ItemChecksums, checksum
-from ..torch_compat import crc_option_is_context_local, process_wide_zip_crc_disabled
+from ..torch_compat import crc_option_is_context_local, process_wide_zip_crc_disabled, torch_save
 from .base import BlobWriter
 from .manifest import ItemLocation
 
@@ -169,7 +169,7 @@ def write_tensor_record(out: BlobWriter, relative_path: str, tensor: torch.Tenso
     nbytes = t.numel() * t.element_size()
     tap = _RecordTap(out, nbytes, block_size)
     try:
-        torch.save(t, tap)
+        torch_save(t, tap)  # not torch.save: older torch keeps the storage (torch_compat)
     except BaseException:
         if tap.error is not None:
             raise tap.error from None
@@ -244,7 +244,7 @@ def write_transformed_record(out: BlobWriter, relative_path: str, data: torch.Te
     if isinstance(data, io.BytesIO):
         stream.write(data.getbuffer())
     else:
-        torch.save(compact_cpu(data), stream)
+        torch_save(compact_cpu(data), stream)
     stream.close()
     n = out.tell() - start
     checks = None

@@ -14,6 +14,7 @@ import logging
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import filesystem as _stock_filesystem
 from torch.distributed.checkpoint import staging as _stock_staging
 
 from dcp_ext.torch_compat import ASYNC_SAVE_TAKES_STAGER, crc_option_is_context_local, stock_load_hides_reader_errors
@@ -95,3 +96,13 @@ def stock_loads_dtype(dtype: torch.dtype) -> bool:
 needs_load_to_report_reader_errors = pytest.mark.skipif(
     stock_load_hides_reader_errors(),
     reason=_lacks("a dcp.load error naming the reader's read_metadata error (dcp_ext logs it at ERROR instead)"))
+
+
+#: stock ``HuggingFaceStorageWriter``/``Reader`` (public in torch 2.9; 2.7 has only a private draft)
+HF_STORAGE = hasattr(dcp, "HuggingFaceStorageWriter")
+needs_hf_storage = pytest.mark.skipif(not HF_STORAGE, reason=_lacks("torch.distributed.checkpoint.HuggingFaceStorageWriter"))
+
+#: ``FileSystemWriter(serialization_format=SerializationFormat.SAFETENSORS)`` (torch 2.9 has it, 2.7 not)
+SAFETENSORS_FORMAT = hasattr(_stock_filesystem, "SerializationFormat")
+needs_safetensors_format = pytest.mark.skipif(
+    not SAFETENSORS_FORMAT, reason=_lacks("FileSystemWriter(serialization_format=SerializationFormat.SAFETENSORS)"))
