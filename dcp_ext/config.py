@@ -9,7 +9,7 @@ Sources, highest precedence first:
    or a ``dict`` passed as ``config=``,
 4. the defaults.
 
-The top-level options and the ``[tier]`` section are defined here. Every other section belongs
+The top-level options and the ``[tier]`` and ``[manager]`` sections are defined here. Every other section belongs
 to a storage backend: a :class:`~dcp_ext.storage.Backend` declares its options dataclass
 (``Backend(..., options=S3Options)``) and its name becomes the section (``[s3]``,
 ``DCP_EXT_S3_*``, ``s3={...}``, ``cfg.s3``), so a backend registered by a third party (with
@@ -48,6 +48,7 @@ __all__ = [
     "FsOptions",
     "FsspecOptions",
     "GCSOptions",
+    "ManagerOptions",
     "Options",
     "S3Options",
     "TensorStoreOptions",
@@ -98,6 +99,68 @@ class TierOptions(Options):
         if self.durable_check_timeout < 0:
             raise ConfigError(f"{section}.durable_check_timeout: must be >= 0 seconds, got "
                               f"{self.durable_check_timeout}")
+
+
+@dataclass
+class ManagerOptions(Options):
+    """:class:`dcp_ext.CheckpointManager` (``[manager]``): when to save, what to keep, how.
+    Read by the manager only; writers and readers ignore it."""
+
+    #: save when ``step % interval == 0`` (``force=True`` and preemption signals save anyway)
+    interval: int = 1
+    #: keep the newest N complete checkpoints (None: no limit from this rule)
+    keep_last: int | None = None
+    #: also keep every checkpoint whose step is a multiple of K
+    keep_every: int | None = None
+    #: also keep the N best checkpoints by ``best_metric`` (needs ``best_metric``)
+    keep_best: int | None = None
+    #: the ``metrics=`` key that ranks checkpoints for ``keep_best``
+    best_metric: str | None = None
+    #: ``"min"`` (lower is better, e.g. a loss) or ``"max"`` (e.g. an accuracy)
+    best_mode: str = "min"
+    #: save with ``dcp.async_save`` + a pooled stager (training blocks only for a host copy)
+    async_save: bool = False
+    #: top-level state keys that ``load()`` leaves untouched (e.g. ``["data_loader"]``)
+    exclude: list = field(default_factory=list)
+    #: signal names (``["SIGTERM", "SIGUSR1"]``) after which the next ``save()``/``maybe_save()``
+    #: checkpoints on every rank regardless of the interval
+    save_on_signal: list = field(default_factory=list)
+    #: after a save triggered by a signal, raise ``SystemExit(128 + signal number)``
+    exit_on_signal: bool = True
+    #: step directory name: this prefix, then the step (zero-padded to ``step_digits``)
+    step_prefix: str = "step_"
+    step_digits: int = 0
+    #: remove incomplete leftovers of crashed saves (only directories the manager created)
+    cleanup: bool = True
+    #: seconds a collective of the manager's own process groups may take
+    timeout: float = 1800.0
+
+    def validate(self, section: str = "manager") -> None:
+        for name in ("interval", "keep_last", "keep_every", "keep_best"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"{section}.{name}: must be >= 1, got {v}")
+        if self.best_mode not in ("min", "max"):
+            raise ConfigError(f"{section}.best_mode: must be 'min' or 'max', got {self.best_mode!r}")
+        if self.keep_best is not None and not self.best_metric:
+            raise ConfigError(f"{section}.keep_best needs {section}.best_metric: the metrics= key that ranks "
+                              f"checkpoints")
+        if self.step_digits < 0 or self.step_digits > 20:
+            raise ConfigError(f"{section}.step_digits: must be 0..20, got {self.step_digits}")
+        if not self.step_prefix or "/" in self.step_prefix or self.step_prefix.strip() != self.step_prefix:
+            raise ConfigError(f"{section}.step_prefix: must be a non-empty name without '/' or surrounding spaces, "
+                              f"got {self.step_prefix!r}")
+        if self.timeout <= 0:
+            raise ConfigError(f"{section}.timeout: must be > 0 seconds, got {self.timeout}")
+        import signal
+
+        for name in self.save_on_signal:
+            if not isinstance(name, str) or not isinstance(getattr(signal, name.upper(), None), signal.Signals):
+                raise ConfigError(f"{section}.save_on_signal: {name!r} is not a signal name of this platform "
+                                  f"(e.g. 'SIGTERM', 'SIGUSR1')")
+        for k in self.exclude:
+            if not isinstance(k, str) or not k:
+                raise ConfigError(f"{section}.exclude: expected state keys (strings), got {k!r}")
 
 
 @dataclass
@@ -155,8 +218,8 @@ class TensorStoreOptions(Options):
             raise ConfigError(f"{section}.layout: must be 'auto', 'global' or 'per_box', got {self.layout!r}")
 
 
-#: Sections that belong to no backend (tiering wraps any byte-store backend).
-_CORE_SECTIONS: dict[str, type] = {"tier": TierOptions}
+#: Sections that belong to no backend (tiering wraps any byte-store backend; the manager drives any).
+_CORE_SECTIONS: dict[str, type] = {"tier": TierOptions, "manager": ManagerOptions}
 #: Options classes that moved into their backend's module, importable from here as before.
 _MOVED = {"FsOptions": "dcp_ext.storage.fs", "FsspecOptions": "dcp_ext.storage.fsspec",
           "S3Options": "dcp_ext.storage.s3", "GCSOptions": "dcp_ext.storage.gcs"}
@@ -232,6 +295,7 @@ class Config:
     #: needs ``_extension_registry=dcp_ext.extension_registry()``
     compression_shuffle: bool = False
     tier: TierOptions = field(default_factory=TierOptions)
+    manager: ManagerOptions = field(default_factory=ManagerOptions)
     #: backend sections to start from, by name (not a field: read back through ``.sections``)
     sections: InitVar[Mapping[str, Any] | None] = None
 
@@ -311,6 +375,7 @@ class Config:
         if not self.compression_min_ratio >= 1.0:
             raise ConfigError(f"compression_min_ratio: must be >= 1.0, got {self.compression_min_ratio}")
         self.tier.validate("tier")
+        self.manager.validate("manager")
         # sections left untouched hold their defaults; only the ones set are checked
         for name, section in list(self.__dict__.items()):
             if name not in _FIELD_NAMES and not name.startswith("_") and hasattr(section, "validate"):
@@ -470,6 +535,7 @@ def load_config(config: "Config | Mapping[str, Any] | str | os.PathLike | None" 
     if isinstance(config, Config):
         cfg = dataclasses.replace(config)  # copies the backend sections (see Config.sections)
         cfg.tier = copy.copy(config.tier)
+        cfg.manager = copy.deepcopy(config.manager)
     else:
         cfg = Config()
         if config is None and environ.get(ENV_PREFIX + "CONFIG"):

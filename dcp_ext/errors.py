@@ -25,6 +25,8 @@ __all__ = [
     "StagingBudgetError",
     "StagingPoolBusyError",
     "PersistError",
+    "ConvertError",
+    "CheckpointKeyError",
     "CheckpointMismatchError",
     "PeerLostError",
     "UnsafePickleError",
@@ -102,6 +104,19 @@ class PersistError(StorageError):
 
     Raised by ``wait_persisted()`` / the ``persisted`` future; the message names the object.
     """
+
+
+class ConvertError(DcpExtError, ValueError):
+    """A conversion (``dcp-ext convert``, :func:`dcp_ext.export_checkpoint` /
+    :func:`dcp_ext.import_checkpoint`) cannot proceed: unsupported input, a key selection that
+    matches nothing, colliding names, or an output that already exists."""
+
+
+class CheckpointKeyError(DcpExtError, KeyError):
+    """A key (FQN) or step asked for is not in the checkpoint or root; the message lists what is."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
 
 
 class CheckpointMismatchError(DcpExtError, ValueError):

@@ -1,7 +1,8 @@
 """Typed option values: what a config section's fields may be, and how a value becomes one.
 
 A section is a dataclass of options (:class:`Options`); each field is a ``str``, ``int``,
-``float``, ``bool``, :class:`ByteSize`, ``dict``, or one of them ``| None``. :func:`coerce`
+``float``, ``bool``, :class:`ByteSize`, ``dict``, or one of them ``| None`` (the built-in
+``[manager]`` section also has ``list`` fields: from the environment, comma-separated). :func:`coerce`
 checks a value from a file, a keyword or (``from_env``) an environment string against such a
 type and names the key in the :class:`~dcp_ext.errors.ConfigError` it raises.
 """
@@ -127,6 +128,12 @@ def coerce(key: str, value: Any, tp: Any, from_env: bool) -> Any:
         if isinstance(value, os.PathLike):
             return os.fspath(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if from_env and isinstance(value, str):  # DCP_EXT_MANAGER_EXCLUDE=data_loader,lr
+            return [v.strip() for v in value.split(",") if v.strip()]
+        raise ConfigError(f"{key}: expected a list, got {value!r}")
     if tp is dict or origin is dict:
         if isinstance(value, Mapping):
             return dict(value)

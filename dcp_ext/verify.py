@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .config import load_config
-from .errors import CorruptCheckpointError, DcpExtError
+from .errors import CheckpointKeyError, CorruptCheckpointError, DcpExtError
 from .integrity import ChecksumMismatch, checksum, verify_range, verify_rest
 from .progress import Progress
 from .storage import get_backend
@@ -25,7 +25,7 @@ from .storage.commit import MANIFEST_NAME, METADATA_NAME, committed_parts, manif
 from .storage.compression import decode_frame, unshuffle_into
 from .storage.manifest import decode_manifest
 
-__all__ = ["VerifyReport", "verify_checkpoint", "inspect_checkpoint"]
+__all__ = ["VerifyReport", "verify_checkpoint", "inspect_checkpoint", "checkpoint_reader"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,10 @@ class VerifyReport:
         return not self.errors
 
 
-def _reader(url: str, options: dict):
-    # never unpickle anything but DCP metadata here, whatever allow_pickle says elsewhere
+def checkpoint_reader(url: str, options: dict):
+    """A reader for the checkpoint at ``url`` that never unpickles anything but DCP metadata
+    (whatever ``allow_pickle`` says): the URL's backend, or TensorStore when a plain path /
+    ``s3://`` / ``gs://`` URL holds a zarr3 checkpoint (its manifest says so)."""
     cfg = dataclasses.replace(load_config(**options), allow_pickle=False)
     reader = get_backend(url, cfg).make_reader(url, cfg)
     if not cfg.backend and not hasattr(reader, "verify") and _layout(reader.store) == "zarr3":
@@ -70,45 +72,91 @@ def _layout(store) -> str | None:
         return None  # the normal path reports it
 
 
-def inspect_checkpoint(url: str, **options: Any) -> dict:
-    """A JSON-able summary: tensors (dtype, size, chunks), objects, files, bytes, world size (and,
-    for a compressed checkpoint, its compressed items' data and stored bytes).
+def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) -> dict:
+    """A JSON-able summary: tensors (dtype, size, chunks, stored bytes), objects, files, bytes,
+    world size, the saving layout (``saved_layout``), for a compressed checkpoint its compressed
+    items' data and stored bytes; for the keys matching ``fqns`` (globs), ``details``: every
+    chunk's offsets, sizes, file and bytes. Reads only metadata (the JSON manifest when there is
+    one); never loads a stored object. A rank-local checkpoint (``use_collectives=False``) is
+    summed over its parts, listed in ``rank_local_parts``."""
+    from .planner import saved_layout
 
-    A rank-local checkpoint (``use_collectives=False``) is summed over its parts, listed in
-    ``rank_local_parts``."""
-    reader = _reader(url, options)
+    reader = checkpoint_reader(url, options)
     if hasattr(reader, "inspect"):  # a backend with its own layout (tensorstore) describes itself
-        return reader.inspect()
+        info = reader.inspect()
+        info.setdefault("saved_layout", None)
+        info["details"] = {n: dict(info["tensors"].get(n) or {"object": True}, stored=[])
+                           for n in _matching(url, list(info["tensors"]) + info["objects"], fqns)}
+        return info
     parts = committed_parts(reader.store)
     tensors: dict[str, dict] = {}
     objects: set[str] = set()
     files: dict[str, int] = {}
     checksummed = False
+    sdm: dict[str, Any] = {}
+    by_key: dict[str, list] = {}
+    layout = "unknown"
     compressed = {"items": 0, "data_bytes": 0, "stored_bytes": 0}
     for part in parts:
         md = reader.read_metadata(**({} if part is None else {"rank": part}))
+        layout = saved_layout(md)
         for fqn, m in sorted(md.state_dict_metadata.items()):
             if hasattr(m, "chunks"):
                 t = tensors.setdefault(fqn, {"dtype": str(m.properties.dtype).removeprefix("torch."),
-                                             "size": list(m.size), "chunks": 0})
+                                             "size": list(m.size), "chunks": 0, "bytes": 0})
                 t["chunks"] += len(m.chunks)
+                sdm.setdefault(fqn, []).extend(m.chunks)
             else:
                 objects.add(fqn)
-        for loc in reader.locations.values():
+        for idx, loc in reader.locations.items():
             files[loc.relative_path] = files.get(loc.relative_path, 0) + loc.length
             checksummed = checksummed or loc.checksums is not None
             if loc.compression is not None:
                 compressed["items"] += 1
                 compressed["data_bytes"] += loc.data_length or 0
                 compressed["stored_bytes"] += loc.length
+            by_key.setdefault(idx.fqn, []).append((idx, loc))
+            if idx.fqn in tensors:
+                tensors[idx.fqn]["bytes"] += loc.length
+    details = {}
+    for n in _matching(url, sorted(tensors) + sorted(objects), fqns):
+        d = dict(tensors.get(n) or {"object": True, "bytes": sum(loc.length for _i, loc in by_key.get(n, []))})
+        d["stored"] = [{"offsets": None if idx.offset is None else list(idx.offset),
+                        "sizes": _chunk_sizes(sdm.get(n, []), idx.offset),
+                        "file": loc.relative_path, "offset": loc.offset, "bytes": loc.length,
+                        "checksummed": loc.checksums is not None}
+                       for idx, loc in sorted(by_key.get(n, []), key=lambda il: list(il[0].offset or []))]
+        details[n] = d
     out = {"url": url, "tensors": dict(sorted(tensors.items())), "objects": sorted(objects), "files": files,
            "bytes": sum(files.values()), "world_size": reader.manifest_extra.get("world_size"),
-           "has_manifest": reader.store.exists(manifest_name(parts[-1])), "checksummed": checksummed}
+           "saved_layout": None if layout.startswith("unknown") else layout,
+           "has_manifest": reader.store.exists(manifest_name(parts[-1])), "checksummed": checksummed,
+           "details": details}
     if compressed["items"]:  # compression="zstd": tensors stored as frames, and how much smaller
         out["compressed"] = compressed
     if parts != (None,):
         out["rank_local_parts"] = list(parts)
     return out
+
+
+def _matching(url: str, names: list[str], fqns: list[str] | None) -> list[str]:
+    """``names`` matching any glob of ``fqns`` (none: no details); a glob matching nothing is an error."""
+    import fnmatch
+
+    if not fqns:
+        return []
+    missing = [p for p in fqns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if missing:
+        raise CheckpointKeyError(f"{url} has no key matching {', '.join(missing)}; keys look like: "
+                                 f"{', '.join(names[:8])}{', ...' if len(names) > 8 else ''}")
+    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in fqns)]
+
+
+def _chunk_sizes(chunks: list, offsets) -> list | None:
+    for c in chunks:
+        if offsets is not None and list(c.offsets) == list(offsets):
+            return list(c.sizes)
+    return None
 
 
 class _FrameDamaged(ValueError):
@@ -163,7 +211,7 @@ def _check_frames(store, loc, bar: Progress) -> None:
 def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) -> VerifyReport:
     """Check every byte of a committed checkpoint (or of every part of a rank-local one)
     against its block checksums."""
-    reader = _reader(url, options)
+    reader = checkpoint_reader(url, options)
     store = reader.store
     report = VerifyReport(url)
     if hasattr(reader, "verify"):  # a backend with its own layout (tensorstore) checks itself

@@ -50,6 +50,14 @@ def test_config_object_is_not_mutated():
     assert base.s3.region is None and c.s3.region == "x" and c.io_threads == 2
 
 
+def test_part_size_minimums_are_each_stores_own():
+    """S3 refuses parts under 5 MiB (its multipart minimum); GCS resumable chunks only need to be
+    multiples of 256 KiB, so a small GCS chunk is valid."""
+    assert load_config(environ={}, gcs={"part_size": "256KiB"}).gcs.part_size == 256 * 1024
+    with pytest.raises(ConfigError, match=r"s3.part_size: must be >= 5MiB \(S3 minimum\)"):
+        load_config(environ={}, s3={"part_size": "256KiB"})
+
+
 @pytest.mark.parametrize("opts,msg", [
     ({"io_thread": 4}, r"unknown option 'io_thread'; valid options: .*io_threads"),
     ({"s3": {"partsize": 1}}, r"unknown option 's3.partsize'; valid options in \[s3\]: .*part_size"),
@@ -59,6 +67,7 @@ def test_config_object_is_not_mutated():
     ({"checksum_block_size": "1KiB"}, r"checksum_block_size: must be >= 4096"),
     ({"s3": {"part_size": "1MiB"}}, r"part_size: must be >= 5MiB"),
     ({"gcs": {"part_size": 5 * 1024 * 1024 + 1}}, r"gcs.part_size: must be a multiple of 256 KiB"),
+    ({"gcs": {"part_size": 0}}, r"gcs.part_size: must be a multiple of 256 KiB"),
     ({"s3": {"max_concurrency": 0}}, r"s3.max_concurrency: must be >= 1, got 0"),
     ({"gcs": {"max_retries": -1}}, r"gcs.max_retries: must be >= 0, got -1"),
     ({"s3": {"retry_base_delay": 1.0, "retry_max_delay": 0.5}}, r"s3.retry_max_delay: must be >= retry_base_delay"),

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from torch.distributed.checkpoint import StorageReader, StorageWriter
 
 __all__ = ["Backend", "register_backend", "get_backend", "backends", "storage_writer",
-           "storage_reader", "split_url", "expand_shorthands"]
+           "storage_reader", "split_url", "expand_shorthands", "open_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +252,33 @@ def storage_reader(url: str | os.PathLike, *, config: Any = None, _extension_reg
                               f"backend for {os.fspath(url)!r} does not take it")
         r.extension_registry = _extension_registry
     return r
+
+
+def open_store(url: str | os.PathLike, *, config: Any = None, **options: Any):
+    """The byte :class:`~dcp_ext.storage.base.Store` of any location ``url`` (options as for
+    :func:`storage_writer`; ``cache``/``tier`` are ignored): for tools that list, read and delete
+    files around checkpoints (the checkpoint manager's root, ``dcp-ext ls/gc``). Backends that
+    keep their own format under a byte URL (``zarr3+s3://...``) give the store of that URL."""
+    from ..errors import DcpExtError
+
+    options = {k: v for k, v in options.items() if k not in ("cache", "tier")}
+    cfg = load_config(config, **options)
+    if cfg.tier.cache:
+        cfg.tier.cache = None
+    url = os.fspath(url)
+    b = get_backend(url, cfg)
+    store = getattr(b.make_writer(url, cfg), "store", None)
+    if store is not None:
+        return store
+    scheme, rest = split_url(url)
+    if "+" in scheme:  # a format over a byte store: the store of the inner URL
+        inner = scheme.split("+", 1)[1]
+        import dataclasses
+
+        return open_store(rest if inner == "file" else f"{inner}://{rest}",
+                          config=dataclasses.replace(cfg, backend=None))
+    raise DcpExtError(f"the {b.name!r} backend for {url!r} has no byte store to list or delete files with "
+                      f"(use a file, fsspec, S3 or GCS URL)")
 
 
 def _register_builtins() -> None:

@@ -143,5 +143,9 @@ class Store(abc.ABC):
     def remove(self, relpaths: Iterable[str]) -> None:
         """Delete files; missing ones are ignored."""
 
+    def remove_empty_dirs(self) -> None:
+        """Remove directories left empty under (and including) the location, where the medium
+        has directories (object stores have none: nothing to do). Never raises."""
+
     def close(self) -> None:
         """Release clients, pools and connections."""

@@ -70,6 +70,10 @@ __all__ = [
     "persist_marker_prefix",
     "replica_dir_name",
     "replica_dir_rank",
+    "STEP_INFO_NAME",
+    "LATEST_NAME",
+    "child_states",
+    "remove_checkpoint",
     "TIER_RECORD",
     "NODE_ID_FILE",
     "PERSIST_LEASE",
@@ -101,6 +105,11 @@ HF_INDEX_NAME = "model.safetensors.index.json"
 PERSISTED_MARKER = ".dcp_ext_persisted"
 #: fast tier: in ``replica_of_rank{r}/``, which save and files of rank r this node holds
 REPLICA_MARKER = ".dcp_ext_replica.json"
+#: checkpoint manager: a step directory's own record (``dcp_ext.manager``), written before the
+#: save (so the manager knows the directory is its own) and completed after the commit
+STEP_INFO_NAME = ".dcp_ext_step.json"
+#: checkpoint manager: one line in the root naming its newest complete step directory
+LATEST_NAME = "latest"
 _PERSIST_MARKER_PREFIX = ".dcp_ext_persist."
 _REPLICA_DIR_RE = re.compile(r"^replica_of_rank(\d+)$")
 #: fast tier: which durable URL a committed fast-tier copy belongs to (written with its commit), so
@@ -351,3 +360,37 @@ def remove_stale_data(store: Store, used: Iterable[str], rank: int | None = None
     except (OSError, StorageError) as e:
         logger.warning("could not remove stale files in %s: %s", store.url, e)
         return []
+
+
+def child_states(store: Store, listing: Iterable[str] | None = None) -> dict[str, CommitStatus]:
+    """Classify every immediate subdirectory of ``store`` (a root holding one checkpoint per
+    subdirectory, e.g. a manager's step directories) from one recursive listing (``listing``:
+    ``store.list()`` if already fetched): committed when it holds its own ``.metadata``, else
+    incomplete. Files directly in the root are ignored."""
+    files: dict[str, list[str]] = {}
+    for path in store.list() if listing is None else listing:
+        if "/" in path:
+            child, rest = path.split("/", 1)
+            files.setdefault(child, []).append(rest)
+    out = {}
+    for child, rel in sorted(files.items()):
+        url = f"{store.url.rstrip('/')}/{child}"
+        if METADATA_NAME in rel:
+            out[child] = CommitStatus(url, CommitState.COMMITTED)
+        else:
+            out[child] = CommitStatus(url, CommitState.INCOMPLETE,
+                                      tuple(f for f in rel if "/" not in f and is_data_file(f)))
+    return out
+
+
+def remove_checkpoint(store: Store) -> list[str]:
+    """Delete the checkpoint at ``store`` and everything else under its location.
+
+    ``.metadata`` goes first (:func:`uncommit`), so from the first deletion on no new load can
+    start from it (readers see it as incomplete); then the manifest and every other file, then
+    the emptied directories. Returns the files removed."""
+    uncommit(store)
+    rest = store.list()
+    store.remove(rest)
+    store.remove_empty_dirs()
+    return [METADATA_NAME, MANIFEST_NAME, *rest]

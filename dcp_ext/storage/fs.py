@@ -318,3 +318,10 @@ class LocalStore(Store):
                 os.unlink(self._abs(p))
             except FileNotFoundError:
                 pass
+
+    def remove_empty_dirs(self) -> None:
+        for dirpath, _dirs, _files in sorted(os.walk(self.root, topdown=False), key=lambda w: -len(w[0])):
+            try:
+                os.rmdir(dirpath)  # only succeeds when empty
+            except OSError:
+                pass

@@ -7,6 +7,7 @@ long tail and for tests (``memory://``).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -16,6 +17,8 @@ from ..errors import CorruptCheckpointError, MissingDependencyError, StorageErro
 from .base import BlobWriter, Store
 
 __all__ = ["FsspecOptions", "FsspecStore"]
+
+logger = logging.getLogger(__name__)
 
 #: fsspec protocols whose implementation one of our pip extras installs (for error messages)
 PROTOCOL_EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}
@@ -135,3 +138,10 @@ class FsspecStore(Store):
                 self.fs.rm_file(self._abs(p))
             except FileNotFoundError:
                 pass
+
+    def remove_empty_dirs(self) -> None:
+        try:
+            if self.fs.exists(self.root) and not self.fs.find(self.root):
+                self.fs.rm(self.root, recursive=True)
+        except Exception as e:  # noqa: BLE001 - leftovers are harmless
+            logger.debug("could not remove the empty location %s: %s", self.url, e)

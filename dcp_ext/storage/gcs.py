@@ -68,7 +68,7 @@ class GCSOptions(ObjectStoreOptions):
 
     def validate(self, section: str) -> None:
         super().validate(section)
-        if self.part_size % (256 * 1024):
+        if self.part_size < 256 * 1024 or self.part_size % (256 * 1024):
             raise ConfigError(f"{section}.part_size: must be a multiple of 256 KiB (GCS resumable uploads), got "
                               f"{self.part_size}")
         if self.timeout <= 0:

@@ -383,8 +383,7 @@ class ObjectStoreOptions(Options):
     retry_max_delay: float = 10.0
 
     def validate(self, section: str) -> None:
-        if self.part_size < 5 * 1024 * 1024:
-            raise ConfigError(f"{section}.part_size: must be >= 5MiB (S3 minimum), got {self.part_size}")
+        # the part-size rules are each store's own (S3: >= 5 MiB; GCS: multiples of 256 KiB)
         if self.max_concurrency < 1:
             raise ConfigError(f"{section}.max_concurrency: must be >= 1, got {self.max_concurrency}")
         if self.max_retries < 0:

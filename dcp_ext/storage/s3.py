@@ -57,6 +57,8 @@ class S3Options(ObjectStoreOptions):
 
     def validate(self, section: str) -> None:
         super().validate(section)
+        if self.part_size < 5 * 1024 * 1024:
+            raise ConfigError(f"{section}.part_size: must be >= 5MiB (S3 minimum), got {self.part_size}")
         if self.addressing_style not in (None, "path", "virtual", "auto"):
             raise ConfigError(f"{section}.addressing_style: must be 'path', 'virtual' or 'auto', got "
                               f"{self.addressing_style!r}")
