@@ -17,13 +17,16 @@ Both planners subclass DCP's defaults and only change *which chunks* are written
 
 The checkpoint stays standard DCP: stock ``DefaultLoadPlanner`` loads full global tensors from it
 and ``format_utils.dcp_to_torch_save`` gives the unsharded model.
+
+Why both planners share this module (about 520 lines): they are the two directions of one mapping
+(local tensor -> global FQN, boxes, nested-dict paths, ``GlobalPieces``) and share its helpers;
+the coordinator's deduplication of the save plans is its own module, :mod:`dcp_ext.save_dedup`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
-import hashlib
 import io
 import json
 import logging
@@ -69,15 +72,13 @@ from torch.distributed.tensor import DTensor
 
 from .errors import LayoutError, ReshardError
 from .layout import GlobalPieces, ParallelLayout, local_box
+from .save_dedup import LAYOUT_KEY, MAX_LISTED, dedup_by_bytes, describe_layouts, layout_info, plan_fingerprint
 from .torch_compat import validate_global_plan
 
 __all__ = ["LAYOUT_KEY", "ReshardLoadPlanner", "ReshardReport", "ReshardSavePlanner", "saved_layout"]
 
 logger = logging.getLogger(__name__)
 
-#: key in ``Metadata.planner_data`` holding ``(json_description_of_the_saving_layout,)``
-LAYOUT_KEY = "__dcp_ext_reshard__"
-_MAX_LISTED = 20
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:
@@ -100,37 +101,6 @@ def _layers_of(fqns: Any, layout: ParallelLayout) -> list[int]:
         if m:
             out.add(int(m.group(1)))
     return sorted(out)
-
-
-def _ranges(ids: Any) -> str:
-    """``[0, 1, 2, 5]`` -> ``"0-2,5"`` (keeps descriptions of 1,000-layer jobs short)."""
-    ids = sorted(ids)
-    if not ids:
-        return "none"
-    parts = []
-    start = prev = ids[0]
-    for x in ids[1:] + [None]:
-        if x is not None and x == prev + 1:
-            prev = x
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if x is not None:
-            start = prev = x
-    return ",".join(parts)
-
-
-def _describe(infos: list[dict[str, Any] | None]) -> str:
-    """One line describing the layout of all ranks: sizes, and the layers of every PP stage."""
-    known = [i for i in infos if i is not None]
-    if not known:
-        return "unknown (not written by ReshardSavePlanner)"
-    sizes = sorted({(i["layout"]["tp_size"], i["layout"]["pp_size"], i["layout"]["dp_size"]) for i in known})
-    stages: dict[int, set[int]] = {}
-    for i in known:
-        stages.setdefault(i["layout"]["pp_rank"], set()).update(i.get("layers", []))
-    size_s = " / ".join(f"{t}x{p}x{d}" for t, p, d in sizes)
-    stage_s = "; ".join(f"stage {s}: layers {_ranges(ls)}" for s, ls in sorted(stages.items()))
-    return f"TPxPPxDP={size_s} on {len(infos)} ranks ({stage_s})"
 
 
 def _global_path(local_path: tuple, local_fqn: str, global_fqn: str, layout: ParallelLayout) -> tuple:
@@ -231,7 +201,7 @@ class ReshardSavePlanner(DefaultSavePlanner):
             "layers": _layers_of({it.index.fqn for it in items}, lay),
             "anywhere": anywhere,
             "exclusive": exclusive,
-            "fingerprint": _fingerprint(lay.pp_rank, items, anywhere, exclusive),
+            "fingerprint": plan_fingerprint(lay.pp_rank, items, anywhere, exclusive),
         }
         planner_data = dict(paths)
         planner_data[LAYOUT_KEY] = (json.dumps(info),)
@@ -272,14 +242,14 @@ class ReshardSavePlanner(DefaultSavePlanner):
 
     def _create_reshard_global_plan(self, all_plans: list[SavePlan]) -> tuple[list[SavePlan], Metadata]:
         t0 = time.perf_counter()
-        infos = [_info_of(p) for p in all_plans]
+        infos = [layout_info(p) for p in all_plans]
         deduped = dedup_by_bytes(all_plans, infos)
         global_plan, metadata = create_default_global_save_plan(deduped)
         merged: dict[str, Any] = {}
         for p in all_plans:
             if isinstance(p.planner_data, dict):
                 merged.update(p.planner_data)
-        merged[LAYOUT_KEY] = (json.dumps({"format": 1, "description": _describe(infos),
+        merged[LAYOUT_KEY] = (json.dumps({"format": 1, "description": describe_layouts(infos),
                                           "ranks": [i["layout"] if i else None for i in infos]}),)
         metadata = dataclasses.replace(metadata, planner_data=merged)
         errors = validate_global_plan(global_plan, metadata)
@@ -294,13 +264,13 @@ class ReshardSavePlanner(DefaultSavePlanner):
             listed = "; ".join(errors[:10])
             raise ReshardError(
                 f"ReshardSavePlanner: the chunks of the ranks' layouts do not tile the global tensors "
-                f"({len(errors)} problems; saving layout {_describe(infos)}): {listed}"
+                f"({len(errors)} problems; saving layout {describe_layouts(infos)}): {listed}"
             )
         self.global_plan = global_plan
         self.metadata = metadata
         logger.info("ReshardSavePlanner: global plan for %d ranks: %d write items -> %d chunks in %.2f s (%s)",
                     len(all_plans), sum(len(p.items) for p in all_plans), sum(len(p.items) for p in global_plan),
-                    time.perf_counter() - t0, _describe(infos))
+                    time.perf_counter() - t0, describe_layouts(infos))
         return global_plan, metadata
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
@@ -336,159 +306,6 @@ def _tensor_item(gfqn: str, gshape: tuple[int, ...], goffsets: tuple[int, ...], 
     )
 
 
-def _info_of(plan: SavePlan | LoadPlan) -> dict[str, Any] | None:
-    pd = plan.planner_data
-    if isinstance(pd, dict) and LAYOUT_KEY in pd:
-        return json.loads(pd[LAYOUT_KEY][0])
-    return None
-
-
-def _item_nbytes(it: WriteItem) -> int:
-    if it.tensor_data is None:
-        return 1
-    return math.prod(it.tensor_data.chunk.sizes) * it.tensor_data.properties.dtype.itemsize
-
-
-def dedup_by_bytes(all_plans: list[SavePlan], infos: list[dict[str, Any] | None] | None = None) -> list[SavePlan]:
-    """Keep every ``(FQN, chunk offsets)`` once, balanced by bytes; reject colliding chunks.
-
-    Chunks held by one rank stay there. Chunks held by several ranks go, largest first, to the
-    least-loaded holder (ties: lower rank), so replicated data spreads by bytes, not by count.
-    Raises :class:`ReshardError` when ranks claim the same chunk with different sizes, when a
-    ``GlobalPieces(replicated=False)`` chunk is claimed twice, or when a plain tensor chunk is
-    claimed by two pipeline stages (a wrong ``layer_offset``/``stage_layers``).
-    """
-    if infos is None:
-        infos = [_info_of(p) for p in all_plans]
-    gc_was_enabled = gc.isenabled()
-    gc.disable()  # millions of short-lived tuples at 1k ranks: cyclic GC passes dominate otherwise
-    try:
-        return _dedup_by_bytes(all_plans, infos)
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-
-
-def _fingerprint(pp_rank: int, items: list[WriteItem], anywhere: list[int], exclusive: list[int]) -> str:
-    """Digest of a local plan's chunk list: DP replicas send identical plans, and the coordinator
-    then walks the items of one of them instead of all (1,024 ranks: 16x fewer items at DP=16)."""
-    h = hashlib.blake2b(digest_size=16)
-    h.update(repr((pp_rank, anywhere, exclusive)).encode())
-    for it in items:
-        td = it.tensor_data
-        h.update(repr((it.index.fqn, None if it.index.offset is None else tuple(it.index.offset), it.type.value,
-                       None if td is None else (tuple(td.chunk.sizes), str(td.properties.dtype)))).encode())
-    return h.hexdigest()
-
-
-def _dedup_by_bytes(all_plans: list[SavePlan], infos: list[dict[str, Any] | None]) -> list[SavePlan]:
-    n = len(all_plans)
-    # 1. group ranks whose plans are identical (same fingerprint); one representative per group
-    members: list[list[int]] = []
-    group_of_fp: dict[str, int] = {}
-    for pi, info in enumerate(infos):
-        fp = info.get("fingerprint") if info else None
-        g = group_of_fp.get(fp) if fp is not None else None
-        if g is None:
-            g = len(members)
-            members.append([])
-            if fp is not None:
-                group_of_fp[fp] = g
-        members[g].append(pi)
-    rep = [m[0] for m in members]
-    # 2. key -> holder groups, walking only the representatives' items
-    first: dict[tuple, tuple[int, int]] = {}
-    extra: dict[tuple, list[tuple[int, int]]] = {}
-    for g, pi in enumerate(rep):
-        for pos, it in enumerate(all_plans[pi].items):
-            idx = it.index
-            key = (idx.fqn, idx.offset)
-            if key in first:
-                lst = extra.get(key)
-                if lst is None:
-                    extra[key] = [first[key], (g, pos)]
-                else:
-                    lst.append((g, pos))
-            else:
-                first[key] = (g, pos)
-    anywhere = [set(i["anywhere"]) if i else set() for i in infos]
-    exclusive = [set(i["exclusive"]) if i else set() for i in infos]
-    pp_rank = [i["layout"]["pp_rank"] if i else 0 for i in infos]
-
-    loads = [0] * n
-    keep: list[set[int]] = [set() for _ in range(n)]
-    dups: list[tuple[int, str, tuple, list[tuple[int, int]]]] = []
-    for key, (g, pos) in first.items():
-        if key in extra:
-            continue
-        if len(members[g]) == 1:
-            pi = members[g][0]
-            keep[pi].add(pos)
-            loads[pi] += _item_nbytes(all_plans[pi].items[pos])
-        else:  # held only by identical replicas
-            extra[key] = [(g, pos)]
-    errors: list[str] = []
-    for key, hs in extra.items():
-        g0, pos0 = hs[0]
-        item0 = all_plans[rep[g0]].items[pos0]
-        td0 = item0.tensor_data
-        s0 = None if td0 is None else td0.chunk.sizes
-        p0 = pp_rank[rep[g0]]
-        same_sizes = True
-        one_stage = True
-        for g, pos in hs[1:]:
-            td = all_plans[rep[g]].items[pos].tensor_data
-            if (None if td is None else td.chunk.sizes) != s0:
-                same_sizes = False
-            if pp_rank[rep[g]] != p0:
-                one_stage = False
-        holders = [(pi, pos) for g, pos in hs for pi in members[g]]
-        if not (same_sizes and one_stage) or any(exclusive[rep[g]] for g, _ in hs):
-            ranks = [pi for pi, _ in holders]
-            where = f"{key[0]} at offsets {list(key[1] or [])}"
-            if not same_sizes:
-                sizes = sorted({str(None if all_plans[pi].items[pos].tensor_data is None
-                                    else list(all_plans[pi].items[pos].tensor_data.chunk.sizes))
-                                for pi, pos in holders})
-                errors.append(f"{where} is claimed by ranks {ranks} with different chunk sizes {sizes}")
-                continue
-            if any(pos in exclusive[pi] for pi, pos in holders):
-                errors.append(f"{where} is a GlobalPieces(replicated=False) piece but ranks {ranks} all hold it "
-                              f"(mark it replicated=True if the copies are identical)")
-                continue
-            if not one_stage and not all(pos in anywhere[pi] for pi, pos in holders):
-                stages = sorted({pp_rank[pi] for pi in ranks})
-                errors.append(f"{where} is claimed by ranks {ranks} in PP stages {stages}: the stages' layer "
-                              f"renumbering (layer_offset/stage_layers) overlaps")
-                continue
-        dups.append((_item_nbytes(item0), key[0], tuple(key[1] or ()), holders))
-    if errors:
-        more = f" (and {len(errors) - _MAX_LISTED} more)" if len(errors) > _MAX_LISTED else ""
-        raise ReshardError(
-            f"ReshardSavePlanner: {len(errors)} chunk collision(s) across ranks{more}; saving layout "
-            f"{_describe(infos)}:\n  " + "\n  ".join(errors[:_MAX_LISTED])
-        )
-    # 3. replicated chunks: largest first to the least-loaded holder (ties: lower rank)
-    dups.sort(key=lambda d: (-d[0], d[1], d[2]))
-    for nbytes, _, _, hs in dups:
-        best_pi, best_pos = hs[0]
-        best_load = loads[best_pi]
-        for pi, pos in hs:
-            ld = loads[pi]
-            if ld < best_load or (ld == best_load and pi < best_pi):
-                best_pi, best_pos, best_load = pi, pos, ld
-        keep[best_pi].add(best_pos)
-        loads[best_pi] += nbytes
-    logger.debug("dedup_by_bytes: %d ranks in %d groups of identical plans, %d unique chunks, %d replicated; "
-                 "bytes per rank min %d max %d", n, len(members), len(first), len(dups),
-                 min(loads, default=0), max(loads, default=0))
-    out = []
-    for plan, k in zip(all_plans, keep):
-        items = plan.items
-        out.append(dataclasses.replace(plan, items=[items[pos] for pos in sorted(k)]))
-    return out
-
-
 # ---------------------------------------------------------------------------------------- load
 
 
@@ -513,8 +330,8 @@ class ReshardReport:
                           ("unexpected keys (in the checkpoint, not loaded by any rank)", self.unexpected_keys),
                           ("shape mismatches", self.shape_mismatches)):
             if xs:
-                more = f" ... and {len(xs) - _MAX_LISTED} more" if len(xs) > _MAX_LISTED else ""
-                lines.append(f"{len(xs)} {title}: " + ", ".join(xs[:_MAX_LISTED]) + more)
+                more = f" ... and {len(xs) - MAX_LISTED} more" if len(xs) > MAX_LISTED else ""
+                lines.append(f"{len(xs)} {title}: " + ", ".join(xs[:MAX_LISTED]) + more)
         return "\n".join(lines)
 
 
@@ -664,7 +481,7 @@ class ReshardLoadPlanner(DefaultLoadPlanner):
         return LoadPlan(requests, planner_data={LAYOUT_KEY: (json.dumps(info),)})
 
     def create_global_plan(self, global_plan: list[LoadPlan]) -> list[LoadPlan]:
-        infos = [_info_of(p) for p in global_plan]
+        infos = [layout_info(p) for p in global_plan]
         md = self.metadata.state_dict_metadata if self.metadata is not None else {}
         claimed: set[str] = set()
         missing: list[str] = []
@@ -678,7 +495,7 @@ class ReshardLoadPlanner(DefaultLoadPlanner):
         unexpected = sorted(k for k in md if k not in claimed)
         report = ReshardReport(missing_keys=missing, unexpected_keys=unexpected, shape_mismatches=mismatched,
                                saved_layout=saved_layout(self.metadata) if self.metadata else "unknown",
-                               target_layout=_describe(infos))
+                               target_layout=describe_layouts(infos))
         logger.info("ReshardLoadPlanner: %d ranks load %d read items; saved layout %s; target %s",
                     len(global_plan), sum(len(p.items) for p in global_plan), report.saved_layout,
                     report.target_layout)

@@ -208,7 +208,7 @@ def test_local_box_is_a_view():
 
 
 def test_layout_description_ranges():
-    from dcp_ext.planner import _ranges
+    from dcp_ext.save_dedup import layer_ranges as _ranges
 
     assert _ranges([5, 0, 1, 2]) == "0-2,5"
     assert _ranges([3]) == "3"

@@ -179,7 +179,7 @@ def test_fault_rule_window_starts_at_its_first_match(monkeypatch):
 
 
 def test_part_buffers_are_reused_and_released():
-    from dcp_ext.storage.object_store import BUFFERS, release_buffers
+    from dcp_ext.storage.buffers import BUFFERS, release_buffers
 
     release_buffers()
     a = BUFFERS.get(4096)

@@ -23,6 +23,13 @@ What it does better than stock ``FileSystemReader`` (and why):
   e.g. stock's ``ZStandard``: whole items, through stock's ``ExtensionRegistry``), the
   ``SAFETENSORS`` serialization format and ``HuggingFaceStorageWriter`` checkpoints (raw bytes
   located from the safetensors headers: ranged reads), on every byte backend.
+
+Metadata is read by :mod:`dcp_ext.storage.checkpoint_metadata`, the requests' records and
+grouping live in :mod:`dcp_ext.storage.read_requests`. Why the rest is one module (about 650
+lines): it is one concern, the data path of a load - turning each read item into fetches (plain,
+strided box, compressed frames, whole or stream-transformed records, probed stock records),
+verifying and decoding them as they land, and running them - and every step works on the same
+reader state (item locations, chunk table, probed stock files, :class:`LoadStats`).
 """
 
 from __future__ import annotations
@@ -34,13 +41,13 @@ import math
 import os
 import threading
 import uuid
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.futures import Future
-from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 
@@ -48,26 +55,19 @@ from ..config import Config
 from ..errors import (
     CorruptCheckpointError,
     DcpExtError,
-    IncompleteCheckpointError,
     MissingDependencyError,
     UnsupportedFormatError,
 )
-from ..integrity import ChecksumMismatch, checksum, verify_range, verify_rest
+from ..integrity import ChecksumMismatch, verify_range, verify_rest
 from ..progress import Progress
 from ..torch_compat import reports_metadata_errors
 from .base import Store
-from .commit import (
-    METADATA_NAME,
-    data_file_rank,
-    manifest_name,
-    metadata_name,
-    require_committed,
-    safetensors_checkpoint_files,
-)
+from .checkpoint_metadata import location_of, read_checkpoint_metadata
 from .compression import decode_frame_into, frame_error, unshuffle_into, zstandard_module
-from .manifest import ItemLocation, decode_manifest
+from .manifest import ItemLocation
 from .ranges import BoxSpans, box_spans, merge_ranges
-from .safe_pickle import checked_bytes_item, load_metadata
+from .read_requests import CountingStore, Fetch, ItemJob, bytes_view, coalesce_small, copy_box
+from .safe_pickle import checked_bytes_item
 from .threads import HostInfo, cpu_workers, ranks_on_hosts, run_all
 
 __all__ = ["ExtStorageReader", "LoadStats"]
@@ -107,11 +107,6 @@ class LoadStats:
     blocks_direct: int = 0
 
 
-def _as_bytes_view(t: torch.Tensor) -> memoryview:
-    """A writable byte memoryview of a contiguous CPU tensor."""
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-
-
 #: a verified part is read and checked in pieces of about this size (whole checksum blocks), so
 #: each piece is verified while it is still in the CPU's cache (L2 here: 1 MiB per core)
 VERIFY_PIECE = 1024 * 1024
@@ -119,101 +114,6 @@ VERIFY_PIECE = 1024 * 1024
 GROUP_BYTES = 4 * 1024 * 1024
 #: ... and at most this many spans per group
 GROUP_SPANS = 2048
-
-
-@dataclass
-class _Fetch:
-    """One contiguous byte range of one file to read into ``out`` (plus, for a group of small
-    spans of one item, further ``(offset, out)`` ranges read by the same task)."""
-
-    relpath: str
-    offset: int  # absolute file offset
-    out: memoryview
-    more: list[tuple[int, memoryview]] | None = None
-    #: compressed frames in ``out`` to decode: ``(block, start in out, size, destination)``
-    decode: list[tuple[int, int, int, memoryview]] | None = None
-
-    @property
-    def nbytes(self) -> int:
-        return len(self.out) + (sum(len(o) for _, o in self.more) if self.more else 0)
-
-
-@dataclass
-class _ItemJob:
-    req: ReadItem
-    loc: ItemLocation
-    fetches: list[_Fetch] = field(default_factory=list)
-    finalize: Callable[[], None] | None = None
-    remaining: int = 0
-    #: compressed items: verify each block after decompressing it
-    verify_decoded: bool = False
-
-
-#: fetches of whole items smaller than this are read together with their neighbours in the same
-#: file (partial reads never: a resharded load reads what it needs) ...
-SMALL_FETCH = 1024 * 1024
-#: ... by stores whose ``coalesce_gap`` is at least this (a request is costly: object stores) ...
-COSTLY_REQUEST_GAP = 64 * 1024
-#: ... when at most this many bytes lie between them (the headers between two records' data:
-#: whole small tensors share a request, a resharded load still reads only what it needs) ...
-GROUP_GAP = 4096
-#: ... in requests of at most this many bytes
-GROUP_SPAN = 8 * 1024 * 1024
-
-
-def _coalesce_small(fetches: list[tuple[_ItemJob, _Fetch]], gap: int) -> list[list[tuple[_ItemJob, _Fetch]]]:
-    """The fetches as tasks: on stores where a request is costly (``gap``, the store's
-    ``coalesce_gap``, is large), fetches of small whole items of one file at most ``GROUP_GAP``
-    apart are grouped (one request each group); the others alone."""
-    if gap < COSTLY_REQUEST_GAP:
-        return [[jf] for jf in fetches]
-    gap = GROUP_GAP
-    tasks: list[list[tuple[_ItemJob, _Fetch]]] = []
-    small: dict[str, list[tuple[_ItemJob, _Fetch]]] = {}
-    for jf in fetches:
-        job, f = jf
-        whole = len(f.out) in (job.loc.length, job.loc.data_length)  # a whole item (never part of a reshard)
-        if f.more is None and f.decode is None and whole and len(f.out) < SMALL_FETCH:
-            small.setdefault(f.relpath, []).append(jf)
-        else:
-            tasks.append([jf])
-    for group in small.values():
-        group.sort(key=lambda jf: jf[1].offset)
-        cur: list[tuple[_ItemJob, _Fetch]] = []
-        start = end = 0
-        for jf in group:
-            f = jf[1]
-            if cur and (f.offset - end > gap or f.offset + len(f.out) - start > GROUP_SPAN):
-                tasks.append(cur)
-                cur = []
-            if not cur:
-                start = f.offset
-            cur.append(jf)
-            end = max(end, f.offset + len(f.out)) if len(cur) > 1 else f.offset + len(f.out)
-        if cur:
-            tasks.append(cur)
-    return tasks
-
-
-def _copy_box(spans: BoxSpans, ranges: list[tuple[int, int]], scratch: list[torch.Tensor], dtype: torch.dtype,
-              target: torch.Tensor) -> None:
-    """Copy the box ``spans`` describes into ``target`` from ``scratch`` buffers holding the
-    data byte ``ranges`` (sorted, each covering whole spans)."""
-    if spans.count == 1 and len(scratch) == 1:
-        off = spans.starts[0] - ranges[0][0]
-        src = scratch[0][off:off + spans.span_bytes].view(dtype).as_strided(spans.lengths, spans.strides)
-    else:
-        packed = torch.empty(spans.count * spans.span_bytes, dtype=torch.uint8)
-        pv = _as_bytes_view(packed)
-        views = [_as_bytes_view(b) for b in scratch]
-        r = 0
-        for k, st in enumerate(spans.starts):  # spans and ranges are both sorted
-            while ranges[r][1] < st + spans.span_bytes:
-                r += 1
-            lo = st - ranges[r][0]
-            pv[k * spans.span_bytes:(k + 1) * spans.span_bytes] = views[r][lo:lo + spans.span_bytes]
-        src = packed.view(dtype).as_strided(spans.lengths, spans.strides)
-    target.copy_(src)
 
 
 def _format_hint(buf: bytearray) -> str:
@@ -225,35 +125,6 @@ def _format_hint(buf: bytearray) -> str:
         return " (it is zstd-compressed, but the checkpoint's metadata records no stream transform for it)"
     return (f" (it starts with {head!r}: not a torch.save record, so not a format dcp-ext reads: DCP "
             f"torch.save records, stream-transformed ones, and safetensors)")
-
-
-class _CountingStore:
-    """A store seen through a byte and request counter (the probes of stock checkpoints count in
-    :class:`LoadStats` like every other read)."""
-
-    def __init__(self, store: Store):
-        self._store = store
-        self.bytes_read = 0
-        self.requests = 0
-        self._lock = threading.Lock()
-
-    def read_into(self, relpath: str, offset: int, out: memoryview) -> None:
-        self._store.read_into(relpath, offset, out)
-        with self._lock:
-            self.bytes_read += len(out)
-            self.requests += 1
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
-
-
-def _location_of(info: Any) -> ItemLocation:
-    """An :class:`ItemLocation` from a ``.metadata`` entry (stock ``_StorageInfo`` or ours)."""
-    if isinstance(info, ItemLocation):
-        return info
-    transforms = getattr(info, "transform_descriptors", None)
-    return ItemLocation(info.relative_path, info.offset, info.length,
-                        transform_descriptors=tuple(transforms) if transforms else None)
 
 
 class ExtStorageReader(StorageReader):
@@ -300,94 +171,18 @@ class ExtStorageReader(StorageReader):
         ``rank=r`` (DCP asks for it when the location has no global ``.metadata``): rank r's
         part of a rank-local checkpoint (``dcp.save(..., use_collectives=False)``).
         """
-        rank = kwargs.get("rank")
-        md_name, man_name = metadata_name(rank), manifest_name(rank)
         self._probed = set()
         self.stock_format = None
-        try:
-            require_committed(self.store, rank)
-        except IncompleteCheckpointError:
-            hf = safetensors_checkpoint_files(self.store.list()) if rank is None else []
-            if not hf:
-                raise
-            return self._read_hf_metadata(hf)  # a HuggingFaceStorageWriter checkpoint: no .metadata of its own
-        raw_md = self.store.read_bytes(md_name)
         self.manifest_extra = {}
-        if self.store.exists(man_name):
-            where = f"{self.store.url}/{man_name}"
-            m = decode_manifest(self.store.read_bytes(man_name), where)
-            if m.extra.get("layout") is not None:  # e.g. "zarr3": arrays, not DCP data files
-                raise DcpExtError(f"{self.store.url} is a {m.extra['layout']} checkpoint written by "
-                                  f"{m.extra.get('writer')}; load it with backend='tensorstore' (or a zarr3+ URL)")
-            if checksum(raw_md) != m.metadata_crc:
-                raise CorruptCheckpointError(
-                    f"{self.store.url}: {md_name} does not match {man_name} (they belong to "
-                    f"different saves, or one is corrupt); refusing to load")
-            metadata = m.metadata
-            if not m.planner_data_complete:  # planner data JSON could not hold: take it from the pickle
-                metadata.planner_data = self._unpickle(raw_md, md_name).planner_data
-            self.locations = m.locations
-            self.manifest_extra = m.extra
-            if not m.views_resolved:
-                # written before the writer resolved conj/neg views: a record's pickle may carry the
-                # bit, which only torch.load of the whole record honours (no ranged reads then)
-                logger.info("%s was saved by an older dcp-ext: reading whole records", self.store.url)
-                for loc in self.locations.values():
-                    loc.data_offset = None
-            metadata.storage_data = {idx: loc.storage_info() for idx, loc in m.locations.items()}
-        else:
-            metadata = self._unpickle(raw_md, md_name)
-            self.locations = {idx: _location_of(si) for idx, si in (metadata.storage_data or {}).items()}
-            self.stock_format = "dcp"
-        self._check_world_size()
-        if metadata.storage_meta is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-    def _read_hf_metadata(self, files: list[str]) -> Metadata:
-        """Metadata of a ``HuggingFaceStorageWriter`` checkpoint, from its safetensors headers."""
-        from .safetensors import hf_metadata
-
-        metadata, self.locations = hf_metadata(self.store, files)
-        self.stock_format = "hf"
-        self.manifest_extra = {}
-        logger.info("%s is a safetensors checkpoint (HuggingFaceStorageWriter): %d file(s), %d tensors",
-                    self.store.url, len(files), len(metadata.state_dict_metadata))
-        self._check_world_size()
-        metadata.storage_data = {idx: loc.storage_info() for idx, loc in self.locations.items()}
-        metadata.storage_meta.checkpoint_id = self.store.url
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
-
-    def _check_world_size(self) -> None:
-        """``expect_world_size``: refuse a checkpoint saved by another number of ranks."""
-        want = self.config.expect_world_size
-        if want is None:
-            return
-        ws = self.manifest_extra.get("world_size")
-        if ws is not None:
-            if ws != want:
-                raise DcpExtError(f"{self.store.url} was saved by {ws} ranks but this load expects {want} "
-                                  f"(expect_world_size); its per-rank state would not line up")
-            return
-        # no manifest (a stock checkpoint): data file names __{rank}_{n}.distcp give a lower bound
-        ranks = {r for loc in self.locations.values() if (r := data_file_rank(loc.relative_path)) is not None}
-        if ranks and max(ranks) + 1 > want:
-            raise DcpExtError(f"{self.store.url} was saved by at least {max(ranks) + 1} ranks (it has data files "
-                              f"of rank {max(ranks)}) but this load expects {want} (expect_world_size); its "
-                              f"per-rank state would not line up")
-        logger.warning("%s has no dcp-ext manifest, so the number of ranks that saved it is unknown; "
-                       "expect_world_size=%d could not be checked", self.store.url, want)
-
-    def _unpickle(self, raw: bytes, name: str = METADATA_NAME) -> Metadata:
-        """Stock ``.metadata``: DCP metadata classes only, unless ``allow_pickle``."""
-        return load_metadata(raw, f"{self.store.url}/{name}", self.config.allow_pickle)
+        got = read_checkpoint_metadata(self.store, self.config, kwargs.get("rank"))
+        self.locations, self.manifest_extra, self.stock_format = got.locations, got.extra, got.stock_format
+        got.metadata.storage_meta.load_id = self.load_id
+        return got.metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.rank = kwargs.get("rank") or 0
         if not self.locations:
-            self.locations = {idx: _location_of(loc) for idx, loc in (metadata.storage_data or {}).items()}
+            self.locations = {idx: location_of(loc) for idx, loc in (metadata.storage_data or {}).items()}
         self._chunks = {}
         for fqn, md in metadata.state_dict_metadata.items():
             if isinstance(md, TensorStorageMetadata):
@@ -412,7 +207,7 @@ class ExtStorageReader(StorageReader):
         return True
 
     # -- data --------------------------------------------------------------------------
-    def _verify(self, job: _ItemJob, data_start: int, buf: memoryview | None, rest: tuple | None = None) -> int:
+    def _verify(self, job: ItemJob, data_start: int, buf: memoryview | None, rest: tuple | None = None) -> int:
         """Check data bytes ``buf`` (from ``data_start``, block aligned) and, with ``rest``
         (``(head, tail)``), the record's bytes outside its data, through the one block check of
         :mod:`dcp_ext.integrity`; the error names the file, the byte range and the tensor."""
@@ -439,12 +234,12 @@ class ExtStorageReader(StorageReader):
                 f"{list(s.offset or [])}: the file is corrupt or was modified") from e
 
     @staticmethod
-    def _verify_piece(job: _ItemJob) -> int:
+    def _verify_piece(job: ItemJob) -> int:
         """How much of a part to read before verifying it: whole blocks, about ``VERIFY_PIECE``."""
         bs = job.loc.checksums.block_size  # type: ignore[union-attr]
         return bs * max(1, VERIFY_PIECE // bs)
 
-    def _extensions_for(self, job: _ItemJob) -> list[Any]:
+    def _extensions_for(self, job: ItemJob) -> list[Any]:
         """The stream transforms that decode ``job``'s stored bytes (stock's ``ExtensionRegistry``
         turns the recorded descriptors into them); an error naming the transform if unknown."""
         from torch.distributed.checkpoint._extension import ExtensionRegistry
@@ -464,12 +259,12 @@ class ExtStorageReader(StorageReader):
                 f"({e}); pass _extension_registry= (a torch.distributed.checkpoint._extension.ExtensionRegistry that "
                 f"has it registered) to dcp_ext.storage_reader, as to stock FileSystemReader") from e
 
-    def _plan_item(self, req: ReadItem, planner: LoadPlanner, stats: LoadStats) -> _ItemJob:
+    def _plan_item(self, req: ReadItem, planner: LoadPlanner, stats: LoadStats) -> ItemJob:
         loc = self.locations.get(req.storage_index)
         if loc is None:
             raise CorruptCheckpointError(f"{self.store.url}: metadata has no location for {req.storage_index.fqn} "
                                          f"chunk {list(req.storage_index.offset or [])}")
-        job = _ItemJob(req, loc)
+        job = ItemJob(req, loc)
         verify = self.config.verify and loc.checksums is not None
         meta = self._chunks.get(req.storage_index)
         ranged = (req.type != LoadItemType.BYTE_IO and loc.data_offset is not None and meta is not None
@@ -509,7 +304,7 @@ class ExtStorageReader(StorageReader):
         direct = into_target and len(ranges) == 1 and ranges[0] == (spans.starts[0],
                                                                      spans.starts[0] + spans.needed_bytes)
         if direct:
-            out = _as_bytes_view(target)
+            out = bytes_view(target)
             self._add_fetches(job, data_base, ranges[0][0], out, verify)
             job.finalize = lambda: planner.commit_tensor(req, target)
             return job
@@ -518,8 +313,8 @@ class ExtStorageReader(StorageReader):
             # into one task each), then one strided copy into the target
             sb = spans.span_bytes
             packed = torch.empty(spans.count * sb, dtype=torch.uint8)
-            pv = _as_bytes_view(packed)
-            group: _Fetch | None = None
+            pv = bytes_view(packed)
+            group: Fetch | None = None
             for k, st in enumerate(spans.starts):
                 view = pv[k * sb:(k + 1) * sb]
                 if sb >= GROUP_BYTES:
@@ -527,7 +322,7 @@ class ExtStorageReader(StorageReader):
                 elif group is not None and group.nbytes + sb <= GROUP_BYTES and len(group.more) < GROUP_SPANS:
                     group.more.append((data_base + st, view))
                 else:
-                    group = _Fetch(loc.relative_path, data_base + st, view, [])
+                    group = Fetch(loc.relative_path, data_base + st, view, [])
                     job.fetches.append(group)
 
             def finalize_packed() -> None:
@@ -539,17 +334,17 @@ class ExtStorageReader(StorageReader):
         # read the ranges into scratch, then copy the box out of them
         scratch = [torch.empty(e - s, dtype=torch.uint8) for s, e in ranges]
         for (s, _e), buf in zip(ranges, scratch):
-            self._add_fetches(job, data_base, s, _as_bytes_view(buf), verify)
+            self._add_fetches(job, data_base, s, bytes_view(buf), verify)
 
         def finalize() -> None:
-            _copy_box(spans, ranges, scratch, dtype, target)
+            copy_box(spans, ranges, scratch, dtype, target)
             planner.commit_tensor(req, target)
 
         job.finalize = finalize
         return job
 
-    def _plan_compressed(self, job: _ItemJob, planner: LoadPlanner, stats: LoadStats, verify: bool,
-                         spans: BoxSpans, dtype: torch.dtype, target: torch.Tensor, into_target: bool) -> _ItemJob:
+    def _plan_compressed(self, job: ItemJob, planner: LoadPlanner, stats: LoadStats, verify: bool,
+                         spans: BoxSpans, dtype: torch.dtype, target: torch.Tensor, into_target: bool) -> ItemJob:
         """Fetch and decompress only the frames of the blocks the box touches (consecutive frames
         in one request of up to ``PART_BYTES``); blocks wholly inside a box that is one contiguous
         byte range of the destination are decompressed straight into it, the others into scratch."""
@@ -564,20 +359,20 @@ class ExtStorageReader(StorageReader):
         if into_target:
             a = spans.starts[0]
             b = a + spans.needed_bytes
-            tv = _as_bytes_view(target)
+            tv = bytes_view(target)
             for blk in blocks:
                 s, e = ft.block_data(blk, n)
                 if a <= s and e <= b:
                     dests[blk] = tv[s - a:e - a]
                 else:
                     buf = torch.empty(e - s, dtype=torch.uint8)
-                    dests[blk] = _as_bytes_view(buf)
+                    dests[blk] = bytes_view(buf)
                     edges.append((buf, s, e))
 
             def finalize() -> None:
                 for buf, s, e in edges:
                     lo, hi = max(a, s), min(b, e)
-                    tv[lo - a:hi - a] = _as_bytes_view(buf)[lo - s:hi - s]
+                    tv[lo - a:hi - a] = bytes_view(buf)[lo - s:hi - s]
                 planner.commit_tensor(req, target)
         else:
             ranges = merge_ranges([ft.block_data(blk, n) for blk in blocks])
@@ -587,10 +382,10 @@ class ExtStorageReader(StorageReader):
                 s, e = ft.block_data(blk, n)
                 while ranges[r][1] < e:
                     r += 1
-                dests[blk] = _as_bytes_view(scratch[r])[s - ranges[r][0]:e - ranges[r][0]]
+                dests[blk] = bytes_view(scratch[r])[s - ranges[r][0]:e - ranges[r][0]]
 
             def finalize() -> None:
-                _copy_box(spans, ranges, scratch, dtype, target)
+                copy_box(spans, ranges, scratch, dtype, target)
                 planner.commit_tensor(req, target)
         stats.blocks_direct += len(blocks) - (len(edges) if into_target else len(blocks))
         run: list[int] = []
@@ -600,7 +395,7 @@ class ExtStorageReader(StorageReader):
             last, last_size = ft.block_frame(run[-1])
             stored = torch.empty(last + last_size - first, dtype=torch.uint8)
             decode = [(blk, ft.block_frame(blk)[0] - first, ft.block_frame(blk)[1], dests[blk]) for blk in run]
-            job.fetches.append(_Fetch(loc.relative_path, loc.offset + first, _as_bytes_view(stored), decode=decode))
+            job.fetches.append(Fetch(loc.relative_path, loc.offset + first, bytes_view(stored), decode=decode))
             run.clear()
 
         for blk in blocks:
@@ -613,7 +408,7 @@ class ExtStorageReader(StorageReader):
         job.finalize = finalize
         return job
 
-    def _decode(self, job: _ItemJob, f: _Fetch) -> int:
+    def _decode(self, job: ItemJob, f: Fetch) -> int:
         """Decompress the frames a fetch read into their destinations (and verify each block);
         returns the number of blocks verified."""
         verified = 0
@@ -623,8 +418,8 @@ class ExtStorageReader(StorageReader):
             try:
                 if es:  # byte-shuffled: decompress aside, then put each byte back in its element
                     shuffled = torch.empty(len(dest), dtype=torch.uint8)
-                    decode_frame_into(f.out[start:start + size], _as_bytes_view(shuffled))
-                    unshuffle_into(_as_bytes_view(shuffled), dest, es)
+                    decode_frame_into(f.out[start:start + size], bytes_view(shuffled))
+                    unshuffle_into(bytes_view(shuffled), dest, es)
                 else:
                     decode_frame_into(f.out[start:start + size], dest)
             except ValueError as e:
@@ -634,8 +429,8 @@ class ExtStorageReader(StorageReader):
                 verified += self._verify(job, blk * loc.compression.block_size, dest)
         return verified
 
-    def _plan_whole(self, job: _ItemJob, planner: LoadPlanner, stats: LoadStats, verify: bool,
-                    as_bytes: bool, extensions: list[Any] | None = None) -> _ItemJob:
+    def _plan_whole(self, job: ItemJob, planner: LoadPlanner, stats: LoadStats, verify: bool,
+                    as_bytes: bool, extensions: list[Any] | None = None) -> ItemJob:
         """Read the whole record (bytes items, stock checkpoints without data offsets, and items
         stored through stream transforms, decoded by ``extensions`` after their stored bytes
         are verified)."""
@@ -644,7 +439,7 @@ class ExtStorageReader(StorageReader):
         mv = memoryview(buf)
         stats.bytes_needed += loc.length
         stats.stored_bytes_needed += loc.length
-        job.fetches.append(_Fetch(loc.relative_path, loc.offset, mv))
+        job.fetches.append(Fetch(loc.relative_path, loc.offset, mv))
         c = loc.checksums
         fqn = req.storage_index.fqn
 
@@ -677,7 +472,7 @@ class ExtStorageReader(StorageReader):
         job.finalize = finalize
         return job
 
-    def _untransform(self, job: _ItemJob, buf: bytearray, extensions: list[Any]) -> bytes:
+    def _untransform(self, job: ItemJob, buf: bytearray, extensions: list[Any]) -> bytes:
         """Stored bytes of a stream-transformed item through the transforms' readers, as stock's
         ``FileSystemReader`` applies them."""
         stream: Any = io.BytesIO(buf)
@@ -692,7 +487,7 @@ class ExtStorageReader(StorageReader):
                 f"{loc.offset + loc.length}) could not be decoded by its stream transforms "
                 f"{list(loc.transform_descriptors or ())}: {e}") from e
 
-    def _add_fetches(self, job: _ItemJob, data_base: int, data_start: int, out: memoryview, verify: bool) -> None:
+    def _add_fetches(self, job: ItemJob, data_base: int, data_start: int, out: memoryview, verify: bool) -> None:
         """Split a contiguous read into block-aligned parts; each part verifies its own blocks."""
         n = len(out)
         part = PART_BYTES
@@ -702,7 +497,7 @@ class ExtStorageReader(StorageReader):
         pos = 0
         while pos < n:
             take = min(part, n - pos)
-            f = _Fetch(job.loc.relative_path, data_base + data_start + pos, out[pos:pos + take])
+            f = Fetch(job.loc.relative_path, data_base + data_start + pos, out[pos:pos + take])
             if verify:
                 f.verify_at = data_start + pos  # type: ignore[attr-defined]
             job.fetches.append(f)
@@ -726,7 +521,7 @@ class ExtStorageReader(StorageReader):
         from .safetensors import locate_blob_items
         from .stock_records import RANGED_MIN_BYTES, locate_record_data
 
-        store = _CountingStore(self.store)
+        store = CountingStore(self.store)
         wanted = {self.locations[r.storage_index].relative_path for r in plan.items
                   if r.type != LoadItemType.BYTE_IO and r.storage_index in self.locations} - self._probed
         for relpath in sorted(wanted):
@@ -773,9 +568,9 @@ class ExtStorageReader(StorageReader):
         progress = Progress(f"rank {self.rank}: loading from {self.store.url}", total,
                             self.config.progress if self.rank == 0 else False, logger)
         lock = threading.Lock()
-        done_jobs: list[_ItemJob] = []
+        done_jobs: list[ItemJob] = []
 
-        def run_fetch(job: _ItemJob, f: _Fetch) -> None:
+        def run_fetch(job: ItemJob, f: Fetch) -> None:
             nblocks = 0
             vat = getattr(f, "verify_at", None)
 
@@ -796,7 +591,7 @@ class ExtStorageReader(StorageReader):
                 raise CorruptCheckpointError(f"{e} (while reading {job.req.storage_index.fqn})") from e
             fetched(job, f, nblocks, f.nbytes, 1 + len(f.more or ()))
 
-        def run_group(group: list[tuple[_ItemJob, _Fetch]]) -> None:
+        def run_group(group: list[tuple[ItemJob, Fetch]]) -> None:
             """Small fetches of one file, close together: one request for their span, then each
             fetch's bytes copied to its destination and verified (object stores: a request costs
             milliseconds, so 200 small tensors must not cost 200 requests)."""
@@ -818,7 +613,7 @@ class ExtStorageReader(StorageReader):
                 nblocks = self._verify(job, vat, f.out) if vat is not None else 0
                 fetched(job, f, nblocks, len(span) if i == 0 else 0, 1 if i == 0 else 0)
 
-        def fetched(job: _ItemJob, f: _Fetch, nblocks: int, nbytes: int, nrequests: int) -> None:
+        def fetched(job: ItemJob, f: Fetch, nblocks: int, nbytes: int, nrequests: int) -> None:
             if f.decode:
                 nblocks += self._decode(job, f)
             progress.advance(f.nbytes)
@@ -834,7 +629,7 @@ class ExtStorageReader(StorageReader):
 
         for j in jobs:
             j.remaining = len(j.fetches)
-        tasks = _coalesce_small([(j, f) for j in jobs for f in j.fetches], self.store.coalesce_gap)
+        tasks = coalesce_small([(j, f) for j in jobs for f in j.fetches], self.store.coalesce_gap)
         # big parts first keeps all threads busy to the end
         tasks.sort(key=lambda g: -sum(f.nbytes for _, f in g))
         sd = plan.storage_data
