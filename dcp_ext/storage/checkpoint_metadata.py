@@ -17,14 +17,8 @@ from ..config import Config
 from ..errors import CorruptCheckpointError, DcpExtError, IncompleteCheckpointError
 from ..integrity import checksum
 from .base import Store
-from .commit import (
-    METADATA_NAME,
-    data_file_rank,
-    manifest_name,
-    metadata_name,
-    require_committed,
-    safetensors_checkpoint_files,
-)
+from .commit import METADATA_NAME, data_file_rank, manifest_name, metadata_name, require_committed
+from .commit import safetensors_checkpoint_files
 from .manifest import ItemLocation, decode_manifest
 from .safe_pickle import load_metadata
 
