@@ -1,4 +1,4 @@
-"""Optimizer state for DCP: FQN-keyed per-parameter state and ZeRO-style flat buffers.
+"""Optimizer state for DCP, keyed by parameter FQN: per-parameter state and ZeRO flat-buffer slices.
 
 Torch optimizers key their state by parameter *position*, which breaks as soon as the model
 layout changes. This module presents optimizer state keyed by the parameters' (global) FQNs:
