@@ -45,17 +45,11 @@ class TierOptions(Options):
     durable_check_timeout: float = 5.0
 
     def validate(self, section: str) -> None:
-        if self.keep_last < 1:
-            raise ConfigError(f"{section}.keep_last: must be >= 1, got {self.keep_last}")
-        if self.ranks_per_node is not None and self.ranks_per_node < 1:
-            raise ConfigError(f"{section}.ranks_per_node: must be >= 1, got {self.ranks_per_node}")
-        if self.chunk_size < 4096:
-            raise ConfigError(f"{section}.chunk_size: must be >= 4096 bytes, got {self.chunk_size}")
+        self.require_at_least(section, "keep_last ranks_per_node", 1)
+        self.require_at_least(section, "chunk_size", 4096, "bytes")
         if self.persist_timeout <= 0 or self.exchange_timeout <= 0:
             raise ConfigError(f"{section}.persist_timeout and {section}.exchange_timeout must be > 0 seconds")
-        if self.durable_check_timeout < 0:
-            raise ConfigError(f"{section}.durable_check_timeout: must be >= 0 seconds, got "
-                              f"{self.durable_check_timeout}")
+        self.require_at_least(section, "durable_check_timeout", 0, "seconds")
 
 
 @dataclass
@@ -93,10 +87,7 @@ class ManagerOptions(Options):
     timeout: float = 1800.0
 
     def validate(self, section: str = "manager") -> None:
-        for name in ("interval", "keep_last", "keep_every", "keep_best"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ConfigError(f"{section}.{name}: must be >= 1, got {v}")
+        self.require_at_least(section, "interval keep_last keep_every keep_best", 1)
         if self.best_mode not in ("min", "max"):
             raise ConfigError(f"{section}.best_mode: must be 'min' or 'max', got {self.best_mode!r}")
         if self.keep_best is not None and not self.best_metric:
@@ -165,10 +156,7 @@ class TensorStoreOptions(Options):
         if not -131072 <= self.compression_level <= 22:
             raise ConfigError(f"{section}.compression_level: must be in -131072..22 (zstd), got "
                               f"{self.compression_level}")
-        for k in ("concurrency", "copy_concurrency"):
-            v = getattr(self, k)
-            if v is not None and v < 1:
-                raise ConfigError(f"{section}.{k}: must be >= 1, got {v}")
+        self.require_at_least(section, "concurrency copy_concurrency", 1)
         if self.inflight_bytes < 1024 * 1024:
             raise ConfigError(f"{section}.inflight_bytes: must be >= 1MiB, got {self.inflight_bytes}")
         if self.layout not in ("auto", "global", "per_box"):
