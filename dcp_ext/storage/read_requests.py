@@ -46,6 +46,9 @@ class Fetch:
 
 @dataclass
 class ItemJob:
+    """One read item of a load: where it is stored, its fetches, what finishes it once they all
+    landed (a copy out of scratch buffers, a decode), and how many are still outstanding."""
+
     req: ReadItem
     loc: ItemLocation
     fetches: list[Fetch] = field(default_factory=list)
