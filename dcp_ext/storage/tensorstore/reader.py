@@ -48,13 +48,16 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TensorStoreLoadStats:
     """What the last ``read_data`` on this rank did: ``bytes_read`` is TensorStore's own counter
-    of bytes fetched from storage (process-wide: exact when one load runs per process),
-    ``bytes_needed`` the bytes of the boxes the rank asked for."""
+    of bytes fetched from storage (process-wide: exact when one load runs per process) plus what
+    :mod:`.native` read, ``bytes_needed`` the bytes of the boxes the rank asked for, ``direct``
+    the tensor items read straight into their destination, ``native`` those read by
+    :mod:`.native` (local files) rather than TensorStore."""
 
     bytes_read: int = 0
     bytes_needed: int = 0
     items: int = 0
     direct: int = 0
+    native: int = 0
     seconds: float = 0.0
 
 
@@ -208,6 +211,7 @@ class TensorStoreReader(LocatedIO, StorageReader):
             jobs = plan_reads(self.array_dir(path), fmt, lo, as_numpy(target if direct else scratch), what, where,
                               *native_state)
             stats.direct += direct
+            stats.native += 1
             window.defer([lambda job=job: self.submit(job) for job in jobs], 0 if direct else n,
                          self._committer(req, planner, target, scratch, progress, n), on_error)
         else:

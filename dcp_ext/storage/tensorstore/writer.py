@@ -64,12 +64,14 @@ class _RankLayout:
 @dataclasses.dataclass
 class TensorStoreSaveStats:
     """What the last ``write_data`` on this rank did (``bytes_written``: stored bytes, compressed:
-    TensorStore's own counter, for the whole process, plus what :mod:`.native` wrote)."""
+    TensorStore's own counter, for the whole process, plus what :mod:`.native` wrote;
+    ``native``: tensor items written by :mod:`.native` rather than TensorStore)."""
 
     bytes_written: int = 0
     tensor_bytes: int = 0
     items: int = 0
     seconds: float = 0.0
+    native: int = 0
 
 
 def _sizes_and_dtype(item) -> tuple[list[int], list[int], list[int], torch.dtype]:
@@ -189,6 +191,7 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
         native = {path: self.native_format(path, md, dtypes[path]) for path, md in lay.metadata.items()}
         opened = {path: self.arrays.open(path, md) for path, md in lay.metadata.items() if native[path] is None}
         made_dirs: set[str] = set()
+        native_items = 0
         results: list[WriteResult] = []
         window = Window(self.config.tensorstore.inflight_bytes)
         try:
@@ -218,6 +221,7 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
                 jobs = None if fmt is None else plan_writes(self.array_dir(path), fmt, lo, as_numpy(src),
                                                             self.config.fs.fsync, made_dirs, written)
                 if jobs is not None:  # whole chunks, straight from the tensor (native.py)
+                    native_items += 1
                     window.defer([lambda job=job: self.submit(job) for job in jobs], n, done, on_error)
                 else:
                     if path not in opened:
@@ -238,7 +242,7 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
         if self.config.fs.fsync:
             sync_dirs(made_dirs, self.loc.root["path"])
         dt = progress.close()
-        self.stats = TensorStoreSaveStats(counter() - before + written.n, total, len(results), dt)
+        self.stats = TensorStoreSaveStats(counter() - before + written.n, total, len(results), dt, native_items)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
