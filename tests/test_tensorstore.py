@@ -3,6 +3,7 @@ commit protocol, resharded and DTensor loads on gloo ranks, on local disk, S3 an
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -491,6 +492,40 @@ def test_native_reads_refuse_damaged_chunks_and_shard_indexes(tmp_path, damage, 
         f.write_bytes(f.read_bytes()[-100:])
     e = _err(lambda: dcp.load({"layer.w": torch.zeros(64, 32)}, storage_reader=dcp_ext.storage_reader(url, **opts)))
     assert "CorruptCheckpointError" in e and "loading layer.w" in e and msg in e, e
+
+
+def test_a_failed_native_write_fails_the_save_clearly_and_commits_nothing(tmp_path, monkeypatch):
+    from dcp_ext.storage.tensorstore import native
+
+    def no_space(fd, bufs, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(native.os, "pwritev", no_space)
+    url = str(tmp_path / "c")
+    e = _err(lambda: dcp.save({"layer.w": torch.randn(64, 32)},
+                              storage_writer=dcp_ext.storage_writer(url, **TS, tensorstore={"chunk_size": "1KiB"})))
+    assert "StorageError" in e and "saving layer.w: writing " in e and "failed: No space left on device" in e, e
+    assert not (tmp_path / "c" / ".metadata").exists()
+    with pytest.raises(IncompleteCheckpointError, match="incomplete checkpoint"):
+        dcp_ext.storage_reader(url, **TS).read_metadata()
+
+
+def test_a_failed_native_read_fails_the_load_naming_the_tensor(tmp_path, monkeypatch):
+    from dcp_ext.storage.tensorstore import native
+
+    url = str(tmp_path / "c")
+    dcp.save({"layer.w": torch.randn(64, 32)}, storage_writer=dcp_ext.storage_writer(url, **TS))
+
+    real = os.preadv
+
+    def io_error(fd, bufs, offset):  # on chunk files only (native.os is the os module)
+        if "/layer.w/c/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(native.os, "preadv", io_error)
+    e = _err(lambda: dcp.load({"layer.w": torch.zeros(64, 32)}, storage_reader=dcp_ext.storage_reader(url, **TS)))
+    assert "StorageError" in e and "loading layer.w: reading " in e and "failed: Input/output error" in e, e
 
 
 def test_native_writes_fsync_each_chunk_file_unless_fs_fsync_is_off(tmp_path, monkeypatch):

@@ -278,9 +278,10 @@ class Window:
         for starts, nbytes, done, on_error in items:
             if not starts:
                 self.add(completed(), nbytes, done, on_error)
-            for i, start in enumerate(starts):
-                last = i == len(starts) - 1
-                self.add(start(), nbytes if last else 0, done if last else None, on_error)
+            futs = [start() for start in starts]
+            self.q.extend((fut, 0, None, on_error) for fut in futs[:-1])  # all queued before any wait
+            if futs:
+                self.add(futs[-1], nbytes, done, on_error)
 
     def _pop(self) -> None:
         fut, nbytes, done, on_error = self.q.popleft()

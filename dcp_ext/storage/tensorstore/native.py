@@ -184,8 +184,9 @@ class _File:
     """A chunk/shard file written by one or more jobs: created (truncated) by the first job to
     run, fsynced (when asked) and closed by the last one to finish."""
 
-    def __init__(self, path: str, users: int, fsync: bool):
+    def __init__(self, path: str, users: int, fsync: bool, what: str):
         self.path = path
+        self.what = what
         self.users = users
         self.fsync = fsync
         self._fd: int | None = None
@@ -197,7 +198,7 @@ class _File:
                 try:
                     self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 except OSError as e:
-                    raise StorageError(f"cannot create {self.path}: {e.strerror or e}") from e
+                    raise StorageError(f"{self.what}: cannot create {self.path}: {e.strerror or e}") from e
             return self._fd
 
     def release(self, ok: bool) -> None:
@@ -210,21 +211,19 @@ class _File:
             if ok and self.fsync:
                 os.fsync(fd)
         except OSError as e:
-            raise StorageError(f"writing {self.path} failed: {e.strerror or e}") from e
+            raise StorageError(f"{self.what}: writing {self.path} failed: {e.strerror or e}") from e
         finally:
             os.close(fd)
 
 
-def _pwritev_all(fd: int, bufs: list, offset: int, path: str) -> None:
+def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
+    """Write all of ``bufs`` at ``offset`` (OSError as raised)."""
     views = [memoryview(b).cast("B") for b in bufs]
     i = 0
     while i < len(views):
         batch = views[i:i + _IOV_MAX]
         want = sum(len(v) for v in batch)
-        try:
-            n = os.pwritev(fd, batch, offset)
-        except OSError as e:
-            raise StorageError(f"writing {path} failed: {e.strerror or e}") from e
+        n = os.pwritev(fd, batch, offset)
         offset += n
         if n == want:
             i += len(batch)
@@ -266,12 +265,14 @@ def _write_job(file: _File, offset: int, pieces: list[_Piece], tail: bytes | Non
                 bufs = [data, checksum(data).to_bytes(4, "little")]
                 if tail is not None and i == len(pieces) - 1:
                     bufs.append(tail)
-                _pwritev_all(file.fd(), bufs, pos, file.path)
+                _pwritev_all(file.fd(), bufs, pos)
                 pos += p.nbytes + 4
             if tail is not None and not pieces:
-                _pwritev_all(file.fd(), [tail], pos, file.path)
+                _pwritev_all(file.fd(), [tail], pos)
             count.add(pos - offset + (len(tail) if tail is not None else 0))
             ok = True
+        except OSError as e:
+            raise StorageError(f"{file.what}: writing {file.path} failed: {e.strerror or e}") from e
         finally:
             file.release(ok)
 
@@ -284,11 +285,12 @@ def _box_chunks(lo: Sequence[int], hi: Sequence[int], chunk: Sequence[int]):
 
 
 def plan_writes(array_dir: str, fmt: ChunkFormat, lo: Sequence[int], src: np.ndarray, fsync: bool,
-                made_dirs: set[str], count: ByteCount) -> list[Job] | None:
+                made_dirs: set[str], count: ByteCount, what: str = "saving") -> list[Job] | None:
     """The jobs writing the box ``src`` (:func:`as_numpy` of the tensor; array coordinates
     ``lo``..``lo + src.shape``) as whole chunk files of the array in ``array_dir``; None if the
     box is not made of whole chunks (the caller then lets TensorStore write it). Creates the
-    directories now; the first job to run of a file creates it (truncated), the last closes it."""
+    directories now; the first job to run of a file creates it (truncated), the last closes it
+    (fsynced first with ``fsync``). Errors are :class:`StorageError` s starting with ``what``."""
     hi = [l + s for l, s in zip(lo, src.shape)]
     if src.size == 0:
         return []
@@ -297,12 +299,12 @@ def plan_writes(array_dir: str, fmt: ChunkFormat, lo: Sequence[int], src: np.nda
             return None
     jobs: list[Job] = []
     for idx in _box_chunks(lo, hi, fmt.chunk):
-        jobs += _chunk_file_jobs(array_dir, fmt, idx, lo, src, fsync, made_dirs, count)
+        jobs += _chunk_file_jobs(array_dir, fmt, idx, lo, src, fsync, made_dirs, count, what)
     return jobs
 
 
 def _chunk_file_jobs(array_dir: str, fmt: ChunkFormat, idx: Sequence[int], lo: Sequence[int], src: np.ndarray,
-                     fsync: bool, made_dirs: set[str], count: ByteCount) -> list[Job]:
+                     fsync: bool, made_dirs: set[str], count: ByteCount, what: str) -> list[Job]:
     """The jobs writing chunk (or shard) file ``idx``, which lies inside the box at ``lo``."""
     clo = [i * c for i, c in zip(idx, fmt.chunk)]
     path = os.path.join(array_dir, *chunk_key(idx).split("/"))
@@ -311,7 +313,7 @@ def _chunk_file_jobs(array_dir: str, fmt: ChunkFormat, idx: Sequence[int], lo: S
         try:
             os.makedirs(d, exist_ok=True)
         except OSError as e:
-            raise StorageError(f"cannot create {d}: {e.strerror or e}") from e
+            raise StorageError(f"{what}: cannot create {d}: {e.strerror or e}") from e
         made_dirs.add(d)
     if fmt.inner is None:
         units = [clo]
@@ -340,7 +342,7 @@ def _chunk_file_jobs(array_dir: str, fmt: ChunkFormat, idx: Sequence[int], lo: S
     stored = [p for p in pieces if p is not None]
     per_job = max(1, JOB_BYTES // max(1, nbytes))
     groups = [stored[i:i + per_job] for i in range(0, len(stored), per_job)] or [[]]
-    file = _File(path, len(groups), fsync)
+    file = _File(path, len(groups), fsync, what)
     return [_write_job(file, g * per_job * (nbytes + 4), group, tail if g == len(groups) - 1 else None, count)
             for g, group in enumerate(groups)]
 
@@ -412,18 +414,16 @@ def _open_chunk(path: str, key: str, what: str, where: str) -> int:
         raise StorageError(f"{what}: cannot open {path}: {e.strerror or e}") from e
 
 
-def _preadv_all(fd: int, bufs: list, offset: int, path: str) -> int:
-    """Read into ``bufs`` from ``offset`` until they are full or the file ends; bytes read."""
+def _preadv_all(fd: int, bufs: list, offset: int) -> int:
+    """Read into ``bufs`` from ``offset`` until they are full or the file ends; bytes read
+    (OSError as raised)."""
     views = [memoryview(b).cast("B") for b in bufs]
     total = 0
     i = 0
     while i < len(views):
         batch = views[i:i + _IOV_MAX]
         want = sum(len(v) for v in batch)
-        try:
-            n = os.preadv(fd, batch, offset)
-        except OSError as e:
-            raise StorageError(f"reading {path} failed: {e.strerror or e}") from e
+        n = os.preadv(fd, batch, offset)
         total += n
         offset += n
         if n == 0:
@@ -474,7 +474,10 @@ def _read_job(reads: list[_Read], what: str, where: str, count: ByteCount) -> Jo
                 if fd is None:
                     fd = fds[r.path] = _open_chunk(r.path, r.key, what, where)
                 want = r.nbytes + 4
-                got = _preadv_all(fd, parts + [crc, extra] if r.whole_file else parts + [crc], r.offset, r.path)
+                try:
+                    got = _preadv_all(fd, parts + [crc, extra] if r.whole_file else parts + [crc], r.offset)
+                except OSError as e:
+                    raise StorageError(f"{what}: reading {r.path} failed: {e.strerror or e}") from e
                 count.add(min(got, want))
                 if got != want:
                     raise _corrupt(what, where, "a chunk has the wrong size",
