@@ -378,8 +378,9 @@ def test_native_chunks_are_what_tensorstore_writes_and_reads(tmp_path, grid):
     assert wn.stats.bytes_written > sum(v.numel() * v.element_size() for k, v in sd.items() if k in tensors)
     native, by_ts = _files(tmp_path / "n"), _files(tmp_path / "t")
     assert native.keys() == by_ts.keys() and len(native) > len(tensors)
-    if not grid["shard_size"]:  # a plain chunk is fully determined: its elements (padded) + crc32c
-        assert native == by_ts
+    # a chunk is fully determined (its elements, padded, + crc32c); a shard too when written whole:
+    # inner chunks in C order, then the index
+    assert native == by_ts
     # each reads what the other wrote, exactly
     nonempty = len([k for k in tensors if sd[k].numel()])  # DCP asks for no read of an empty tensor
     for src, opts, n_native in (("n", {**grid, **NATIVE_OFF}, 0), ("t", grid, nonempty)):
