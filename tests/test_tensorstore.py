@@ -529,6 +529,42 @@ def test_a_failed_native_read_fails_the_load_naming_the_tensor(tmp_path, monkeyp
     assert "StorageError" in e and "loading layer.w: reading " in e and "failed: Input/output error" in e, e
 
 
+def test_native_io_resumes_short_writes_and_reads(tmp_path, monkeypatch):
+    from dcp_ext.storage.tensorstore import native
+
+    real_w, real_r = os.pwritev, os.preadv
+    calls = {"w": 0, "r": 0}
+
+    def chunk_file(fd):
+        return "/w/c/" in os.readlink(f"/proc/self/fd/{fd}")
+
+    def short(real, kind, limit):
+        def op(fd, bufs, offset):  # at most ``limit`` bytes per call, ending mid-buffer
+            if not chunk_file(fd):
+                return real(fd, bufs, offset)
+            calls[kind] += 1
+            out, left = [], limit
+            for b in bufs:
+                if left == 0:
+                    break
+                out.append(memoryview(b)[:left])
+                left -= len(out[-1])
+            return real(fd, out, offset)
+        return op
+
+    monkeypatch.setattr(native.os, "pwritev", short(real_w, "w", 1000))
+    monkeypatch.setattr(native.os, "preadv", short(real_r, "r", 700))
+    w = torch.randn(48, 40)
+    url = str(tmp_path / "c")
+    opts = {**TS, "tensorstore": {"chunk_size": "1KiB", "shard_size": "4KiB"}}
+    dcp.save({"w": w}, storage_writer=dcp_ext.storage_writer(url, **opts))
+    out = {"w": torch.zeros(48, 40)}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(url, **opts))
+    assert torch.equal(out["w"], w)
+    stored = sum(f.stat().st_size for f in _chunk_files(tmp_path / "c" / "w"))
+    assert calls["w"] >= stored // 1000 and calls["r"] >= (48 * 40 * 4) // 700, calls
+
+
 def test_native_writes_fsync_each_chunk_file_unless_fs_fsync_is_off(tmp_path, monkeypatch):
     from dcp_ext.storage.tensorstore import native
 

@@ -216,22 +216,35 @@ class _File:
             os.close(fd)
 
 
-def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
-    """Write all of ``bufs`` at ``offset`` (OSError as raised)."""
+def _vectored(op: Callable, fd: int, bufs: list, offset: int) -> int:
+    """``op`` (``os.preadv`` or ``os.pwritev``) over all of ``bufs`` from ``offset``, resumed after
+    short transfers; bytes transferred (fewer only where the file ends). OSError as raised."""
     views = [memoryview(b).cast("B") for b in bufs]
+    total = 0
     i = 0
     while i < len(views):
         batch = views[i:i + _IOV_MAX]
         want = sum(len(v) for v in batch)
-        n = os.pwritev(fd, batch, offset)
+        n = op(fd, batch, offset)
+        total += n
         offset += n
+        if n == 0:
+            return total
         if n == want:
             i += len(batch)
             continue
-        while n >= len(views[i]):  # partial write: go on with the rest
+        while n >= len(views[i]):  # a short transfer: go on with the rest
             n -= len(views[i])
             i += 1
         views[i] = views[i][n:]
+    return total
+
+
+def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
+    """Write all of ``bufs`` at ``offset`` (OSError as raised)."""
+    want = sum(memoryview(b).nbytes for b in bufs)
+    if _vectored(os.pwritev, fd, bufs, offset) != want:
+        raise OSError(errno.EIO, "the file system wrote nothing")
 
 
 @dataclass
@@ -414,30 +427,6 @@ def _open_chunk(path: str, key: str, what: str, where: str) -> int:
         raise StorageError(f"{what}: cannot open {path}: {e.strerror or e}") from e
 
 
-def _preadv_all(fd: int, bufs: list, offset: int) -> int:
-    """Read into ``bufs`` from ``offset`` until they are full or the file ends; bytes read
-    (OSError as raised)."""
-    views = [memoryview(b).cast("B") for b in bufs]
-    total = 0
-    i = 0
-    while i < len(views):
-        batch = views[i:i + _IOV_MAX]
-        want = sum(len(v) for v in batch)
-        n = os.preadv(fd, batch, offset)
-        total += n
-        offset += n
-        if n == 0:
-            return total
-        if n == want:
-            i += len(batch)
-            continue
-        while n >= len(views[i]):
-            n -= len(views[i])
-            i += 1
-        views[i] = views[i][n:]
-    return total
-
-
 @dataclass
 class _Read:
     """One checksummed unit to read: where it is, its full shape, the needed part of it
@@ -475,7 +464,7 @@ def _read_job(reads: list[_Read], what: str, where: str, count: ByteCount) -> Jo
                     fd = fds[r.path] = _open_chunk(r.path, r.key, what, where)
                 want = r.nbytes + 4
                 try:
-                    got = _preadv_all(fd, parts + [crc, extra] if r.whole_file else parts + [crc], r.offset)
+                    got = _vectored(os.preadv, fd, parts + [crc, extra] if r.whole_file else parts + [crc], r.offset)
                 except OSError as e:
                     raise StorageError(f"{what}: reading {r.path} failed: {e.strerror or e}") from e
                 count.add(min(got, want))
