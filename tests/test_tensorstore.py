@@ -395,6 +395,21 @@ def test_native_chunks_are_what_tensorstore_writes_and_reads(tmp_path, grid):
     assert torch.equal(torch.from_numpy(f.read().result()), sd["flag"])
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_conjugate_and_negative_views_save_and_load_their_values(tmp_path, native):
+    c = torch.randn(6, 4, dtype=torch.complex64, generator=torch.Generator().manual_seed(3))
+    r = torch.randn(5, 3, generator=torch.Generator().manual_seed(4))
+    sd = {"conj": c.conj(), "neg": torch._neg_view(r)}
+    expect = {"conj": c.conj().resolve_conj(), "neg": -r}
+    opts = {**TS, "tensorstore": {"native_file_io": native, "chunk_size": "1KiB"}}
+    url = str(tmp_path / "c")
+    dcp.save(sd, storage_writer=dcp_ext.storage_writer(url, **opts))
+    out = {"conj": torch.zeros(6, 4, dtype=torch.complex64).conj(), "neg": torch._neg_view(torch.zeros(5, 3))}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(url, **opts))
+    assert torch.equal(out["conj"].resolve_conj(), expect["conj"])
+    assert torch.equal(out["neg"].resolve_neg(), expect["neg"])
+
+
 def test_native_io_gathers_strided_sources_and_scatters_into_strided_targets(tmp_path):
     x = torch.randn(48, 40)
     sd = {"t": x.t(), "every_other": x[:, ::2], "bf": x.to(torch.bfloat16).t()}
@@ -646,13 +661,14 @@ def test_dtensor_resharded_load_on_local_disk(tmp_path, world, save, load):
         assert all(r["equal"].values()), r["equal"]
         assert r["step"] == 7 and r["meta"] == {"note": "hello", "ranks": world}
         assert r["direct"] > 0  # reads went straight into the DTensors' local shards
+        assert r["native_read"] > 0 and r["native_written"] > 0  # native chunk I/O, the default on files
 
 
 @pytest.mark.parametrize("save_native,load_native", [(False, True), (True, False)])
 def test_native_and_tensorstore_io_interoperate_on_two_ranks(tmp_path, save_native, load_native):
     grid = {"chunk_size": "2KiB", "shard_size": "8KiB"}
-    res = get_pool(2).run(tr.dtensor_roundtrip, str(tmp_path / "c"), {"w": "row", "emb": "col"}, {"w": "col", "b": "row"},
-                          {"tensorstore": {**grid, "native_file_io": save_native}},
+    res = get_pool(2).run(tr.dtensor_roundtrip, str(tmp_path / "c"), {"w": "row", "emb": "col"},
+                          {"w": "col", "b": "row"}, {"tensorstore": {**grid, "native_file_io": save_native}},
                           {"tensorstore": {**grid, "native_file_io": load_native}})
     for r in res:
         assert all(r["equal"].values()), r["equal"]

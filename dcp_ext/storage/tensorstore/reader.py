@@ -205,7 +205,7 @@ class TensorStoreReader(LocatedIO, StorageReader):
         fmt = self.native_format(path, self.array_metadata[path], dtype)
         scratch = None
         if fmt is not None:  # our own preadv + crc32c (native.py)
-            direct = target.device.type == "cpu" and target.dtype == dtype
+            direct = target.device.type == "cpu" and target.dtype == dtype and not (target.is_conj() or target.is_neg())
             if not direct:  # another dtype or device: read into scratch, then one copy
                 scratch = torch.empty(list(req.lengths), dtype=dtype)
             jobs = plan_reads(self.array_dir(path), fmt, lo, as_numpy(target if direct else scratch), what, where,

@@ -210,6 +210,8 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
                 src = data.detach()
                 if src.device.type != "cpu":
                     src = src.cpu()
+                if src.is_conj() or src.is_neg():  # lazy views: their memory does not hold the values
+                    src = src.resolve_conj().resolve_neg()
                 if src.dtype != dtype or list(src.shape) != sizes:
                     raise DcpExtError(f"{fqn}: planner returned a {src.dtype} tensor of shape {list(src.shape)} "
                                       f"for a {dtype} chunk of shape {sizes}")
