@@ -15,16 +15,17 @@ import re as _re
 
 import torch as _torch
 
-#: the oldest torch dcp-ext runs on: the one CI tests (docs/architecture.md, "The torch floor")
-MIN_TORCH = (2, 13)
+#: the oldest torch dcp-ext runs on (CI tests 2.13; tests/old_torch.sh checks this one by hand:
+#: docs/architecture.md, "The torch floor")
+MIN_TORCH = (2, 7)
 
 
 def _check_torch(version: str) -> None:
     """Refuse a torch older than :data:`MIN_TORCH` with an error that says what to do.
 
-    Older torch fails deep inside DCP calls (its planner and metadata APIs differ), long after
-    import; pip enforces the floor, but a torch installed some other way (conda, ``--no-deps``)
-    would not be checked.
+    Older torch would fail deep inside DCP calls (its planner, metadata and async APIs differ
+    beyond what :mod:`dcp_ext.torch_compat` bridges), long after import; pip enforces the floor,
+    but a torch installed some other way (conda, ``--no-deps``) would not be checked.
     """
     m = _re.match(r"(\d+)\.(\d+)", version)
     if m and (int(m.group(1)), int(m.group(2))) < MIN_TORCH:

@@ -38,7 +38,6 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.default_planner import (
     DefaultLoadPlanner,
     DefaultSavePlanner,
-    _validate_global_plan,
     create_default_global_save_plan,
 )
 from torch.distributed.checkpoint.metadata import (
@@ -68,6 +67,7 @@ from torch.distributed.tensor import DTensor
 
 from .errors import LayoutError, ReshardError
 from .layout import GlobalPieces, ParallelLayout, local_box
+from .torch_compat import validate_global_plan
 
 __all__ = ["LAYOUT_KEY", "ReshardLoadPlanner", "ReshardReport", "ReshardSavePlanner", "saved_layout"]
 
@@ -259,13 +259,14 @@ class ReshardSavePlanner(DefaultSavePlanner):
         merged[LAYOUT_KEY] = (json.dumps({"format": 1, "description": _describe(infos),
                                           "ranks": [i["layout"] if i else None for i in infos]}),)
         metadata = dataclasses.replace(metadata, planner_data=merged)
-        errors = _validate_global_plan(global_plan, metadata)
-        if len(global_plan) == 1:  # stock checks coverage only with several ranks
+        errors = validate_global_plan(global_plan, metadata)
+        if len(global_plan) == 1:  # stock checks coverage only with several ranks (2.7: always)
             for k, v in metadata.state_dict_metadata.items():
                 if isinstance(v, TensorStorageMetadata) and len(v.size):
                     vol = sum(math.prod(c.sizes) for c in v.chunks)
-                    if vol != math.prod(v.size):
-                        errors.append(f"key:{k} invalid fill tensor-volume: {math.prod(v.size)} chunks-volume: {vol}")
+                    msg = f"key:{k} invalid fill tensor-volume: {math.prod(v.size)} chunks-volume: {vol}"
+                    if vol != math.prod(v.size) and msg not in errors:  # torch 2.7 checks it too
+                        errors.append(msg)
         if errors:
             listed = "; ".join(errors[:10])
             raise ReshardError(

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
 from .errors import StagingBudgetError, StagingError, StagingPoolBusyError
+from .torch_compat import ASYNC_SAVE_TAKES_STAGER, async_save_kwargs
 
 __all__ = ["PooledStager", "async_save"]
 
@@ -263,6 +264,9 @@ class PooledStager(AsyncStager):
             raise ValueError(f"PooledStager: wait_timeout must be >= 0 seconds or None, got {wait_timeout!r}")
         if not warn_every_s > 0:
             raise ValueError(f"PooledStager: warn_every_s must be > 0 seconds, got {warn_every_s!r}")
+        if max_pools > 1 and not ASYNC_SAVE_TAKES_STAGER:  # torch 2.7
+            raise ValueError(f"PooledStager: max_pools={max_pools} needs torch >= 2.9 (dcp.async_save must accept "
+                             f"a staging Future to keep uploads in order); this is torch {torch.__version__}")
         cuda = torch.cuda.is_available()
         if pin_memory and not cuda:
             raise ValueError("PooledStager: pin_memory=True needs CUDA, which is not available; "
@@ -670,17 +674,16 @@ def async_save(state_dict: dict[str, Any], *, async_stager: PooledStager | None 
                **kwargs: Any) -> Any:
     """``dcp.async_save`` that hands ``async_stager``'s pool back exactly when the upload ends.
 
-    Same arguments and return value as ``torch.distributed.checkpoint.async_save``. With a
+    Same arguments and return value as ``torch.distributed.checkpoint.async_save`` of torch
+    2.13, on older torch too (:func:`~dcp_ext.torch_compat.async_save_kwargs`). With a
     :class:`PooledStager` it registers a done-callback on the upload future
     (:meth:`PooledStager.track`); any other stager is passed through untouched.
     """
     import torch.distributed.checkpoint as dcp
 
-    if async_stager is None:
-        return dcp.async_save(state_dict, **kwargs)
+    result = dcp.async_save(state_dict, **async_save_kwargs(kwargs, async_stager))
     if not isinstance(async_stager, PooledStager):
-        return dcp.async_save(state_dict, async_stager=async_stager, **kwargs)
-    result = dcp.async_save(state_dict, async_stager=async_stager, **kwargs)
+        return result
     # If async_save raised after staging, the lease stays untracked: it ends once the staged
     # tensors are unreferenced, i.e. never while an upload could still read them.
     async_stager.track(result)

@@ -12,18 +12,19 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter, HuggingFaceStorageWriter
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint import filesystem as _stock_filesystem
 from torch.distributed.checkpoint._extension import ZStandard
-from torch.distributed.checkpoint.filesystem import SerializationFormat
 
 import dcp_ext
+from tests.support.torch_features import SAFETENSORS_FORMAT
 
-#: stock 2.13 DCP formats: writer keyword arguments
-FORMATS = ("default", "safetensors", "zstd", "both")
+#: stock 2.13 DCP formats: writer keyword arguments (those this torch writes: 2.7 has no SAFETENSORS)
+FORMATS = ("default", "safetensors", "zstd", "both") if SAFETENSORS_FORMAT else ("default", "zstd")
 
 
 def format_kwargs(fmt: str) -> dict:
-    st = {"serialization_format": SerializationFormat.SAFETENSORS}
+    st = {"serialization_format": _stock_filesystem.SerializationFormat.SAFETENSORS} if SAFETENSORS_FORMAT else {}
     zs = {"_extensions": [ZStandard()]}
     return {"default": {}, "safetensors": st, "zstd": zs, "both": {**st, **zs}}[fmt]
 
@@ -109,8 +110,8 @@ def save_hf_distributed(path: str, seed: int, consolidate: bool) -> None:
     consolidation handles floating-point dtypes only in torch 2.13)."""
     full = full_state(seed, floats=consolidate)
     state = {k: dtensor(v, 0) for k, v in full.items()}
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(path, save_distributed=True,
-                                                            enable_consolidation=consolidate))
+    dcp.save(state, storage_writer=dcp.HuggingFaceStorageWriter(path, save_distributed=True,
+                                                                enable_consolidation=consolidate))
 
 
 # --------------------------------------------------------- our compressed checkpoints, resharded

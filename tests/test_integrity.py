@@ -15,6 +15,7 @@ from dcp_ext import integrity as I
 from dcp_ext.errors import CorruptCheckpointError
 from dcp_ext.storage import commit as C
 from dcp_ext.verify import inspect_checkpoint, verify_checkpoint
+from tests.support.torch_features import needs_rank_local_save
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 
@@ -114,6 +115,7 @@ def test_reader_paths_and_verify_use_the_one_routine_and_agree(tmp_path, monkeyp
         dcp.load({"t": torch.zeros_like(t)}, storage_reader=dcp_ext.storage_reader(url))
 
 
+@needs_rank_local_save
 def test_verify_and_inspect_rank_local_checkpoints(tmp_path):
     url = str(tmp_path / "ck")
     dcp.save({"t": torch.arange(10.0), "o": 3}, storage_writer=dcp_ext.storage_writer(url), use_collectives=False)

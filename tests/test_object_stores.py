@@ -18,6 +18,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 import dcp_ext
 from dcp_ext.errors import (BucketNotFoundError, CheckpointExistsError, CheckpointNotFoundError, StorageAuthError,
                             StorageError)
+from tests.support.errors import error_text
 from tests.support.fault_proxy import FaultRule
 from tests.support.stores import Env
 from dcp_ext.storage.manifest import MANIFEST_NAME, METADATA_NAME
@@ -90,11 +91,7 @@ def _load(url: str, like: dict, **opts) -> dict:
 
 def _error_of(fn) -> str:
     """The message of what ``fn`` raises (DCP wraps rank errors in a BaseException)."""
-    try:
-        fn()
-    except BaseException as e:  # noqa: BLE001
-        return f"{type(e).__name__}: {e}"
-    raise AssertionError("expected an error")
+    return error_text(fn)
 
 
 # -- round trips and the standard format ------------------------------------------------------

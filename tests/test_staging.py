@@ -13,6 +13,7 @@ import dcp_ext
 from dcp_ext.errors import ConfigError, StagingBudgetError, StagingError, StagingPoolBusyError
 from dcp_ext.staging import PooledStager
 from tests import staging_rank_fns as fns
+from tests.support.torch_features import needs_async_stager, needs_default_stager
 
 
 def _no_mismatch(results):
@@ -45,6 +46,7 @@ def test_back_to_back_slow_upload_waits_never_overwrites(ranks, tmp_path):
         assert r["ptrs"][0] == r["ptrs"][1] == r["ptrs"][2]
 
 
+@needs_default_stager
 def test_control_reused_default_stager_corrupts(tmp_path):
     """Control for the test above (one process, no_dist): stock DefaultStager reused across
     saves caches buffers without ownership, so a save issued while the previous upload still
@@ -87,6 +89,7 @@ def test_control_reused_default_stager_corrupts(tmp_path):
     assert run(pooled) == [True, True] and pooled.stats["waits"] == 1
 
 
+@needs_async_stager
 def test_second_pool_within_budget(ranks, tmp_path):
     """max_pools=2 and a budget for two: the 2nd save uses a second pool instead of waiting."""
     res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=2, gated=True,
@@ -97,6 +100,7 @@ def test_second_pool_within_budget(ranks, tmp_path):
         assert set(r["ptrs"][0]).isdisjoint(r["ptrs"][1])
 
 
+@needs_async_stager
 def test_budget_for_one_pool_only_waits(ranks, tmp_path):
     """max_pools=2 but a budget that fits one pool: the 2nd save waits, no 2nd pool."""
     res = ranks(2).run(fns.save_mutate_check, str(tmp_path), n_saves=2, gated=True, with_dtensor=False,
@@ -107,6 +111,7 @@ def test_budget_for_one_pool_only_waits(ranks, tmp_path):
         assert r["stats"]["pools_allocated"] == 1 and r["stats"]["waits"] == 1
 
 
+@needs_async_stager
 @pytest.mark.parametrize("mode", ["stock", "track"])
 def test_stock_dcp_async_save_is_safe(ranks, tmp_path, mode):
     """Plain dcp.async_save(async_stager=stager) with no tracking (reference-count release)
@@ -267,6 +272,7 @@ def test_staged_tensor_storage_layout(share):
     st.close()  # no staged tensor referenced any more: returns at once
 
 
+@needs_async_stager
 def test_two_pools_uploads_do_not_overlap(tmp_path):
     """max_pools=2: the 2nd save stages into a second pool without waiting, but its upload
     starts only after the 1st upload ended (AsyncSaveResponse; its upload_completion). The 1st

@@ -96,12 +96,15 @@ def test_ranks_die_with_their_parent(tmp_path):
         "from dcp_ext.testing import RankPool\n"
         "if __name__ == '__main__':\n"
         "    pool = RankPool(2)\n"
-        "    print(' '.join(str(p.pid) for p in pool._procs), flush=True)\n"
+        "    print('PIDS', ' '.join(str(p.pid) for p in pool._procs), flush=True)\n"
         "    time.sleep(120)\n")
     owner = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        pids = [int(x) for x in owner.stdout.readline().split()]
+        line = owner.stdout.readline()
+        while line and not line.startswith("PIDS "):  # the ranks share stdout: torch 2.9's gloo prints there
+            line = owner.stdout.readline()
+        pids = [int(x) for x in line.split()[1:]]
         assert len(pids) == 2
         owner.send_signal(signal.SIGKILL)
         owner.wait(30)

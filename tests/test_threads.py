@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from dcp_ext.storage.threads import io_pool, run_all
+from tests.support.torch_features import needs_per_context_crc_option
 
 
 def test_results_in_order_and_pool_reused():
@@ -94,6 +95,7 @@ def test_jobs_see_the_callers_context():
     assert torch.serialization.get_crc32_options() is True  # restored for the caller
 
 
+@needs_per_context_crc_option
 def test_zip_crc_switch_is_per_thread_and_restored():
     """Two threads disabling torch's zip CRC at overlapping times each get it off and each get their
     own setting back (a process-wide reference count left one thread's setting off for good)."""

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ..integrity import ItemChecksums, checksum
+from ..torch_compat import torch_save
 from .base import BlobWriter
 from .compression import (ZSTD_DESCRIPTOR, FrameTable, compressor, raw_frame, shuffle, shuffle_descriptor,
                           zstandard_module)
@@ -185,7 +186,7 @@ class RecordCompressor:
             return write_tensor_record(out, relative_path, t, block_size if checksums else None)
         nbytes = t.numel() * t.element_size()
         split = _RecordSplitter(nbytes)
-        torch.save(t, split)
+        torch_save(t, split)  # not torch.save: older torch keeps the storage (torch_compat)
         if split.locator.data_offset is None:  # pragma: no cover - torch changed its zip writer
             raise RuntimeError("could not locate the tensor data inside the torch.save record")
         head, tail, data = split.head, split.tail, _bytes_of(t)

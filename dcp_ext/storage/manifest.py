@@ -32,6 +32,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from ..errors import CorruptCheckpointError
 from ..integrity import ItemChecksums
+from ..torch_compat import metadata_version
 from .commit import MANIFEST_NAME, METADATA_NAME
 from .compression import FrameTable
 
@@ -233,7 +234,7 @@ def decode_manifest(raw: bytes, where: str) -> Manifest:
                       storage_data=None, storage_meta=StorageMeta(checkpoint_id=doc.get("checkpoint_id"),
                                                                   save_id=doc["save_id"],
                                                                   modules=doc.get("modules", [])),
-                      version=doc.get("dcp_version"))
+                      **metadata_version(doc.get("dcp_version")))
         return Manifest(md, locations, doc["save_id"], doc["metadata_crc32c"], doc["checksum_algorithm"],
                         doc.get("planner_data_complete", True), doc.get("extra", {}),
                         bool(doc.get("views_resolved", False)))

@@ -52,6 +52,7 @@ from ..errors import (
 )
 from ..integrity import ChecksumMismatch, checksum, verify_range, verify_rest
 from ..progress import Progress
+from ..torch_compat import reports_metadata_errors
 from .base import Store
 from .commit import (
     METADATA_NAME,
@@ -232,6 +233,7 @@ class ExtStorageReader(StorageReader):
             self.store = type(self.store)(os.fspath(checkpoint_id), self.config)
         self.load_id = uuid.uuid4().hex
 
+    @reports_metadata_errors  # torch 2.9 would hide them
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """The checkpoint's ``Metadata``, as stock readers return it (``storage_data`` values are
         stock ``_StorageInfo``; ``storage_meta.checkpoint_id`` is the location it was saved to);

@@ -23,6 +23,7 @@ from typing import Any, Sequence
 import torch
 
 from ..integrity import BlockHasher, ItemChecksums, checksum
+from ..torch_compat import crc_option_is_context_local, process_wide_zip_crc_disabled, torch_save
 from .base import BlobWriter
 from .manifest import ItemLocation
 
@@ -39,7 +40,12 @@ def zip_crc_disabled():
     torch keeps the option per :mod:`contextvars` context (thread), so it is switched for the
     caller and restored on exit; pool jobs that should see it run in a copy of this context, as
     :func:`~dcp_ext.storage.threads.run_all` does (``tests/test_threads.py`` checks both).
+    Older torch (2.7, 2.9) keeps it process-wide: there a shared reference count switches it.
     """
+    if not crc_option_is_context_local():  # older torch (2.7, 2.9)
+        with process_wide_zip_crc_disabled():
+            yield
+        return
     prev = torch.serialization.get_crc32_options()
     torch.serialization.set_crc32_options(False)
     try:
@@ -163,7 +169,7 @@ def write_tensor_record(out: BlobWriter, relative_path: str, tensor: torch.Tenso
     nbytes = t.numel() * t.element_size()
     tap = _RecordTap(out, nbytes, block_size)
     try:
-        torch.save(t, tap)
+        torch_save(t, tap)  # not torch.save: older torch keeps the storage (torch_compat)
     except BaseException:
         if tap.error is not None:
             raise tap.error from None
@@ -238,7 +244,7 @@ def write_transformed_record(out: BlobWriter, relative_path: str, data: torch.Te
     if isinstance(data, io.BytesIO):
         stream.write(data.getbuffer())
     else:
-        torch.save(compact_cpu(data), stream)
+        torch_save(compact_cpu(data), stream)
     stream.close()
     n = out.tell() - start
     checks = None

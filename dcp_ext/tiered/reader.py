@@ -40,6 +40,7 @@ from ..storage.commit import (
     uncommit,
 )
 from ..storage.reader import ExtStorageReader
+from ..torch_compat import reports_metadata_errors
 from .choice import Holdings, choose_copy, plan_load_transfers, plan_repair_transfers
 from .durable import durable_store
 from .exchange import broadcast, gather
@@ -149,6 +150,7 @@ class TieredStorageReader(StorageReader):
         self.inner, self.tier, self.sources, self.choice, self._error = None, None, {}, None, None
 
     # -- metadata ----------------------------------------------------------------------------
+    @reports_metadata_errors  # torch 2.9 would hide them
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:  # DCP's rank-local fallback after a failed global read
             raise self._error or IncompleteCheckpointError(

@@ -33,6 +33,7 @@ from ...config import Config
 from ...errors import CorruptCheckpointError, DcpExtError, IncompleteCheckpointError
 from ...integrity import checksum
 from ...progress import Progress
+from ...torch_compat import reports_metadata_errors
 from ..commit import MANIFEST_NAME, METADATA_NAME, require_committed
 from ..manifest import decode_manifest
 from .arrays import LAYOUT, LAYOUT_VERSION, LocatedIO, Window, bytes_counter, numpy_view, translate_error
@@ -81,6 +82,7 @@ class TensorStoreReader(LocatedIO, StorageReader):
         self.refs = {}
         self.load_id = uuid.uuid4().hex
 
+    @reports_metadata_errors  # torch 2.9 would hide them
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if kwargs.get("rank") is not None:
             raise IncompleteCheckpointError(f"{self.store.url}: rank-local metadata is not supported")
