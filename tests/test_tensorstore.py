@@ -475,22 +475,40 @@ def _rewrite_index(path, mutate, n_inner):
 
 
 @pytest.mark.parametrize("damage,msg", [
+    ("data_bit", "a chunk fails its crc32c checksum"),
+    ("crc_bit", "a chunk fails its crc32c checksum"),
     ("truncate", "a chunk has the wrong size"),
     ("append", "a chunk has the wrong size"),
     ("delete", "a chunk is missing"),
+    ("shard_data_bit", "a chunk fails its crc32c checksum"),
     ("index_bit", "a chunk fails its crc32c checksum"),
     ("index_missing", "a chunk is missing"),
     ("index_size", "a chunk has the wrong size"),
+    ("index_past_end", "a chunk has the wrong size"),
     ("shard_truncated", "a chunk has the wrong size"),
 ])
-def test_native_reads_refuse_damaged_chunks_and_shard_indexes(tmp_path, damage, msg):
+@pytest.mark.parametrize("route", ["scratch", "direct"])
+def test_native_reads_refuse_damaged_chunks_and_shard_indexes(tmp_path, damage, msg, route):
+    """Each way a chunk is read: into scratch, then copied (16x16 chunks of 32 columns: not a
+    contiguous run of the tensor), or straight into the tensor (16x16 chunks of 16 columns)."""
     sharded = damage.startswith(("index", "shard"))
     opts = {**TS, "tensorstore": {"chunk_size": "1KiB", "shard_size": "8KiB" if sharded else None}}
     url = str(tmp_path / "c")
-    dcp.save({"layer.w": torch.randn(64, 32)}, storage_writer=dcp_ext.storage_writer(url, **opts))
+    shape = (64, 16) if route == "direct" else (64, 32)
+    dcp.save({"layer.w": torch.randn(*shape)}, storage_writer=dcp_ext.storage_writer(url, **opts))
     f = _chunk_files(tmp_path / "c" / "layer.w")[0]
-    n_inner = 8  # an 8 KiB shard of 1 KiB chunks
-    if damage == "truncate":
+    md = json.loads((tmp_path / "c" / "layer.w" / "zarr.json").read_text())
+    n_inner = math.prod(shape) * 4 // 1024  # one shard of 1 KiB inner chunks
+    assert md["chunk_grid"]["configuration"]["chunk_shape"] == (list(shape) if sharded else [16, 16])
+    if damage in ("data_bit", "shard_data_bit"):
+        data = bytearray(f.read_bytes())
+        data[5] ^= 1
+        f.write_bytes(bytes(data))
+    elif damage == "crc_bit":
+        data = bytearray(f.read_bytes())
+        data[-2] ^= 1
+        f.write_bytes(bytes(data))
+    elif damage == "truncate":
         f.write_bytes(f.read_bytes()[:-1])
     elif damage == "append":
         f.write_bytes(f.read_bytes() + b"\0")
@@ -504,9 +522,11 @@ def test_native_reads_refuse_damaged_chunks_and_shard_indexes(tmp_path, damage, 
         _rewrite_index(f, lambda idx: idx.__setitem__(slice(16, 32), b"\xff" * 16), n_inner)
     elif damage == "index_size":
         _rewrite_index(f, lambda idx: idx.__setitem__(slice(8, 16), (7).to_bytes(8, "little")), n_inner)
+    elif damage == "index_past_end":  # the last chunk said to lie past the data: never read past the file
+        _rewrite_index(f, lambda idx: idx.__setitem__(slice(-16, -8), (10**6).to_bytes(8, "little")), n_inner)
     else:
         f.write_bytes(f.read_bytes()[-100:])
-    e = _err(lambda: dcp.load({"layer.w": torch.zeros(64, 32)}, storage_reader=dcp_ext.storage_reader(url, **opts)))
+    e = _err(lambda: dcp.load({"layer.w": torch.zeros(*shape)}, storage_reader=dcp_ext.storage_reader(url, **opts)))
     assert "CorruptCheckpointError" in e and "loading layer.w" in e and msg in e, e
 
 
@@ -569,15 +589,15 @@ def test_native_io_resumes_short_writes_and_reads(tmp_path, monkeypatch):
 
     monkeypatch.setattr(native.os, "pwritev", short(real_w, "w", 1000))
     monkeypatch.setattr(native.os, "preadv", short(real_r, "r", 700))
-    w = torch.randn(48, 40)
+    w = torch.randn(96, 16)  # 16x16 chunks (whole rows: read straight into the tensor by preadv)
     url = str(tmp_path / "c")
     opts = {**TS, "tensorstore": {"chunk_size": "1KiB", "shard_size": "4KiB"}}
     dcp.save({"w": w}, storage_writer=dcp_ext.storage_writer(url, **opts))
-    out = {"w": torch.zeros(48, 40)}
+    out = {"w": torch.zeros(96, 16)}
     dcp.load(out, storage_reader=dcp_ext.storage_reader(url, **opts))
     assert torch.equal(out["w"], w)
     stored = sum(f.stat().st_size for f in _chunk_files(tmp_path / "c" / "w"))
-    assert calls["w"] >= stored // 1000 and calls["r"] >= (48 * 40 * 4) // 700, calls
+    assert calls["w"] >= stored // 1000 and calls["r"] >= (96 * 16 * 4) // 700, calls
 
 
 def test_native_writes_fsync_each_chunk_file_unless_fs_fsync_is_off(tmp_path, monkeypatch):
