@@ -11,7 +11,8 @@ For each dtype (bf16, fp32) a Megatron-like stack of layers (QKV, proj, MLP up/d
 
 1. **save** of the whole state by one process (GB/s, median of ``--runs``, contenders interleaved
    in a rotating order after one discarded warm-up round), and the bytes on disk;
-2. **full load** into preallocated tensors (GB/s);
+2. **full load** into preallocated tensors, zeroed first (their pages exist, as a model's do:
+   a load into fresh ``empty`` tensors mostly measures page faults) (GB/s);
 3. **1 -> 4 resharded partial load**: the 1-rank checkpoint loaded by 4 gloo ranks at TP=4
    (column-parallel weights split by rows, row-parallel ones by columns) with
    ``ReshardLoadPlanner``; per rank: bytes read from storage / bytes the rank needs (stock reads
@@ -106,7 +107,7 @@ def save_and_load(c: str, sd: dict, path: str) -> tuple[float, float]:
     t = time.perf_counter()
     dcp.save({"model": sd}, storage_writer=writer_for(c, path), planner=ReshardSavePlanner(ParallelLayout(rules=RULES)))
     ts = time.perf_counter() - t
-    out = {"model": {k: torch.empty_like(v) for k, v in sd.items()}}
+    out = {"model": {k: torch.zeros_like(v) for k, v in sd.items()}}  # touched, like a model's tensors
     t = time.perf_counter()
     dcp.load(out, storage_reader=reader_for(c, path), planner=ReshardLoadPlanner(ParallelLayout(rules=RULES)))
     tl = time.perf_counter() - t
