@@ -21,6 +21,7 @@ __all__ = [
     "BucketNotFoundError",
     "LayoutError",
     "ReshardError",
+    "OptimizerStateError",
     "StagingError",
     "StagingBudgetError",
     "StagingPoolBusyError",
@@ -85,6 +86,10 @@ class LayoutError(DcpExtError, ValueError):
 class ReshardError(DcpExtError, RuntimeError):
     """A resharding save/load plan is inconsistent: colliding chunks, missing or unexpected keys,
     shape mismatches (the message names the saved and the target layout)."""
+
+
+class OptimizerStateError(DcpExtError, ValueError):
+    """Optimizer state or a flat-buffer description does not fit the model/optimizer."""
 
 
 class StagingError(DcpExtError):

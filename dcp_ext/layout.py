@@ -261,13 +261,7 @@ class ParallelLayout:
                 spec = self.spec_for(self.global_fqn(local_fqn))
         if spec is None or len(shape) == 0:
             return shape
-        ndim = len(shape)
-        dim = spec.dim + ndim if spec.dim < 0 else spec.dim
-        if not 0 <= dim < ndim:
-            raise LayoutError(
-                f"{local_fqn}: ShardSpec.dim={spec.dim} is out of range for a {ndim}-d tensor of shape "
-                f"{list(shape)} (valid: {-ndim}..{ndim - 1})"
-            )
+        dim = _shard_dim(local_fqn, shape, spec)
         if shape[dim] % self.tp_size:
             raise LayoutError(
                 f"{local_fqn}: global size {shape[dim]} of dim {dim} is not divisible by tp_size={self.tp_size}"
@@ -312,8 +306,8 @@ class ParallelLayout:
                 f"(tp {self.tp_rank}, pp {self.pp_rank} [{stage}], dp {self.dp_rank})")
 
 
-def _shard_boxes(fqn: str, shape: tuple[int, ...], spec: ShardSpec, tp_rank: int,
-                 tp_size: int) -> tuple[tuple[int, ...], tuple[PieceMap, ...]]:
+def _shard_dim(fqn: str, shape: tuple[int, ...], spec: ShardSpec) -> int:
+    """``spec.dim`` as a non-negative dimension of ``shape``; LayoutError if out of range."""
     ndim = len(shape)
     dim = spec.dim + ndim if spec.dim < 0 else spec.dim
     if not 0 <= dim < ndim:
@@ -321,6 +315,12 @@ def _shard_boxes(fqn: str, shape: tuple[int, ...], spec: ShardSpec, tp_rank: int
             f"{fqn}: ShardSpec.dim={spec.dim} is out of range for a {ndim}-d tensor of shape {list(shape)} "
             f"(valid: {-ndim}..{ndim - 1})"
         )
+    return dim
+
+
+def _shard_boxes(fqn: str, shape: tuple[int, ...], spec: ShardSpec, tp_rank: int,
+                 tp_size: int) -> tuple[tuple[int, ...], tuple[PieceMap, ...]]:
+    dim = _shard_dim(fqn, shape, spec)
     local_len = shape[dim]
     segments = spec.segments if spec.segments is not None else (local_len * tp_size,)
     for s in segments:
@@ -342,8 +342,8 @@ def _shard_boxes(fqn: str, shape: tuple[int, ...], spec: ShardSpec, tp_rank: int
     global_start = 0
     for s in segments:
         part = s // tp_size
-        lo = [0] * ndim
-        go = [0] * ndim
+        lo = [0] * len(shape)
+        go = [0] * len(shape)
         sz = list(shape)
         lo[dim] = local_pos
         go[dim] = global_start + tp_rank * part

@@ -61,6 +61,14 @@ class Options:
     def validate(self, section: str) -> None:
         """Raise :class:`~dcp_ext.errors.ConfigError` naming ``section.key`` for a bad value."""
 
+    def require_at_least(self, section: str, names: str, minimum: float, unit: str = "") -> None:
+        """ConfigError ``section.key: must be >= minimum [unit], got value`` for the first of the
+        space-separated field ``names`` that is set (not None) and below ``minimum``."""
+        for name in names.split():
+            value = getattr(self, name)
+            if value is not None and value < minimum:
+                raise ConfigError(f"{section}.{name}: must be >= {minimum}{' ' + unit if unit else ''}, got {value}")
+
 
 @functools.lru_cache(maxsize=None)
 def field_types(cls: type) -> dict[str, Any]:

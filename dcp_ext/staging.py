@@ -24,187 +24,35 @@ A new save that finds every pool leased either allocates another pool (if ``max_
 
 from __future__ import annotations
 
-import copy
 import logging
 import threading
 import time
-import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch.distributed.checkpoint.staging import AsyncStager
-from torch.distributed.tensor import DTensor
 
 from .errors import StagingBudgetError, StagingError, StagingPoolBusyError
+from .host_pool import HostPool, Leaf, align, fmt_bytes
+from .state_tree import Ref, build, collect
 from .torch_compat import ASYNC_SAVE_TAKES_STAGER, async_save_kwargs
 
 __all__ = ["PooledStager", "async_save"]
 
 logger = logging.getLogger(__name__)
 
-_ALIGN = 64  # byte alignment of every tensor inside a pool (cache line; any dtype's itemsize)
-_ATOMIC = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device, torch.Size)
+_Leaf = Leaf  # the name tests and older code import from here
+
 _POLL_S = 0.02
-
-#: the reference count of a storage (counts every tensor and storage object viewing it): how a
-#: pool tells that nobody holds its staged tensors any more (implicit release)
-_use_count: Callable[[Any], int] = torch._C._storage_Use_Count  # type: ignore[attr-defined]
-
-
-def _fmt_bytes(n: int) -> str:
-    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= div:
-            return f"{n / div:.2f} {unit}"
-    return f"{n} B"
-
-
-def _align(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-def _pin(ptr: int, nbytes: int) -> None:
-    """Page-lock an existing host range (cudaHostRegister); no power-of-2 rounding."""
-    rc = int(torch.cuda.cudart().cudaHostRegister(ptr, nbytes, 1))  # 1 = cudaHostRegisterPortable
-    if rc != 0:
-        raise StagingError(f"cudaHostRegister of {_fmt_bytes(nbytes)} staging pool failed (cudaError {rc})")
-
-
-def _unpin_all(ptrs: list[int]) -> None:
-    for ptr in ptrs:
-        _unpin(ptr)
-
-
-def _unpin(ptr: int) -> None:
-    try:
-        rc = int(torch.cuda.cudart().cudaHostUnregister(ptr))
-        if rc != 0:
-            logger.warning("cudaHostUnregister(0x%x) failed with cudaError %d", ptr, rc)
-    except Exception:  # noqa: BLE001 - interpreter shutdown, CUDA context gone
-        pass
-
-
-@dataclass
-class _Leaf:
-    """One unique source tensor of a state dict and where it lives in a pool."""
-
-    path: str
-    tensor: torch.Tensor  # the plain local tensor to copy (DTensor's local shard)
-    offset: int = 0
-    nbytes: int = 0
-    #: the local shard of a DTensor (in shared memory it gets a segment of its own, see _Pool)
-    dtensor: bool = False
-
-
-class _Pool:
-    """One flat host allocation holding a copy of every tensor of one state-dict structure.
-
-    Private memory (the default): one allocation, but every tensor gets its *own* storage
-    over its slice (``torch.frombuffer``), exactly ``nbytes`` long. A plain view of one big
-    storage would make stock ``FileSystemWriter`` clone every item into fresh memory during
-    the upload (it clones tensors whose storage is larger than the tensor, because
-    ``torch.save`` of a view writes the whole storage), which costs page faults and a
-    transient second copy of each item.
-
-    Shared memory (``share_memory=True``): one shared segment and plain views of it, so the
-    process executor passes one handle (one file descriptor) per save instead of one per
-    tensor; the clone then happens in the checkpoint process, off the training process. The
-    local shards of DTensors are the exception: each gets a shared segment of its own, because
-    pickling a DTensor whose local tensor starts at a non-zero offset of a shared storage
-    crashes the process (segmentation fault in torch 2.13's ``_share_fd_cpu_``).
-    """
-
-    def __init__(self, signature: tuple, leaves: list[_Leaf], *, pin: bool, share: bool, index: int):
-        self.signature = signature
-        self.index = index
-        total = 0
-        own_bytes = 0
-        slots: list[tuple[int, torch.dtype, torch.Size, bool]] = []
-        for leaf in leaves:
-            t = leaf.tensor
-            nbytes = t.numel() * t.element_size()
-            own = share and leaf.dtensor  # a shared segment of its own (see the class docstring)
-            slots.append((-1 if own else total, t.dtype, t.shape, own))
-            if own:
-                own_bytes += _align(nbytes)
-            else:
-                total += _align(nbytes)
-        self.nbytes = total + own_bytes
-        if share:
-            storage = torch.UntypedStorage._new_shared(max(total, 1))
-            base = torch.empty(0, dtype=torch.uint8).set_(storage)
-        else:
-            base = torch.empty(max(total, 1), dtype=torch.uint8)
-        self.base = base
-        self.shared = share
-        self.pinned = False
-        flat = None if share else base.numpy()
-        self.views: list[torch.Tensor] = []
-        regions = [(base.data_ptr(), base.numel())] if total > 0 else []  # host ranges to pin
-        for off, dtype, shape, own in slots:
-            nbytes = dtype.itemsize * int(torch.Size(shape).numel())
-            if own:
-                seg = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(max(nbytes, 1)))
-                v = seg[:nbytes]
-                if nbytes:
-                    regions.append((seg.data_ptr(), nbytes))
-            elif share:
-                v = base[off:off + nbytes]
-            elif nbytes == 0:
-                v = torch.empty(0, dtype=torch.uint8)
-            else:
-                v = torch.frombuffer(flat, dtype=torch.uint8, count=nbytes, offset=off)
-            self.views.append(v.view(dtype).view(shape))
-        if pin and regions:
-            done: list[int] = []
-            try:
-                for ptr, n in regions:
-                    _pin(ptr, n)
-                    done.append(ptr)
-            except BaseException:
-                _unpin_all(done)
-                raise
-            self.pinned = True
-            self._finalizer = weakref.finalize(self, _unpin_all, [ptr for ptr, _ in regions])
-            self._finalizer.atexit = False
-        # Distinct storages and the references the pool itself holds on each (its own
-        # tensors and these storage objects); anything above that is someone else's.
-        seen: dict[int, Any] = {}
-        for t in [base, *self.views]:
-            st = t.untyped_storage()
-            seen.setdefault(st._cdata, st)
-        self.storages = list(seen.values())
-        self.ptrs = [v.data_ptr() for v in self.views]
-        self.lease: _Lease | None = None
-        self.baseline: list[int] = []
-
-    def measure_baseline(self) -> None:
-        """Record the pool's own reference counts; call once the constructor's locals are gone."""
-        self.baseline = [_use_count(st._cdata) for st in self.storages]
-
-    def external_refs(self) -> int:
-        """Tensors (or storages) viewing this pool that the pool did not create itself."""
-        return sum(_use_count(st._cdata) - b for st, b in zip(self.storages, self.baseline))
-
-    def moved(self) -> bool:
-        """Whether torch.multiprocessing moved the pool's storages into shared memory in place."""
-        return any(v.data_ptr() != p for v, p in zip(self.views, self.ptrs))
-
-    def free(self) -> None:
-        fin = getattr(self, "_finalizer", None)
-        if fin is not None:
-            fin()  # unpin now, while the memory is certainly still mapped
-        self.views = []
-        self.storages = []
-        self.base = None  # type: ignore[assignment]
 
 
 @dataclass
 class _Lease:
     """A pool handed to one checkpoint, from ``stage()`` until its upload finished."""
 
-    pool: _Pool
+    pool: HostPool
     seq: int
     started: float = field(default_factory=time.monotonic)
     tracked: bool = False
@@ -278,7 +126,7 @@ class PooledStager(AsyncStager):
         self.wait_timeout = wait_timeout
         self.warn_every_s = warn_every_s
         self._cond = threading.Condition()
-        self._pools: list[_Pool] = []
+        self._pools: list[HostPool] = []
         self._pool_counter = 0
         self._seq = 0
         self._untracked: _Lease | None = None  # the latest lease, until track() claims it
@@ -305,15 +153,15 @@ class PooledStager(AsyncStager):
             raise StagingError("PooledStager.stage() called after close()")
         if not isinstance(state_dict, dict):
             raise StagingError(f"PooledStager.stage() expects a dict state_dict, got {type(state_dict).__name__}")
-        leaves: list[_Leaf] = []
-        by_id: dict[int, _Ref] = {}
-        template = self._collect(state_dict, "", leaves, by_id)
+        leaves: list[Leaf] = []
+        by_id: dict[int, Ref] = {}
+        template = collect(state_dict, "", leaves, by_id)
         signature = tuple((leaf.tensor.dtype, tuple(leaf.tensor.shape), leaf.dtensor) for leaf in leaves)
         lease = self._acquire(signature, leaves)  # leased with staging=True: never reaped mid-copy
         try:
             views = lease.pool.views
             self._copy_in(leaves, views)
-            staged = self._build(template, views)
+            staged = build(template, views)
         except BaseException:
             self._release(lease, why="staging failed")
             raise
@@ -412,70 +260,8 @@ class PooledStager(AsyncStager):
         with self._cond:
             return sum(p.nbytes for p in self._pools)
 
-    # ------------------------------------------------------------------ traversal
-    def _collect(self, x: Any, path: str, leaves: list[_Leaf], by_id: dict[int, _Ref]) -> Any:
-        """Return a template of ``x``: tensors replaced by ``_Ref`` markers into ``leaves``."""
-        if isinstance(x, torch.Tensor):
-            if id(x) in by_id:  # the same tensor object under two keys (tied weights)
-                return by_id[id(x)]
-            if isinstance(x, DTensor):
-                local = x._local_tensor
-                ref = _Ref(self._add_leaf(local, path, leaves), dtensor=x)
-                leaves[ref.index].dtensor = True
-            elif type(x) is torch.Tensor or type(x) is torch.nn.Parameter:
-                ref = _Ref(self._add_leaf(x, path, leaves))
-            else:
-                raise StagingError(
-                    f"PooledStager cannot stage {type(x).__name__} at {path!r}: only torch.Tensor, "
-                    f"nn.Parameter and DTensor values are supported (convert ShardedTensor to DTensor)")
-            by_id[id(x)] = ref
-            return ref
-        if isinstance(x, dict):
-            return _Container(type(x), [(k, self._collect(v, f"{path}.{k}" if path else str(k), leaves, by_id))
-                                        for k, v in x.items()])
-        if isinstance(x, (list, tuple)):
-            items = [self._collect(v, f"{path}.{i}" if path else str(i), leaves, by_id) for i, v in enumerate(x)]
-            return _Container(type(x), items)
-        if isinstance(x, _ATOMIC):
-            return x
-        return _Copy(copy.deepcopy(x))
-
-    def _add_leaf(self, t: torch.Tensor, path: str, leaves: list[_Leaf]) -> int:
-        if t.is_sparse or t.layout != torch.strided:
-            raise StagingError(f"PooledStager cannot stage a {t.layout} tensor at {path!r}: only strided tensors")
-        if t.is_quantized:
-            raise StagingError(f"PooledStager cannot stage a quantized tensor at {path!r}")
-        if t.device.type == "meta":
-            raise StagingError(f"PooledStager cannot stage a meta tensor at {path!r}: it has no data")
-        leaves.append(_Leaf(path, t))
-        return len(leaves) - 1
-
-    def _build(self, node: Any, views: list[torch.Tensor]) -> Any:
-        if isinstance(node, _Ref):
-            # A fresh alias per save: it raises the pool storage's reference count, which is how
-            # an untracked lease knows that someone may still read it.
-            v = views[node.index].detach()
-            if node.dtensor is not None:
-                return _rewrap_dtensor(node.dtensor, v)
-            return v
-        if isinstance(node, _Container):
-            if issubclass(node.kind, dict):
-                d = {k: self._build(v, views) for k, v in node.items}
-                return d if node.kind is dict else _make(node.kind, d)
-            items = [self._build(v, views) for v in node.items]
-            if node.kind is list:
-                return items
-            if node.kind is tuple:
-                return tuple(items)
-            if hasattr(node.kind, "_fields"):  # namedtuple
-                return node.kind(*items)
-            return _make(node.kind, items)
-        if isinstance(node, _Copy):
-            return node.value
-        return node
-
     # ------------------------------------------------------------------ copies
-    def _copy_in(self, leaves: list[_Leaf], views: list[torch.Tensor]) -> None:
+    def _copy_in(self, leaves: list[Leaf], views: list[torch.Tensor]) -> None:
         events = []
         with torch.no_grad():
             for leaf, dst in zip(leaves, views):
@@ -506,16 +292,16 @@ class PooledStager(AsyncStager):
         return stream
 
     # ------------------------------------------------------------------ ownership
-    def _acquire(self, signature: tuple, leaves: list[_Leaf]) -> _Lease:
-        need = sum(_align(leaf.tensor.numel() * leaf.tensor.element_size()) for leaf in leaves)
+    def _acquire(self, signature: tuple, leaves: list[Leaf]) -> _Lease:
+        need = sum(align(leaf.tensor.numel() * leaf.tensor.element_size()) for leaf in leaves)
         if self.memory_budget is not None and need > self.memory_budget:
             biggest = sorted(leaves, key=lambda lf: lf.tensor.numel() * lf.tensor.element_size(), reverse=True)[:3]
-            big = ", ".join(f"{lf.path!r} {_fmt_bytes(lf.tensor.numel() * lf.tensor.element_size())}"
+            big = ", ".join(f"{lf.path!r} {fmt_bytes(lf.tensor.numel() * lf.tensor.element_size())}"
                             for lf in biggest)
             raise StagingBudgetError(
-                f"PooledStager: staging this state dict needs {_fmt_bytes(need)} ({need} bytes, "
+                f"PooledStager: staging this state dict needs {fmt_bytes(need)} ({need} bytes, "
                 f"{len(leaves)} tensors; largest: {big}) but memory_budget is "
-                f"{_fmt_bytes(self.memory_budget)} ({self.memory_budget} bytes); raise memory_budget "
+                f"{fmt_bytes(self.memory_budget)} ({self.memory_budget} bytes); raise memory_budget "
                 f"to at least {need} or stage less state per save")
         waited_since = None
         last_warn = time.monotonic()
@@ -530,7 +316,7 @@ class PooledStager(AsyncStager):
                 stale = [p for p in self._pools if p.lease is None and p.signature != signature]
                 for p in stale:
                     logger.info("PooledStager: state dict structure changed; freeing pool %d (%s) to rebuild",
-                                p.index, _fmt_bytes(p.nbytes))
+                                p.index, fmt_bytes(p.nbytes))
                     self.stats["rebuilds"] += 1
                     p.free()
                     self._pools.remove(p)
@@ -554,19 +340,19 @@ class PooledStager(AsyncStager):
                     logger.warning("%s", self._busy_message(busy, now - waited_since, still=True))
                 self._cond.wait(_POLL_S)
 
-    def _allocate(self, signature: tuple, leaves: list[_Leaf]) -> _Pool:
+    def _allocate(self, signature: tuple, leaves: list[Leaf]) -> HostPool:
         t0 = time.perf_counter()
         self._pool_counter += 1
-        pool = _Pool(signature, leaves, pin=self.pin_memory, share=self.share_memory, index=self._pool_counter)
+        pool = HostPool(signature, leaves, pin=self.pin_memory, share=self.share_memory, index=self._pool_counter)
         pool.measure_baseline()
         self._pools.append(pool)
         self.stats["pools_allocated"] += 1
         logger.info("PooledStager: allocated pool %d: %s for %d tensors (pinned=%s, shared=%s) in %.3fs",
-                    pool.index, _fmt_bytes(pool.nbytes), len(leaves), pool.pinned, pool.shared,
+                    pool.index, fmt_bytes(pool.nbytes), len(leaves), pool.pinned, pool.shared,
                     time.perf_counter() - t0)
         return pool
 
-    def _lease(self, pool: _Pool, waited_since: float | None) -> _Lease:
+    def _lease(self, pool: HostPool, waited_since: float | None) -> _Lease:
         if waited_since is not None:
             logger.info("PooledStager: pool %d free after waiting %.3fs", pool.index, time.monotonic() - waited_since)
         if pool.moved():
@@ -612,7 +398,7 @@ class PooledStager(AsyncStager):
                 logger.debug("PooledStager: lease #%d of pool %d ended (no staged tensor referenced)",
                              lease.seq, p.index)
 
-    def _busy_message(self, busy: Iterable[_Pool], waited: float | None, still: bool = False) -> str:
+    def _busy_message(self, busy: Iterable[HostPool], waited: float | None, still: bool = False) -> str:
         parts = []
         for p in busy:
             lease = p.lease
@@ -620,7 +406,7 @@ class PooledStager(AsyncStager):
                 continue
             how = ("tracked upload future not done" if lease.tracked
                    else f"untracked; {p.external_refs()} staged tensor reference(s) still alive")
-            parts.append(f"pool {p.index} ({_fmt_bytes(p.nbytes)}) leased to save #{lease.seq} "
+            parts.append(f"pool {p.index} ({fmt_bytes(p.nbytes)}) leased to save #{lease.seq} "
                          f"{time.monotonic() - lease.started:.1f}s ago ({how})")
         head = "still waiting" if still else "timed out"
         return (f"PooledStager: {head} after {waited}s for a staging pool: " + "; ".join(parts) +
@@ -629,39 +415,6 @@ class PooledStager(AsyncStager):
                 "stager.track(future) so the pool is released when the upload future completes, allow "
                 "another pool (max_pools=2 and a memory_budget that fits two), or wait for the "
                 "previous future before saving again.")
-
-
-@dataclass
-class _Ref:
-    index: int
-    dtensor: Any = None
-
-
-@dataclass
-class _Container:
-    kind: type
-    items: list
-
-
-@dataclass
-class _Copy:
-    value: Any
-
-
-def _make(kind: type, value: Any) -> Any:
-    try:
-        return kind(value)
-    except Exception:  # noqa: BLE001 - exotic container: fall back to the plain type
-        return dict(value) if isinstance(value, dict) else list(value)
-
-
-def _rewrap_dtensor(src: Any, local: torch.Tensor) -> Any:
-    """A DTensor with ``src``'s mesh, placements and global shape around a staged local tensor.
-
-    ``DTensor.from_local`` would move a CPU local tensor back to a CUDA mesh's device, so the
-    constructor is used directly (its signature is stable since torch 2.1).
-    """
-    return DTensor(local, src._spec, requires_grad=False)
 
 
 def _outcome(f: Future) -> str:

@@ -32,7 +32,10 @@ def run(args: argparse.Namespace) -> None:
     state = {"app": app}
     mgr = dcp_ext.CheckpointManager(args.dir, interval=args.interval, async_save=True,
                                     save_on_signal=("SIGTERM", "SIGUSR1"))
-    print(f"rank {dist.get_rank()} pid {os.getpid()}", flush=True)
+    # one write of the whole line: every rank shares this stdout, and print() writes the text and
+    # its newline separately, so two ranks' lines could interleave ("rank 0 pid 1rank 1 pid 2")
+    sys.stdout.write(f"rank {dist.get_rank()} pid {os.getpid()}\n")
+    sys.stdout.flush()
     start = mgr.load(state)
     say("fresh start" if start is None else f"resumed from step {start}")
     for step in range((start or 0) + 1, args.steps + 1):

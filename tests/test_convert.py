@@ -13,7 +13,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 import dcp_ext
-from dcp_ext.convert.safetensors_format import decode_header, encode_header
+from dcp_ext.storage.safetensors_format import decode_header, encode_header
 from dcp_ext.errors import ConvertError, CorruptCheckpointError
 from tests import convert_rank_fns as C
 

@@ -4,7 +4,8 @@
 * :mod:`~dcp_ext.convert.importing`: safetensors / Hugging Face directory / torch.save -> DCP
 * :mod:`~dcp_ext.convert.diff`: compare two checkpoints tensor by tensor
 * :mod:`~dcp_ext.convert.dcp_source`: reading a checkpoint in bounded batches
-* :mod:`~dcp_ext.convert.safetensors_format`, :mod:`~dcp_ext.convert.torch_format`: the file formats
+* :mod:`~dcp_ext.convert.torch_format`: the torch.save format (safetensors is
+  :mod:`~dcp_ext.storage.safetensors_format`, shared with the stock-format reader)
 """
 
 from .diff import DiffReport, ItemDiff, diff_checkpoints

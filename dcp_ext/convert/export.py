@@ -19,7 +19,7 @@ from ..errors import ConvertError
 from ..progress import Progress
 from ..storage import open_store
 from .dcp_source import CheckpointTensors, rename_key, select_keys
-from .safetensors_format import INDEX_NAME, encode_header, shard_name
+from ..storage.safetensors_format import INDEX_NAME, encode_header, shard_name
 from .torch_format import LazyTensor, StreamingTorchWriter
 
 __all__ = ["ConvertReport", "export_checkpoint", "parse_dtype", "split_output"]

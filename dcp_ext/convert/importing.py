@@ -25,7 +25,7 @@ from ..progress import Progress
 from ..storage import open_store, storage_writer
 from .dcp_source import rename_key, select_keys
 from .export import ConvertReport, parse_dtype, split_output
-from .safetensors_format import HEADER_PREFIX, INDEX_NAME, decode_header, header_length
+from ..storage.safetensors_format import HEADER_PREFIX, INDEX_NAME, decode_header, header_length
 
 __all__ = ["import_checkpoint", "SafetensorsFiles", "TorchFile"]
 

@@ -25,12 +25,11 @@ from typing import Any, Callable, TypeVar
 import torch
 
 from ..config import Config, ManagerOptions, load_config
-from ..errors import CheckpointExistsError, CheckpointNotFoundError, ConfigError, DcpExtError, IncompleteCheckpointError
+from ..errors import ConfigError, DcpExtError, IncompleteCheckpointError
 from ..storage import storage_reader, storage_writer
-from ..storage.commit import CommitState
-from .gc import leftover_victims, retention_victims
+from .bookkeeping import RootBookkeeper
 from .retention import RetentionPolicy
-from .root import CheckpointRoot, StepEntry, StepInfo, jsonable_metrics
+from .root import CheckpointRoot, StepInfo, jsonable_metrics
 from .signals import SignalWatcher, signal_number
 
 __all__ = ["CheckpointManager"]
@@ -134,13 +133,9 @@ class CheckpointManager:
             self._save_pg = process_group
         self._stager = stager
         self._own_stager = stager is None
-        self._lock = threading.Lock()
-        #: rank 0: held while claiming a step directory and while pruning the root, so a step
-        #: being claimed is never chosen as a leftover between the scan and the deletion
-        self._root_lock = threading.Lock()
+        self._lock = threading.Lock()  # guards _pending
+        self._book = RootBookkeeper(self.root, self.config, self.policy)  # rank 0's view of the root
         self._pending: list[_Pending] = []
-        self._inflight: set[int] = set()  # rank 0: steps being written (never deleted)
-        self._committed: set[int] = set()  # rank 0: complete steps it knows of
         self._closed = False
         self._preempted: int = 0
         self._signals = SignalWatcher(m.save_on_signal) if m.save_on_signal else None
@@ -198,7 +193,7 @@ class CheckpointManager:
         info = StepInfo(step, metrics=metrics, metadata=metadata, world_size=self.world_size,
                         layout=self._layout_of(planner), mode="async" if self.options.async_save else "sync",
                         tier=self.config.tier.cache, run=self.run_id)
-        go = self._coordinated(lambda: self._claim(name, info, force or bool(signum)))
+        go = self._coordinated(lambda: self._book.claim(name, info, force or bool(signum)))
         if not go:
             return self._after_save(signum, saved=False)
         writer = storage_writer(self.root.step_url(name), config=self.config)
@@ -257,7 +252,7 @@ class CheckpointManager:
         it on every rank; every rank gets rank 0's answer). For tiered saves: complete in the
         durable location."""
         self._check_open()
-        return self._coordinated(self._scan_committed)
+        return self._coordinated(self._book.scan_committed)
 
     def latest_step(self) -> int | None:
         """The newest complete step, or None (a collective, like :meth:`all_steps`)."""
@@ -293,7 +288,7 @@ class CheckpointManager:
                 logger.info("no complete checkpoint under %s: starting fresh", self.url)
                 return None
         else:
-            self._coordinated(lambda: self._require_step(step))
+            self._coordinated(lambda: self._book.require_step(step))
         name = self.root.step_name(step)
         part = {k: v for k, v in state.items() if k not in self.options.exclude}
         import torch.distributed.checkpoint as dcp
@@ -319,7 +314,7 @@ class CheckpointManager:
         urls = [self.root.step_url(s) for s in steps]
         chosen = newest_loadable(urls, config=self.config) if urls else None
         if chosen is None and step is not None:
-            avail = self._coordinated(self._scan_committed)
+            avail = self._coordinated(self._book.scan_committed)
             raise IncompleteCheckpointError(
                 f"step {step} under {self.url} cannot be loaded from the fast tier ({self.config.tier.cache}) or the "
                 f"durable location; durable complete steps: {', '.join(map(str, avail[-20:])) or 'none'}")
@@ -400,67 +395,7 @@ class CheckpointManager:
     # -- rank 0 bookkeeping ------------------------------------------------------------------
     def _start(self) -> tuple[str, list[int]]:
         self.run_id = uuid.uuid4().hex[:12]
-        if self.options.cleanup:
-            with self._root_lock:
-                entries = self.root.scan()
-                self._remove_leftovers(entries)
-        else:
-            entries = self.root.scan()
-        with self._lock:
-            self._committed = {e.step for e in entries if e.committed}
-        return self.run_id, sorted(self._committed)
-
-    def _scan_committed(self) -> list[int]:
-        steps = sorted(e.step for e in self.root.scan(with_info=False) if e.committed)
-        with self._lock:
-            self._committed = set(steps)
-        return steps
-
-    def _require_step(self, step: int) -> None:
-        from ..storage.commit import commit_status
-
-        name = self.root.step_name(step)
-        st = commit_status(self.root.step_store(name))
-        if st.state is CommitState.COMMITTED:
-            return
-        avail = self._scan_committed()
-        listed = ", ".join(map(str, avail[-20:])) or "none"
-        if st.state is CommitState.INCOMPLETE:
-            raise IncompleteCheckpointError(
-                f"step {step} under {self.url} is incomplete (a save did not finish: {len(st.data_files)} data "
-                f"file(s), no .metadata); complete steps: {listed}")
-        raise CheckpointNotFoundError(f"no checkpoint for step {step} under {self.url} ({self.root.step_url(name)} "
-                                      f"is {st.state.value}); complete steps: {listed}")
-
-    def _claim(self, name: str, info: StepInfo, forced: bool) -> bool:
-        """Rank 0, before a save: skip a step that is already complete (unless forced: then it
-        needs ``overwrite``), else write the step record (marking the directory as ours)."""
-        from ..storage.commit import is_committed
-
-        step = info.step
-        with self._root_lock:
-            with self._lock:
-                busy = step in self._inflight
-            if busy:
-                raise DcpExtError(f"step {step} is still being saved by this manager; wait() before saving it again")
-            if is_committed(self.root.step_store(name)):
-                if not forced:
-                    logger.warning("step %d already has a complete checkpoint at %s; not saving it again (force=True "
-                                   "with overwrite=True replaces it)", step, self.root.step_url(name))
-                    return False
-                if not self.config.overwrite:
-                    raise CheckpointExistsError(
-                        f"Checkpoint already exists: step {step} at {self.root.step_url(name)} is complete; pass "
-                        f"overwrite=True to the CheckpointManager to replace it")
-            with self._lock:  # in flight before its record exists: a scan that sees the record sees this
-                self._inflight.add(step)
-            try:
-                self.root.write_info(name, info)
-            except BaseException:
-                with self._lock:
-                    self._inflight.discard(step)
-                raise
-        return True
+        return self.run_id, self._book.start(cleanup=self.options.cleanup)
 
     def _after_upload(self, p: _Pending, error: BaseException | None) -> None:
         """On every rank, when DCP's save of ``p`` returned (sync) or its upload future resolved."""
@@ -488,59 +423,16 @@ class CheckpointManager:
     def _finish(self, p: _Pending) -> None:
         try:
             if self.rank == 0 and p.upload_error is None and p.durable_error is None:
-                self._committed_bookkeeping(p)
+                self._book.committed(p.step, p.name, p.info, p.t0)
         except Exception as e:  # noqa: BLE001 - the checkpoint is committed; tidying is best effort
             logger.warning("step %d: committed, but updating %s failed: %s", p.step, self.url, e)
         finally:
-            with self._lock:
-                self._inflight.discard(p.step)
+            self._book.finished(p.step)
             p.done.set()
-
-    def _committed_bookkeeping(self, p: _Pending) -> None:
-        p.info.committed = time.time()
-        p.info.metadata.setdefault("save_seconds", round(time.perf_counter() - p.t0, 3))
-        self.root.write_info(p.name, p.info)
-        with self._lock:
-            self._committed.add(p.step)
-            newest = max(self._committed)
-        if p.step >= newest:
-            self.root.write_latest(p.name)
-        logger.info("step %d: committed at %s (%.2fs)", p.step, self.root.step_url(p.name),
-                    time.perf_counter() - p.t0)
-        self._prune(just_committed=p.step)
 
     def _prune(self, just_committed: int | None = None) -> None:
         """Apply retention and remove leftovers of failed saves (rank 0)."""
-        with self._root_lock:
-            self._prune_locked(just_committed)
-
-    def _prune_locked(self, just_committed: int | None) -> None:
-        entries = self.root.scan()
-        with self._lock:
-            protected = set(self._inflight)
-            self._committed = {e.step for e in entries if e.committed}
-        if just_committed is not None:
-            protected.add(just_committed)
-        for e in retention_victims(self.root, entries, self.policy, protected):
-            self._delete(e, "retention")
-        self._remove_leftovers(entries)
-
-    def _remove_leftovers(self, entries: list[StepEntry]) -> None:
-        """Delete incomplete step directories the manager created whose save is over (crashed
-        or failed): never one this manager is writing, one whose writer still runs on this host,
-        or (tiered) one whose fast-tier copy is complete here (it may still be persisted)."""
-        with self._lock:
-            busy = set(self._inflight)
-        keep_if = (lambda e: _fast_copy_complete(e.url, self.config)) if self.tiered else None
-        for e in leftover_victims(entries, busy=busy, keep_if=keep_if):
-            self._delete(e, "leftover of a save that did not finish")
-
-    def _delete(self, e: StepEntry, why: str) -> None:
-        try:
-            self.root.delete(e.name)
-            logger.info("removed %s (%s)", e.url, why)
-        except Exception as ex:  # noqa: BLE001 - retried at the next pass
-            logger.warning("could not remove %s (%s): %s", e.url, why, ex)
+        self._book.prune(just_committed)
 
     # -- misc --------------------------------------------------------------------------------
     def _wait_uploads(self, timeout: float | None = None) -> None:
@@ -601,15 +493,3 @@ class CheckpointManager:
 
     def __repr__(self) -> str:
         return f"CheckpointManager({self.url!r}, rank {self.rank}/{self.world_size})"
-
-
-def _fast_copy_complete(url: str, config: Config) -> bool:
-    """Whether this node's fast tier holds a complete copy of ``url`` (then its durable copy may
-    still be persisted by the tiered code: not a leftover)."""
-    try:
-        from .. import tier_status
-
-        return bool(tier_status(url, config=config).fast_complete)
-    except Exception as e:  # noqa: BLE001 - when unsure, keep it
-        logger.debug("tier status of %s unknown (%s): keeping it", url, e)
-        return True

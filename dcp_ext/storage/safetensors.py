@@ -46,20 +46,14 @@ from ..errors import IncompleteCheckpointError, UnsupportedFormatError
 from .base import Store
 from .commit import HF_INDEX_NAME
 from .manifest import ItemLocation
+from .safetensors_format import DTYPE_OF_NAME, HEADER_PREFIX, METADATA_KEY, header_json
 
 __all__ = ["DTYPES", "Blob", "read_blob_header", "locate_blob_items", "hf_metadata"]
 
 logger = logging.getLogger(__name__)
 
 #: safetensors dtype names (those ``safetensors.torch`` writes) -> torch dtypes
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
-    "F8_E5M2": torch.float8_e5m2, "F8_E5M2FNUZ": torch.float8_e5m2fnuz, "C64": torch.complex64,
-    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16,
-}
-_META = "__metadata__"
+DTYPES: dict[str, torch.dtype] = DTYPE_OF_NAME
 #: the key of ``__metadata__`` in which stock DCP records chunk offsets (``_hf_utils``)
 SHARDING_KEY = "DCP_SHARDING_INFO"
 SAVED_OFFSETS_KEY = "saved_offsets"
@@ -80,12 +74,12 @@ class Blob:
 
     @property
     def tensors(self) -> dict[str, dict]:
-        return {k: v for k, v in self.header.items() if k != _META}
+        return {k: v for k, v in self.header.items() if k != METADATA_KEY}
 
     @property
     def sharding(self) -> dict | None:
         """Stock DCP's per-tensor chunk offsets, if it recorded them."""
-        raw = (self.header.get(_META) or {}).get(SHARDING_KEY)
+        raw = (self.header.get(METADATA_KEY) or {}).get(SHARDING_KEY)
         return json.loads(raw) if raw else None
 
     def data_end(self) -> int:
@@ -95,15 +89,13 @@ class Blob:
 def _parse(raw: bytes, start: int, where: str) -> Blob:
     n = struct.unpack_from("<Q", raw, 0)[0]
     try:
-        header = json.loads(bytes(raw[8:8 + n]))
-        if not isinstance(header, dict):
-            raise ValueError("the header is not a JSON object")
+        header = header_json(raw, n)
         for k, v in header.items():
-            if k != _META and not (isinstance(v, dict) and len(v.get("data_offsets", ())) == 2):
+            if k != METADATA_KEY and not (isinstance(v, dict) and len(v.get("data_offsets", ())) == 2):
                 raise ValueError(f"entry {k!r} has no data_offsets")
     except (ValueError, UnicodeDecodeError) as e:
         raise UnsupportedFormatError(f"{where}: not a readable safetensors header at byte {start}: {e}") from e
-    return Blob(start, header, start + 8 + n)
+    return Blob(start, header, start + HEADER_PREFIX + n)
 
 
 def read_blob_header(store: Store, relpath: str, start: int = 0, size: int | None = None) -> Blob:
@@ -152,14 +144,20 @@ def _find_blob(store: Store, relpath: str, after: int) -> Blob | None:
     return None
 
 
+def _dtype(entry: dict, fqn: str, where: str) -> torch.dtype:
+    """The torch dtype of a header entry; a clear error for a dtype name we do not know."""
+    dtype = DTYPES.get(entry.get("dtype"))
+    if dtype is None:
+        raise UnsupportedFormatError(f"{where}: {fqn} has the safetensors dtype {entry.get('dtype')!r}, which "
+                                     f"dcp-ext cannot read (known: {', '.join(DTYPES)})")
+    return dtype
+
+
 def _check_entry(entry: dict, fqn: str, sizes: Any, dtype: torch.dtype, where: str) -> int:
     """Byte length of a header entry, after checking it against the chunk DCP's metadata names."""
     b, e = entry["data_offsets"]
     shape = list(entry.get("shape", []))
-    st_dtype = DTYPES.get(entry.get("dtype"))
-    if st_dtype is None:
-        raise UnsupportedFormatError(f"{where}: {fqn} has the safetensors dtype {entry.get('dtype')!r}, which "
-                                     f"dcp-ext cannot read (known: {', '.join(DTYPES)})")
+    st_dtype = _dtype(entry, fqn, where)
     if shape != list(sizes) or st_dtype.itemsize != dtype.itemsize or e - b != math.prod(shape) * dtype.itemsize:
         raise UnsupportedFormatError(f"{where}: the safetensors entry of {fqn} ({entry.get('dtype')} {shape}) does not "
                                      f"match the checkpoint's metadata ({dtype} {list(sizes)})")
@@ -211,10 +209,7 @@ def hf_metadata(store: Store, files: list[str]) -> tuple[Metadata, dict[Metadata
         blob = read_blob_header(store, f)
         where = f"{store.url}/{f}"
         for fqn, entry in blob.tensors.items():
-            dtype = DTYPES.get(entry.get("dtype"))
-            if dtype is None:
-                raise UnsupportedFormatError(f"{where}: {fqn} has the safetensors dtype {entry.get('dtype')!r}, which "
-                                             f"dcp-ext cannot read (known: {', '.join(DTYPES)})")
+            dtype = _dtype(entry, fqn, where)
             shape = list(entry["shape"])
             offsets = _chunk_offsets(blob, fqn, len(shape))
             n = _check_entry(entry, fqn, shape, dtype, where)
