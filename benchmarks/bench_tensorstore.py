@@ -1,14 +1,18 @@
 """Benchmark the TensorStore (zarr3) backend against dcp-ext's local backend and stock
 ``FileSystemWriter``/``FileSystemReader``, side by side in one run, on real-looking weights.
 
-Contenders: ``tensorstore`` (zarr3, crc32c per chunk), ``tensorstore+zstd`` (zstd level 3 too),
-``dcp_ext`` (our local byte backend), ``stock`` (``FileSystemWriter``/``FileSystemReader``).
+Contenders: ``tensorstore`` (zarr3, crc32c per chunk; on local files uncompressed chunks go
+through dcp-ext's own code, ``tensorstore.native_file_io``), ``tensorstore-lib`` (the same
+checkpoint written and read by the TensorStore library: ``native_file_io = false``),
+``tensorstore+zstd`` (zstd level 3 too: always the library), ``dcp_ext`` (our local byte backend),
+``stock`` (``FileSystemWriter``/``FileSystemReader``).
 For each dtype (bf16, fp32) a Megatron-like stack of layers (QKV, proj, MLP up/down, norms;
 ``randn * 0.02``: weights do not compress much, which the zstd column shows):
 
-1. **save** of the whole state by one process (GB/s, median of ``--runs``, contenders interleaved),
-   and the bytes on disk;
-2. **full load** into preallocated tensors (GB/s);
+1. **save** of the whole state by one process (GB/s, median of ``--runs``, contenders interleaved
+   in a rotating order after one discarded warm-up round), and the bytes on disk;
+2. **full load** into preallocated tensors, zeroed first (their pages exist, as a model's do:
+   a load into fresh ``empty`` tensors mostly measures page faults) (GB/s);
 3. **1 -> 4 resharded partial load**: the 1-rank checkpoint loaded by 4 gloo ranks at TP=4
    (column-parallel weights split by rows, row-parallel ones by columns) with
    ``ReshardLoadPlanner``; per rank: bytes read from storage / bytes the rank needs (stock reads
@@ -18,6 +22,7 @@ Usage::
 
     PYTHONPATH=$PWD python benchmarks/bench_tensorstore.py --quick            # smoke run (small)
     PYTHONPATH=$PWD python benchmarks/bench_tensorstore.py --hidden 2048 --runs 5 --dir /dev/shm
+    PYTHONPATH=$PWD python benchmarks/bench_tensorstore.py --contenders tensorstore,dcp_ext --runs 7
 
 Writes ``bench_out/bench_tensorstore.json``; prints the load average before and after.
 """
@@ -46,7 +51,7 @@ from dcp_ext.planner import ReshardLoadPlanner, ReshardSavePlanner  # noqa: E402
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
-CONTENDERS = ("tensorstore", "tensorstore+zstd", "dcp_ext", "stock")
+CONTENDERS = ("tensorstore", "tensorstore-lib", "tensorstore+zstd", "dcp_ext", "stock")
 RULES = {"*.qkv.weight": ShardSpec(0), "*.up.weight": ShardSpec(0), "*.proj.weight": ShardSpec(1),
          "*.down.weight": ShardSpec(1)}
 
@@ -73,8 +78,14 @@ def writer_for(c: str, path: str):
         return FileSystemWriter(path)
     if c == "dcp_ext":
         return dcp_ext.storage_writer(path)
-    zstd = {"compression": "zstd", "compression_level": 3} if c.endswith("+zstd") else {}
-    return dcp_ext.storage_writer(path, backend="tensorstore", tensorstore=zstd)
+    return dcp_ext.storage_writer(path, backend="tensorstore", tensorstore=ts_options(c))
+
+
+def ts_options(c: str) -> dict:
+    """The ``[tensorstore]`` options of contender ``c``."""
+    if c.endswith("+zstd"):
+        return {"compression": "zstd", "compression_level": 3}
+    return {"native_file_io": False} if c.endswith("-lib") else {}
 
 
 def reader_for(c: str, path: str):
@@ -82,7 +93,9 @@ def reader_for(c: str, path: str):
 
     if c == "stock":
         return FileSystemReader(path)
-    return dcp_ext.storage_reader(path, backend="tensorstore" if c.startswith("tensorstore") else None)
+    if c == "dcp_ext":
+        return dcp_ext.storage_reader(path)
+    return dcp_ext.storage_reader(path, backend="tensorstore", tensorstore=ts_options(c))
 
 
 def disk_bytes(path: str) -> int:
@@ -94,7 +107,7 @@ def save_and_load(c: str, sd: dict, path: str) -> tuple[float, float]:
     t = time.perf_counter()
     dcp.save({"model": sd}, storage_writer=writer_for(c, path), planner=ReshardSavePlanner(ParallelLayout(rules=RULES)))
     ts = time.perf_counter() - t
-    out = {"model": {k: torch.empty_like(v) for k, v in sd.items()}}
+    out = {"model": {k: torch.zeros_like(v) for k, v in sd.items()}}  # touched, like a model's tensors
     t = time.perf_counter()
     dcp.load(out, storage_reader=reader_for(c, path), planner=ReshardLoadPlanner(ParallelLayout(rules=RULES)))
     tl = time.perf_counter() - t
@@ -136,37 +149,50 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one run (smoke test)")
+    ap.add_argument("--contenders", default=",".join(CONTENDERS),
+                    help=f"comma-separated subset of {','.join(CONTENDERS)} (dcp_ext is always included)")
+    ap.add_argument("--no-partial", action="store_true", help="skip the 1 -> 4 resharded partial load")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "bench_tensorstore.json"))
     args = ap.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.runs = 256, 2, 1
+    contenders = [c for c in CONTENDERS if c in args.contenders.split(",") or c == "dcp_ext"]
+    unknown = set(args.contenders.split(",")) - set(CONTENDERS)
+    if unknown:
+        ap.error(f"unknown contenders {sorted(unknown)}; choose from {', '.join(CONTENDERS)}")
     from dcp_ext.testing import RankPool
 
     base = tempfile.mkdtemp(prefix="bench_ts_", dir=args.dir)
     report = {"args": vars(args), "loadavg_before": loadavg(), "results": {}}
     print(f"under {base}; load average {report['loadavg_before']}")
-    pool = RankPool(4)
+    pool = None if args.no_partial else RankPool(4)
     try:
         for dtype in (torch.bfloat16, torch.float32):
             dname = str(dtype).removeprefix("torch.")
             sd = make_state(args.hidden, args.layers, dtype)
             total = nbytes(sd)
-            times = {c: {"save": [], "load": []} for c in CONTENDERS}
-            for rep in range(args.runs):  # interleaved, rotating order
-                for c in CONTENDERS[rep % 4:] + CONTENDERS[:rep % 4]:
+            times = {c: {"save": [], "load": []} for c in contenders}
+            k = len(contenders)
+            for rep in range(-1, args.runs):  # round -1 warms up (imports, TensorStore start-up)
+                for c in contenders[rep % k:] + contenders[:rep % k]:  # interleaved, rotating order
                     s, l_ = save_and_load(c, sd, os.path.join(base, c))
-                    times[c]["save"].append(s)
-                    times[c]["load"].append(l_)
+                    if rep >= 0:
+                        times[c]["save"].append(s)
+                        times[c]["load"].append(l_)
             res = {}
-            for c in CONTENDERS:
+            for c in contenders:
                 path = os.path.join(base, c)
-                part = pool.run(rank_partial_load, path, c, args.hidden, args.layers, dname, timeout=3600)
                 res[c] = {"save_GBps": total / statistics.median(times[c]["save"]) / 1e9,
                           "load_GBps": total / statistics.median(times[c]["load"]) / 1e9,
+                          "save_s": [round(x, 4) for x in times[c]["save"]],
+                          "load_s": [round(x, 4) for x in times[c]["load"]],
                           "disk_MiB": disk_bytes(path) / 2**20,
-                          "partial_read_over_needed": [round(p["read"] / p["needed"], 3) for p in part],
-                          "partial_load_s": round(max(p["seconds"] for p in part), 3)}
-            for c in CONTENDERS:
+                          "partial_read_over_needed": [], "partial_load_s": float("nan")}
+                if pool is not None:
+                    part = pool.run(rank_partial_load, path, c, args.hidden, args.layers, dname, timeout=3600)
+                    res[c]["partial_read_over_needed"] = [round(p["read"] / p["needed"], 3) for p in part]
+                    res[c]["partial_load_s"] = round(max(p["seconds"] for p in part), 3)
+            for c in contenders:
                 for k in ("save", "load"):
                     res[c][f"{k}_vs_dcp_ext"] = res[c][f"{k}_GBps"] / res["dcp_ext"][f"{k}_GBps"]
             report["results"][dname] = {"MiB": total / 2**20, "contenders": res}
@@ -179,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r['load_vs_dcp_ext']:6.2f}x {r['disk_MiB']:8.1f} "
                       f"{str(r['partial_read_over_needed']):>28s} {r['partial_load_s']:7.3f}")
     finally:
-        pool.close()
+        if pool is not None:
+            pool.close()
         shutil.rmtree(base, ignore_errors=True)
     report["loadavg_after"] = loadavg()
     print(f"\nload average after: {report['loadavg_after']}")

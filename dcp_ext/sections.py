@@ -137,6 +137,10 @@ class TensorStoreOptions(Options):
     #: tensor bytes a rank keeps in flight while saving or loading (bounds memory beyond the
     #: state itself)
     inflight_bytes: ByteSize = ByteSize(256 * 1024 * 1024)
+    #: on local files, write and read uncompressed chunks with dcp-ext's own code (the same
+    #: zarr3 bytes, crc32c checked by the CPU's crc32 instructions; TensorStore's wheels compute
+    #: it in software); False: every chunk through TensorStore
+    native_file_io: bool = True
     #: ``"auto"`` (one array per tensor unless its shard boundaries admit no sensible chunk
     #: grid, then one array per saved box), ``"global"`` or ``"per_box"``
     layout: str = "auto"

@@ -621,3 +621,21 @@ def test_compressed_checkpoint_resharded_one_to_four(ranks, request, tmp_path, b
         whole = sum(os.path.getsize(os.path.join(stock_url, f)) for f in os.listdir(stock_url) if f.endswith(".distcp"))
         for r in res:
             assert r["bad"] == [] and r["bytes_read"] == whole, r
+
+
+def test_default_block_size_keeps_resharded_reads_of_small_tensors_tight(ranks, tmp_path):
+    """With the default ``checksum_block_size`` (1 MiB), tensors of 0.4-6 MiB are stored in
+    128 KiB frames (a 1 MiB frame would hold a whole quarter of most of them): 4 ranks loading
+    row quarters each read at most 1.1x the compressed bytes they need, and get exact values."""
+    url = str(tmp_path / "z")
+    full = Z.full_state(61, scale=512)
+    dcp.save(dict(full), storage_writer=dcp_ext.storage_writer(url, compression="zstd"))
+    doc = json.loads((tmp_path / "z" / C.MANIFEST_NAME).read_bytes())
+    sizes = {it["index"][0]: it["compression"]["block_size"] for it in doc["items"] if "compression" in it}
+    assert sizes and set(sizes.values()) == {128 * 1024}, sizes
+    res = ranks(4).run(Z.load_rows, url, {}, 61, 512, timeout=600)
+    stored = sum(it["length"] for it in doc["items"])
+    for r in res:
+        assert r["bad"] == [] and r["blocks_verified"] > 0, r
+        assert r["bytes_read"] <= 1.1 * r["stored_bytes_needed"], r
+    assert sum(r["bytes_read"] for r in res) <= 1.1 * stored

@@ -3,7 +3,9 @@ commit protocol, resharded and DTensor loads on gloo ranks, on local disk, S3 an
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import subprocess
 import sys
@@ -151,6 +153,8 @@ def test_selected_by_scheme_backend_option_env_and_config_file(tmp_path, monkeyp
     ({"concurrency": 0}, "tensorstore.concurrency: must be >= 1"),
     ({"inflight_bytes": 10}, "tensorstore.inflight_bytes: must be >= 1MiB"),
     ({"layout": "rows"}, "tensorstore.layout: must be 'auto', 'global' or 'per_box'"),
+    ({"native_file_io": "sometimes"}, "tensorstore.native_file_io: expected true/false, got 'sometimes'"),
+    ({"native_file_io": 1}, "tensorstore.native_file_io: expected true/false, got 1"),
     ({"chunks": 3}, "unknown option 'tensorstore.chunks'; valid options in [tensorstore]: chunk_size"),
     ({"chunk_size": "big"}, "tensorstore.chunk_size: expected a byte size"),
 ])
@@ -158,6 +162,19 @@ def test_bad_options_are_named(tmp_path, opts, msg):
     with pytest.raises(ConfigError) as ei:
         dcp_ext.storage_writer(str(tmp_path), backend="tensorstore", tensorstore=opts)
     assert msg in str(ei.value)
+
+
+def test_native_file_io_from_config_file_and_environment(tmp_path, monkeypatch):
+    p = str(tmp_path / "c")
+    assert dcp_ext.storage_writer(p, **TS).config.tensorstore.native_file_io is True  # the default
+    cfg = tmp_path / "ckpt.toml"
+    cfg.write_text('backend = "tensorstore"\n[tensorstore]\nnative_file_io = false\n')
+    assert dcp_ext.storage_reader(p, config=str(cfg)).config.tensorstore.native_file_io is False
+    monkeypatch.setenv("DCP_EXT_TENSORSTORE_NATIVE_FILE_IO", "off")
+    assert dcp_ext.storage_writer(p, **TS).config.tensorstore.native_file_io is False
+    monkeypatch.setenv("DCP_EXT_TENSORSTORE_NATIVE_FILE_IO", "maybe")
+    e = _err(lambda: dcp_ext.storage_writer(p, **TS))
+    assert "ConfigError" in e and "tensorstore.native_file_io: expected true/false, got 'maybe'" in e, e
 
 
 def test_bad_urls_and_kvstore_extras_are_named(tmp_path):
@@ -329,6 +346,279 @@ def test_async_save_then_load(tmp_path):
     assert torch.equal(out["w"], sd["w"]) and torch.equal(out["b"], sd["b"]) and out["step"] == 5
 
 
+# -- native chunk I/O on local files (native.py) ------------------------------------------------
+
+NATIVE_OFF = {"native_file_io": False}
+
+
+def _native_state() -> dict:
+    g = torch.Generator().manual_seed(9)
+    r = torch.randn(37, 29, generator=g)  # no extent divides evenly: edge chunks pad past the end
+    return {"w": r, "b": r.to(torch.bfloat16), "flag": r > 0, "c128": torch.randn(5, 7, dtype=torch.complex128,
+                                                                                    generator=g),
+            "c32": r[:6, :8].contiguous().view(torch.complex32), "f8": r[:9].to(torch.float8_e4m3fn),
+            "scalar": torch.tensor(-1.5), "empty": torch.empty(0, 3), "long": torch.arange(3000), "step": 4}
+
+
+def _files(root) -> dict:
+    return {str(f.relative_to(root)): f.read_bytes() for f in root.rglob("*")
+            if f.is_file() and "c" in f.relative_to(root).parts[1:2]}
+
+
+@pytest.mark.parametrize("grid", [{"chunk_size": "1KiB", "shard_size": None},
+                                  {"chunk_size": "1KiB", "shard_size": "4KiB"}])
+def test_native_chunks_are_what_tensorstore_writes_and_reads(tmp_path, grid):
+    sd = _native_state()
+    tensors = [k for k, v in sd.items() if isinstance(v, torch.Tensor)]
+    wn = dcp_ext.storage_writer(str(tmp_path / "n"), **TS, tensorstore=grid)
+    wt = dcp_ext.storage_writer(str(tmp_path / "t"), **TS, tensorstore={**grid, **NATIVE_OFF})
+    dcp.save(sd, storage_writer=wn)
+    dcp.save(sd, storage_writer=wt)
+    assert wn.stats.native == len(tensors) and wt.stats.native == 0
+    assert wn.stats.bytes_written > sum(v.numel() * v.element_size() for k, v in sd.items() if k in tensors)
+    native, by_ts = _files(tmp_path / "n"), _files(tmp_path / "t")
+    assert native.keys() == by_ts.keys() and len(native) > len(tensors)
+    # a chunk is fully determined (its elements, padded, + crc32c); a shard too when written whole:
+    # inner chunks in C order, then the index
+    assert native == by_ts
+    # each reads what the other wrote, exactly
+    nonempty = len([k for k in tensors if sd[k].numel()])  # DCP asks for no read of an empty tensor
+    for src, opts, n_native in (("n", {**grid, **NATIVE_OFF}, 0), ("t", grid, nonempty)):
+        out = _zero_like(sd)
+        r = dcp_ext.storage_reader(str(tmp_path / src), **TS, tensorstore=opts)
+        dcp.load(out, storage_reader=r)
+        assert all(_same(out[k], sd[k]) for k in tensors) and out["step"] == 4, src
+        assert r.stats.native == n_native and r.stats.bytes_read >= r.stats.bytes_needed
+    w = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{tmp_path}/n/w/"}}).result()
+    assert torch.equal(torch.from_numpy(w.read().result()), sd["w"])
+    f = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{tmp_path}/n/flag/"}}).result()
+    assert torch.equal(torch.from_numpy(f.read().result()), sd["flag"])
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_conjugate_and_negative_views_save_and_load_their_values(tmp_path, native):
+    c = torch.randn(6, 4, dtype=torch.complex64, generator=torch.Generator().manual_seed(3))
+    r = torch.randn(5, 3, generator=torch.Generator().manual_seed(4))
+    sd = {"conj": c.conj(), "neg": torch._neg_view(r)}
+    expect = {"conj": c.conj().resolve_conj(), "neg": -r}
+    opts = {**TS, "tensorstore": {"native_file_io": native, "chunk_size": "1KiB"}}
+    url = str(tmp_path / "c")
+    dcp.save(sd, storage_writer=dcp_ext.storage_writer(url, **opts))
+    out = {"conj": torch.zeros(6, 4, dtype=torch.complex64).conj(), "neg": torch._neg_view(torch.zeros(5, 3))}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(url, **opts))
+    assert torch.equal(out["conj"].resolve_conj(), expect["conj"])
+    assert torch.equal(out["neg"].resolve_neg(), expect["neg"])
+
+
+def test_native_io_gathers_strided_sources_and_scatters_into_strided_targets(tmp_path):
+    x = torch.randn(48, 40)
+    sd = {"t": x.t(), "every_other": x[:, ::2], "bf": x.to(torch.bfloat16).t()}
+    url = str(tmp_path / "c")
+    dcp.save(sd, storage_writer=dcp_ext.storage_writer(url, **TS, tensorstore={"chunk_size": "1KiB"}))
+    out = {"t": torch.zeros(48, 40).t(), "every_other": torch.zeros(48, 40)[:, ::2],
+           "bf": torch.zeros(40, 48, dtype=torch.bfloat16)}
+    r = dcp_ext.storage_reader(url, **TS)
+    dcp.load(out, storage_reader=r)
+    assert all(torch.equal(out[k], v) for k, v in sd.items())
+    assert r.stats.native == 3 and r.stats.direct == 3
+
+
+def test_native_partial_reads_fetch_only_the_chunks_needed(tmp_path):
+    from dcp_ext.storage.tensorstore.native import ByteCount, ShardIndexes, as_numpy, chunk_format, plan_reads
+
+    w = torch.randn(256, 512)
+    url = str(tmp_path / "c")
+    dcp.save({"w": w}, storage_writer=dcp_ext.storage_writer(url, **TS, tensorstore={"chunk_size": "16KiB",
+                                                                                       "shard_size": "256KiB"}))
+    md = dcp_ext.storage_reader(url, **TS)
+    md.read_metadata()
+    fmt = chunk_format(md.array_metadata["w"], 4)
+    assert fmt is not None and fmt.inner is not None
+    for rows, cols in ((slice(64, 128), slice(0, 512)), (slice(0, 256), slice(128, 256)), (slice(3, 5), slice(7, 9))):
+        out = torch.full((rows.stop - rows.start, cols.stop - cols.start), -1.0)
+        count = ByteCount()
+        jobs = plan_reads(str(tmp_path / "c" / "w"), fmt, [rows.start, cols.start], as_numpy(out), "loading w", url,
+                          ShardIndexes(), count)
+        for j in jobs:
+            j.run()
+        assert torch.equal(out, w[rows, cols])
+        index = fmt.index_bytes() * (256 * 512 * 4 // (256 * 1024))  # one index per touched shard at most
+        chunk = math.prod(fmt.inner) * 4 + 4
+        assert count.n <= max(1.1 * out.numel() * 4, chunk) + index, (rows, cols, count.n)
+
+
+def test_native_writes_leave_unaligned_boxes_to_tensorstore():
+    from dcp_ext.storage.tensorstore.native import ByteCount, ChunkFormat, as_numpy, plan_writes
+
+    fmt = ChunkFormat(shape=(10, 8), chunk=(4, 8), inner=None, itemsize=4)
+    src = as_numpy(torch.zeros(3, 8))
+    assert plan_writes("/nonexistent", fmt, [3, 0], src, False, set(), ByteCount()) is None  # starts mid-chunk
+    assert plan_writes("/nonexistent", fmt, [4, 0], src, False, set(), ByteCount()) is None  # ends mid-chunk
+    assert plan_writes("/nonexistent", fmt, [0, 0], as_numpy(torch.zeros(0, 8)), False, set(), ByteCount()) == []
+
+
+def _shard_index(path, n_inner):
+    data = bytearray(path.read_bytes())
+    start = len(data) - 16 * n_inner - 4
+    return data, start
+
+
+def _rewrite_index(path, mutate, n_inner):
+    import crc32c
+
+    data, start = _shard_index(path, n_inner)
+    idx = bytearray(data[start:-4])
+    mutate(idx)
+    data[start:-4] = idx
+    data[-4:] = crc32c.crc32c(bytes(idx)).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage,msg", [
+    ("data_bit", "a chunk fails its crc32c checksum"),
+    ("crc_bit", "a chunk fails its crc32c checksum"),
+    ("truncate", "a chunk has the wrong size"),
+    ("append", "a chunk has the wrong size"),
+    ("delete", "a chunk is missing"),
+    ("shard_data_bit", "a chunk fails its crc32c checksum"),
+    ("index_bit", "a chunk fails its crc32c checksum"),
+    ("index_missing", "a chunk is missing"),
+    ("index_size", "a chunk has the wrong size"),
+    ("index_past_end", "a chunk has the wrong size"),
+    ("shard_truncated", "a chunk has the wrong size"),
+])
+@pytest.mark.parametrize("route", ["scratch", "direct"])
+def test_native_reads_refuse_damaged_chunks_and_shard_indexes(tmp_path, damage, msg, route):
+    """Each way a chunk is read: into scratch, then copied (16x16 chunks of 32 columns: not a
+    contiguous run of the tensor), or straight into the tensor (16x16 chunks of 16 columns)."""
+    sharded = damage.startswith(("index", "shard"))
+    opts = {**TS, "tensorstore": {"chunk_size": "1KiB", "shard_size": "8KiB" if sharded else None}}
+    url = str(tmp_path / "c")
+    shape = (64, 16) if route == "direct" else (64, 32)
+    dcp.save({"layer.w": torch.randn(*shape)}, storage_writer=dcp_ext.storage_writer(url, **opts))
+    f = _chunk_files(tmp_path / "c" / "layer.w")[0]
+    md = json.loads((tmp_path / "c" / "layer.w" / "zarr.json").read_text())
+    n_inner = math.prod(shape) * 4 // 1024  # one shard of 1 KiB inner chunks
+    assert md["chunk_grid"]["configuration"]["chunk_shape"] == (list(shape) if sharded else [16, 16])
+    if damage in ("data_bit", "shard_data_bit"):
+        data = bytearray(f.read_bytes())
+        data[5] ^= 1
+        f.write_bytes(bytes(data))
+    elif damage == "crc_bit":
+        data = bytearray(f.read_bytes())
+        data[-2] ^= 1
+        f.write_bytes(bytes(data))
+    elif damage == "truncate":
+        f.write_bytes(f.read_bytes()[:-1])
+    elif damage == "append":
+        f.write_bytes(f.read_bytes() + b"\0")
+    elif damage == "delete":
+        f.unlink()
+    elif damage == "index_bit":
+        data, start = _shard_index(f, n_inner)
+        data[start + 3] ^= 1
+        f.write_bytes(bytes(data))
+    elif damage == "index_missing":
+        _rewrite_index(f, lambda idx: idx.__setitem__(slice(16, 32), b"\xff" * 16), n_inner)
+    elif damage == "index_size":
+        _rewrite_index(f, lambda idx: idx.__setitem__(slice(8, 16), (7).to_bytes(8, "little")), n_inner)
+    elif damage == "index_past_end":  # the last chunk said to lie past the data: never read past the file
+        _rewrite_index(f, lambda idx: idx.__setitem__(slice(-16, -8), (10**6).to_bytes(8, "little")), n_inner)
+    else:
+        f.write_bytes(f.read_bytes()[-100:])
+    e = _err(lambda: dcp.load({"layer.w": torch.zeros(*shape)}, storage_reader=dcp_ext.storage_reader(url, **opts)))
+    assert "CorruptCheckpointError" in e and "loading layer.w" in e and msg in e, e
+
+
+def test_a_failed_native_write_fails_the_save_clearly_and_commits_nothing(tmp_path, monkeypatch):
+    from dcp_ext.storage.tensorstore import native
+
+    def no_space(fd, bufs, offset):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(native.os, "pwritev", no_space)
+    url = str(tmp_path / "c")
+    e = _err(lambda: dcp.save({"layer.w": torch.randn(64, 32)},
+                              storage_writer=dcp_ext.storage_writer(url, **TS, tensorstore={"chunk_size": "1KiB"})))
+    assert "StorageError" in e and "saving layer.w: writing " in e and "failed: No space left on device" in e, e
+    assert not (tmp_path / "c" / ".metadata").exists()
+    with pytest.raises(IncompleteCheckpointError, match="incomplete checkpoint"):
+        dcp_ext.storage_reader(url, **TS).read_metadata()
+
+
+def test_a_failed_native_read_fails_the_load_naming_the_tensor(tmp_path, monkeypatch):
+    from dcp_ext.storage.tensorstore import native
+
+    url = str(tmp_path / "c")
+    dcp.save({"layer.w": torch.randn(64, 32)}, storage_writer=dcp_ext.storage_writer(url, **TS))
+
+    real = os.preadv
+
+    def io_error(fd, bufs, offset):  # on chunk files only (native.os is the os module)
+        if "/layer.w/c/" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(native.os, "preadv", io_error)
+    e = _err(lambda: dcp.load({"layer.w": torch.zeros(64, 32)}, storage_reader=dcp_ext.storage_reader(url, **TS)))
+    assert "StorageError" in e and "loading layer.w: reading " in e and "failed: Input/output error" in e, e
+
+
+def test_native_io_resumes_short_writes_and_reads(tmp_path, monkeypatch):
+    from dcp_ext.storage.tensorstore import native
+
+    real_w, real_r = os.pwritev, os.preadv
+    calls = {"w": 0, "r": 0}
+
+    def chunk_file(fd):
+        return "/w/c/" in os.readlink(f"/proc/self/fd/{fd}")
+
+    def short(real, kind, limit):
+        def op(fd, bufs, offset):  # at most ``limit`` bytes per call, ending mid-buffer
+            if not chunk_file(fd):
+                return real(fd, bufs, offset)
+            calls[kind] += 1
+            out, left = [], limit
+            for b in bufs:
+                if left == 0:
+                    break
+                out.append(memoryview(b)[:left])
+                left -= len(out[-1])
+            return real(fd, out, offset)
+        return op
+
+    monkeypatch.setattr(native.os, "pwritev", short(real_w, "w", 1000))
+    monkeypatch.setattr(native.os, "preadv", short(real_r, "r", 700))
+    w = torch.randn(96, 16)  # 16x16 chunks (whole rows: read straight into the tensor by preadv)
+    url = str(tmp_path / "c")
+    opts = {**TS, "tensorstore": {"chunk_size": "1KiB", "shard_size": "4KiB"}}
+    dcp.save({"w": w}, storage_writer=dcp_ext.storage_writer(url, **opts))
+    out = {"w": torch.zeros(96, 16)}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(url, **opts))
+    assert torch.equal(out["w"], w)
+    stored = sum(f.stat().st_size for f in _chunk_files(tmp_path / "c" / "w"))
+    assert calls["w"] >= stored // 1000 and calls["r"] >= (96 * 16 * 4) // 700, calls
+
+
+def test_native_writes_fsync_each_chunk_file_unless_fs_fsync_is_off(tmp_path, monkeypatch):
+    from dcp_ext.storage.tensorstore import native
+
+    calls = []
+    real = native.os.fsync
+    monkeypatch.setattr(native.os, "fsync", lambda fd: (calls.append(fd), real(fd))[1])
+    sd = {"w": torch.randn(64, 64)}
+    opts = {"chunk_size": "4KiB", "shard_size": None}
+    dcp.save(sd, storage_writer=dcp_ext.storage_writer(str(tmp_path / "a"), **TS, tensorstore=opts))
+    assert len(calls) >= len(_chunk_files(tmp_path / "a" / "w")) == 4
+    calls.clear()
+    dcp.save(sd, storage_writer=dcp_ext.storage_writer(str(tmp_path / "b"), **TS, tensorstore=opts,
+                                                       fs={"fsync": False}))
+    assert calls == []
+    out = {"w": torch.zeros(64, 64)}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(str(tmp_path / "b"), **TS))
+    assert torch.equal(out["w"], sd["w"])
+
+
 def test_each_reader_refuses_the_other_format(tmp_path):
     dcp.save({"a": torch.ones(4)}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "z"), **TS))
     dcp.save({"a": torch.ones(4)}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "f")))
@@ -391,6 +681,18 @@ def test_dtensor_resharded_load_on_local_disk(tmp_path, world, save, load):
         assert all(r["equal"].values()), r["equal"]
         assert r["step"] == 7 and r["meta"] == {"note": "hello", "ranks": world}
         assert r["direct"] > 0  # reads went straight into the DTensors' local shards
+        assert r["native_read"] > 0 and r["native_written"] > 0  # native chunk I/O, the default on files
+
+
+@pytest.mark.parametrize("save_native,load_native", [(False, True), (True, False)])
+def test_native_and_tensorstore_io_interoperate_on_two_ranks(tmp_path, save_native, load_native):
+    grid = {"chunk_size": "2KiB", "shard_size": "8KiB"}
+    res = get_pool(2).run(tr.dtensor_roundtrip, str(tmp_path / "c"), {"w": "row", "emb": "col"},
+                          {"w": "col", "b": "row"}, {"tensorstore": {**grid, "native_file_io": save_native}},
+                          {"tensorstore": {**grid, "native_file_io": load_native}})
+    for r in res:
+        assert all(r["equal"].values()), r["equal"]
+        assert (r["native_written"] > 0) == save_native and (r["native_read"] > 0) == load_native
 
 
 def test_dtensor_per_box_fallback_loads_exactly(tmp_path):

@@ -15,18 +15,22 @@ from . import fs_rank_fns as fr
 TS = {"backend": "tensorstore"}
 
 
-def dtensor_roundtrip(url: str, save_layout: dict, load_layout: dict, options: dict) -> dict:
+def dtensor_roundtrip(url: str, save_layout: dict, load_layout: dict, options: dict,
+                      load_options: dict | None = None) -> dict:
     """Save DTensors sharded by ``save_layout`` with the tensorstore backend, load them sharded
-    by ``load_layout``: exact full tensors, objects, and this rank's byte counts."""
+    by ``load_layout`` (with ``load_options`` when given): exact full tensors, objects, and this
+    rank's counts."""
     opts = {**TS, **options}
-    dcp.save(fr.make_dtensor_state(11, save_layout), storage_writer=dcp_ext.storage_writer(url, **opts))
+    writer = dcp_ext.storage_writer(url, **opts)
+    dcp.save(fr.make_dtensor_state(11, save_layout), storage_writer=writer)
     target = fr.empty_like_state(fr.make_dtensor_state(1011, load_layout))
-    reader = dcp_ext.storage_reader(url, **opts)
+    reader = dcp_ext.storage_reader(url, **{**TS, **(options if load_options is None else load_options)})
     dcp.load(target, storage_reader=reader)
     ref = fr.reference_state(11)
     return {"equal": {k: bool(torch.equal(target[k].full_tensor(), ref[k])) for k in ref},
             "step": target["step"], "meta": target["meta"], "direct": reader.stats.direct,
-            "items": reader.stats.items}
+            "items": reader.stats.items, "native_read": reader.stats.native, "native_written": writer.stats.native,
+            "bytes_read": reader.stats.bytes_read, "bytes_needed": reader.stats.bytes_needed}
 
 
 def load_expect_failure(url: str, layout: dict, options: dict) -> str:

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from ..config import Config
 from ..errors import DcpExtError
-from ..integrity import ALGORITHM, checksum
+from ..integrity import ALGORITHM, checksum, item_block_size
 from ..progress import Progress
 from .base import Store
 from .compressed_records import CompressionStats, RecordCompressor
@@ -236,7 +236,7 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
         buckets = split_items(list(plan.items), nfiles)
         progress = Progress(f"rank {self.rank}: saving to {self.store.url}", total,
                             self.config.progress if self.rank == 0 else False, logger)
-        block = self.config.checksum_block_size if self.config.checksum else None
+        largest = self.config.checksum_block_size
         compressor = self._compressor()
         results: list[WriteResult] = []
         lock = threading.Lock()
@@ -258,12 +258,14 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
                     elif not isinstance(data, torch.Tensor):
                         raise DcpExtError(f"{item.index.fqn}: planner returned {type(data).__name__} "
                                           "for a tensor item")
+                    frame = item_block_size(_item_nbytes(item), largest)
+                    block = frame if self.config.checksum else None
                     if self.extensions:
                         loc = write_transformed_record(out, name, data, self.extensions, block)
                     elif item.type == WriteItemType.BYTE_IO:
                         loc = write_bytes_record(out, name, data, block)
                     elif compressor is not None:
-                        loc = compressor.write(out, name, data, self.config.checksum_block_size, block is not None)
+                        loc = compressor.write(out, name, data, frame, block is not None)
                     else:
                         loc = write_tensor_record(out, name, data, block)
                     progress.advance(_item_nbytes(item))

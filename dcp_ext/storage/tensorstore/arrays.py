@@ -7,17 +7,20 @@ from __future__ import annotations
 import collections
 import os
 import shutil
+from concurrent.futures import Future
 from typing import Any, Callable, Sequence
 
 import torch
 
 from ...config import Config
 from ...errors import CorruptCheckpointError, DcpExtError, MissingDependencyError, StorageError
+from ..threads import io_pool
 from .kvstore import Location, context_spec, resolve_location
 from .layout import Grid, StoredDtype, stored_dtype, torch_dtype_name
+from .native import ChunkFormat, Job, chunk_format
 
 __all__ = ["import_tensorstore", "array_metadata", "Arrays", "LocatedIO", "numpy_view", "translate_error",
-           "bytes_counter", "Window", "LAYOUT", "LAYOUT_VERSION"]
+           "bytes_counter", "Window", "completed", "LAYOUT", "LAYOUT_VERSION"]
 
 #: ``extra["layout"]`` of a TensorStore checkpoint's manifest (our byte-file readers refuse it)
 LAYOUT = "zarr3"
@@ -140,11 +143,31 @@ class LocatedIO:
         self.config = config
         self.loc = resolve_location(url, config)
         self._arrays: Arrays | None = None
+        self._formats: dict[str, ChunkFormat | None] = {}
 
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
         d["_arrays"] = None
         return d
+
+    def native_format(self, path: str, metadata: dict, dtype: torch.dtype) -> ChunkFormat | None:
+        """How to read/write the chunks of array ``path`` with :mod:`.native` (local files,
+        ``native_file_io`` on, codecs it handles), or None: through TensorStore."""
+        if self.loc.kind != "file" or not self.config.tensorstore.native_file_io:
+            return None
+        if path not in self._formats:
+            self._formats[path] = chunk_format(metadata, torch._utils._element_size(dtype))
+        return self._formats[path]
+
+    def array_dir(self, path: str) -> str:
+        """The directory of array ``path`` (local files)."""
+        return os.path.join(self.loc.root["path"], *path.split("/"))
+
+    def submit(self, job: Job) -> Future:
+        """Run a :mod:`.native` job on the process's pool: ``tensorstore.concurrency`` threads,
+        else 2 per core (at least 4: the jobs wait on the disk as much as they compute)."""
+        t = self.config.tensorstore
+        return io_pool("tensorstore", t.concurrency or max(4, 2 * (os.cpu_count() or 1))).submit(job.run)
 
     @property
     def arrays(self) -> Arrays:
@@ -216,13 +239,23 @@ def bytes_counter(kind: str, direction: str) -> Callable[[], int]:
 
 
 class Window:
-    """Futures in flight, bounded by bytes: :meth:`add` waits for the oldest ones (running their
-    ``done`` callbacks in the caller's thread, in order) while more than ``limit`` bytes fly."""
+    """Transfers in flight, bounded by bytes.
+
+    :meth:`add` takes a started transfer (a future) and waits for the oldest ones (running their
+    ``done`` callbacks in the caller's thread, in order) while more than ``limit`` bytes fly.
+    :meth:`defer` takes transfers not started yet and starts them together once ``batch`` bytes
+    of them are planned (or at :meth:`flush`): the pool threads of :mod:`.native` need the GIL
+    between their system calls, and would otherwise wait on the planning thread for a whole
+    switch interval at a time. Planned plus flying bytes stay within ``limit``.
+    """
 
     def __init__(self, limit: int):
-        self.limit = limit
+        self.batch = max(1, limit // 4)
+        self.limit = max(1, limit - self.batch)
         self.bytes = 0
         self.q: collections.deque = collections.deque()
+        self.deferred: list = []
+        self.deferred_bytes = 0
 
     def add(self, fut, nbytes: int, done: Callable[[], None] | None, on_error: Callable[[BaseException], BaseException]):
         self.q.append((fut, nbytes, done, on_error))
@@ -230,19 +263,42 @@ class Window:
         while self.bytes > self.limit and len(self.q) > 1:
             self._pop()
 
+    def defer(self, starts: Sequence[Callable[[], Any]], nbytes: int, done: Callable[[], None] | None,
+              on_error: Callable[[BaseException], BaseException]) -> None:
+        """Transfers to start later (``starts``: each returns a future), ``nbytes`` in all;
+        ``done`` runs once all of them completed."""
+        self.deferred.append((starts, nbytes, done, on_error))
+        self.deferred_bytes += nbytes
+        if self.deferred_bytes >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Start every deferred transfer."""
+        items, self.deferred, self.deferred_bytes = self.deferred, [], 0
+        for starts, nbytes, done, on_error in items:
+            if not starts:
+                self.add(completed(), nbytes, done, on_error)
+            futs = [start() for start in starts]
+            self.q.extend((fut, 0, None, on_error) for fut in futs[:-1])  # all queued before any wait
+            if futs:
+                self.add(futs[-1], nbytes, done, on_error)
+
     def _pop(self) -> None:
         fut, nbytes, done, on_error = self.q.popleft()
         self.bytes -= nbytes
         try:
             fut.result()
+        except DcpExtError:  # already ours, naming the tensor (native jobs)
+            raise
         except (ValueError, RuntimeError, OSError) as e:
             raise on_error(e) from e
         if done is not None:
             done()
 
     def abandon(self) -> None:
-        """After an error: wait for whatever still flies, ignoring its outcome (a source buffer
-        must not be freed while TensorStore may still read it)."""
+        """After an error: drop what was not started, wait for whatever still flies, ignoring its
+        outcome (a source buffer must not be freed while a transfer may still read it)."""
+        self.deferred, self.deferred_bytes = [], 0
         while self.q:
             fut = self.q.popleft()[0]
             try:
@@ -252,8 +308,14 @@ class Window:
         self.bytes = 0
 
     def drain(self) -> None:
-        """Wait for everything; on an error, still wait for the rest before raising."""
+        """Start what is deferred and wait for everything; on an error, still wait for the rest
+        before raising."""
         first: BaseException | None = None
+        try:
+            self.flush()
+        except BaseException as e:  # noqa: BLE001 - re-raised below, after the rest finished
+            first = e
+            self.deferred = []
         while self.q:
             try:
                 self._pop()
@@ -261,3 +323,11 @@ class Window:
                 first = first or e
         if first is not None:
             raise first
+
+
+def completed() -> Future:
+    """A future that is already done (an item with nothing to transfer still takes its turn in
+    a :class:`Window`, so its ``done`` runs in order)."""
+    f: Future = Future()
+    f.set_result(None)
+    return f

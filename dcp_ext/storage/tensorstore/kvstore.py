@@ -206,7 +206,8 @@ def _gcs_environment(cfg: Config) -> None:
 
 def context_spec(cfg: Config, kind: str) -> dict:
     """The TensorStore context: no chunk cache (checkpoint data is read once), concurrency
-    limits and retries from ``[tensorstore]`` and the S3/GCS sections, S3 credentials."""
+    limits and retries from ``[tensorstore]`` and the S3/GCS sections, S3 credentials; on local
+    files, ``fs.fsync`` decides whether written chunks are fsynced."""
     t = cfg.tensorstore
     ctx: dict[str, Any] = {"cache_pool": {"total_bytes_limit": 0}}
     if t.copy_concurrency is not None:
@@ -214,6 +215,7 @@ def context_spec(cfg: Config, kind: str) -> dict:
     if kind == "file":
         if t.concurrency is not None:
             ctx["file_io_concurrency"] = {"limit": t.concurrency}
+        ctx["file_io_sync"] = bool(cfg.fs.fsync)  # fsync each chunk file, as [fs] says for data files
         return ctx
     sec = cfg.s3 if kind == "s3" else cfg.gcs
     name = "s3" if kind == "s3" else "gcs"

@@ -21,7 +21,7 @@ import os
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
@@ -37,6 +37,7 @@ from ...torch_compat import reports_metadata_errors
 from ..commit import MANIFEST_NAME, METADATA_NAME, require_committed
 from ..manifest import decode_manifest
 from .arrays import LAYOUT, LAYOUT_VERSION, LocatedIO, Window, bytes_counter, numpy_view, translate_error
+from .native import ByteCount, ShardIndexes, as_numpy, plan_reads
 from ..reader import ExtStorageReader
 from ..safe_pickle import checked_bytes_item, load_metadata
 
@@ -48,13 +49,16 @@ logger = logging.getLogger(__name__)
 @dataclass
 class TensorStoreLoadStats:
     """What the last ``read_data`` on this rank did: ``bytes_read`` is TensorStore's own counter
-    of bytes fetched from storage (process-wide: exact when one load runs per process),
-    ``bytes_needed`` the bytes of the boxes the rank asked for."""
+    of bytes fetched from storage (process-wide: exact when one load runs per process) plus what
+    :mod:`.native` read, ``bytes_needed`` the bytes of the boxes the rank asked for, ``direct``
+    the tensor items read straight into their destination, ``native`` those read by
+    :mod:`.native` (local files) rather than TensorStore."""
 
     bytes_read: int = 0
     bytes_needed: int = 0
     items: int = 0
     direct: int = 0
+    native: int = 0
     seconds: float = 0.0
 
 
@@ -157,6 +161,8 @@ class TensorStoreReader(LocatedIO, StorageReader):
         progress = Progress(f"rank {self.rank}: loading from {self.store.url}", total,
                             self.config.progress if self.rank == 0 else False, logger)
         window = Window(self.config.tensorstore.inflight_bytes)
+        native_read = ByteCount()
+        indexes = ShardIndexes()
         t0 = time.monotonic()
         try:
             for req in plan.items:
@@ -168,14 +174,14 @@ class TensorStoreReader(LocatedIO, StorageReader):
                         raw = checked_bytes_item(raw, idx.fqn, self.store.url)
                     planner.load_bytes(req, io.BytesIO(raw))
                     continue
-                self._read_tensor(req, ref, planner, window, progress, stats)
+                self._read_tensor(req, ref, planner, window, progress, stats, (indexes, native_read))
         except BaseException:
             window.abandon()
             raise
         window.drain()
         progress.close()
         stats.bytes_needed = total
-        stats.bytes_read = counter() - before
+        stats.bytes_read = counter() - before + native_read.n
         stats.seconds = time.monotonic() - t0
         self.stats = stats
         logger.debug("rank %d read %d bytes for %d needed", self.rank, stats.bytes_read, total)
@@ -184,30 +190,50 @@ class TensorStoreReader(LocatedIO, StorageReader):
         return fut
 
     def _read_tensor(self, req, ref: dict, planner: LoadPlanner, window: Window, progress: Progress,
-                     stats: TensorStoreLoadStats) -> None:
+                     stats: TensorStoreLoadStats, native_state: tuple[ShardIndexes, ByteCount]) -> None:
         idx = req.storage_index
         path = ref["array"]
         where = self.loc.describe(path)
         dtype = self.dtypes[idx.fqn]
-        try:
-            arr = self.arrays.open(path, self.array_metadata[path]).result()
-        except ValueError as e:
-            raise translate_error(e, f"loading {idx.fqn}", where) from e
         chunk_off = list(idx.offset) if idx.offset is not None else [0] * len(req.lengths)
-        box = tuple(slice(c + s - g, c + s - g + n) for c, s, g, n in
-                    zip(chunk_off, req.storage_offsets, ref["origin"], req.lengths))
+        lo = [c + s - g for c, s, g in zip(chunk_off, req.storage_offsets, ref["origin"])]
         target = planner.resolve_tensor(req).detach()
         if list(target.shape) != list(req.lengths):
             raise DcpExtError(f"{idx.fqn}: planner target has shape {list(target.shape)} but the read is "
                               f"{list(req.lengths)}")
-        dest = self._direct(target, dtype)
-        stats.direct += dest is not None
-        scratch = None
-        if dest is None:  # another dtype or device: read into scratch, then one copy
-            scratch = torch.empty(list(req.lengths), dtype=dtype)
-            dest = self.arrays.ts.array(numpy_view(scratch, dtype), copy=False, write=True)
-        fut = dest.write(arr[box])
         n = target.numel() * torch._utils._element_size(dtype)
+        what = f"loading {idx.fqn}"
+        on_error = lambda e: translate_error(e, what, where)  # noqa: E731
+        fmt = self.native_format(path, self.array_metadata[path], dtype)
+        scratch = None
+        if fmt is not None:  # our own preadv + crc32c (native.py)
+            direct = target.device.type == "cpu" and target.dtype == dtype and not (target.is_conj() or target.is_neg())
+            if not direct:  # another dtype or device: read into scratch, then one copy
+                scratch = torch.empty(list(req.lengths), dtype=dtype)
+            jobs = plan_reads(self.array_dir(path), fmt, lo, as_numpy(target if direct else scratch), what, where,
+                              *native_state)
+            stats.direct += direct
+            stats.native += 1
+            window.defer([lambda job=job: self.submit(job) for job in jobs], 0 if direct else n,
+                         self._committer(req, planner, target, scratch, progress, n), on_error)
+        else:
+            try:
+                arr = self.arrays.open(path, self.array_metadata[path]).result()
+            except ValueError as e:
+                raise translate_error(e, what, where) from e
+            dest = self._direct(target, dtype)
+            direct = dest is not None
+            if dest is None:
+                scratch = torch.empty(list(req.lengths), dtype=dtype)
+                dest = self.arrays.ts.array(numpy_view(scratch, dtype), copy=False, write=True)
+            box = tuple(slice(l, l + k) for l, k in zip(lo, req.lengths))
+            stats.direct += direct
+            window.add(dest.write(arr[box]), n, self._committer(req, planner, target, scratch, progress, n), on_error)
+
+    @staticmethod
+    def _committer(req, planner: LoadPlanner, target: torch.Tensor, scratch: torch.Tensor | None, progress: Progress,
+                   n: int) -> Callable[[], None]:
+        """What to do once the item's reads completed: copy from scratch, commit, count."""
 
         def done() -> None:
             if scratch is not None:
@@ -215,7 +241,7 @@ class TensorStoreReader(LocatedIO, StorageReader):
             planner.commit_tensor(req, target)
             progress.advance(n)
 
-        window.add(fut, n, done, lambda e: translate_error(e, f"loading {idx.fqn}", where))
+        return done
 
     def _direct(self, target: torch.Tensor, dtype: torch.dtype):
         """A TensorStore view of ``target``'s own memory, or None if it cannot take the data as is."""

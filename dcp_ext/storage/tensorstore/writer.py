@@ -37,9 +37,11 @@ from ...integrity import checksum
 from ...progress import Progress
 from ..commit import MANIFEST_NAME, publish, refuse_overwrite, uncommit
 from ..manifest import decode_manifest, encode_manifest
-from .arrays import LAYOUT, LAYOUT_VERSION, LocatedIO, Window, array_metadata, bytes_counter, numpy_view, translate_error
+from .arrays import (LAYOUT, LAYOUT_VERSION, LocatedIO, Window, array_metadata, bytes_counter, numpy_view,
+                     translate_error)
 from ..writer import ExtStorageWriter
 from .layout import OBJECTS_DIR, ArrayPlan, object_path, plan_array
+from .native import ByteCount, as_numpy, plan_writes, sync_dirs
 
 __all__ = ["TensorStoreWriter", "TensorStoreSaveStats"]
 
@@ -61,13 +63,15 @@ class _RankLayout:
 
 @dataclasses.dataclass
 class TensorStoreSaveStats:
-    """What the last ``write_data`` on this rank did (``bytes_written``: TensorStore's own
-    counter of stored bytes, compressed, for the whole process)."""
+    """What the last ``write_data`` on this rank did (``bytes_written``: stored bytes, compressed:
+    TensorStore's own counter, for the whole process, plus what :mod:`.native` wrote;
+    ``native``: tensor items written by :mod:`.native` rather than TensorStore)."""
 
     bytes_written: int = 0
     tensor_bytes: int = 0
     items: int = 0
     seconds: float = 0.0
+    native: int = 0
 
 
 def _sizes_and_dtype(item) -> tuple[list[int], list[int], list[int], torch.dtype]:
@@ -178,11 +182,16 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
         self.save_id = lay.save_id
         counter = bytes_counter(self.loc.kind, "written")
         before = counter()
+        written = ByteCount()
         total = sum(torch._utils._element_size(i.tensor_data.properties.dtype) * i.tensor_data.chunk.sizes.numel()
                     for i in plan.items if i.type != WriteItemType.BYTE_IO)
         progress = Progress(f"rank {self.rank}: saving to {self.store.url}", total,
                             self.config.progress if self.rank == 0 else False, logger)
-        opened = {path: self.arrays.open(path, md) for path, md in lay.metadata.items()}
+        dtypes = {path: p.dtype for p in lay.arrays.values() for path, _s, _g in p.arrays()}
+        native = {path: self.native_format(path, md, dtypes[path]) for path, md in lay.metadata.items()}
+        opened = {path: self.arrays.open(path, md) for path, md in lay.metadata.items() if native[path] is None}
+        made_dirs: set[str] = set()
+        native_items = 0
         results: list[WriteResult] = []
         window = Window(self.config.tensorstore.inflight_bytes)
         try:
@@ -198,29 +207,44 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
                 p = lay.arrays[fqn]
                 path, origin = p.location(offsets)
                 where = self.loc.describe(path)
-                try:
-                    arr = opened[path].result()
-                except ValueError as e:
-                    raise translate_error(e, f"saving {fqn}", where) from e
                 src = data.detach()
                 if src.device.type != "cpu":
                     src = src.cpu()
+                if src.is_conj() or src.is_neg():  # lazy views: their memory does not hold the values
+                    src = src.resolve_conj().resolve_neg()
                 if src.dtype != dtype or list(src.shape) != sizes:
                     raise DcpExtError(f"{fqn}: planner returned a {src.dtype} tensor of shape {list(src.shape)} "
                                       f"for a {dtype} chunk of shape {sizes}")
-                box = tuple(slice(o - g, o - g + s) for o, g, s in zip(offsets, origin, sizes))
-                fut = arr[box].write(numpy_view(src, dtype), can_reference_source_data_indefinitely=True)
                 n = src.numel() * src.element_size()
-                window.add(fut, n, lambda n=n: progress.advance(n),
-                           lambda e, fqn=fqn, where=where: translate_error(e, f"saving {fqn}", where))
+                lo = [o - g for o, g in zip(offsets, origin)]
+                on_error = lambda e, fqn=fqn, where=where: translate_error(e, f"saving {fqn}", where)  # noqa: E731
+                done = lambda n=n: progress.advance(n)  # noqa: E731
+                fmt = native[path]
+                jobs = None if fmt is None else plan_writes(self.array_dir(path), fmt, lo, as_numpy(src),
+                                                            self.config.fs.fsync, made_dirs, written, f"saving {fqn}")
+                if jobs is not None:  # whole chunks, straight from the tensor (native.py)
+                    native_items += 1
+                    window.defer([lambda job=job: self.submit(job) for job in jobs], n, done, on_error)
+                else:
+                    if path not in opened:
+                        opened[path] = self.arrays.open(path, lay.metadata[path])
+                    try:
+                        arr = opened[path].result()
+                    except ValueError as e:
+                        raise translate_error(e, f"saving {fqn}", where) from e
+                    box = tuple(slice(l, l + s) for l, s in zip(lo, sizes))
+                    fut = arr[box].write(numpy_view(src, dtype), can_reference_source_data_indefinitely=True)
+                    window.add(fut, n, done, on_error)
                 results.append(WriteResult(index=item.index, size_in_bytes=n,
                                            storage_data={"array": path, "origin": origin}))
         except BaseException:
             window.abandon()
             raise
         window.drain()
+        if self.config.fs.fsync:
+            sync_dirs(made_dirs, self.loc.root["path"])
         dt = progress.close()
-        self.stats = TensorStoreSaveStats(counter() - before, total, len(results), dt)
+        self.stats = TensorStoreSaveStats(counter() - before + written.n, total, len(results), dt, native_items)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(results)
         return fut
