@@ -255,7 +255,10 @@ def test_writeback_started_while_writing(tmp_path, monkeypatch, result):
     dcp.save(src, storage_writer=dcp_ext.storage_writer(tmp_path / "a", io_threads=1))
     assert calls and {c[0] for c in calls} == {str(tmp_path / "a" / "__0_0.distcp")}
     assert all(c[1:] == (0, 0, 2) for c in calls)  # whole file, SYNC_FILE_RANGE_WRITE
-    assert len(calls) == (4 if result == 0 else 1)
+    if result == 0:  # started as the file grows (at least once per tensor), at most once per 64 KiB written
+        assert 4 <= len(calls) <= os.path.getsize(tmp_path / "a" / "__0_0.distcp") // (64 * 1024)
+    else:  # refused once: never asked again
+        assert len(calls) == 1
     dst = _zeros_like(src)
     dcp.load(dst, storage_reader=dcp_ext.storage_reader(tmp_path / "a"))
     _assert_same(src, dst)
