@@ -9,6 +9,7 @@ monkeypatching, and ``tests/old_torch.sh`` runs the whole suite on a real old to
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import dataclasses
@@ -20,6 +21,7 @@ import logging
 import pickle
 import threading
 import types
+import weakref
 from typing import Any, Callable, Iterator, TypeVar
 
 import torch
@@ -328,3 +330,61 @@ def torch_save(obj: Any, f: Any) -> None:
     cls = _Pickler.made.__dict__.pop("cls", None)
     if cls is not None and "persistent_id" in cls.__dict__:
         del cls.persistent_id
+
+
+# --------------------------------------------------------------- freeing process groups (manager.py)
+#: backends of destroyed groups whose ProcessGroup was still referenced elsewhere when we let go
+_PARKED: list[tuple[Any, "weakref.ref[Any]"]] = []
+_PARKED_LOCK = threading.Lock()
+
+
+def _backend_of(group: Any) -> Any:
+    """The Python object of ``group``'s CPU backend (its ``ProcessGroupGloo``), or None."""
+    try:
+        return group._get_backend(torch.device("cpu"))
+    except Exception:  # noqa: BLE001 - no CPU backend, or a ProcessGroup without _get_backend
+        return None
+
+
+def _free_parked(extra: list[tuple[Any, "weakref.ref[Any]"]]) -> None:
+    """Park ``extra`` (emptied) and free every parked backend whose ProcessGroup is gone."""
+    with _PARKED_LOCK:
+        _PARKED.extend(extra)
+        extra.clear()
+        free = [b for b, ref in _PARKED if ref() is None]
+        _PARKED[:] = [(b, ref) for b, ref in _PARKED if ref() is not None]
+    free.clear()  # the last references: each ~ProcessGroupGloo runs here, without the GIL
+
+
+def destroy_process_groups(groups: list[Any]) -> None:
+    """Destroy the process groups in ``groups`` and free them without a deadlock; empties the
+    list: the caller hands over its references and must keep no other.
+
+    torch < 2.8 frees a ``ProcessGroup`` with the GIL held (pytorch/pytorch#154976 releases it in
+    2.8). ``~ProcessGroupGloo`` then locks the group's work mutex and joins its worker threads,
+    while a worker that has just finished a collective destroys that work under the same mutex;
+    if the caller has already let go of the work's tensors, their Python objects are freed there
+    and need the GIL: rank 0 of a manager hung for good when its groups were freed a moment after
+    their last collective (torch 2.7, about one run in two). So every group is freed through its
+    backend's own Python object, the last reference to it, whose binding releases the GIL: the
+    workers finish, then the destructor returns. A group that something else still references
+    (DCP's upload thread holds its group for a moment after the upload future resolved) keeps
+    its backend parked here until it is gone, checked at the next call and at exit.
+    """
+    import torch.distributed as dist
+
+    held: list[tuple[Any, weakref.ref[Any]]] = []
+    while groups:
+        group = groups.pop(0)
+        backend = _backend_of(group)
+        try:
+            dist.destroy_process_group(group)
+        except Exception:  # noqa: BLE001 - the default group may already be gone
+            pass
+        if backend is not None:
+            held.append((backend, weakref.ref(group)))
+        del group, backend  # the backend's last reference is now in ``held``
+    _free_parked(held)
+
+
+atexit.register(_free_parked, [])

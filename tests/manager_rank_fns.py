@@ -75,3 +75,41 @@ def save_into_a_blocked_step(root: str) -> str:
         return type(e).__name__
     finally:
         mgr.close()
+
+
+def groups_freed_at_close(root: str, manager_kw: dict) -> dict:
+    """Save and load through a manager, close it, and report whether its own process groups are
+    gone by then (freed by close, not whenever the manager object happens to be collected)."""
+    import weakref
+
+    rank = dist.get_rank()
+    mgr = dcp_ext.CheckpointManager(root, **manager_kw)
+    refs = [weakref.ref(g) for g in (mgr._pg, mgr._save_pg)]
+    mgr.save(1, expected_state(1, rank), force=True)
+    fresh = _blank(rank)
+    loaded = mgr.load(fresh)
+    mgr.close()
+    alive = [r() is not None for r in refs]
+    return {"loaded": loaded, "exact": _equal(fresh, expected_state(1, rank)), "alive": alive}
+
+
+def free_group_with_a_collective_in_flight() -> dict:
+    """Rank 0 frees a gloo group while its all_gather still waits for rank 1, having let go of
+    the collective's tensors: on torch < 2.8, freeing the ProcessGroup with the GIL held hung
+    for good (its worker then needs the GIL to free those tensors). The list holds the only
+    reference, so the group is freed inside destroy_process_groups (nothing stays parked)."""
+    from dcp_ext import torch_compat
+
+    groups = [dist.new_group(backend="gloo")]
+    out = [torch.zeros(4) for _ in range(2)]
+    mine = torch.full((4,), float(dist.get_rank() + 1))
+    if dist.get_rank() == 0:
+        dist.all_gather(out, mine, group=groups[0], async_op=True)  # the work alone holds the tensors now
+        del out, mine
+        dist.barrier()  # rank 1 joins the all_gather once rank 0 is about to free the group
+        torch_compat.destroy_process_groups(groups)
+        return {"gathered": None, "parked": len(torch_compat._PARKED)}
+    dist.barrier()
+    dist.all_gather(out, mine, group=groups[0])
+    torch_compat.destroy_process_groups(groups)
+    return {"gathered": [t.tolist() for t in out], "parked": len(torch_compat._PARKED)}

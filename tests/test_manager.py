@@ -297,6 +297,23 @@ def test_two_ranks_tiered(ranks, tmp_path):
     assert (tmp_path / "run" / "step_6").exists()  # not removed as a leftover: its fast copy is complete
 
 
+@pytest.mark.parametrize("async_save", [False, True])
+def test_close_frees_the_managers_process_groups(ranks, tmp_path, async_save):
+    # freed by close() through their backends (destroy_process_groups), not left to whoever drops
+    # the manager: on torch 2.7 that froze rank 0 in ~ProcessGroupGloo
+    kw = {"interval": 1, "async_save": async_save}
+    res = ranks(2).run(M.groups_freed_at_close, str(tmp_path / "run"), kw, timeout=300)
+    assert all(r["loaded"] == 1 and r["exact"] for r in res), res
+    assert all(r["alive"][0] is False for r in res), res  # the group of the manager's decisions
+    if not async_save:  # (async: DCP's upload thread may hold the save group a moment longer)
+        assert all(r["alive"][1] is False for r in res), res
+
+
+def test_freeing_a_group_with_a_collective_in_flight_does_not_hang(ranks):
+    res = ranks(2).run(M.free_group_with_a_collective_in_flight, timeout=120)
+    assert res == [{"gathered": None, "parked": 0}, {"gathered": [[1.0] * 4, [2.0] * 4], "parked": 0}], res
+
+
 def test_rank0_bookkeeping_errors_reach_every_rank(ranks, tmp_path):
     root = tmp_path / "run"
     root.mkdir()

@@ -27,6 +27,7 @@ import torch
 from ..config import Config, ManagerOptions, load_config
 from ..errors import ConfigError, DcpExtError, IncompleteCheckpointError
 from ..storage import storage_reader, storage_writer
+from ..torch_compat import destroy_process_groups
 from .bookkeeping import RootBookkeeper
 from .retention import RetentionPolicy
 from .root import CheckpointRoot, StepInfo, jsonable_metrics
@@ -480,15 +481,11 @@ class CheckpointManager:
             except Exception as e:  # noqa: BLE001
                 logger.warning("closing the staging pool: %s", e)
             self._stager = None
-        if self._own_groups:
-            import torch.distributed as dist
-
-            for g in self._own_groups:
-                try:
-                    dist.destroy_process_group(g)
-                except Exception:  # noqa: BLE001 - the default group may already be gone
-                    pass
-            self._own_groups = []
+        # the groups' last references are handed over: freeing one while holding the GIL can
+        # deadlock with its worker threads on torch < 2.8 (see destroy_process_groups)
+        self._pg = self._save_pg = None
+        groups, self._own_groups = self._own_groups, []
+        destroy_process_groups(groups)
         self.root.close()
 
     def __repr__(self) -> str:
