@@ -16,6 +16,26 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EX = os.path.join(ROOT, "examples")
+_JOBS: list["Job"] = []
+
+
+@pytest.fixture(autouse=True)
+def _stop_jobs():
+    """Every job a test started is killed with its ranks when the test ends, passed or failed (a
+    timed-out example must not keep running, hung, after its test)."""
+    yield
+    while _JOBS:
+        job = _JOBS.pop()
+        if job.proc.poll() is None or _group_alive(job.proc.pid):
+            job.kill_all()
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 class Job:
@@ -25,6 +45,7 @@ class Job:
         self.proc = subprocess.Popen([sys.executable, os.path.join(EX, script), *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True,
                                      env={**os.environ, "PYTHONPATH": ROOT, **(env or {})})
+        _JOBS.append(self)
         self.lines: list[str] = []
         self.err = ""
         self._cv = threading.Condition()
@@ -55,7 +76,10 @@ class Job:
         return rc
 
     def kill_all(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the job's session: the launcher and its ranks
+        except ProcessLookupError:
+            pass
         self.proc.wait(60)
 
     def losses(self) -> dict[int, str]:
