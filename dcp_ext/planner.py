@@ -275,6 +275,9 @@ class ReshardSavePlanner(DefaultSavePlanner):
 
     def finish_plan(self, new_plan: SavePlan) -> SavePlan:
         plan = super().finish_plan(new_plan)  # with plan caching: the cached plan if unchanged
+        pending = self.__dict__.pop("_pending_local_plan", None)
+        if pending is not None:  # torch 2.7's finish_plan does not promote it (2.13's pops it itself)
+            SavePlanner._cached_save_plan[self._cached_plans_key] = pending
         if plan is not new_plan and new_plan.storage_data is not None:
             # the cached plan carries the storage data of the save that cached it: the writer's
             # data for *this* save (e.g. its save id) came with the empty plan

@@ -281,9 +281,10 @@ def _clear_plan_cache(key: str) -> None:
     """Forget stock DCP's class-level plan caches of planner class ``key`` (pool ranks are reused)."""
     from torch.distributed.checkpoint.planner import SavePlanner
 
-    for d in (SavePlanner._cached_save_plan, SavePlanner._cached_final_save_plan, SavePlanner._cached_all_plans,
-              SavePlanner._cached_global_plan, SavePlanner._cached_metadata):
-        d.pop(key, None)
+    # (torch 2.7 has no _cached_metadata: its plan caching keeps the other four)
+    for name in ("_cached_save_plan", "_cached_final_save_plan", "_cached_all_plans", "_cached_global_plan",
+                 "_cached_metadata"):
+        getattr(SavePlanner, name, {}).pop(key, None)
 
 
 class CountingReshardSavePlanner(ReshardSavePlanner):

@@ -28,6 +28,7 @@ from dcp_ext.planner import LAYOUT_KEY, dedup_by_bytes, _tensor_item
 from . import megatron_gpt as mg
 from . import reshard_rank_fns as rf
 from .conftest import get_pool
+from .support.torch_features import STOCK_CACHE_SKIPS_GLOBAL_PLAN
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
@@ -371,7 +372,8 @@ def test_plan_caching_skips_replanning_and_replans_on_change(tmp_path):
         assert res["bad"] == [], f"rank {r}: {res['bad']}"
         assert res["sent"] == [True, False, True, True], res
     coord = results[0]
-    assert coord["global_plans"] == [1, 1, 2, 3], coord
+    # torch 2.7's stock caching re-plans every save (it still skips the gather of unchanged plans)
+    assert coord["global_plans"] == ([1, 1, 2, 3] if STOCK_CACHE_SKIPS_GLOBAL_PLAN else [1, 2, 3, 4]), coord
     assert len(set(coord["save_ids"])) == 4 and coord["save_ids"] == results[1]["save_ids"]
 
 

@@ -436,3 +436,37 @@ def test_a_streamed_import_frees_each_tensor_once_written(monkeypatch, tmp_path)
     out = {f"t{i}": torch.zeros(1 << 18) for i in range(4)}
     dcp.load(out, storage_reader=dcp_ext.storage_reader(str(tmp_path / "out")), no_dist=True)
     assert all(torch.equal(out[f"t{i}"], torch.full((1 << 18,), float(i))) for i in range(4))
+
+
+def test_plan_caching_where_stock_finish_plan_does_not_promote_the_local_plan(monkeypatch, tmp_path):
+    """torch 2.7's ``DefaultSavePlanner.finish_plan`` does not move the pending local plan into
+    the class cache (2.13's does): ReshardSavePlanner promotes it itself, so a repeat save with
+    the same structure sends an empty plan there too, and still saves the new values exactly."""
+    from torch.distributed.checkpoint.planner import SavePlanner
+
+    def finish_plan_27(self, new_plan):  # torch 2.7's, verbatim in effect
+        finished = self._finish_plan_with_caching(new_plan) if self._enable_plan_caching else new_plan
+        self.plan = finished
+        return finished
+
+    monkeypatch.setattr(default_planner.DefaultSavePlanner, "finish_plan", finish_plan_27)
+    sent: list[bool] = []
+
+    class Counting(ReshardSavePlanner):
+        def create_local_plan(self):
+            plan = super().create_local_plan()
+            sent.append(plan.usable)
+            return plan
+
+    for name in ("_cached_save_plan", "_cached_final_save_plan", "_cached_all_plans", "_cached_global_plan",
+                 "_cached_metadata"):
+        getattr(SavePlanner, name, {}).pop(Counting.__name__, None)
+    layout = ParallelLayout(tp_rank=0, tp_size=1)
+    for i in range(2):
+        state = {"w": torch.arange(12.0).reshape(3, 4) + i, "b": torch.full((5,), float(i))}
+        dcp.save(state, storage_writer=dcp_ext.storage_writer(str(tmp_path / f"s{i}")),
+                 planner=Counting(layout, enable_plan_caching=True))
+        got = {"w": torch.zeros(3, 4), "b": torch.zeros(5)}
+        dcp.load(got, storage_reader=dcp_ext.storage_reader(str(tmp_path / f"s{i}")))
+        assert torch.equal(got["w"], torch.arange(12.0).reshape(3, 4) + i) and torch.equal(got["b"], torch.full((5,), float(i)))
+    assert sent == [True, False]

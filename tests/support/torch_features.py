@@ -16,6 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import filesystem as _stock_filesystem
 from torch.distributed.checkpoint import staging as _stock_staging
+from torch.distributed.checkpoint.planner import SavePlanner as _SavePlanner
 
 from dcp_ext.torch_compat import ASYNC_SAVE_TAKES_STAGER, crc_option_is_context_local, stock_load_hides_reader_errors
 
@@ -106,3 +107,7 @@ needs_hf_storage = pytest.mark.skipif(not HF_STORAGE, reason=_lacks("torch.distr
 SAFETENSORS_FORMAT = hasattr(_stock_filesystem, "SerializationFormat")
 needs_safetensors_format = pytest.mark.skipif(
     not SAFETENSORS_FORMAT, reason=_lacks("FileSystemWriter(serialization_format=SerializationFormat.SAFETENSORS)"))
+
+#: stock plan caching skips building the global plan when every local plan is unchanged (it caches
+#: the metadata too); torch 2.7's caching saves the gather and scatter of plans but re-plans
+STOCK_CACHE_SKIPS_GLOBAL_PLAN = hasattr(_SavePlanner, "_cached_metadata")
