@@ -207,9 +207,9 @@ class FaultProxy:
     def _forward_up(self, c: "_Conn", data: bytes) -> None:
         if self._up is not None:
             self._up.take(len(data))
-        c.server.sendall(data)
-        with self._lock:
+        with self._lock:  # counted before sending: the reply it causes may reach the client first
             self.bytes_up += len(data)
+        c.server.sendall(data)
 
     # -- rules -------------------------------------------------------------------------
     def add(self, rule: FaultRule) -> FaultRule:
@@ -369,9 +369,9 @@ class FaultProxy:
                 c.back += len(data)  # before sending: the client's next request comes after it
                 if self._down is not None:
                     self._down.take(len(data))
-                c.client.sendall(data)
-                with self._lock:
+                with self._lock:  # counted before sending: the client may check it on receipt
                     self.bytes_down += len(data)
+                c.client.sendall(data)
         except OSError:
             pass
         finally:
