@@ -179,6 +179,24 @@ def test_small_tensors_share_requests_and_stay_verified(env):
     assert "checksum mismatch" in msg and " for s77 " in msg and data_file in msg, msg
 
 
+def test_ranged_reads_reuse_connections(env):
+    """A load's ranged GETs hand their connection back to the pool once the body is read: at
+    most one new TCP connection per I/O thread, however many GETs (every GET used to open one)."""
+    g = torch.Generator().manual_seed(7)
+    state = {f"t{i}": torch.randn(512, 1024, generator=g) for i in range(8)}  # 2 MiB each: one GET each
+    with env.proxy() as px:
+        opts = dict(env.opts(endpoint=px.endpoint), io_threads=2)
+        _save(url := env.url(), state, files_per_rank=1, **opts)
+        before_conns, before_reqs = px.connections, px.requests
+        r = dcp_ext.storage_reader(url, **opts)
+        target = _zeros_like(state)
+        dcp.load(target, storage_reader=r)
+        conns, reqs = px.connections - before_conns, px.requests - before_reqs
+    _assert_same(target, state)
+    assert r.stats.requests >= 8 and reqs >= 8, (r.stats, reqs)
+    assert conns <= 2, f"{conns} new connections for {reqs} requests"
+
+
 @BOTH_S3
 def test_parts_upload_concurrently_within_the_bound(s3env, monkeypatch):
     from dcp_ext.storage.s3 import S3Store

@@ -177,6 +177,7 @@ class FaultProxy:
         self.rules: list[FaultRule] = []
         self.requests = 0
         self.faults = 0
+        self.connections = 0  # TCP connections clients opened to the proxy
         self.bytes_up = 0  # request bytes forwarded to the server
         self.bytes_down = 0  # response bytes forwarded to clients
         self._up: TokenBucket | None = None
@@ -274,6 +275,7 @@ class FaultProxy:
             c = _Conn(client)
             with self._lock:
                 self._conns.add(c)
+                self.connections += 1
             threading.Thread(target=self._serve, args=(c,), daemon=True, name="fault-proxy-conn").start()
 
     # -- per connection ----------------------------------------------------------------
