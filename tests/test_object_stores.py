@@ -473,7 +473,7 @@ def test_retry_limit_names_the_object(env):
         px.add(FaultRule(".", "drop", times=None))
         opts = env.opts(endpoint=px.endpoint, max_retries=2, retry_base_delay=0.01)
         r = dcp_ext.storage_reader(env.url("x"), **opts)
-        with pytest.raises(StorageError, match=r"listing .*x/ failed after 3 attempt\(s\) \(2 retries, max_retries\)"):
+        with pytest.raises(StorageError, match=r"reading .*x/\.metadata failed after 3 attempt\(s\) \(2 retries, max_retries\)"):
             r.read_metadata()
 
 

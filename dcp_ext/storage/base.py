@@ -127,6 +127,14 @@ class Store(abc.ABC):
             self.read_into(relpath, 0, memoryview(buf))
         return bytes(buf)
 
+    def read_bytes_if_exists(self, relpath: str) -> bytes | None:
+        """A whole (small) file, or None if it does not exist. Object stores answer with one
+        GET (a missing object is a 404), not a HEAD and then a GET: the metadata reads that
+        come before a load's first data byte are round trips."""
+        if not self.exists(relpath):
+            return None
+        return self.read_bytes(relpath)
+
     @abc.abstractmethod
     def size(self, relpath: str) -> int:
         """Size in bytes; raises ``FileNotFoundError`` if absent."""

@@ -17,7 +17,8 @@ from ..config import Config
 from ..errors import CorruptCheckpointError, DcpExtError, IncompleteCheckpointError
 from ..integrity import checksum
 from .base import Store
-from .commit import METADATA_NAME, data_file_rank, manifest_name, metadata_name, require_committed
+from .commit import METADATA_NAME, data_file_rank, manifest_name, metadata_name, read_committed_metadata
+from .commit import require_committed
 from .commit import safetensors_checkpoint_files
 from .manifest import ItemLocation, decode_manifest
 from .safe_pickle import load_metadata
@@ -60,19 +61,22 @@ def read_checkpoint_metadata(store: Store, config: Config, rank: int | None = No
     checkpoint); refuses an incomplete checkpoint, a manifest that does not match ``.metadata``,
     a checkpoint of another layout, and (``expect_world_size``) one saved by other ranks."""
     md_name, man_name = metadata_name(rank), manifest_name(rank)
-    try:
-        require_committed(store, rank)
-    except IncompleteCheckpointError:
-        hf = safetensors_checkpoint_files(store.list()) if rank is None else []
-        if not hf:
-            raise
-        return _read_hf_metadata(store, config, hf)  # a HuggingFaceStorageWriter checkpoint: no .metadata of its own
-    raw_md = store.read_bytes(md_name)
+    raw_md = read_committed_metadata(store, rank)
+    if raw_md is None:  # not committed: say why (or read a checkpoint that has no .metadata)
+        try:
+            require_committed(store, rank)
+        except IncompleteCheckpointError:
+            hf = safetensors_checkpoint_files(store.list()) if rank is None else []
+            if not hf:
+                raise
+            return _read_hf_metadata(store, config, hf)  # a HuggingFaceStorageWriter checkpoint: no .metadata of its own
+        raw_md = store.read_bytes(md_name)  # committed since the first look
     extra: dict = {}
     stock_format = None
-    if store.exists(man_name):
+    raw_man = store.read_bytes_if_exists(man_name)
+    if raw_man is not None:
         where = f"{store.url}/{man_name}"
-        m = decode_manifest(store.read_bytes(man_name), where)
+        m = decode_manifest(raw_man, where)
         if m.extra.get("layout") is not None:  # e.g. "zarr3": arrays, not DCP data files
             raise DcpExtError(f"{store.url} is a {m.extra['layout']} checkpoint written by "
                               f"{m.extra.get('writer')}; load it with backend='tensorstore' (or a zarr3+ URL)")

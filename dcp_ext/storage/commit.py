@@ -60,6 +60,7 @@ __all__ = [
     "is_data_file",
     "commit_status",
     "is_committed",
+    "read_committed_metadata",
     "require_committed",
     "committed_parts",
     "refuse_overwrite",
@@ -230,6 +231,15 @@ def is_committed(store: Store, rank: int | None = None) -> bool:
     """Whether ``store`` holds a committed checkpoint, or (``rank`` given) a committed
     rank-local part of that rank (one existence check)."""
     return store.exists(metadata_name(rank))
+
+
+def read_committed_metadata(store: Store, rank: int | None = None) -> bytes | None:
+    """The bytes of ``store``'s metadata (``rank`` given: of that rank's rank-local part) if it
+    is committed, else None: one read, as a location is committed exactly when its metadata
+    exists (:func:`is_committed`), so a load needs no existence checks before it (on an object
+    store they were a LIST and a HEAD in front of every load); :func:`require_committed` says
+    what is wrong when this returns None."""
+    return store.read_bytes_if_exists(metadata_name(rank))
 
 
 def rank_local_parts(files: Iterable[str]) -> tuple[int, ...]:

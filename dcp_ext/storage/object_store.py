@@ -304,12 +304,23 @@ class ObjectStore(Store):
     def read_bytes(self, relpath: str) -> bytes:
         """A whole (small) object in one GET: no HEAD first (every rank of a load reads the
         metadata and the manifest)."""
+        got = self._read_whole(relpath, missing_ok=False)
+        assert got is not None
+        return got
+
+    def read_bytes_if_exists(self, relpath: str) -> bytes | None:
+        """A whole (small) object in one GET, or None if there is none (the 404 says so)."""
+        return self._read_whole(relpath, missing_ok=True)
+
+    def _read_whole(self, relpath: str, missing_ok: bool) -> bytes | None:
         key = self._key(relpath)
 
-        def attempt() -> bytes:
+        def attempt() -> bytes | None:
             try:
                 stream, length = self._open_range(key, 0, None)
             except NotFound as e:
+                if missing_ok:
+                    return None
                 raise CorruptCheckpointError(f"{self.describe_key(key)} is missing") from e
             try:
                 buf = bytearray(length)
