@@ -19,7 +19,7 @@ import dcp_ext
 from dcp_ext.errors import (BucketNotFoundError, CheckpointExistsError, CheckpointNotFoundError, StorageAuthError,
                             StorageError)
 from tests.support.errors import error_text
-from tests.support.fault_proxy import FaultRule
+from tests.support.fault_proxy import FaultProxy, FaultRule
 from tests.support.stores import Env
 from dcp_ext.storage.manifest import MANIFEST_NAME, METADATA_NAME
 from tests import fs_rank_fns as F
@@ -87,6 +87,11 @@ def _load(url: str, like: dict, **opts) -> dict:
     target = _zeros_like(like)
     dcp.load(target, storage_reader=dcp_ext.storage_reader(url, **opts))
     return target
+
+
+def _host_port(env: Env) -> tuple[str, int]:
+    host, port = env.server.endpoint.split("//", 1)[1].rsplit(":", 1)
+    return host, int(port)
 
 
 def _error_of(fn) -> str:
@@ -195,6 +200,20 @@ def test_ranged_reads_reuse_connections(env):
     _assert_same(target, state)
     assert r.stats.requests >= 8 and reqs >= 8, (r.stats, reqs)
     assert conns <= 2, f"{conns} new connections for {reqs} requests"
+
+
+def test_load_reads_metadata_with_one_request_each(env):
+    """Before its first data byte a load sends two requests: a GET of .metadata (its presence
+    is what makes the checkpoint committed) and a GET of the manifest; no LIST, no HEAD."""
+    url = env.url()
+    _save(url, {"w": torch.arange(1000.0)}, **env.opts())
+    seen: list[str] = []
+    with FaultProxy(*_host_port(env), inspect=lambda line, headers: seen.append(line)) as px:
+        target = {"w": torch.zeros(1000)}
+        dcp.load(target, storage_reader=dcp_ext.storage_reader(url, **env.opts(endpoint=px.endpoint)))
+    assert torch.equal(target["w"], torch.arange(1000.0))
+    meta = [ln.split()[0] for ln in seen if ".distcp" not in ln and "__0_" not in ln]
+    assert meta == ["GET", "GET"], seen
 
 
 @BOTH_S3
