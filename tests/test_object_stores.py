@@ -188,7 +188,7 @@ def test_ranged_reads_reuse_connections(env):
     """A load's ranged GETs hand their connection back to the pool once the body is read: at
     most one new TCP connection per I/O thread, however many GETs (every GET used to open one)."""
     g = torch.Generator().manual_seed(7)
-    state = {f"t{i}": torch.randn(512, 1024, generator=g) for i in range(8)}  # 2 MiB each: one GET each
+    state = {f"t{i}": torch.randn(1280, 1024, generator=g) for i in range(8)}  # 5 MiB each: one GET each
     with env.proxy() as px:
         opts = dict(env.opts(endpoint=px.endpoint), io_threads=2)
         _save(url := env.url(), state, files_per_rank=1, **opts)
@@ -200,6 +200,32 @@ def test_ranged_reads_reuse_connections(env):
     _assert_same(target, state)
     assert r.stats.requests >= 8 and reqs >= 8, (r.stats, reqs)
     assert conns <= 2, f"{conns} new connections for {reqs} requests"
+
+
+@CORE
+def test_medium_tensors_share_a_request_read_in_place(env):
+    """Whole tensors of a few MiB next to each other in one file come in one ranged GET, each
+    straight into its tensor (the headers between them into scratch); a connection cut in the
+    middle resumes at the right tensor and byte, and every tensor is still verified."""
+    g = torch.Generator().manual_seed(3)
+    state = {f"m{i}": torch.randn(512, 1024, generator=g) for i in range(6)}  # 2 MiB each
+    url = env.url()
+    with env.proxy() as px:
+        opts = env.opts(endpoint=px.endpoint)
+        _save(url, state, files_per_rank=1, **opts)
+        cut = px.add(FaultRule(r"^GET .*__0_", "cut", times=2, after_bytes=5 * 1024 * 1024 + 123))
+        r = dcp_ext.storage_reader(url, **opts)
+        target = _zeros_like(state)
+        dcp.load(target, storage_reader=r)
+    _assert_same(target, state)
+    assert cut.hits == 2
+    assert r.stats.requests == 1 and r.stats.blocks_verified >= 6, r.stats
+    data_file = next(n for n in env.names(url) if n.endswith(".distcp"))
+    raw = bytearray(env.get(url, data_file))
+    raw[bytes(raw).index(state["m4"].numpy().tobytes()[:4096]) + 1000] ^= 0x01
+    env.put(url, data_file, bytes(raw))
+    msg = _error_of(lambda: _load(url, state, **env.opts()))
+    assert "checksum mismatch" in msg and " for m4 " in msg and data_file in msg, msg
 
 
 def test_load_reads_metadata_with_one_request_each(env):

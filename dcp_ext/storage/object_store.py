@@ -268,8 +268,15 @@ class ObjectStore(Store):
         self.retry.call(lambda: self._put_object(key, bytes(data)), f"writing {self.describe_key(key)}")
 
     def read_into(self, relpath: str, offset: int, out: memoryview) -> None:
+        self.read_into_views(relpath, offset, [out])
+
+    def read_into_views(self, relpath: str, offset: int, views: list[memoryview]) -> None:
+        """Fill consecutive ``views`` (together bytes ``[offset, offset + their total)``) from one
+        ranged GET, each straight from the socket: several items close together in a file cost
+        one request and no copy (the bytes between them land in a scratch view the caller
+        gives). A dropped connection resumes at the byte where it stopped, as :meth:`read_into`."""
         key = self._key(relpath)
-        want = len(out)
+        want = sum(len(v) for v in views)
         state = {"pos": 0}
 
         def attempt() -> None:
@@ -290,8 +297,14 @@ class ObjectStore(Store):
                     f"ends after {offset + pos + promised}")
             readinto = _readinto_of(stream)
             try:
+                i = base = 0  # the view the next byte goes to, and where it starts
                 while state["pos"] < want:
-                    n = readinto(out[state["pos"]:])
+                    at = state["pos"] - base
+                    if at >= len(views[i]):
+                        base += len(views[i])
+                        i += 1
+                        continue
+                    n = readinto(views[i][at:])
                     if not n:  # fewer bytes than promised: the connection dropped (retried from here)
                         raise ConnectionResetError(
                             f"the connection closed after {state['pos'] - pos} of {want - pos} bytes")

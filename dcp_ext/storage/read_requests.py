@@ -59,15 +59,17 @@ class ItemJob:
 
 
 #: fetches of whole items smaller than this are read together with their neighbours in the same
-#: file (partial reads never: a resharded load reads what it needs) ...
-SMALL_FETCH = 1024 * 1024
+#: file (partial reads never: a resharded load reads what it needs) ... A request costs the
+#: server too: on SeaweedFS, 80 MiB read as 2.9 MiB ranges took 0.25 CPU-s of the server and
+#: 0.39 s, as 16 MiB ranges 0.165 CPU-s and 0.25 s (medians of 8, load average about 6)
+SMALL_FETCH = 4 * 1024 * 1024
 #: ... by stores whose ``coalesce_gap`` is at least this (a request is costly: object stores) ...
 COSTLY_REQUEST_GAP = 64 * 1024
 #: ... when at most this many bytes lie between them (the headers between two records' data:
 #: whole small tensors share a request, a resharded load still reads only what it needs) ...
 GROUP_GAP = 4096
-#: ... in requests of at most this many bytes
-GROUP_SPAN = 8 * 1024 * 1024
+#: ... in requests of at most this many bytes (the default multipart part size)
+GROUP_SPAN = 16 * 1024 * 1024
 
 
 def coalesce_small(fetches: list[tuple[ItemJob, Fetch]], gap: int) -> list[list[tuple[ItemJob, Fetch]]]:
@@ -137,8 +139,15 @@ class CountingStore:
 
     def read_into(self, relpath: str, offset: int, out: memoryview) -> None:
         self._store.read_into(relpath, offset, out)
+        self._count(len(out))
+
+    def read_into_views(self, relpath: str, offset: int, views: list[memoryview]) -> None:
+        self._store.read_into_views(relpath, offset, views)
+        self._count(sum(len(v) for v in views))
+
+    def _count(self, nbytes: int) -> None:
         with self._lock:
-            self.bytes_read += len(out)
+            self.bytes_read += nbytes
             self.requests += 1
 
     def __getattr__(self, name: str) -> Any:

@@ -592,26 +592,43 @@ class ExtStorageReader(StorageReader):
             fetched(job, f, nblocks, f.nbytes, 1 + len(f.more or ()))
 
         def run_group(group: list[tuple[ItemJob, Fetch]]) -> None:
-            """Small fetches of one file, close together: one request for their span, then each
-            fetch's bytes copied to its destination and verified (object stores: a request costs
+            """Small fetches of one file, close together: one request for their span, each
+            fetch's bytes read straight into its destination (stores with ``read_into_views``;
+            others: into a buffer, then copied), then verified (object stores: a request costs
             milliseconds, so 200 small tensors must not cost 200 requests)."""
             if len(group) == 1:
                 run_fetch(*group[0])
                 return
             first = group[0][1]
-            start = first.offset
-            span = memoryview(bytearray(max(f.offset + len(f.out) for _, f in group) - start))
+            start = end = first.offset
+            views: list[memoryview] | None = []  # each fetch's destination, scratch for the bytes between
+            for _, f in group:  # (sorted by offset)
+                if f.offset < end or views is None:
+                    views = None  # overlapping fetches: read the span, then copy
+                    end = max(end, f.offset + len(f.out))
+                    continue
+                if f.offset > end:
+                    views.append(memoryview(bytearray(f.offset - end)))
+                views.append(f.out)
+                end = f.offset + len(f.out)
+            span = None
+            if views is None or not hasattr(self.store, "read_into_views"):
+                span = memoryview(bytearray(end - start))
             try:
-                self.store.read_into(first.relpath, start, span)
+                if span is None:
+                    self.store.read_into_views(first.relpath, start, views)
+                else:
+                    self.store.read_into(first.relpath, start, span)
             except CorruptCheckpointError as e:
                 names = sorted({j.req.storage_index.fqn for j, _ in group})
                 raise CorruptCheckpointError(f"{e} (while reading {', '.join(names[:5])}"
                                              f"{' ...' if len(names) > 5 else ''})") from e
             for i, (job, f) in enumerate(group):
-                f.out[:] = span[f.offset - start:f.offset - start + len(f.out)]
+                if span is not None:
+                    f.out[:] = span[f.offset - start:f.offset - start + len(f.out)]
                 vat = getattr(f, "verify_at", None)
                 nblocks = self._verify(job, vat, f.out) if vat is not None else 0
-                fetched(job, f, nblocks, len(span) if i == 0 else 0, 1 if i == 0 else 0)
+                fetched(job, f, nblocks, end - start if i == 0 else 0, 1 if i == 0 else 0)
 
         def fetched(job: ItemJob, f: Fetch, nblocks: int, nbytes: int, nrequests: int) -> None:
             if f.decode:
