@@ -7,13 +7,56 @@ still write their JSON and say that the plot was skipped.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Sequence
 
 
-def bar_chart(path: str, title: str, categories: Sequence[str], series: dict[str, Sequence[float]],
-              ylabel: str, note: str = "", hline: float | None = None, hline_label: str = "") -> bool:
-    """Grouped bars: one group per category, one bar per series (values labelled on the bars).
-    ``hline``: a reference line (e.g. a goal). Returns False (and writes nothing) without matplotlib."""
+@dataclass
+class Panel:
+    """One set of axes of a chart: one group of bars per category, one bar per series.
+    ``hline``: a reference line (e.g. a goal) labelled ``hline_label``; ``logy``: log scale (for
+    values that span decades, e.g. planning seconds from 64 to 1,024 ranks)."""
+
+    categories: Sequence[str]
+    series: dict[str, Sequence[float]]
+    ylabel: str
+    title: str = ""
+    hline: float | None = None
+    hline_label: str = ""
+    logy: bool = False
+    fmt: str = field(default="")
+
+
+def _label(v: float, fmt: str) -> str:
+    if fmt:
+        return format(v, fmt)
+    if v != v:  # NaN: not measured
+        return ""
+    return f"{v:.3f}" if abs(v) < 0.1 else f"{v:.2f}" if abs(v) < 10 else f"{v:.0f}"
+
+
+def _draw(ax, p: Panel) -> None:
+    n = len(p.series)
+    width = 0.8 / max(1, n)
+    for i, (name, values) in enumerate(p.series.items()):
+        xs = [c + (i - (n - 1) / 2) * width for c in range(len(p.categories))]
+        bars = ax.bar(xs, values, width, label=name)
+        ax.bar_label(bars, labels=[_label(v, p.fmt) for v in values], fontsize=7, padding=1)
+    if p.hline is not None:
+        ax.axhline(p.hline, color="grey", linestyle="--", linewidth=1, label=p.hline_label or None)
+    if p.logy:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(p.categories)), p.categories, fontsize=8)
+    ax.set_ylabel(p.ylabel)
+    if p.title:
+        ax.set_title(p.title, fontsize=9)
+    ax.legend(fontsize=7, loc="best")
+
+
+def chart(path: str, title: str, panels: Sequence[Panel], note: str = "") -> bool:
+    """Panels side by side in one PNG (one chart per table; a table with two kinds of figures,
+    e.g. seconds and read/needed ratios, gets a panel for each). Returns False (and writes
+    nothing) without matplotlib."""
     try:
         import matplotlib
 
@@ -22,19 +65,14 @@ def bar_chart(path: str, title: str, categories: Sequence[str], series: dict[str
     except ImportError:
         print(f"matplotlib is not installed (pip install -e '.[bench]'): {path} not written")
         return False
-    n = len(series)
-    width = 0.8 / max(1, n)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(categories) * max(1, n) * 0.45 + 2), 3.8), dpi=90)
-    for i, (name, values) in enumerate(series.items()):
-        xs = [c + (i - (n - 1) / 2) * width for c in range(len(categories))]
-        bars = ax.bar(xs, values, width, label=name)
-        ax.bar_label(bars, labels=[f"{v:.2f}" if v < 10 else f"{v:.0f}" for v in values], fontsize=7, padding=1)
-    if hline is not None:
-        ax.axhline(hline, color="grey", linestyle="--", linewidth=1, label=hline_label or None)
-    ax.set_xticks(range(len(categories)), categories, fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="best")
+    widths = [max(4.5, len(p.categories) * max(1, len(p.series)) * 0.5 + 2) for p in panels]
+    # wide enough for the title and the footnote (about 0.085 / 0.06 inch per character)
+    width = max(sum(widths), len(title) * 0.085, len(note) * 0.06)
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.0), dpi=90, squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, p in zip(axes[0], panels):
+        _draw(ax, p)
+    fig.suptitle(title, fontsize=10)
     if note:
         fig.text(0.01, 0.01, note, fontsize=7, color="dimgray")
     fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
@@ -45,10 +83,22 @@ def bar_chart(path: str, title: str, categories: Sequence[str], series: dict[str
     return True
 
 
-def loadavg_note() -> str:
-    """The load average now, for the plot's footnote."""
+def bar_chart(path: str, title: str, categories: Sequence[str], series: dict[str, Sequence[float]],
+              ylabel: str, note: str = "", hline: float | None = None, hline_label: str = "") -> bool:
+    """Grouped bars: one group per category, one bar per series (values labelled on the bars).
+    ``hline``: a reference line (e.g. a goal). Returns False (and writes nothing) without matplotlib."""
+    return chart(path, title, [Panel(categories, series, ylabel, hline=hline, hline_label=hline_label)], note)
+
+
+def loadavg_note(before: Sequence[float] | str | None = None) -> str:
+    """The load average for the plot's footnote: ``before`` (taken when the run started) -> now."""
     try:
         a = os.getloadavg()
-        return f"load average {a[0]:.1f} / {a[1]:.1f} / {a[2]:.1f} (1/5/15 min)"
     except OSError:
         return ""
+    now = f"{a[0]:.1f} / {a[1]:.1f} / {a[2]:.1f}"
+    if before is None:
+        return f"load average {now} (1/5/15 min)"
+    if not isinstance(before, str):
+        before = " / ".join(f"{float(x):.1f}" for x in list(before)[:3])
+    return f"load average {before} -> {now} (1/5/15 min)"
