@@ -361,11 +361,14 @@ def main() -> None:
             json.dump(result, f, indent=1)
         if args.plot:
             sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            from plots import bar_chart, loadavg_note
+            from plots import Panel, bar_chart, chart, loadavg_note
 
             pooled = [c for c in configs if "beyond_pool" in rss[c]]
-            bar_chart(args.plot, f"async_save of {nbytes / 2**20:.0f} MiB: training blocked (lower is better)",
-                      configs, {"median blocking ms": [med[c] * 1e3 for c in configs]}, "ms", loadavg_note())
+            goals = ([(0.3 * med["stock_default"] * 1e3, "goal: <= 0.3x stock default")] if "stock_default" in med else []) \
+                + ([(2 * med["bare_copy"] * 1e3, "goal: <= 2x the bare copy")] if "bare_copy" in med else [])
+            chart(args.plot, f"async_save of {nbytes / 2**20:.0f} MiB: training blocked (lower is better)",
+                  [Panel(configs, {"median blocking ms": [med[c] * 1e3 for c in configs]}, "ms", hlines=goals)],
+                  loadavg_note())
             if pooled:
                 limit = rss[pooled[0]]["beyond_pool_limit"] / 2**20
                 bar_chart(args.plot.replace(".png", "_rss.png"),

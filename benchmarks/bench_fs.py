@@ -290,18 +290,25 @@ def _loadavg() -> list[float] | None:
 def plot(report: dict, path: str) -> None:
     """GB/s of every contender, save and load, per rank count (one PNG)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from plots import bar_chart
+    from plots import Panel, chart
 
-    cats, series = [], {}
+    cats, series, ratios = [], {}, {}
     for key, res in report["results"].items():
         n = key.split("_")[0]
         for op in ("save", "load"):
             cats.append(f"{op}, {n} rank{'s' if n != '1' else ''}")
             for c, r in res.items():
                 series.setdefault(c, []).append(r[f"{op}_GBps"])
+                if c != "ours":
+                    ratios.setdefault(f"ours vs {c}", []).append(r[f"ours_speedup_{op}"])
     note = (f"{report['fs_type']}, {report['size_bytes'] / 2**30:.2f} GiB, median of {report['runs']}; load average "
             f"{report['loadavg_before']} -> {report['loadavg_after']}")
-    bar_chart(path, "Local file system: save and load throughput (higher is better)", cats, series, "GB/s", note)
+    goals = [(0.9, "issue 18 goal vs raw: >= 0.9x")] if "ours vs raw" in ratios else []
+    goals += [(1.5, "issue 18 goal vs stock at 2 ranks: >= 1.5x")] if "ours vs stock" in ratios else []
+    chart(path, "Local file system: save and load", [
+        Panel(cats, series, "GB/s", "throughput (higher is better)"),
+        Panel(cats, ratios, "ours / its speed", "ours vs each contender (> 1: ours is faster)",
+              hlines=[(1.0, "level")] + goals, color_offset=1)], note)
 
 
 def main(argv=None) -> int:

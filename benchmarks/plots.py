@@ -14,8 +14,9 @@ from typing import Sequence
 @dataclass
 class Panel:
     """One set of axes of a chart: one group of bars per category, one bar per series.
-    ``hline``: a reference line (e.g. a goal) labelled ``hline_label``; ``logy``: log scale (for
-    values that span decades, e.g. planning seconds from 64 to 1,024 ranks)."""
+    ``hline``: a reference line (e.g. a goal) labelled ``hline_label``; ``hlines``: more of them,
+    as (value, label); ``logy``: log scale (for values that span decades, e.g. planning seconds
+    from 64 to 1,024 ranks)."""
 
     categories: Sequence[str]
     series: dict[str, Sequence[float]]
@@ -25,6 +26,8 @@ class Panel:
     hline_label: str = ""
     logy: bool = False
     fmt: str = field(default="")
+    hlines: Sequence[tuple[float, str]] = ()
+    color_offset: int = 0  # start at this colour of the cycle (ratios against series 1.. keep their colours)
 
 
 def _label(v: float, fmt: str) -> str:
@@ -35,22 +38,37 @@ def _label(v: float, fmt: str) -> str:
     return f"{v:.3f}" if abs(v) < 0.1 else f"{v:.2f}" if abs(v) < 10 else f"{v:.0f}"
 
 
+def _lines(p: Panel) -> list[tuple[float, str]]:
+    return ([(p.hline, p.hline_label)] if p.hline is not None else []) + list(p.hlines)
+
+
+def _legend_width(p: Panel) -> float:
+    """Inches the legend under a panel needs (up to 3 entries a row, ~0.065 inch per character)."""
+    labels = [str(x) for x in p.series] + [lb for _, lb in _lines(p) if lb]
+    ncol = min(3, len(labels))
+    return 0.065 * sum(sorted((len(x) + 6 for x in labels), reverse=True)[:ncol]) + 1.0
+
+
 def _draw(ax, p: Panel) -> None:
     n = len(p.series)
     width = 0.8 / max(1, n)
     for i, (name, values) in enumerate(p.series.items()):
         xs = [c + (i - (n - 1) / 2) * width for c in range(len(p.categories))]
-        bars = ax.bar(xs, values, width, label=name)
+        bars = ax.bar(xs, values, width, label=name, color=f"C{(i + p.color_offset) % 10}")
         ax.bar_label(bars, labels=[_label(v, p.fmt) for v in values], fontsize=7, padding=1)
-    if p.hline is not None:
-        ax.axhline(p.hline, color="grey", linestyle="--", linewidth=1, label=p.hline_label or None)
+    lines = _lines(p)
+    for (y, label), style in zip(lines, ["--", ":", "-."] * len(lines)):
+        ax.axhline(y, color="grey", linestyle=style, linewidth=1, label=label or None)
     if p.logy:
         ax.set_yscale("log")
     ax.set_xticks(range(len(p.categories)), p.categories, fontsize=8)
     ax.set_ylabel(p.ylabel)
     if p.title:
         ax.set_title(p.title, fontsize=9)
-    ax.legend(fontsize=7, loc="best")
+    ax.margins(y=0.12)  # room for the value labels above the tallest bars
+    # under the axes, so that it never hides a bar
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=min(3, n + len([lb for _, lb in lines if lb])),
+              frameon=False)
 
 
 def chart(path: str, title: str, panels: Sequence[Panel], note: str = "") -> bool:
@@ -65,10 +83,10 @@ def chart(path: str, title: str, panels: Sequence[Panel], note: str = "") -> boo
     except ImportError:
         print(f"matplotlib is not installed (pip install -e '.[bench]'): {path} not written")
         return False
-    widths = [max(4.5, len(p.categories) * max(1, len(p.series)) * 0.5 + 2) for p in panels]
+    widths = [max(4.5, len(p.categories) * max(1, len(p.series)) * 0.5 + 2, _legend_width(p)) for p in panels]
     # wide enough for the title and the footnote (about 0.085 / 0.06 inch per character)
     width = max(sum(widths), len(title) * 0.085, len(note) * 0.06)
-    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.0), dpi=90, squeeze=False,
+    fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.6), dpi=90, squeeze=False,
                              gridspec_kw={"width_ratios": widths})
     for ax, p in zip(axes[0], panels):
         _draw(ax, p)

@@ -102,7 +102,7 @@ BENCHMARKS: list[Bench] = [
           ["--size-mib", "256", "--rounds", "2", "--steps", "10", "--bandwidth-mib", "25"], ["--quick"],
           ["bench_compression_kinds.png", "bench_compression_tmpfs.png", "bench_compression_s3.png",
            "bench_compression_reshard.png"], 420, 60, "Compression"),
-    Bench("convert", "bench_convert.py", ["--size", "2GiB", "--largest", "256MiB"], ["--size", "64MiB", "--largest", "16MiB"],
+    Bench("convert", "bench_convert.py", ["--size", "2GiB", "--largest", "256MiB"], ["--size", "32MiB", "--largest", "8MiB"],
           ["bench_convert.png"], 60, 15, "Conversions"),
 ]
 

@@ -33,7 +33,7 @@ def test_quick_run_writes_json_and_one_png_per_table(tmp_path):
     with open(out / "bench_convert.json") as f:
         doc = json.load(f)
     assert [x["direction"] for x in doc["results"]] == ["export", "import"]
-    assert doc["size"] == 64 << 20
+    assert doc["size"] == 32 << 20
     with open(out / "bench_hash.json") as f:
         assert "crc32c" in json.dumps(json.load(f))
     assert r.stderr.count("load average before") == 2 and r.stderr.count("load average after") == 2
@@ -64,6 +64,8 @@ def test_a_benchmark_past_its_timeout_is_killed_and_reported(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="run_all"):
         ok, why = run_all.run_one(slow, cmd, str(tmp_path), str(tmp_path / "slow.log"), timeout=1.0)
     assert not ok and "ran past its timeout" in why
+    with open(tmp_path / "slow.log") as f:
+        assert "started" in f.read()  # its output was kept up to the kill
 
 
 def test_unknown_benchmark_names_are_refused(capsys):
