@@ -57,7 +57,8 @@ def _draw(ax, p: Panel) -> None:
         bars = ax.bar(xs, values, width, label=name, color=f"C{(i + p.color_offset) % 10}")
         ax.bar_label(bars, labels=[_label(v, p.fmt) for v in values], fontsize=7, padding=1)
     lines = _lines(p)
-    for (y, label), style in zip(lines, ["--", ":", "-."] * len(lines)):
+    styles = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
+    for (y, label), style in zip(lines, styles * len(lines)):
         ax.axhline(y, color="grey", linestyle=style, linewidth=1, label=label or None)
     if p.logy:
         ax.set_yscale("log")

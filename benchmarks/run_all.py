@@ -8,7 +8,7 @@ fake-gcs-server: ``tests/support/servers.py``). One benchmark failing (or runnin
 timeout) is reported and the others still run; the exit status is 1 if any failed.
 
     python benchmarks/run_all.py                            # everything, full size (see the estimates)
-    python benchmarks/run_all.py --quick --img-dir /tmp/img --out-dir /tmp/out   # smoke run, minutes
+    python benchmarks/run_all.py --quick                    # smoke run (minutes) into bench_out/quick/
     python benchmarks/run_all.py --only fs_limit,hash       # some of them
     python benchmarks/run_all.py --skip object_store,gcs_transport
     python benchmarks/run_all.py --list                     # names, commands and time estimates
@@ -270,8 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one round each: a smoke run of everything")
     ap.add_argument("--only", default="", help="comma-separated names to run (default: all)")
     ap.add_argument("--skip", default="", help="comma-separated names not to run")
-    ap.add_argument("--out-dir", default=os.path.join(ROOT, "bench_out"), help="JSON and logs (default bench_out/)")
-    ap.add_argument("--img-dir", default=os.path.join(ROOT, "docs", "img"), help="PNGs (default docs/img/)")
+    ap.add_argument("--out-dir", help="JSON and logs (default bench_out/; with --quick bench_out/quick/)")
+    ap.add_argument("--img-dir", help="PNGs (default docs/img/; with --quick bench_out/quick/, so that tiny runs "
+                    "never replace the doc's figures)")
     ap.add_argument("--timeout-factor", type=float, default=6.0,
                     help="a benchmark is killed after this many times its estimate (at least 5 min)")
     ap.add_argument("--list", action="store_true", help="print the commands and estimates, run nothing")
@@ -283,11 +284,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(str(e))
     if args.timeout_factor <= 0:
         ap.error("--timeout-factor must be > 0")
-    out_dir, img_dir = os.path.abspath(args.out_dir), os.path.abspath(args.img_dir)
+    quick_dir = os.path.join(ROOT, "bench_out", "quick")
+    out_dir = os.path.abspath(args.out_dir or (quick_dir if args.quick else os.path.join(ROOT, "bench_out")))
+    img_dir = os.path.abspath(args.img_dir or (quick_dir if args.quick else os.path.join(ROOT, "docs", "img")))
     if args.list:
         for b in benches:
             cmd = command(b, args.quick, out_dir, img_dir, "<tmpfs scratch>", "<disk scratch>")
             print(f"{b.name:22s} ~{_fmt_s(b.quick_s if args.quick else b.est_s):8s} {' '.join(cmd[1:])}")
+        print(f"total: about {_fmt_s(sum(b.quick_s if args.quick else b.est_s for b in benches))}")
         return 0
     return 1 if run_all(benches, args.quick, out_dir, img_dir, args.timeout_factor) else 0
 

@@ -84,10 +84,21 @@ def test_list_prints_every_command_with_the_doc_parameters(capsys):
     states (checked for two of them against the doc's own command lines)."""
     assert run_all.main(["--list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert [ln.split()[0] for ln in lines] == [b.name for b in run_all.BENCHMARKS]
+    assert [ln.split()[0] for ln in lines[:-1]] == [b.name for b in run_all.BENCHMARKS]
+    assert lines[-1].startswith("total: about ")
+    assert all(f"{os.path.join(ROOT, 'docs', 'img')}/" in ln for ln in lines[:-1])
     with open(os.path.join(ROOT, "docs", "benchmarks.md")) as f:
         doc = f.read()
     for name, doc_args in (("gcs_transport", "--size-mib 256 --rounds 7"),
                            ("compression", "--size-mib 256 --rounds 2 --steps 10 --bandwidth-mib 25")):
         assert doc_args in doc
         assert doc_args in next(ln for ln in lines if ln.startswith(name + " "))
+
+
+def test_quick_mode_writes_outside_docs_img_by_default(capsys):
+    """Tiny runs never replace the doc's figures unless told to: --quick defaults to bench_out/quick."""
+    assert run_all.main(["--quick", "--list"]) == 0
+    lines = capsys.readouterr().out.splitlines()[:-1]
+    quick = os.path.join(ROOT, "bench_out", "quick")
+    assert lines and all(f"--out {quick}/" in ln and f"--plot {quick}/" in ln for ln in lines), lines
+    assert not any(os.path.join("docs", "img") in ln for ln in lines)
