@@ -7,7 +7,7 @@ still write their JSON and say that the plot was skipped.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 
@@ -25,14 +25,11 @@ class Panel:
     hline: float | None = None
     hline_label: str = ""
     logy: bool = False
-    fmt: str = field(default="")
     hlines: Sequence[tuple[float, str]] = ()
     color_offset: int = 0  # start at this colour of the cycle (ratios against series 1.. keep their colours)
 
 
-def _label(v: float, fmt: str) -> str:
-    if fmt:
-        return format(v, fmt)
+def _label(v: float) -> str:
     if v != v:  # NaN: not measured
         return ""
     return f"{v:.3f}" if abs(v) < 0.1 else f"{v:.2f}" if abs(v) < 10 else f"{v:.0f}"
@@ -55,7 +52,7 @@ def _draw(ax, p: Panel) -> None:
     for i, (name, values) in enumerate(p.series.items()):
         xs = [c + (i - (n - 1) / 2) * width for c in range(len(p.categories))]
         bars = ax.bar(xs, values, width, label=name, color=f"C{(i + p.color_offset) % 10}")
-        ax.bar_label(bars, labels=[_label(v, p.fmt) for v in values], fontsize=7, padding=1)
+        ax.bar_label(bars, labels=[_label(v) for v in values], fontsize=7, padding=1)
     lines = _lines(p)
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
     for (y, label), style in zip(lines, styles * len(lines)):
@@ -68,8 +65,8 @@ def _draw(ax, p: Panel) -> None:
         ax.set_title(p.title, fontsize=9)
     ax.margins(y=0.12)  # room for the value labels above the tallest bars
     # under the axes, so that it never hides a bar
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=min(3, n + len([lb for _, lb in lines if lb])),
-              frameon=False)
+    ncol = min(3, n + len([lb for _, lb in lines if lb]))
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.09), ncol=ncol, frameon=False)
 
 
 def chart(path: str, title: str, panels: Sequence[Panel], note: str = "") -> bool:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -102,3 +103,24 @@ def test_quick_mode_writes_outside_docs_img_by_default(capsys):
     quick = os.path.join(ROOT, "bench_out", "quick")
     assert lines and all(f"--out {quick}/" in ln and f"--plot {quick}/" in ln for ln in lines), lines
     assert not any(os.path.join("docs", "img") in ln for ln in lines)
+
+
+def test_chart_writes_one_png_with_several_panels_and_says_when_matplotlib_is_missing(tmp_path, monkeypatch, capsys):
+    """``plots.chart``: panels side by side (log scale, goal lines, a NaN for "not measured") in one
+    PNG; without matplotlib it writes nothing, says so and returns False."""
+    import plots
+
+    path = str(tmp_path / "sub" / "c.png")
+    panels = [plots.Panel(["a", "b"], {"x": [1.0, float("nan")], "y": [0.5, 2.0]}, "s", "left", logy=True,
+                          hline=1.5, hline_label="goal"),
+              plots.Panel(["a"], {"x vs y": [2.0]}, "ratio", hlines=[(1.0, "level"), (0.9, "goal")], color_offset=1)]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert plots.chart(path, "title", panels, plots.loadavg_note([1.0, 2.0, 3.0]))
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    other = str(tmp_path / "none.png")
+    assert plots.chart(other, "title", panels) is False
+    assert not os.path.exists(other)
+    assert "matplotlib is not installed (pip install -e '.[bench]')" in capsys.readouterr().out
+    assert plots.loadavg_note([1.0, 2.0, 3.0]).startswith("load average 1.0 / 2.0 / 3.0 -> ")
