@@ -38,8 +38,10 @@ logger = logging.getLogger("run_all")
 class Bench:
     """One benchmark run behind a table of the doc. In ``args`` / ``quick``: ``{out}`` is the JSON
     path, ``{img}`` the image directory, ``{shm}`` / ``{disk}`` scratch directories on tmpfs and
-    on the local disk. ``pngs``: the files it writes into the image directory. ``est_s`` /
-    ``quick_s``: expected seconds on the shared 2-core machine (full / ``--quick``)."""
+    on the local disk. ``pngs``: the files it writes into the image directory; ``plot``: the
+    options that tell the script where (the scripts that write several PNGs derive the other
+    names from one, or take an option per table). ``est_s`` / ``quick_s``: expected seconds on
+    the shared 2-core machine (full / ``--quick``)."""
 
     name: str
     script: str
@@ -49,83 +51,79 @@ class Bench:
     est_s: int
     quick_s: int
     section: str = ""
+    plot: Sequence[str] = ()
 
 
 BENCHMARKS: list[Bench] = [
     Bench("hash", "bench_hash.py", ["--mib", "128", "--runs", "5"], ["--mib", "8", "--runs", "1"],
-          ["bench_hash.png"], 60, 10, "Against the machine's limit: hashing"),
+          ["bench_hash.png"], 60, 10, "Against the machine's limit: hashing",
+          plot=["--plot", "{img}/bench_hash.png"]),
     Bench("fs_limit", "bench_fs.py",
           ["--size-mib", "768", "--runs", "7", "--ranks", "1,2", "--state", "uniform",
            "--contenders", "ours,stock,ours_nocheck,raw", "--dir", "{shm}"],
           ["--size-mib", "48", "--runs", "1", "--ranks", "1,2", "--state", "uniform",
            "--contenders", "ours,stock,ours_nocheck,raw", "--dir", "{shm}"],
-          ["bench_fs.png"], 300, 30, "Against the machine's limit: local file system vs raw"),
+          ["bench_fs.png"], 300, 30, "Against the machine's limit: local file system vs raw",
+          plot=["--plot", "{img}/bench_fs.png"]),
     Bench("async_limit", "bench_async.py",
           ["--size", "512", "--rounds", "5", "--threads", "1", "--configs", "pooled,pooled_ext,stock_default,bare_copy",
            "--dir", "{shm}"],
           ["--size", "16", "--rounds", "1", "--rss-saves", "2", "--threads", "1",
            "--configs", "pooled,pooled_ext,stock_default,bare_copy", "--dir", "{shm}"],
-          ["bench_async.png", "bench_async_rss.png"], 150, 25, "Against the machine's limit: writer memory"),
+          ["bench_async.png", "bench_async_rss.png"], 150, 25, "Against the machine's limit: writer memory",
+          plot=["--plot", "{img}/bench_async.png"]),
     Bench("object_store_ceiling", "bench_object_store.py",
           ["--stores", "s3", "--size-mib", "256", "--rounds", "5", "--contenders", "dcp_ext,raw_botocore,fsspec"],
           ["--stores", "s3", "--size-mib", "16", "--rounds", "1", "--contenders", "dcp_ext,raw_botocore,fsspec"],
-          ["bench_object_store_ceiling_s3.png"], 180, 30, "Against the machine's limit: S3 vs raw botocore"),
+          ["bench_object_store_ceiling_s3.png"], 180, 30, "Against the machine's limit: S3 vs raw botocore",
+          plot=["--plot", "{img}/bench_object_store_ceiling_{store}.png"]),
     Bench("fs_tmpfs", "bench_fs.py", ["--size-mib", "1024", "--runs", "5", "--ranks", "1,2", "--dir", "{shm}"],
           ["--size-mib", "48", "--runs", "1", "--ranks", "1,2", "--dir", "{shm}"],
-          ["bench_fs_tmpfs.png"], 300, 30, "Local file system: tmpfs"),
+          ["bench_fs_tmpfs.png"], 300, 30, "Local file system: tmpfs",
+          plot=["--plot", "{img}/bench_fs_tmpfs.png"]),
     Bench("fs_disk", "bench_fs.py", ["--size-mib", "1024", "--runs", "5", "--ranks", "1,2", "--dir", "{disk}"],
           ["--size-mib", "48", "--runs", "1", "--ranks", "1,2", "--dir", "{disk}"],
-          ["bench_fs_disk.png"], 420, 30, "Local file system: disk"),
+          ["bench_fs_disk.png"], 420, 30, "Local file system: disk",
+          plot=["--plot", "{img}/bench_fs_disk.png"]),
     Bench("reshard", "bench_reshard.py", [], ["--quick", "--reps", "1", "--ranks", "64"],
           ["bench_reshard_load.png", "bench_reshard_planning.png", "bench_planning.png"], 480, 60,
-          "Resharding (loads, planning at scale) and repeat saves at scale"),
+          "Resharding (loads, planning at scale) and repeat saves at scale",
+          plot=["--plot", "{img}/bench_planning.png", "--plot-load", "{img}/bench_reshard_load.png", "--plot-scale", "{img}/bench_reshard_planning.png"]),
     Bench("async", "bench_async.py", ["--size", "1024", "--rounds", "11", "--threads", "1", "--dir", "{shm}"],
           ["--size", "16", "--rounds", "1", "--rss-saves", "2", "--threads", "1", "--dir", "{shm}"],
-          ["bench_async_staging.png", "bench_async_staging_rss.png"], 420, 30, "Async staging"),
+          ["bench_async_staging.png", "bench_async_staging_rss.png"], 420, 30, "Async staging",
+          plot=["--plot", "{img}/bench_async_staging.png"]),
     Bench("async_tiered", "bench_async.py",
           ["--tiered", "--size", "1024", "--rounds", "7", "--threads", "1", "--dir", "{shm}", "--durable-dir", "{disk}"],
           ["--tiered", "--size", "16", "--rounds", "1", "--threads", "1", "--dir", "{shm}", "--durable-dir", "{disk}"],
-          ["bench_async_tiered.png"], 240, 20, "Tiered checkpoints: disk"),
+          ["bench_async_tiered.png"], 240, 20, "Tiered checkpoints: disk",
+          plot=["--plot", "{img}/bench_async_tiered.png"]),
     Bench("async_tiered_s3", "bench_async.py",
           ["--tiered", "--durable", "s3", "--size", "512", "--rounds", "5", "--threads", "1", "--dir", "{shm}"],
           ["--tiered", "--durable", "s3", "--size", "16", "--rounds", "1", "--threads", "1", "--dir", "{shm}"],
-          ["bench_async_tiered_s3.png"], 200, 30, "Tiered checkpoints: S3"),
+          ["bench_async_tiered_s3.png"], 200, 30, "Tiered checkpoints: S3",
+          plot=["--plot", "{img}/bench_async_tiered_s3.png"]),
     Bench("object_store", "bench_object_store.py", ["--size-mib", "512", "--rounds", "5"],
           ["--size-mib", "16", "--rounds", "1"],
-          ["bench_object_store_s3.png", "bench_object_store_gcs.png"], 660, 60, "Object stores: S3 and GCS"),
+          ["bench_object_store_s3.png", "bench_object_store_gcs.png"], 660, 60, "Object stores: S3 and GCS",
+          plot=["--plot", "{img}/bench_object_store_{store}.png"]),
     Bench("gcs_transport", "bench_gcs_transport.py", ["--size-mib", "256", "--rounds", "7"],
           ["--size-mib", "16", "--rounds", "1", "--chunk-mib", "4", "--range-mib", "4"],
-          ["bench_gcs_transport.png"], 180, 20, "Object stores: GCS transport"),
+          ["bench_gcs_transport.png"], 180, 20, "Object stores: GCS transport",
+          plot=["--plot", "{img}/bench_gcs_transport.png"]),
     Bench("tensorstore", "bench_tensorstore.py", ["--hidden", "1024", "--runs", "7", "--dir", "{shm}"],
-          ["--quick", "--dir", "{shm}"], ["bench_tensorstore.png"], 240, 60, "TensorStore"),
+          ["--quick", "--dir", "{shm}"], ["bench_tensorstore.png"], 240, 60, "TensorStore",
+          plot=["--plot", "{img}/bench_tensorstore.png"]),
     Bench("compression", "bench_compression.py",
           ["--size-mib", "256", "--rounds", "2", "--steps", "10", "--bandwidth-mib", "25"], ["--quick"],
           ["bench_compression_kinds.png", "bench_compression_tmpfs.png", "bench_compression_s3.png",
-           "bench_compression_reshard.png"], 420, 60, "Compression"),
+           "bench_compression_reshard.png"], 420, 60, "Compression",
+          plot=["--plot", "{img}/bench_compression.png"]),
     Bench("convert", "bench_convert.py", ["--size", "2GiB", "--largest", "256MiB"], ["--size", "32MiB", "--largest", "8MiB"],
-          ["bench_convert.png"], 60, 15, "Conversions"),
+          ["bench_convert.png"], 60, 15, "Conversions",
+          plot=["--plot", "{img}/bench_convert.png"]),
 ]
 
-#: how each script is told where its PNG(s) go: the option and the name it is given (the scripts
-#: that write several PNGs derive the others from it, or take one option per table)
-PLOT_ARGS: dict[str, list[str]] = {
-    "hash": ["--plot", "{img}/bench_hash.png"],
-    "fs_limit": ["--plot", "{img}/bench_fs.png"],
-    "async_limit": ["--plot", "{img}/bench_async.png"],
-    "object_store_ceiling": ["--plot", "{img}/bench_object_store_ceiling_{store}.png"],
-    "fs_tmpfs": ["--plot", "{img}/bench_fs_tmpfs.png"],
-    "fs_disk": ["--plot", "{img}/bench_fs_disk.png"],
-    "reshard": ["--plot", "{img}/bench_planning.png", "--plot-load", "{img}/bench_reshard_load.png",
-                "--plot-scale", "{img}/bench_reshard_planning.png"],
-    "async": ["--plot", "{img}/bench_async_staging.png"],
-    "async_tiered": ["--plot", "{img}/bench_async_tiered.png"],
-    "async_tiered_s3": ["--plot", "{img}/bench_async_tiered_s3.png"],
-    "object_store": ["--plot", "{img}/bench_object_store_{store}.png"],
-    "gcs_transport": ["--plot", "{img}/bench_gcs_transport.png"],
-    "tensorstore": ["--plot", "{img}/bench_tensorstore.png"],
-    "compression": ["--plot", "{img}/bench_compression.png"],
-    "convert": ["--plot", "{img}/bench_convert.png"],
-}
 
 
 def command(b: Bench, quick: bool, out_dir: str, img_dir: str, shm: str, disk: str) -> list[str]:
@@ -137,7 +135,7 @@ def command(b: Bench, quick: bool, out_dir: str, img_dir: str, shm: str, disk: s
             a = a.replace(k, v)
         return a
 
-    args = list(b.quick if quick else b.args) + ["--out", "{out}"] + PLOT_ARGS.get(b.name, [])
+    args = list(b.quick if quick else b.args) + ["--out", "{out}"] + list(b.plot)
     return [sys.executable, os.path.join(ROOT, "benchmarks", b.script)] + [fill(a) for a in args]
 
 
