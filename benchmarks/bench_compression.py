@@ -394,7 +394,7 @@ def plot(res: dict, path: str) -> None:
             Panel(["save", "load"], {n: [cfg[n]["save_mib_s"] / base["save_mib_s"],
                                          cfg[n]["load_mib_s"] / base["load_mib_s"]] for n in names[1:]},
                   f"speed / {names[0]}'s", f"vs {names[0]} (higher is better)", hline=1.0,
-                  hline_label=f"{names[0]} (level)", color_offset=1),
+                  hline_label=f"{names[0]} (level)", color_offset=1, logy=None),
         ], note)
     if "reshard" in res:
         rs = res["reshard"]

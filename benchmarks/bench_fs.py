@@ -308,7 +308,7 @@ def plot(report: dict, path: str) -> None:
     chart(path, "Local file system: save and load", [
         Panel(cats, series, "GB/s", "throughput (higher is better)"),
         Panel(cats, ratios, "ours / its speed", "ours vs each contender (> 1: ours is faster)",
-              hlines=[(1.0, "level")] + goals, color_offset=1)], note)
+              hlines=[(1.0, "level")] + goals, color_offset=1, logy=None)], note)
 
 
 def main(argv=None) -> int:

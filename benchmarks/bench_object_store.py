@@ -365,7 +365,8 @@ def plot(results: dict, path: str) -> None:
                   "MiB/s", "throughput (higher is better)"),
             Panel(["save", "load"], {f"ours vs {n}": [res["ratios"][n]["save"], res["ratios"][n]["load"]]
                                      for n in names if n != "dcp_ext"},
-                  "its time / ours", "ours vs each (> 1: ours is faster)", hlines=goals, color_offset=1),
+                  "its time / ours", "ours vs each (> 1: ours is faster)", hlines=goals, color_offset=1,
+                  logy=None),
         ], f"median of {res['rounds']} interleaved rounds; load average {la[0]} -> {la[1]}")
 
 

@@ -16,7 +16,7 @@ class Panel:
     """One set of axes of a chart: one group of bars per category, one bar per series.
     ``hline``: a reference line (e.g. a goal) labelled ``hline_label``; ``hlines``: more of them,
     as (value, label); ``logy``: log scale (for values that span decades, e.g. planning seconds
-    from 64 to 1,024 ranks)."""
+    from 64 to 1,024 ranks; None: only when the values span more than a factor 20)."""
 
     categories: Sequence[str]
     series: dict[str, Sequence[float]]
@@ -24,7 +24,7 @@ class Panel:
     title: str = ""
     hline: float | None = None
     hline_label: str = ""
-    logy: bool = False
+    logy: bool | None = False
     hlines: Sequence[tuple[float, str]] = ()
     color_offset: int = 0  # start at this colour of the cycle (ratios against series 1.. keep their colours)
 
@@ -57,10 +57,12 @@ def _draw(ax, p: Panel) -> None:
     styles = ["--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)), (0, (1, 3))]
     for (y, label), style in zip(lines, styles * len(lines)):
         ax.axhline(y, color="grey", linestyle=style, linewidth=1, label=label or None)
-    if p.logy:
+    vals = [v for vs in p.series.values() for v in vs if v == v and v > 0]
+    auto_log = p.logy is None and bool(vals) and max(vals) / min(vals) > 20
+    if p.logy or auto_log:
         ax.set_yscale("log")
     ax.set_xticks(range(len(p.categories)), p.categories, fontsize=8)
-    ax.set_ylabel(p.ylabel)
+    ax.set_ylabel(p.ylabel + (" (log scale)" if auto_log else ""))
     if p.title:
         ax.set_title(p.title, fontsize=9)
     ax.margins(y=0.12)  # room for the value labels above the tallest bars
@@ -81,7 +83,7 @@ def chart(path: str, title: str, panels: Sequence[Panel], note: str = "") -> boo
     except ImportError:
         print(f"matplotlib is not installed (pip install -e '.[bench]'): {path} not written")
         return False
-    widths = [max(4.5, len(p.categories) * max(1, len(p.series)) * 0.5 + 2, _legend_width(p)) for p in panels]
+    widths = [max(4.5, len(p.categories) * max(1, len(p.series)) * 0.32 + 2, _legend_width(p)) for p in panels]
     # wide enough for the title and the footnote (about 0.085 / 0.06 inch per character)
     width = max(sum(widths), len(title) * 0.085, len(note) * 0.06)
     fig, axes = plt.subplots(1, len(panels), figsize=(width, 4.6), dpi=90, squeeze=False,
