@@ -139,8 +139,9 @@ def test_every_dtype_round_trips_compressed_and_stock_reads_it(tmp_path, where):
 
 def test_manifest_version_and_what_it_records(tmp_path):
     t = _compressible(torch.float32, (256, 64), 1)
+    # (crc32c checksums: the version then says only whether items are compressed)
     dcp.save({"t": t}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "z"), compression="zstd",
-                                                             checksum_block_size=BLOCK))
+                                                             checksum_block_size=BLOCK, checksum_algorithm="crc32c"))
     doc = _manifest(tmp_path / "z")
     (item,) = doc["items"]
     assert doc["version"] == 2 and item["transforms"] == ["stream.zstd/1"]
@@ -152,22 +153,32 @@ def test_manifest_version_and_what_it_records(tmp_path):
     assert inspect_checkpoint(str(tmp_path / "z"))["compressed"] == {
         "items": 1, "data_bytes": 256 * 64 * 4, "stored_bytes": item["length"]}
     # without compression nothing changes: version 1, no frames, no transforms (stock interop as before)
-    dcp.save({"t": t}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "plain")))
+    dcp.save({"t": t}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "plain"), checksum_algorithm="crc32c"))
     doc = _manifest(tmp_path / "plain")
     assert doc["version"] == 1 and "compression" not in doc["items"][0] and "transforms" not in doc["items"][0]
     # compression on, but nothing worth compressing: still version 1
     dcp.save({"r": P.filled(torch.float32, (64, 64), 2)},
-             storage_writer=dcp_ext.storage_writer(str(tmp_path / "r"), compression="zstd"))
+             storage_writer=dcp_ext.storage_writer(str(tmp_path / "r"), compression="zstd",
+                                                   checksum_algorithm="crc32c"))
     assert _manifest(tmp_path / "r")["version"] == 1
+    # xxh3_64 checksums (the default) need version 3, compressed or not; checksums off: version 1
+    for name, opts, version in (("zx", {"compression": "zstd"}, 3), ("px", {}, 3), ("off", {"checksum": False}, 1)):
+        dcp.save({"t": t}, storage_writer=dcp_ext.storage_writer(str(tmp_path / name), **opts))
+        doc = _manifest(tmp_path / name)
+        assert doc["version"] == version, name
+        assert doc["checksum_algorithm"] == (None if name == "off" else "xxh3_64")
+        out = {"t": torch.zeros_like(t)}
+        dcp.load(out, storage_reader=dcp_ext.storage_reader(str(tmp_path / name)))
+        assert torch.equal(out["t"], t)
 
 
 def test_a_newer_manifest_is_refused_by_version(tmp_path):
     dcp.save({"t": torch.ones(4)}, storage_writer=dcp_ext.storage_writer(str(tmp_path)))
     doc = _manifest(tmp_path)
-    doc["version"] = 3
+    doc["version"] = 4
     (tmp_path / C.MANIFEST_NAME).write_text(json.dumps(doc))
     msg = error_text(lambda: dcp_ext.storage_reader(str(tmp_path)).read_metadata())
-    assert "manifest version 3 is newer than this dcp-ext understands (2); upgrade dcp-ext" in msg
+    assert "manifest version 4 is newer than this dcp-ext understands (3); upgrade dcp-ext" in msg
 
 
 def test_what_does_not_compress_is_stored_raw(tmp_path):
