@@ -117,7 +117,8 @@ class Config:
     #: checksum granularity: a ranged read verifies the blocks it touches
     checksum_block_size: ByteSize = ByteSize(1024 * 1024)
     #: saving only: the block checksum algorithm, ``"xxh3_64"`` (about 2x faster) or ``"crc32c"``
-    #: (readable by dcp-ext releases before xxh3); loads use whatever the checkpoint records
+    #: (readable by dcp-ext releases before xxh3); loads use whatever the checkpoint records. Not
+    #: the TensorStore backend's: zarr3 chunks carry crc32c by format
     checksum_algorithm: str = DEFAULT_ALGORITHM
     #: allow saving over an existing *complete* checkpoint
     overwrite: bool = False
