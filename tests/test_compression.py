@@ -267,6 +267,36 @@ def test_a_corrupt_compressed_block_is_named(tmp_path):
     assert not rep.ok and "__0_0.distcp" in rep.errors[0] and "t chunk [0, 0]" in rep.errors[0]
 
 
+@pytest.mark.parametrize("algo", ["xxh3_64", "crc32c"])
+def test_a_flipped_byte_in_a_block_stored_raw_fails_its_checksum(tmp_path, algo):
+    """A block stored as a raw zstd frame still decodes when a data byte flips: the block's
+    checksum (either algorithm; loaded with the default configuration) catches it, the error
+    names the block, and a ranged load of other blocks is unaffected."""
+    mixed = torch.cat([torch.zeros(128, 64), P.filled(torch.float32, (128, 64), 4)])  # blocks 8-15 raw
+    dcp.save({"mixed": mixed}, storage_writer=dcp_ext.storage_writer(
+        str(tmp_path), compression="zstd", checksum_block_size=BLOCK, checksum_algorithm=algo))
+    item = _manifest(tmp_path)["items"][0]
+    ft = FrameTable.from_json(item["compression"])
+    start, size = ft.block_frame(12)
+    assert size == 4096 + 12  # stored raw: the frame ends with the block's bytes
+    data = tmp_path / item["file"]
+    raw = bytearray(data.read_bytes())
+    raw[item["offset"] + start + size - 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    msg = error_text(lambda: dcp.load({"mixed": torch.zeros(256, 64)},
+                                      storage_reader=dcp_ext.storage_reader(str(tmp_path))))
+    at = item["offset"] + start
+    assert f"checksum mismatch in {tmp_path}/{item['file']} (compressed block 12, bytes {at}-{at + size}, " \
+           f"decompressed) for mixed chunk [0, 0]" in msg, msg
+    assert verify_checkpoint(str(tmp_path)).errors == [
+        f"{item['file']}: mixed chunk [0, 0] fails its checksum at data bytes {12 * 4096}-{13 * 4096}"]
+    from tests.test_corruption import BoxPlanner
+
+    clear = BoxPlanner("mixed", 0, 64, 64)  # rows 0-63: blocks 0-3
+    dcp.load({"mixed": torch.zeros(256, 64)}, storage_reader=dcp_ext.storage_reader(str(tmp_path)), planner=clear)
+    assert torch.equal(clear.out, mixed[:64])
+
+
 def test_a_damaged_frame_header_is_named(tmp_path):
     t, item, data = _save_one(tmp_path)
     start, _ = FrameTable.from_json(item["compression"]).block_frame(3)
