@@ -15,6 +15,8 @@ Contenders (save / load):
   torch_save    torch.save + fsync / torch.load of each rank's own state to / from its own
                 file (no DCP: no plan, no metadata, no resharding; the floor for one file)
   ours_nocheck  ours with checksum=False, verify=False (what hashing and verifying cost)
+  ours_crc32c   ours with checksum_algorithm="crc32c" (the algorithm before xxh3_64; not run unless
+                named in --contenders)
   raw           the machine's limit for the same bytes: each rank's tensors split by bytes over
                 one plain thread per core it has (cores / ranks), each writing its tensors' raw
                 bytes with os.write to its own file (+ fsync) and reading them back with
@@ -44,6 +46,8 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONTENDERS = ["ours", "stock", "stock_t8", "torch_save", "ours_nocheck", "raw"]
+#: contenders run only when named in --contenders
+EXTRA_CONTENDERS = ["ours_crc32c"]
 
 
 def make_state(total_bytes: int, rank: int = 0, world: int = 1, seed: int = 0, kind: str = "mixed") -> dict:
@@ -84,6 +88,8 @@ def _writer(kind: str, path: str):
         return dcp_ext.storage_writer(path, overwrite=True)
     if kind == "ours_nocheck":
         return dcp_ext.storage_writer(path, overwrite=True, checksum=False)
+    if kind == "ours_crc32c":
+        return dcp_ext.storage_writer(path, overwrite=True, checksum_algorithm="crc32c")
     return dcp.FileSystemWriter(path, thread_count=8 if kind == "stock_t8" else 1)
 
 
@@ -92,7 +98,7 @@ def _reader(kind: str, path: str):
 
     import dcp_ext
 
-    if kind == "ours":
+    if kind in ("ours", "ours_crc32c"):  # (the reader follows the manifest's algorithm)
         return dcp_ext.storage_reader(path)
     if kind == "ours_nocheck":
         return dcp_ext.storage_reader(path, verify=False)
@@ -324,8 +330,8 @@ def main(argv=None) -> int:
                     help="mixed: 4 large + 200 small tensors; uniform: 32 MiB fp32 tensors")
     args = ap.parse_args(argv)
     contenders = [c for c in args.contenders.split(",") if c]
-    if contenders[0] != "ours" or not set(contenders) <= set(CONTENDERS):
-        ap.error(f"--contenders: 'ours' first, then any of {CONTENDERS}")
+    if contenders[0] != "ours" or not set(contenders) <= set(CONTENDERS + EXTRA_CONTENDERS):
+        ap.error(f"--contenders: 'ours' first, then any of {CONTENDERS + EXTRA_CONTENDERS}")
     total = args.size_mib * 1024 * 1024
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     base = args.dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "fs_tmp")
