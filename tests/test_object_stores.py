@@ -228,6 +228,35 @@ def test_medium_tensors_share_a_request_read_in_place(env):
     assert "checksum mismatch" in msg and " for m4 " in msg and data_file in msg, msg
 
 
+def test_the_same_item_read_twice_in_one_group(env):
+    """Two reads of the same small item (a planner may ask for it into two tensors) overlap in
+    the file: they still share one request and both land exactly."""
+    url = env.url()
+    state = {"a": torch.arange(300.0), "b": torch.arange(500.0) * 2}
+    _save(url, state, files_per_rank=1, **env.opts())
+    from torch.distributed.checkpoint.metadata import MetadataIndex
+    from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
+
+    outs = {"a": torch.zeros(300), "a2": torch.zeros(300), "b": torch.zeros(500)}
+
+    class TwicePlanner(DefaultLoadPlanner):
+        def create_local_plan(self):
+            def item(dest: str, src: str, n: int) -> ReadItem:
+                return ReadItem(type=LoadItemType.TENSOR, dest_index=MetadataIndex(dest, (0,)),
+                                dest_offsets=torch.Size([0]), storage_index=MetadataIndex(src, (0,)),
+                                storage_offsets=torch.Size([0]), lengths=torch.Size([n]))
+            return LoadPlan([item("a", "a", 300), item("a2", "a", 300), item("b", "b", 500)])
+
+        def resolve_tensor(self, read_item):
+            return outs[read_item.dest_index.fqn]
+
+    r = dcp_ext.storage_reader(url, **env.opts())
+    dcp.load({k: torch.zeros_like(v) for k, v in state.items()}, storage_reader=r, planner=TwicePlanner())
+    assert torch.equal(outs["a"], state["a"]) and torch.equal(outs["a2"], state["a"])
+    assert torch.equal(outs["b"], state["b"])
+    assert r.stats.requests == 1, r.stats
+
+
 def test_load_reads_metadata_with_one_request_each(env):
     """Before its first data byte a load sends two requests: a GET of .metadata (its presence
     is what makes the checkpoint committed) and a GET of the manifest; no LIST, no HEAD."""
