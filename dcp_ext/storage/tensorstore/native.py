@@ -27,7 +27,10 @@ Writes go through :class:`Job` s (a run of chunks of one file, about :data:`JOB_
 thread pool runs; a chunk that is a contiguous slab of the source tensor is written from it,
 others are gathered into a per-thread scratch buffer first. Reads verify every chunk's crc32c
 (and every shard index's) before the data counts; a chunk wholly needed whose destination is
-contiguous is read straight into it, others into scratch and copied.
+contiguous is read straight into it, others into scratch and copied. Copies go row by row
+(:func:`copy_rows`). Measured and dropped (``docs/benchmarks.md``): reading a tile in cache-sized
+pieces (more calls, no less CPU), and ``preadv`` into the destination rows with a crc32c call per
+row (the Python calls cost more than the copy they save).
 """
 
 from __future__ import annotations
