@@ -546,10 +546,11 @@ def _shard_units(path: str, key: str, fmt: ChunkFormat, clo: list[int], lo: Sequ
     rel_lo = [max(l, c) - c for l, c in zip(lo, clo)]
     rel_hi = [min(c + n, h) - c for c, n, h in zip(clo, fmt.chunk, hi)]
     assert fmt.inner is not None
+    per_shard = fmt.per_shard  # computed, once per shard rather than per inner chunk
     units = []
     for jdx in _box_chunks(rel_lo, rel_hi, fmt.inner):
         k = 0
-        for j, n in zip(jdx, fmt.per_shard):
+        for j, n in zip(jdx, per_shard):
             k = k * n + j
         off, size = index[2 * k], index[2 * k + 1]
         name = f"inner chunk {list(jdx)} of shard {key}"
