@@ -319,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="checksum_block_size values (frame sizes) of the resharded-load runs")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, one round (a smoke run)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "bench_compression.json"))
+    ap.add_argument("--plot", default="", help="write one PNG per table: PATH with _kinds, _tmpfs, _s3, _reshard "
+                    "before .png (needs matplotlib)")
     args = ap.parse_args(argv)
     if args.quick:
         args.size_mib, args.steps, args.rounds = 8, 2, 1
@@ -359,7 +361,50 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"\nwrote {args.out}")
+    if args.plot:
+        plot(res, args.plot)
     return 0
+
+
+def plot(res: dict, path: str) -> None:
+    """One PNG per table: ``PATH_kinds.png``, ``_tmpfs``, ``_s3``, ``_reshard`` (the parts that ran)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from plots import Panel, chart
+
+    def at(suffix: str) -> str:
+        return path[:-4] + suffix + ".png" if path.endswith(".png") else path + suffix + ".png"
+
+    note = (f"{res['state_bytes'] / MiB:.0f} MiB trained TinyGPT state; load average {res['loadavg_before']} -> "
+            f"{res['loadavg_after']}")
+    kinds = list(res["kinds"])
+    chart(at("_kinds"), "What the state is made of: zstd level 3 ratio per kind (higher compresses better)",
+          [Panel(kinds, {"zstd": [res["kinds"][k]["ratio"] for k in kinds],
+                         "byte-shuffled + zstd": [res["kinds"][k]["ratio_shuffled"] for k in kinds]},
+                 "state bytes / stored bytes")], note)
+    for where, suffix, title in (("tmpfs", "_tmpfs", "tmpfs (CPU cost)"),
+                                 ("s3_limited", "_s3", f"S3 through a {res['bandwidth_mib']:g} MiB/s link each way")):
+        if where not in res:
+            continue
+        cfg = res[where]["configs"]
+        names = list(cfg)
+        base = cfg[names[0]]
+        chart(at(suffix), f"Compression, {title}: median of {res[where]['rounds']} interleaved rounds", [
+            Panel(["save", "load"], {n: [cfg[n]["save_mib_s"], cfg[n]["load_mib_s"]] for n in names},
+                  "MiB/s of state", "throughput (higher is better)"),
+            Panel(["save", "load"], {n: [cfg[n]["save_mib_s"] / base["save_mib_s"],
+                                         cfg[n]["load_mib_s"] / base["load_mib_s"]] for n in names[1:]},
+                  f"speed / {names[0]}'s", f"vs {names[0]} (higher is better)", hline=1.0,
+                  hline_label=f"{names[0]} (level)", color_offset=1, logy=None),
+        ], note)
+    if "reshard" in res:
+        rs = res["reshard"]
+        names = list(rs)
+        chart(at("_reshard"), "1 -> 4 ranks, resharded load of compressed checkpoints", [
+            Panel(["max over ranks: read / needed", "all ranks: read / stored"],
+                  {n: [rs[n]["read_over_needed_max"], rs[n]["read_total_over_stored"]] for n in names},
+                  "ratio", "bytes read (lower is better)", hline=1.1, hline_label="goal: <= 1.1x needed"),
+            Panel(["load"], {n: [rs[n]["seconds"]] for n in names}, "seconds", "load time (lower is better)"),
+        ], note)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--largest", default="256MiB")
     ap.add_argument("--dir", help="work directory (default: a temporary one, removed after)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--out", default="", help="also write the results as JSON here")
+    ap.add_argument("--plot", default="", help="write a PNG of the table here (needs matplotlib)")
     ap.add_argument("--child", nargs=3, metavar=("DIRECTION", "SRC", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -107,6 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         with open("/proc/loadavg") as f:
             load = f.read().split()[:3]
         doc = {"size": _parse_size(args.size), "loadavg": load, "results": results}
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump(doc, f, indent=1)
+        if args.plot:
+            plot(doc, args.plot)  # before the JSON line, which --json prints last
         if args.json:
             print(json.dumps(doc))
         else:
@@ -119,6 +127,21 @@ def main(argv: list[str] | None = None) -> int:
         if not args.dir:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def plot(doc: dict, path: str) -> None:
+    """Peak RSS growth per direction next to the largest tensor and the goal (largest + 256 MiB)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from plots import bar_chart
+
+    res = doc["results"]
+    largest = max(r["largest"] for r in res) / 2**20
+    bar_chart(path, f"dcp-ext convert of {doc['size'] / 2**30:.2f} GiB: peak RSS growth (lower is better)",
+              [f"{r['direction']} ({r['seconds']:.1f} s)" for r in res],
+              {"peak RSS growth": [r["peak_growth"] / 2**20 for r in res],
+               "largest tensor": [r["largest"] / 2**20 for r in res]}, "MiB",
+              f"load average {' '.join(doc['loadavg'])}", hline=largest + 256,
+              hline_label=f"goal: largest tensor + 256 MiB = {largest + 256:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ Contenders (save / load):
   torch_save    torch.save + fsync / torch.load of each rank's own state to / from its own
                 file (no DCP: no plan, no metadata, no resharding; the floor for one file)
   ours_nocheck  ours with checksum=False, verify=False (what hashing and verifying cost)
+  ours_crc32c   ours with checksum_algorithm="crc32c" (the algorithm before xxh3_64; not run unless
+                named in --contenders)
   raw           the machine's limit for the same bytes: each rank's tensors split by bytes over
                 one plain thread per core it has (cores / ranks), each writing its tensors' raw
                 bytes with os.write to its own file (+ fsync) and reading them back with
@@ -44,6 +46,8 @@ warnings.filterwarnings("ignore")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONTENDERS = ["ours", "stock", "stock_t8", "torch_save", "ours_nocheck", "raw"]
+#: contenders run only when named in --contenders
+EXTRA_CONTENDERS = ["ours_crc32c"]
 
 
 def make_state(total_bytes: int, rank: int = 0, world: int = 1, seed: int = 0, kind: str = "mixed") -> dict:
@@ -84,6 +88,8 @@ def _writer(kind: str, path: str):
         return dcp_ext.storage_writer(path, overwrite=True)
     if kind == "ours_nocheck":
         return dcp_ext.storage_writer(path, overwrite=True, checksum=False)
+    if kind == "ours_crc32c":
+        return dcp_ext.storage_writer(path, overwrite=True, checksum_algorithm="crc32c")
     return dcp.FileSystemWriter(path, thread_count=8 if kind == "stock_t8" else 1)
 
 
@@ -92,7 +98,7 @@ def _reader(kind: str, path: str):
 
     import dcp_ext
 
-    if kind == "ours":
+    if kind in ("ours", "ours_crc32c"):  # (the reader follows the manifest's algorithm)
         return dcp_ext.storage_reader(path)
     if kind == "ours_nocheck":
         return dcp_ext.storage_reader(path, verify=False)
@@ -290,18 +296,25 @@ def _loadavg() -> list[float] | None:
 def plot(report: dict, path: str) -> None:
     """GB/s of every contender, save and load, per rank count (one PNG)."""
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from plots import bar_chart
+    from plots import Panel, chart
 
-    cats, series = [], {}
+    cats, series, ratios = [], {}, {}
     for key, res in report["results"].items():
         n = key.split("_")[0]
         for op in ("save", "load"):
             cats.append(f"{op}, {n} rank{'s' if n != '1' else ''}")
             for c, r in res.items():
                 series.setdefault(c, []).append(r[f"{op}_GBps"])
+                if c != "ours":
+                    ratios.setdefault(f"ours vs {c}", []).append(r[f"ours_speedup_{op}"])
     note = (f"{report['fs_type']}, {report['size_bytes'] / 2**30:.2f} GiB, median of {report['runs']}; load average "
             f"{report['loadavg_before']} -> {report['loadavg_after']}")
-    bar_chart(path, "Local file system: save and load throughput (higher is better)", cats, series, "GB/s", note)
+    goals = [(0.9, "issue 18 goal vs raw: >= 0.9x")] if "ours vs raw" in ratios else []
+    goals += [(1.5, "issue 18 goal vs stock at 2 ranks: >= 1.5x")] if "ours vs stock" in ratios else []
+    chart(path, "Local file system: save and load", [
+        Panel(cats, series, "GB/s", "throughput (higher is better)"),
+        Panel(cats, ratios, "ours / its speed", "ours vs each contender (> 1: ours is faster)",
+              hlines=[(1.0, "level")] + goals, color_offset=1, logy=None)], note)
 
 
 def main(argv=None) -> int:
@@ -317,8 +330,8 @@ def main(argv=None) -> int:
                     help="mixed: 4 large + 200 small tensors; uniform: 32 MiB fp32 tensors")
     args = ap.parse_args(argv)
     contenders = [c for c in args.contenders.split(",") if c]
-    if contenders[0] != "ours" or not set(contenders) <= set(CONTENDERS):
-        ap.error(f"--contenders: 'ours' first, then any of {CONTENDERS}")
+    if contenders[0] != "ours" or not set(contenders) <= set(CONTENDERS + EXTRA_CONTENDERS):
+        ap.error(f"--contenders: 'ours' first, then any of {CONTENDERS + EXTRA_CONTENDERS}")
     total = args.size_mib * 1024 * 1024
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     base = args.dir or os.path.join(os.path.dirname(os.path.abspath(args.out)), "fs_tmp")

@@ -182,6 +182,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=8, help="ranged GETs in flight")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="bench_out/bench_gcs_transport.json")
+    ap.add_argument("--plot", default="", help="write a PNG of the table here (needs matplotlib)")
     args = ap.parse_args()
 
     import torch
@@ -226,6 +227,22 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"args": vars(args), "runs": results, "median": summary, "loadavg": loads}, f, indent=1)
+    if args.plot:
+        plot(summary, loads, args)
+
+
+def plot(summary: dict, loads: list[float], args: argparse.Namespace) -> None:
+    """Upload and download MiB/s of both transports (one PNG)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from plots import bar_chart
+
+    ours = summary["dcp_ext"]
+    bar_chart(args.plot, f"GCS transport: {args.size_mib} MiB as {args.files} objects (higher is better)",
+              ["upload", "download"],
+              {f"{n} ({s['upload_mib_s'] / ours['upload_mib_s']:.2f}x / {s['download_mib_s'] / ours['download_mib_s']:.2f}x ours)"
+               if n != "dcp_ext" else n: [s["upload_mib_s"], s["download_mib_s"]] for n, s in summary.items()},
+              "MiB/s", f"fake-gcs-server; median of {args.rounds} interleaved rounds; load average (1 min) "
+              f"{min(loads):.1f}-{max(loads):.1f}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Block checksums: crc32c (what manifests record) vs xxh3-64 (``xxhash``), per block.
+"""Block checksums: the algorithms manifests can record (``dcp_ext.integrity.ALGORITHMS``: crc32c,
+xxh3_64, the default for new saves), per block.
 
 For each block size: GB/s over a large buffer hashed block by block from memory ("cold": each
 block comes from RAM, as a separate hashing pass over a tensor would), the same block hashed
@@ -26,16 +27,10 @@ from plots import bar_chart, loadavg_note  # noqa: E402
 
 
 def algorithms() -> dict:
-    import crc32c
+    """The one-shot digest of every block checksum algorithm, by name (what the writer calls)."""
+    from dcp_ext.integrity import ALGORITHMS
 
-    out = {"crc32c": crc32c.crc32c}
-    try:
-        import xxhash
-
-        out["xxh3_64"] = xxhash.xxh3_64_intdigest
-    except ImportError:
-        print("xxhash is not installed (pip install xxhash): measuring crc32c only")
-    return out
+    return {name: a.digest for name, a in ALGORITHMS.items()}
 
 
 def run(fn, bufs: list[memoryview], block: int, hot: bool) -> float:

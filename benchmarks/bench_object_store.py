@@ -340,20 +340,34 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
     if args.plot:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from plots import bar_chart
-
-        for k in ("s3", "gcs"):
-            if k in results:
-                res = results[k]
-                names = list(res["configs"])
-                la = [round(x, 1) for x in results["loadavg_before"]], [round(x, 1) for x in results["loadavg_after"]]
-                bar_chart(args.plot.replace("{store}", k), f"{k.upper()}: save and load of {res['bytes'] / MiB:.0f} MiB "
-                          "(higher is better)", ["save", "load"],
-                          {n: [res["configs"][n]["save_mib_s"], res["configs"][n]["load_mib_s"]] for n in names},
-                          "MiB/s", f"median of {res['rounds']} interleaved rounds; load average {la[0]} -> {la[1]}")
+        plot(results, args.plot)
     print(f"\nwrote {args.out}")
     return 0
+
+
+def plot(results: dict, path: str) -> None:
+    """One PNG per store (``{store}`` in ``path``): MiB/s of every contender, and ours vs each
+    with the goals (>= 0.9x / 0.8x raw botocore, >= 1.5x ``FsspecWriter``, >= 1x s3torchconnector)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from plots import Panel, chart
+
+    la = [round(x, 1) for x in results["loadavg_before"]], [round(x, 1) for x in results["loadavg_after"]]
+    for k in ("s3", "gcs"):
+        if k not in results:
+            continue
+        res = results[k]
+        names = list(res["configs"])
+        goals = [(1.0, "level")]
+        goals += [(0.9, "goal vs raw botocore: save >= 0.9x"), (0.8, "load >= 0.8x")] if "raw_botocore" in names else []
+        goals += [(1.5, "goal vs FsspecWriter: >= 1.5x")] if "fsspec" in names else []
+        chart(path.replace("{store}", k), f"{k.upper()}: save and load of {res['bytes'] / MiB:.0f} MiB", [
+            Panel(["save", "load"], {n: [res["configs"][n]["save_mib_s"], res["configs"][n]["load_mib_s"]] for n in names},
+                  "MiB/s", "throughput (higher is better)"),
+            Panel(["save", "load"], {f"ours vs {n}": [res["ratios"][n]["save"], res["ratios"][n]["load"]]
+                                     for n in names if n != "dcp_ext"},
+                  "its time / ours", "ours vs each (> 1: ours is faster)", hlines=goals, color_offset=1,
+                  logy=None),
+        ], f"median of {res['rounds']} interleaved rounds; load average {la[0]} -> {la[1]}")
 
 
 if __name__ == "__main__":

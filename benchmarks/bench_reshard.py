@@ -349,14 +349,16 @@ def main() -> None:
     ap.add_argument("--skip-planning", action="store_true", help="only the load part")
     ap.add_argument("--reps", type=int, help="load repetitions (default 7, quick 3)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "bench_reshard.json"))
-    ap.add_argument("--plot", default="", help="write a PNG of the planning table here")
+    ap.add_argument("--plot", default="", help="write a PNG of the first vs repeat save planning table here")
+    ap.add_argument("--plot-load", default="", help="write a PNG of the resharded-load table (all readers) here")
+    ap.add_argument("--plot-scale", default="", help="write a PNG of the planning-at-scale table here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     scale, reps = (1, 3) if args.quick else (2, 7)
     reps = args.reps or reps
     ranks_list = args.ranks or ([64, 256] if args.quick else [64, 256, 1024])
     tensors = 200 if args.quick else 1000
-    result: dict = {"torch": torch.__version__, "cpus": os.cpu_count()}
+    result: dict = {"torch": torch.__version__, "cpus": os.cpu_count(), "loadavg_before": list(os.getloadavg())}
     root = tempfile.mkdtemp(prefix="bench_reshard_", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
     try:
         if not args.skip_load:
@@ -384,18 +386,48 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
-    if args.plot and result.get("planning"):
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from plots import bar_chart, loadavg_note
+    plot(result, args.plot, args.plot_load, args.plot_scale)
+    logger.info("wrote %s", args.out)
 
-        pl = [r for r in result["planning"] if "repeat_save_planning_s" in r]
-        bar_chart(args.plot, "Save planning, first vs repeat save (plan caching; lower is better)",
+
+def plot(result: dict, repeat_path: str, load_path: str, scale_path: str) -> None:
+    """One PNG per table of ``docs/benchmarks.md`` (each only when its path is given and its part ran)."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from plots import Panel, bar_chart, chart, loadavg_note
+
+    note = loadavg_note(result.get("loadavg_before"))
+    pl = [r for r in result.get("planning", []) if "repeat_save_planning_s" in r]
+    if repeat_path and pl:
+        bar_chart(repeat_path, "Save planning, first vs repeat save (plan caching; lower is better)",
                   [f"{r['ranks']} ranks" for r in pl],
                   {"first save": [r["first_save_planning_s"] for r in pl],
                    "repeat save": [r["repeat_save_planning_s"] for r in pl],
                    "stock dedup_save_plans alone": [r["stock_dedup_save_plans_s"] for r in pl]},
-                  "seconds", loadavg_note(), hline=0.2, hline_label="goal for repeat saves: 0.2 s")
-    logger.info("wrote %s", args.out)
+                  "seconds", note, hline=0.2, hline_label="goal for repeat saves: 0.2 s")
+    if scale_path and result.get("planning"):
+        pl = result["planning"]
+        cats = [f"{r['ranks']} ranks ({'x'.join(map(str, r['tp_pp_dp']))})" for r in pl]
+        chart(scale_path, "Planning at scale (one process simulates the coordinator; lower is better)", [
+            Panel(cats, {"global save plan": [r["global_save_plan_s"] for r in pl],
+                         "our dedup alone": [r["our_dedup_s"] for r in pl],
+                         "stock dedup_save_plans": [r["stock_dedup_save_plans_s"] for r in pl],
+                         "local save plan (1 rank)": [r["local_save_plan_s"] for r in pl],
+                         "local load plan (1 rank)": [r["local_load_plan_s"] for r in pl]},
+                  "seconds (log scale)", logy=True)], note)
+    if load_path and result.get("load", {}).get("readers"):
+        readers = result["load"]["readers"]
+        targets = [t for t in next(iter(readers.values())) if not t.startswith("same")]
+        cats = [t.removeprefix("reshard ") for t in targets]
+        same = {rd: loads[next(t for t in loads if t.startswith("same"))]["median_s"] for rd, loads in readers.items()}
+        chart(load_path, f"Resharded loads of a checkpoint saved at {result['load']['saved_layout']} (4 ranks)", [
+            Panel(cats, {f"{rd} (same layout {same[rd]:.2f} s)": [loads[t]["ratio_vs_same_layout"] for t in targets]
+                         for rd, loads in readers.items()},
+                  "load time / same-layout load", "time vs the same-layout load (lower is better)",
+                  hline=1.1, hline_label="goal: <= 1.1x"),
+            Panel(cats, {rd: [max(loads[t]["read_over_needed"]) for t in targets] for rd, loads in readers.items()},
+                  "bytes read / bytes needed (max over ranks)", "bytes read vs needed (lower is better)",
+                  hline=1.05, hline_label="goal: <= 1.05"),
+        ], f"medians of {result['load']['reps']} interleaved repetitions; {note}")
 
 
 if __name__ == "__main__":

@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated subset of {','.join(CONTENDERS)} (dcp_ext is always included)")
     ap.add_argument("--no-partial", action="store_true", help="skip the 1 -> 4 resharded partial load")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench_out", "bench_tensorstore.json"))
+    ap.add_argument("--plot", default="", help="write a PNG of the table here (needs matplotlib)")
     args = ap.parse_args(argv)
     if args.quick:
         args.hidden, args.layers, args.runs = 256, 2, 1
@@ -227,7 +228,32 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=2)
+    if args.plot:
+        plot(report, args.plot)
     return 0
+
+
+def plot(report: dict, path: str) -> None:
+    """The table as one PNG: save/load speed vs dcp_ext per dtype, and the 1 -> 4 load's read/needed."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from plots import Panel, chart
+
+    res = report["results"]
+    dtypes = list(res)
+    names = list(next(iter(res.values()))["contenders"])
+    panels = [Panel([f"{d} {op}" for d in dtypes for op in ("save", "load")],
+                    {c: [res[d]["contenders"][c][f"{op}_vs_dcp_ext"] for d in dtypes for op in ("save", "load")]
+                     for c in names}, "speed / dcp_ext's", "throughput vs dcp_ext (higher is better)",
+                    hline=0.8, hline_label="goal: >= 0.8x")]
+    if any(res[d]["contenders"][c]["partial_read_over_needed"] for d in dtypes for c in names):
+        panels.append(Panel(dtypes, {c: [max(res[d]["contenders"][c]["partial_read_over_needed"] or [float("nan")])
+                                          for d in dtypes] for c in names},
+                            "bytes read / needed (max over ranks)", "1 -> 4 ranks, TP=4: read vs needed (lower is better)",
+                            hline=1.1, hline_label="goal: <= 1.1x"))
+    a = report["args"]
+    sizes = ", ".join(f"{d} {res[d]['MiB']:.0f} MiB" for d in dtypes)
+    chart(path, f"TensorStore (zarr3) vs dcp_ext on tmpfs: hidden {a['hidden']}, {a['layers']} layers", panels,
+          f"median of {a['runs']}; {sizes}; load average {report['loadavg_before']} -> {report['loadavg_after']}")
 
 
 if __name__ == "__main__":

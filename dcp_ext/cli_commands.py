@@ -115,7 +115,8 @@ def cmd_inspect(args) -> int:
         return 0
     _out(f"{info['url']}: {len(info['tensors'])} tensors, {len(info['objects'])} objects, "
          f"{info['bytes'] / 2**20:.1f} MiB in {len(info['files'])} files; saved by "
-         f"{info['world_size'] or '?'} ranks; checksums: {'yes' if info['checksummed'] else 'no'}")
+         f"{info['world_size'] or '?'} ranks; checksums: "
+         f"{info.get('checksum_algorithm') or ('yes' if info['checksummed'] else 'no')}")
     if info.get("saved_layout"):
         _out(f"saved layout: {info['saved_layout']}")
     if info.get("layout"):

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from .errors import ConfigError
+from .integrity import ALGORITHMS, DEFAULT_ALGORITHM
 from .options import ByteSize, Options, coerce, field_types, parse_size, supported_type
 from .sections import ManagerOptions, TensorStoreOptions, TierOptions
 
@@ -115,6 +116,10 @@ class Config:
     verify: bool = True
     #: checksum granularity: a ranged read verifies the blocks it touches
     checksum_block_size: ByteSize = ByteSize(1024 * 1024)
+    #: saving only: the block checksum algorithm, ``"xxh3_64"`` (about 2x faster) or ``"crc32c"``
+    #: (readable by dcp-ext releases before xxh3); loads use whatever the checkpoint records. Not
+    #: the TensorStore backend's: zarr3 chunks carry crc32c by format
+    checksum_algorithm: str = DEFAULT_ALGORITHM
     #: allow saving over an existing *complete* checkpoint
     overwrite: bool = False
     #: show progress bars for long work (None: only when stderr is a terminal)
@@ -204,6 +209,9 @@ class Config:
         if self.checksum_block_size < 4096:
             raise ConfigError(
                 f"checksum_block_size: must be >= 4096 bytes, got {self.checksum_block_size}")
+        if self.checksum_algorithm not in ALGORITHMS:
+            raise ConfigError(f"checksum_algorithm: must be one of {', '.join(repr(a) for a in ALGORITHMS)}, got "
+                              f"{self.checksum_algorithm!r}")
         if self.compression == "none":
             self.compression = None
         if self.compression is not None:

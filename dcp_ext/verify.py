@@ -93,6 +93,7 @@ def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) 
     objects: set[str] = set()
     files: dict[str, int] = {}
     checksummed = False
+    algorithms: set[str] = set()
     sdm: dict[str, Any] = {}
     by_key: dict[str, list] = {}
     layout = "unknown"
@@ -111,6 +112,8 @@ def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) 
         for idx, loc in reader.locations.items():
             files[loc.relative_path] = files.get(loc.relative_path, 0) + loc.length
             checksummed = checksummed or loc.checksums is not None
+            if loc.checksums is not None:
+                algorithms.add(loc.checksums.algorithm.name)
             if loc.compression is not None:
                 compressed["items"] += 1
                 compressed["data_bytes"] += loc.data_length or 0
@@ -131,6 +134,8 @@ def inspect_checkpoint(url: str, fqns: list[str] | None = None, **options: Any) 
            "bytes": sum(files.values()), "world_size": reader.manifest_extra.get("world_size"),
            "saved_layout": None if layout.startswith("unknown") else layout,
            "has_manifest": reader.store.exists(manifest_name(parts[-1])), "checksummed": checksummed,
+           # the block checksum algorithm ("xxh3_64", "crc32c"; parts saved apart could differ)
+           "checksum_algorithm": ", ".join(sorted(algorithms)) or None,
            "details": details}
     if compressed["items"]:  # compression="zstd": tensors stored as frames, and how much smaller
         out["compressed"] = compressed

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
@@ -51,8 +52,12 @@ def test_inspect(tmp_path):
     assert info["world_size"] == 1 and info["checksummed"] is True
 
 
-def test_verify_ok_and_corrupt(tmp_path):
-    _save(tmp_path, checksum_block_size="4KiB")
+@pytest.mark.parametrize("algo", ["xxh3_64", "crc32c"])
+def test_verify_ok_and_corrupt(tmp_path, algo):
+    _save(tmp_path, checksum_block_size="4KiB", checksum_algorithm=algo)
+    r = _cli("inspect", str(tmp_path))
+    assert r.returncode == 0 and f"checksums: {algo}" in r.stdout, r.stdout + r.stderr
+    assert json.loads(_cli("inspect", "--json", str(tmp_path)).stdout)["checksum_algorithm"] == algo
     r = _cli("verify", str(tmp_path))
     assert r.returncode == 0 and r.stdout.startswith("OK:"), r.stdout + r.stderr
     f = tmp_path / "__0_0.distcp"

@@ -139,8 +139,9 @@ def test_every_dtype_round_trips_compressed_and_stock_reads_it(tmp_path, where):
 
 def test_manifest_version_and_what_it_records(tmp_path):
     t = _compressible(torch.float32, (256, 64), 1)
+    # (crc32c checksums: the version then says only whether items are compressed)
     dcp.save({"t": t}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "z"), compression="zstd",
-                                                             checksum_block_size=BLOCK))
+                                                             checksum_block_size=BLOCK, checksum_algorithm="crc32c"))
     doc = _manifest(tmp_path / "z")
     (item,) = doc["items"]
     assert doc["version"] == 2 and item["transforms"] == ["stream.zstd/1"]
@@ -152,22 +153,32 @@ def test_manifest_version_and_what_it_records(tmp_path):
     assert inspect_checkpoint(str(tmp_path / "z"))["compressed"] == {
         "items": 1, "data_bytes": 256 * 64 * 4, "stored_bytes": item["length"]}
     # without compression nothing changes: version 1, no frames, no transforms (stock interop as before)
-    dcp.save({"t": t}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "plain")))
+    dcp.save({"t": t}, storage_writer=dcp_ext.storage_writer(str(tmp_path / "plain"), checksum_algorithm="crc32c"))
     doc = _manifest(tmp_path / "plain")
     assert doc["version"] == 1 and "compression" not in doc["items"][0] and "transforms" not in doc["items"][0]
     # compression on, but nothing worth compressing: still version 1
     dcp.save({"r": P.filled(torch.float32, (64, 64), 2)},
-             storage_writer=dcp_ext.storage_writer(str(tmp_path / "r"), compression="zstd"))
+             storage_writer=dcp_ext.storage_writer(str(tmp_path / "r"), compression="zstd",
+                                                   checksum_algorithm="crc32c"))
     assert _manifest(tmp_path / "r")["version"] == 1
+    # xxh3_64 checksums (the default) need version 3, compressed or not; checksums off: version 1
+    for name, opts, version in (("zx", {"compression": "zstd"}, 3), ("px", {}, 3), ("off", {"checksum": False}, 1)):
+        dcp.save({"t": t}, storage_writer=dcp_ext.storage_writer(str(tmp_path / name), **opts))
+        doc = _manifest(tmp_path / name)
+        assert doc["version"] == version, name
+        assert doc["checksum_algorithm"] == (None if name == "off" else "xxh3_64")
+        out = {"t": torch.zeros_like(t)}
+        dcp.load(out, storage_reader=dcp_ext.storage_reader(str(tmp_path / name)))
+        assert torch.equal(out["t"], t)
 
 
 def test_a_newer_manifest_is_refused_by_version(tmp_path):
     dcp.save({"t": torch.ones(4)}, storage_writer=dcp_ext.storage_writer(str(tmp_path)))
     doc = _manifest(tmp_path)
-    doc["version"] = 3
+    doc["version"] = 4
     (tmp_path / C.MANIFEST_NAME).write_text(json.dumps(doc))
     msg = error_text(lambda: dcp_ext.storage_reader(str(tmp_path)).read_metadata())
-    assert "manifest version 3 is newer than this dcp-ext understands (2); upgrade dcp-ext" in msg
+    assert "manifest version 4 is newer than this dcp-ext understands (3); upgrade dcp-ext" in msg
 
 
 def test_what_does_not_compress_is_stored_raw(tmp_path):
@@ -254,6 +265,36 @@ def test_a_corrupt_compressed_block_is_named(tmp_path):
         "compressed data block 5 of t chunk [0, 0]" in msg
     rep = verify_checkpoint(str(tmp_path))
     assert not rep.ok and "__0_0.distcp" in rep.errors[0] and "t chunk [0, 0]" in rep.errors[0]
+
+
+@pytest.mark.parametrize("algo", ["xxh3_64", "crc32c"])
+def test_a_flipped_byte_in_a_block_stored_raw_fails_its_checksum(tmp_path, algo):
+    """A block stored as a raw zstd frame still decodes when a data byte flips: the block's
+    checksum (either algorithm; loaded with the default configuration) catches it, the error
+    names the block, and a ranged load of other blocks is unaffected."""
+    mixed = torch.cat([torch.zeros(128, 64), P.filled(torch.float32, (128, 64), 4)])  # blocks 8-15 raw
+    dcp.save({"mixed": mixed}, storage_writer=dcp_ext.storage_writer(
+        str(tmp_path), compression="zstd", checksum_block_size=BLOCK, checksum_algorithm=algo))
+    item = _manifest(tmp_path)["items"][0]
+    ft = FrameTable.from_json(item["compression"])
+    start, size = ft.block_frame(12)
+    assert size == 4096 + 12  # stored raw: the frame ends with the block's bytes
+    data = tmp_path / item["file"]
+    raw = bytearray(data.read_bytes())
+    raw[item["offset"] + start + size - 2] ^= 0x01
+    data.write_bytes(bytes(raw))
+    msg = error_text(lambda: dcp.load({"mixed": torch.zeros(256, 64)},
+                                      storage_reader=dcp_ext.storage_reader(str(tmp_path))))
+    at = item["offset"] + start
+    assert f"checksum mismatch in {tmp_path}/{item['file']} (compressed block 12, bytes {at}-{at + size}, " \
+           f"decompressed) for mixed chunk [0, 0]" in msg, msg
+    assert verify_checkpoint(str(tmp_path)).errors == [
+        f"{item['file']}: mixed chunk [0, 0] fails its checksum at data bytes {12 * 4096}-{13 * 4096}"]
+    from tests.test_corruption import BoxPlanner
+
+    clear = BoxPlanner("mixed", 0, 64, 64)  # rows 0-63: blocks 0-3
+    dcp.load({"mixed": torch.zeros(256, 64)}, storage_reader=dcp_ext.storage_reader(str(tmp_path)), planner=clear)
+    assert torch.equal(clear.out, mixed[:64])
 
 
 def test_a_damaged_frame_header_is_named(tmp_path):

@@ -65,6 +65,8 @@ def test_part_size_minimums_are_each_stores_own():
     ({"checksum": "yes"}, r"checksum: expected true/false"),
     ({"io_threads": 0}, r"io_threads: must be >= 1"),
     ({"checksum_block_size": "1KiB"}, r"checksum_block_size: must be >= 4096"),
+    ({"checksum_algorithm": "xxh3"}, r"checksum_algorithm: must be one of 'crc32c', 'xxh3_64', got 'xxh3'$"),
+    ({"checksum_algorithm": None}, r"checksum_algorithm: expected a string, got None"),
     ({"s3": {"part_size": "1MiB"}}, r"part_size: must be >= 5MiB"),
     ({"gcs": {"part_size": 5 * 1024 * 1024 + 1}}, r"gcs.part_size: must be a multiple of 256 KiB"),
     ({"gcs": {"part_size": 0}}, r"gcs.part_size: must be a multiple of 256 KiB"),

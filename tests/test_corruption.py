@@ -1,5 +1,6 @@
 """Corruption is caught wherever it lands: one flipped bit in the first, a middle or the last
-(partial) checksum block of a multi-block tensor, on local disk and on the S3 and GCS test
+(partial) checksum block of a multi-block tensor, with either block checksum algorithm (xxh3_64,
+crc32c), on local disk and on the S3 and GCS test
 servers, for full loads, ranged loads of a box and resharded multi-rank loads.
 
 The block and the bit are drawn from a seeded generator; the seed is in every assertion message
@@ -115,20 +116,24 @@ def assert_flags(msg: str, ctx: str, name: str, flipped_at: int, block: int = BL
     assert lo <= flipped_at < hi and hi - lo <= block, f"{ctx}: flipped byte {flipped_at} not in {lo}-{hi}: {msg}"
 
 
+@pytest.mark.parametrize("algo", ["xxh3_64", "crc32c"])
 @pytest.mark.parametrize("which", ["first", "middle", "last"])
-def test_flipped_bit_in_a_block_is_caught(where, which):
+def test_flipped_bit_in_a_block_is_caught(where, which, algo):
+    """Saved with either block checksum algorithm; loaded with the default configuration (the
+    reader follows the algorithm the manifest records)."""
     seed = seed_for_test()
     rng = random.Random(seed)
     w = torch.randn(ROWS, COLS, generator=torch.Generator().manual_seed(seed))
     state = {"w": w, "other": torch.arange(10.0)}
     url, opts = where.url(), where.opts()
     dcp.save(state, storage_writer=dcp_ext.storage_writer(url, checksum_block_size=f"{BLOCK}", files_per_rank=1,
-                                                          **opts))
+                                                          checksum_algorithm=algo, **opts))
     name, start = locate(where, url, w.numpy().tobytes())
     n_data = w.numel() * w.element_size()
     k, off = pick_byte(n_data, which, rng)
     flip_bit(where, url, name, start + off, rng)
-    ctx = f"seed {seed} ({where.kind}, {which} block {k}, data byte {off}; DCP_EXT_TEST_SEED={seed} replays it)"
+    ctx = (f"seed {seed} ({where.kind}, {algo}, {which} block {k}, data byte {off}; DCP_EXT_TEST_SEED={seed} "
+           f"replays it)")
     row_bytes = COLS * w.element_size()
     row = off // row_bytes
 

@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import random
 
+import crc32c
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+import xxhash
 
 import dcp_ext
 from dcp_ext import integrity as I
@@ -23,19 +25,24 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 BS = 4096
 
 
-def _checks(data: bytes) -> I.ItemChecksums:
-    """Block checksums computed here from the definition (crc32c of each block), not by BlockHasher."""
-    import crc32c
+#: each algorithm's definition, straight from its library (not through dcp_ext.integrity)
+DEFINITIONS = {"crc32c": crc32c.crc32c, "xxh3_64": xxhash.xxh3_64_intdigest}
+ALGOS = pytest.mark.parametrize("algo", sorted(DEFINITIONS))
 
-    blocks = [crc32c.crc32c(data[i:i + BS]) for i in range(0, len(data), BS)]
-    return I.ItemChecksums(0, len(data), BS, blocks, crc32c.crc32c(b"head" + b"tail"))
+
+def _checks(data: bytes, algo: str = "crc32c") -> I.ItemChecksums:
+    """Block checksums computed here from the definition (``algo`` of each block), not by BlockHasher."""
+    h = DEFINITIONS[algo]
+    blocks = [h(data[i:i + BS]) for i in range(0, len(data), BS)]
+    return I.ItemChecksums(0, len(data), BS, blocks, h(b"head" + b"tail"), I.ALGORITHMS[algo])
 
 
 DATA = bytes(random.Random(3).getrandbits(8) for _ in range(5 * BS + 100))  # 6 blocks, the last partial
 
 
-def test_verify_range_counts_blocks_of_any_aligned_range():
-    c = _checks(DATA)
+@ALGOS
+def test_verify_range_counts_blocks_of_any_aligned_range(algo):
+    c = _checks(DATA, algo)
     assert I.verify_range(c, 0, DATA) == 6
     assert I.verify_range(c, 2 * BS, DATA[2 * BS:4 * BS]) == 2
     assert I.verify_range(c, 5 * BS, DATA[5 * BS:]) == 1  # the last, partial block
@@ -43,9 +50,10 @@ def test_verify_range_counts_blocks_of_any_aligned_range():
     I.verify_rest(c, b"head", b"tail")
 
 
+@ALGOS
 @pytest.mark.parametrize("pos", [0, 2 * BS + 17, 5 * BS + 99], ids=["first", "middle", "last-partial"])
-def test_verify_range_names_the_failing_block(pos):
-    c = _checks(DATA)
+def test_verify_range_names_the_failing_block(pos, algo):
+    c = _checks(DATA, algo)
     bad = bytearray(DATA)
     bad[pos] ^= 0x01
     k = pos // BS
@@ -59,8 +67,9 @@ def test_verify_range_names_the_failing_block(pos):
         I.verify_range(c, k * BS, bad[k * BS:])
 
 
-def test_verify_range_refuses_misuse_and_extra_data():
-    c = _checks(DATA)
+@ALGOS
+def test_verify_range_refuses_misuse_and_extra_data(algo):
+    c = _checks(DATA, algo)
     with pytest.raises(ValueError, match="data_start 100 is not a multiple of the block size 4096"):
         I.verify_range(c, 100, DATA[100:])
     with pytest.raises(I.ChecksumMismatch) as ei:  # more data than was checksummed
@@ -92,13 +101,15 @@ def _flip(path, offset: int) -> None:
     path.write_bytes(bytes(raw))
 
 
-def test_reader_paths_and_verify_use_the_one_routine_and_agree(tmp_path, monkeypatch):
+@ALGOS
+def test_reader_paths_and_verify_use_the_one_routine_and_agree(tmp_path, monkeypatch, algo):
     """Ranged reads, whole-record reads (bytes items, stock-style records) and dcp-ext verify all
-    call integrity.verify_range, and name the same damaged block."""
+    call integrity.verify_range, and name the same damaged block (saved with either algorithm,
+    loaded and verified with the default configuration)."""
     url = str(tmp_path / "ck")
     t = torch.arange(6 * 1024, dtype=torch.float32)  # 24 KiB: 6 blocks of 4 KiB
     dcp.save({"t": t, "obj": {"blob": bytes(9000)}},
-             storage_writer=dcp_ext.storage_writer(url, checksum_block_size=BS))
+             storage_writer=dcp_ext.storage_writer(url, checksum_block_size=BS, checksum_algorithm=algo))
     calls = _spy(monkeypatch)
     out = {"t": torch.zeros_like(t), "obj": {"blob": None}}
     dcp.load(out, storage_reader=dcp_ext.storage_reader(url))
@@ -106,7 +117,11 @@ def test_reader_paths_and_verify_use_the_one_routine_and_agree(tmp_path, monkeyp
     assert verify_checkpoint(url).ok and calls["verify"] >= 2
 
     man = json.loads((tmp_path / "ck" / C.MANIFEST_NAME).read_text())
+    assert man["checksum_algorithm"] == algo
     it = next(i for i in man["items"] if i["index"][0] == "t")
+    # the recorded blocks are the algorithm's own values of the tensor's bytes
+    raw = t.numpy().tobytes()
+    assert it["checksums"]["blocks"] == [DEFINITIONS[algo](raw[i:i + BS]) for i in range(0, len(raw), BS)]
     _flip(tmp_path / "ck" / it["file"], it["offset"] + it["data_offset"] + 3 * BS + 5)  # block 3
     rep = verify_checkpoint(url)
     assert rep.errors == [f"{it['file']}: t chunk [0] fails its checksum at data bytes {3 * BS}-{4 * BS}"]

@@ -91,7 +91,7 @@ def test_distribution_extras_and_console_script():
     deps = {_dist_name(d): d for d in proj["dependencies"]}
     # the supported floor (dcp_ext checks it at import; tests/old_torch.sh re-checks it by hand)
     assert deps["torch"].replace(" ", "") == f"torch>={'.'.join(map(str, dcp_ext_min_torch()))}"
-    assert "fsspec" in deps and "crc32c" in deps
+    assert "fsspec" in deps and "crc32c" in deps and "xxhash" in deps  # block checksums: both algorithms
     assert "aiofiles" not in deps  # dropped: nothing here is asyncio (docs/architecture.md, Decisions)
     assert "numpy" in deps  # not pulled in by torch's CPU wheel; DCP's object collectives need it
     extras = proj["optional-dependencies"]

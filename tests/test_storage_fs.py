@@ -88,7 +88,9 @@ def test_layout_is_standard_dcp(tmp_path):
     assert names[:2] == [MANIFEST_NAME, METADATA_NAME]
     assert names[2:] == ["__0_0.distcp", "__0_1.distcp", "__0_2.distcp"]
     manifest = json.loads((tmp_path / MANIFEST_NAME).read_text())
-    assert manifest["format"] == "dcp-ext-manifest" and manifest["checksum_algorithm"] == "crc32c"
+    # (xxh3_64 block checksums by default since issue 18: a version 3 manifest)
+    assert manifest["format"] == "dcp-ext-manifest" and manifest["checksum_algorithm"] == "xxh3_64"
+    assert manifest["version"] == 3
     assert manifest["state_dict_metadata"]["f32"]["size"] == [33, 17]
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from ..integrity import ItemChecksums, checksum
+from ..integrity import ChecksumAlgorithm, ItemChecksums
 from ..torch_compat import torch_save
 from .base import BlobWriter
 from .compression import (ZSTD_DESCRIPTOR, FrameTable, compressor, raw_frame, shuffle, shuffle_descriptor,
@@ -172,10 +172,11 @@ class RecordCompressor:
 
     # -- writing -------------------------------------------------------------------------
     def write(self, out: BlobWriter, relative_path: str, tensor: torch.Tensor, block_size: int,
-              checksums: bool) -> ItemLocation:
+              checksums: ChecksumAlgorithm | None) -> ItemLocation:
         """Append ``tensor`` compressed (or as a plain record when that does not pay); returns
-        where it landed. ``block_size``: the frame and checksum block size; ``checksums``:
-        compute block crc32c (of the uncompressed bytes, as for a plain record)."""
+        where it landed. ``block_size``: the frame and checksum block size; ``checksums``: the
+        algorithm of the block checksums (of the uncompressed bytes, as for a plain record), or
+        None for none."""
         t = compact_cpu(tensor)
         local = CompressionStats()
         es = self.shuffle_size(t, block_size)
@@ -183,7 +184,9 @@ class RecordCompressor:
             local.items_plain = 1
             with self._lock:
                 self.stats.add(local)
-            return write_tensor_record(out, relative_path, t, block_size if checksums else None)
+            if checksums is None:
+                return write_tensor_record(out, relative_path, t, None)
+            return write_tensor_record(out, relative_path, t, block_size, checksums)
         nbytes = t.numel() * t.element_size()
         split = _RecordSplitter(nbytes)
         torch_save(t, split)  # not torch.save: older torch keeps the storage (torch_compat)
@@ -192,7 +195,7 @@ class RecordCompressor:
         head, tail, data = split.head, split.tail, _bytes_of(t)
         start = out.tell()
         frames: list[int] = []
-        crcs: list[int] = []
+        sums: list[int] = []
 
         def put(frame: Any) -> None:
             out.write(frame)
@@ -200,28 +203,28 @@ class RecordCompressor:
 
         put(self._encode(memoryview(head))[0])
         with contextlib.closing(self._blocks(data, block_size, checksums, local, es)) as blocks:
-            for frame, compressed, crc in blocks:  # a failed write closes the pipeline at once
+            for frame, compressed, block_sum in blocks:  # a failed write closes the pipeline at once
                 put(frame)
                 if compressed:
                     local.blocks_compressed += 1
                 else:
                     local.blocks_raw += 1
-                if crc is not None:
-                    crcs.append(crc)
+                if block_sum is not None:
+                    sums.append(block_sum)
         put(self._encode(memoryview(tail))[0])
         stored = out.tell() - start
         local.items_compressed, local.bytes_in, local.bytes_out = 1, nbytes, stored
         with self._lock:
             self.stats.add(local)
         checks = None
-        if checksums:
-            checks = ItemChecksums(len(head), nbytes, block_size, crcs, checksum(tail, checksum(head)))
+        if checksums is not None:
+            checks = ItemChecksums(len(head), nbytes, block_size, sums, checksums.digest_parts(head, tail), checksums)
         descriptor = shuffle_descriptor(es) if es else ZSTD_DESCRIPTOR
         return ItemLocation(relative_path, start, stored, len(head), nbytes, checks, (descriptor,),
                             FrameTable("zstd", block_size, tuple(frames), es))
 
-    def _blocks(self, data: memoryview, bs: int, crc: bool, stats: CompressionStats, es: int):
-        """``(frame, compressed, crc)`` of every block of ``data``, in order, compressed on the
+    def _blocks(self, data: memoryview, bs: int, algo: ChecksumAlgorithm | None, stats: CompressionStats, es: int):
+        """``(frame, compressed, checksum)`` of every block of ``data``, in order, compressed on the
         shared pool while the caller writes the ones before (at most ``2 * workers`` ahead)."""
         n = len(data)
         nblocks = math.ceil(n / bs)
@@ -230,7 +233,7 @@ class RecordCompressor:
             mv = data[k * bs:min(n, (k + 1) * bs)]
             frame, compressed = self._encode(mv, es)
             stats.threads.add(threading.current_thread().name)
-            return frame, compressed, checksum(mv) if crc else None
+            return frame, compressed, algo.digest(mv) if algo is not None else None
 
         if nblocks <= 1 or self.workers <= 1:
             for k in range(nblocks):

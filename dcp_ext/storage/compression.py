@@ -5,7 +5,7 @@ rank that needs a quarter of a tensor must fetch and decompress all of it. A com
 item is cut into independent zstd frames instead, one per checksum block of the tensor's raw
 bytes, and the manifest records each frame's stored size (:class:`FrameTable`): a ranged or
 resharded load fetches and decompresses only the frames of the blocks it touches, and verifies
-each block's crc32c after decompressing it, exactly as an uncompressed block.
+each block's checksum after decompressing it, exactly as an uncompressed block.
 
 Stored layout of a compressed item, the ``torch.save`` record cut in pieces::
 

@@ -31,21 +31,44 @@ from torch.distributed.checkpoint.metadata import (
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from ..errors import CorruptCheckpointError
-from ..integrity import ItemChecksums
+from ..integrity import ALGORITHMS, CRC32C, ItemChecksums
 from ..torch_compat import metadata_version
 from .commit import MANIFEST_NAME, METADATA_NAME
 from .compression import FrameTable
 
 __all__ = ["MANIFEST_NAME", "METADATA_NAME", "FORMAT_VERSION", "BASE_VERSION", "ItemLocation", "encode_manifest",
-           "decode_manifest"]
+           "decode_manifest", "manifest_version"]
 
 FORMAT = "dcp-ext-manifest"
 #: the newest manifest version this dcp-ext reads. Version 2 adds per-item frame tables
-#: (``compression``); a checkpoint without compressed items is still written as version 1, so
-#: older dcp-ext releases keep reading it (and refuse, by version, what they could not read)
-FORMAT_VERSION = 2
-#: what a manifest without compressed items is written as
+#: (``compression``); version 3 adds block checksums by an algorithm other than crc32c
+#: (``checksum_algorithm``, e.g. ``"xxh3_64"``). A manifest is written as the lowest version that
+#: describes its checkpoint (:func:`manifest_version`), so older dcp-ext releases keep reading
+#: what they can (and refuse, by version, what they could not read)
+FORMAT_VERSION = 3
+#: what a manifest without compressed items and with crc32c (or no) checksums is written as
 BASE_VERSION = 1
+
+
+def manifest_version(compressed: bool, checksum_algorithm: str | None) -> int:
+    """The lowest manifest version that describes a checkpoint: 3 if its block checksums are
+    not crc32c (readers before version 3 know only crc32c), else 2 if it has compressed items,
+    else :data:`BASE_VERSION`."""
+    if checksum_algorithm not in (None, CRC32C.name):
+        return 3
+    return 2 if compressed else BASE_VERSION
+
+
+def _algorithm(name: str | None, where: str):
+    """The algorithm a manifest names (crc32c when it names none: manifests without checksums,
+    and the only algorithm before version 3); :class:`CorruptCheckpointError` if unknown."""
+    if name is None:
+        return CRC32C
+    if not isinstance(name, str) or name not in ALGORITHMS:
+        raise CorruptCheckpointError(
+            f"{where}: the checkpoint's block checksums use the algorithm {name!r}, which this dcp-ext "
+            f"does not know (known: {', '.join(ALGORITHMS)}); upgrade dcp-ext")
+    return ALGORITHMS[name]
 
 
 def _torch_dtypes() -> dict[str, torch.dtype]:
@@ -158,6 +181,9 @@ def encode_manifest(metadata: Metadata, locations: dict[MetadataIndex, ItemLocat
     items = []
     for idx, loc in locations.items():
         c = loc.checksums
+        if c is not None and c.algorithm.name != checksum_algorithm:
+            raise ValueError(f"{idx.fqn}: its block checksums are {c.algorithm.name}, the manifest says "
+                             f"{checksum_algorithm}")
         items.append({
             "index": _enc_index(idx), "file": loc.relative_path, "offset": loc.offset, "length": loc.length,
             "data_offset": loc.data_offset, "data_length": loc.data_length,
@@ -167,7 +193,7 @@ def encode_manifest(metadata: Metadata, locations: dict[MetadataIndex, ItemLocat
         })
     compressed = any(loc.compression is not None for loc in locations.values())
     doc = {
-        "format": FORMAT, "version": FORMAT_VERSION if compressed else BASE_VERSION, "save_id": save_id,
+        "format": FORMAT, "version": manifest_version(compressed, checksum_algorithm), "save_id": save_id,
         "dcp_version": metadata.version, "checksum_algorithm": checksum_algorithm,
         "metadata_crc32c": metadata_crc, "planner_data": planner_data,
         "planner_data_complete": planner_data_ok,
@@ -207,6 +233,7 @@ def decode_manifest(raw: bytes, where: str) -> Manifest:
             raise CorruptCheckpointError(
                 f"{where}: manifest version {doc['version']} is newer than this dcp-ext understands "
                 f"({FORMAT_VERSION}); upgrade dcp-ext")
+        algorithm = _algorithm(doc["checksum_algorithm"], where)
         sdm: dict[str, Any] = {}
         for fqn, d in doc["state_dict_metadata"].items():
             if d["type"] == "tensor":
@@ -221,7 +248,7 @@ def decode_manifest(raw: bytes, where: str) -> Manifest:
             checks = None
             if c is not None:
                 checks = ItemChecksums(it["data_offset"] or 0, it["data_length"] or 0, c["block_size"],
-                                       list(c["blocks"]), c["rest"])
+                                       list(c["blocks"]), c["rest"], algorithm)
             transforms = it.get("transforms")
             frames = None if it.get("compression") is None else FrameTable.from_json(it["compression"])
             if frames is not None and (frames.nblocks != math.ceil((it["data_length"] or 0) / frames.block_size)

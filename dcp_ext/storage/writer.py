@@ -4,9 +4,10 @@ What it does better than stock ``FileSystemWriter`` (and why):
 
 * **Parallel by default.** Each rank writes ``files_per_rank`` large sequential files from
   ``io_threads`` threads (stock: one thread unless told otherwise), items balanced by bytes.
-* **No zip CRC32, block crc32c instead.** Records stay standard ``torch.save`` zips, so
-  stock readers load them, but checksums are computed at ~14 GB/s and per block, so a
-  resharded load can verify the few MiB it reads (:mod:`dcp_ext.integrity`).
+* **No zip CRC32, block checksums instead.** Records stay standard ``torch.save`` zips, so
+  stock readers load them, but checksums (xxh3_64 by default, or crc32c) are computed per
+  block while the bytes are in cache, so a resharded load can verify the few MiB it reads
+  (:mod:`dcp_ext.integrity`).
 * **Commit protocol.** Data first; then the manifest (JSON, see
   :mod:`dcp_ext.storage.manifest`); then ``.metadata`` last, published atomically
   (``os.replace`` + directory fsync on file systems, one PUT on object stores), only after
@@ -39,7 +40,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 
 from ..config import Config
 from ..errors import DcpExtError
-from ..integrity import ALGORITHM, checksum, item_block_size
+from ..integrity import checksum, checksum_algorithm, item_block_size
 from ..progress import Progress
 from .base import Store
 from .compressed_records import CompressionStats, RecordCompressor
@@ -237,6 +238,7 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
         progress = Progress(f"rank {self.rank}: saving to {self.store.url}", total,
                             self.config.progress if self.rank == 0 else False, logger)
         largest = self.config.checksum_block_size
+        algo = checksum_algorithm(self.config.checksum_algorithm)  # used only with checksums on
         compressor = self._compressor()
         results: list[WriteResult] = []
         lock = threading.Lock()
@@ -261,13 +263,13 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
                     frame = item_block_size(_item_nbytes(item), largest)
                     block = frame if self.config.checksum else None
                     if self.extensions:
-                        loc = write_transformed_record(out, name, data, self.extensions, block)
+                        loc = write_transformed_record(out, name, data, self.extensions, block, algo)
                     elif item.type == WriteItemType.BYTE_IO:
-                        loc = write_bytes_record(out, name, data, block)
+                        loc = write_bytes_record(out, name, data, block, algo)
                     elif compressor is not None:
-                        loc = compressor.write(out, name, data, frame, block is not None)
+                        loc = compressor.write(out, name, data, frame, algo if block is not None else None)
                     else:
-                        loc = write_tensor_record(out, name, data, block)
+                        loc = write_tensor_record(out, name, data, block, algo)
                     progress.advance(_item_nbytes(item))
                     local.append(WriteResult(index=item.index, size_in_bytes=loc.length, storage_data=loc))
                 out.close()
@@ -330,7 +332,7 @@ class ExtStorageWriter(StorageWriter, BlockingAsyncStager):
         if not self.use_collectives:
             extra["rank_local"] = self.rank
         manifest = encode_manifest(metadata, locations, self.save_id, checksum(pickled),
-                                   ALGORITHM if self.config.checksum else None, extra=extra)
+                                   self.config.checksum_algorithm if self.config.checksum else None, extra=extra)
         return manifest, pickled, locations
 
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
