@@ -10,7 +10,9 @@ For each dtype (bf16, fp32) a Megatron-like stack of layers (QKV, proj, MLP up/d
 ``randn * 0.02``: weights do not compress much, which the zstd column shows):
 
 1. **save** of the whole state by one process (GB/s, median of ``--runs``, contenders interleaved
-   in a rotating order after one discarded warm-up round), and the bytes on disk;
+   in a rotating order after one discarded warm-up round), and the bytes on disk; beside each
+   ratio to ``dcp_ext``, the ratio of CPU seconds (this process, all threads), steadier when
+   other work shares the cores;
 2. **full load** into preallocated tensors, zeroed first (their pages exist, as a model's do:
    a load into fresh ``empty`` tensors mostly measures page faults) (GB/s);
 3. **1 -> 4 resharded partial load**: the 1-rank checkpoint loaded by 4 gloo ranks at TP=4
@@ -102,17 +104,23 @@ def disk_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
 
 
-def save_and_load(c: str, sd: dict, path: str) -> tuple[float, float]:
+def save_and_load(c: str, sd: dict, path: str) -> tuple[float, float, float, float]:
+    """Seconds of the save and of the load, then CPU seconds of each (this process, all threads:
+    the steadier measure on a shared machine, where other work takes the cores away at random)."""
     shutil.rmtree(path, ignore_errors=True)
+    cpu = time.process_time()
     t = time.perf_counter()
     dcp.save({"model": sd}, storage_writer=writer_for(c, path), planner=ReshardSavePlanner(ParallelLayout(rules=RULES)))
     ts = time.perf_counter() - t
+    cs = time.process_time() - cpu
     out = {"model": {k: torch.zeros_like(v) for k, v in sd.items()}}  # touched, like a model's tensors
+    cpu = time.process_time()
     t = time.perf_counter()
     dcp.load(out, storage_reader=reader_for(c, path), planner=ReshardLoadPlanner(ParallelLayout(rules=RULES)))
     tl = time.perf_counter() - t
+    cl = time.process_time() - cpu
     assert all(torch.equal(out["model"][k], v) for k, v in sd.items()), f"{c}: loaded values differ"
-    return ts, tl
+    return ts, tl, cs, cl
 
 
 def rank_partial_load(path: str, c: str, hidden: int, layers: int, dtype_name: str) -> dict:
@@ -172,14 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             dname = str(dtype).removeprefix("torch.")
             sd = make_state(args.hidden, args.layers, dtype)
             total = nbytes(sd)
-            times = {c: {"save": [], "load": []} for c in contenders}
+            times = {c: {"save": [], "load": [], "save_cpu": [], "load_cpu": []} for c in contenders}
             k = len(contenders)
             for rep in range(-1, args.runs):  # round -1 warms up (imports, TensorStore start-up)
                 for c in contenders[rep % k:] + contenders[:rep % k]:  # interleaved, rotating order
-                    s, l_ = save_and_load(c, sd, os.path.join(base, c))
+                    measured = save_and_load(c, sd, os.path.join(base, c))
                     if rep >= 0:
-                        times[c]["save"].append(s)
-                        times[c]["load"].append(l_)
+                        for key, x in zip(("save", "load", "save_cpu", "load_cpu"), measured):
+                            times[c][key].append(x)
             res = {}
             for c in contenders:
                 path = os.path.join(base, c)
@@ -187,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                           "load_GBps": total / statistics.median(times[c]["load"]) / 1e9,
                           "save_s": [round(x, 4) for x in times[c]["save"]],
                           "load_s": [round(x, 4) for x in times[c]["load"]],
+                          "save_cpu_s": [round(x, 4) for x in times[c]["save_cpu"]],
+                          "load_cpu_s": [round(x, 4) for x in times[c]["load_cpu"]],
                           "disk_MiB": disk_bytes(path) / 2**20,
                           "partial_read_over_needed": [], "partial_load_s": float("nan")}
                 if pool is not None:
@@ -196,14 +206,18 @@ def main(argv: list[str] | None = None) -> int:
             for c in contenders:
                 for k in ("save", "load"):
                     res[c][f"{k}_vs_dcp_ext"] = res[c][f"{k}_GBps"] / res["dcp_ext"][f"{k}_GBps"]
+                    res[c][f"{k}_cpu_vs_dcp_ext"] = (statistics.median(times["dcp_ext"][f"{k}_cpu"])
+                                                     / statistics.median(times[c][f"{k}_cpu"]))
             report["results"][dname] = {"MiB": total / 2**20, "contenders": res}
             print(f"\n== {dname}: {total / 2**20:.0f} MiB, hidden {args.hidden}, {args.layers} layers, "
                   f"median of {args.runs} ==")
-            print(f"{'contender':18s} {'save GB/s':>9s} {'vs ours':>7s} {'load GB/s':>9s} {'vs ours':>7s} "
+            print(f"{'contender':18s} {'save GB/s':>9s} {'vs ours':>7s} {'cpu':>6s} {'load GB/s':>9s} {'vs ours':>7s} "
+                  f"{'cpu':>6s} "
                   f"{'disk MiB':>8s} {'1->4 read/needed per rank':>28s} {'1->4 s':>7s}")
             for c, r in res.items():
-                print(f"{c:18s} {r['save_GBps']:9.2f} {r['save_vs_dcp_ext']:6.2f}x {r['load_GBps']:9.2f} "
-                      f"{r['load_vs_dcp_ext']:6.2f}x {r['disk_MiB']:8.1f} "
+                print(f"{c:18s} {r['save_GBps']:9.2f} {r['save_vs_dcp_ext']:6.2f}x {r['save_cpu_vs_dcp_ext']:5.2f}x "
+                      f"{r['load_GBps']:9.2f} {r['load_vs_dcp_ext']:6.2f}x {r['load_cpu_vs_dcp_ext']:5.2f}x "
+                      f"{r['disk_MiB']:8.1f} "
                       f"{str(r['partial_read_over_needed']):>28s} {r['partial_load_s']:7.3f}")
     finally:
         if pool is not None:

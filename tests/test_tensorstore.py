@@ -357,7 +357,8 @@ def _native_state() -> dict:
     return {"w": r, "b": r.to(torch.bfloat16), "flag": r > 0, "c128": torch.randn(5, 7, dtype=torch.complex128,
                                                                                     generator=g),
             "c32": r[:6, :8].contiguous().view(torch.complex32), "f8": r[:9].to(torch.float8_e4m3fn),
-            "scalar": torch.tensor(-1.5), "empty": torch.empty(0, 3), "long": torch.arange(3000), "step": 4}
+            "scalar": torch.tensor(-1.5), "empty": torch.empty(0, 3), "long": torch.arange(3000),
+            "cube": torch.randn(5, 9, 13, generator=g).to(torch.bfloat16), "step": 4}
 
 
 def _files(root) -> dict:
@@ -421,6 +422,31 @@ def test_native_io_gathers_strided_sources_and_scatters_into_strided_targets(tmp
     dcp.load(out, storage_reader=r)
     assert all(torch.equal(out[k], v) for k, v in sd.items())
     assert r.stats.native == 3 and r.stats.direct == 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.int64, torch.complex128])
+def test_copy_rows_copies_tiles_of_every_shape_exactly(dtype):
+    from dcp_ext.storage.tensorstore.native import as_numpy, copy_rows
+
+    g = torch.Generator().manual_seed(5)
+    big = (torch.randn(6, 10, 12, generator=g) * 100).to(dtype)
+    cases = [(slice(1, 4), slice(2, 9), slice(3, 10)),   # an inner tile: rows of 7 elements
+             (slice(None), slice(8, 10), slice(11, 12)),  # rows of one element (plain copy)
+             (slice(5, 6), slice(0, 10), slice(0, 12)),   # whole rows
+             (slice(2, 4), slice(3, 3), slice(None)),     # empty
+             (slice(None), slice(None), slice(None, None, 2)),  # last dim strided (plain copy)
+             (3, 4, slice(1, 11)),                        # 1-D
+             (3, 4, 5)]                                   # 0-dim
+    for box in cases:
+        src = big[box].clone()  # contiguous, like a chunk's scratch
+        dst = torch.zeros(6, 10, 12, dtype=dtype)
+        copy_rows(as_numpy(dst)[(*box, ...)], as_numpy(src))  # `...`: a view even when 0-dim
+        expect = torch.zeros(6, 10, 12, dtype=dtype)
+        expect[box] = src
+        assert torch.equal(dst, expect), box
+        gathered = torch.zeros_like(src)  # the other way: a strided source into a contiguous buffer
+        copy_rows(as_numpy(gathered), as_numpy(big)[(*box, ...)])
+        assert torch.equal(gathered, big[box]), box
 
 
 def test_native_partial_reads_fetch_only_the_chunks_needed(tmp_path):
