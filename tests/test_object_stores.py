@@ -257,6 +257,61 @@ def test_the_same_item_read_twice_in_one_group(env):
     assert r.stats.requests == 1, r.stats
 
 
+class _CappedStream:
+    """A GET's body read at most 64 KiB per ``readinto`` call, counting what has arrived."""
+
+    _fp = None  # the store then reads through readinto below
+
+    def __init__(self, stream):
+        from dcp_ext.storage.object_store import _readinto_of
+
+        self.stream, self.read, self.count = stream, _readinto_of(stream), 0
+
+    def readinto(self, b) -> int:
+        n = self.read(memoryview(b)[:64 * 1024])
+        self.count += n
+        return n
+
+    def release_conn(self) -> None:
+        from dcp_ext.storage.object_store import _finish
+
+        _finish(self.stream)
+
+
+def test_ranged_reads_are_verified_as_they_arrive(env, monkeypatch):
+    """An object-store read hands each piece to the verifier once its bytes landed, while the
+    rest of the body is still arriving (one request); a piece that fails stops the read there."""
+    url = env.url()
+    data = bytes(range(256)) * (3 * 4096)  # 3 MiB
+    env.put(url, "blob", data)
+    store = dcp_ext.storage_reader(url, **env.opts()).store
+    streams: list[_CappedStream] = []
+    open_range = type(store)._open_range
+
+    def capped(self, key, start, end):
+        stream, n = open_range(self, key, start, end)
+        streams.append(_CappedStream(stream))
+        return streams[-1], n
+
+    monkeypatch.setattr(type(store), "_open_range", capped)
+    out = memoryview(bytearray(len(data) - 1000))
+    seen: list[tuple[int, int, int]] = []  # (start, size, bytes arrived when handed over)
+    piece = 256 * 1024
+    store.read_into_pieces("blob", 1000, out, piece, lambda s, v: seen.append((s, len(v), streams[-1].count)))
+    assert bytes(out) == data[1000:] and len(streams) == 1
+    assert [(s, n) for s, n, _ in seen] == [(s, min(piece, len(out) - s)) for s in range(0, len(out), piece)]
+    assert all(arrived < s + n + 64 * 1024 for s, n, arrived in seen), seen  # no later than the next readinto
+    assert seen[0][2] < len(out) // 4, seen
+
+    def fail(s: int, v: memoryview) -> None:
+        if s == 2 * piece:
+            raise ValueError("bad piece")
+
+    with pytest.raises(ValueError, match="bad piece"):
+        store.read_into_pieces("blob", 0, memoryview(bytearray(len(data))), piece, fail)
+    assert len(streams) == 2 and streams[-1].count < 3 * piece + 64 * 1024, streams[-1].count
+
+
 def test_load_reads_metadata_with_one_request_each(env):
     """Before its first data byte a load sends two requests: a GET of .metadata (its presence
     is what makes the checkpoint committed) and a GET of the manifest; no LIST, no HEAD."""

@@ -30,7 +30,7 @@ import abc
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 from ..config import Config
 from ..options import ByteSize, Options
@@ -270,11 +270,14 @@ class ObjectStore(Store):
     def read_into(self, relpath: str, offset: int, out: memoryview) -> None:
         self.read_into_views(relpath, offset, [out])
 
-    def read_into_views(self, relpath: str, offset: int, views: list[memoryview]) -> None:
+    def read_into_views(self, relpath: str, offset: int, views: list[memoryview],
+                        landed: Callable[[int], Any] | None = None) -> None:
         """Fill consecutive ``views`` (together bytes ``[offset, offset + their total)``) from one
         ranged GET, each straight from the socket: several items close together in a file cost
         one request and no copy (the bytes between them land in a scratch view the caller
-        gives). A dropped connection resumes at the byte where it stopped, as :meth:`read_into`."""
+        gives). A dropped connection resumes at the byte where it stopped, as :meth:`read_into`.
+        ``landed(n)``, if given, is called each time more bytes are in place (``n``: how many
+        of the total so far)."""
         key = self._key(relpath)
         want = sum(len(v) for v in views)
         state = {"pos": 0}
@@ -309,10 +312,31 @@ class ObjectStore(Store):
                         raise ConnectionResetError(
                             f"the connection closed after {state['pos'] - pos} of {want - pos} bytes")
                     state["pos"] += n
+                    if landed is not None:
+                        landed(state["pos"])
             finally:
                 _finish(stream)
 
         self.retry.call(attempt, f"reading {self.describe_key(key)} bytes {offset}-{offset + want}")
+
+    def read_into_pieces(self, relpath: str, offset: int, out: memoryview, piece: int,
+                         done: Callable[[int, memoryview], Any]) -> None:
+        """One ranged GET, as :meth:`read_into`; each ``piece`` bytes of ``out`` go to ``done``
+        (the reader verifies them) as soon as their last byte landed, while the rest of the body
+        is still arriving and the piece is still in the CPU cache (the default verifies a whole
+        part after its last byte: 32 MiB read back from memory, with no request in flight on
+        that thread meanwhile). A failing ``done`` abandons the request (its connection is
+        closed, not pooled)."""
+        n = len(out)
+        nxt = 0
+
+        def landed(pos: int) -> None:
+            nonlocal nxt
+            while nxt < n and (nxt + piece <= pos or pos >= n):
+                done(nxt, out[nxt:nxt + piece])
+                nxt += piece
+
+        self.read_into_views(relpath, offset, [out], landed)
 
     def read_bytes(self, relpath: str) -> bytes:
         """A whole (small) object in one GET: no HEAD first (every rank of a load reads the
