@@ -326,6 +326,29 @@ def test_load_reads_metadata_with_one_request_each(env):
     assert meta == ["GET", "GET"], seen
 
 
+def test_metadata_and_manifest_are_read_at_once(env):
+    """The manifest's GET goes out while the GET of .metadata is still unanswered (one round
+    trip before the first data byte, not two): the proxy holds .metadata's request until the
+    manifest's arrives (or 20 s pass, which fails the test)."""
+    url = env.url()
+    state = {"w": torch.arange(1000.0)}
+    _save(url, state, **env.opts())
+    manifest_seen = threading.Event()
+    held: list[bool] = []
+
+    def inspect(line: str, headers: dict) -> None:
+        if MANIFEST_NAME in line:
+            manifest_seen.set()
+        elif METADATA_NAME in line and line.startswith("GET"):
+            held.append(manifest_seen.wait(20))
+
+    with FaultProxy(*_host_port(env), inspect=inspect) as px:
+        target = {"w": torch.zeros(1000)}
+        dcp.load(target, storage_reader=dcp_ext.storage_reader(url, **env.opts(endpoint=px.endpoint)))
+    assert torch.equal(target["w"], state["w"])
+    assert held == [True], held
+
+
 @BOTH_S3
 def test_parts_upload_concurrently_within_the_bound(s3env, monkeypatch):
     from dcp_ext.storage.s3 import S3Store

@@ -7,7 +7,9 @@ location (:class:`~dcp_ext.storage.manifest.ItemLocation`), and the ``expect_wor
 
 from __future__ import annotations
 
+import contextvars
 import logging
+from concurrent import futures
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +24,7 @@ from .commit import require_committed
 from .commit import safetensors_checkpoint_files
 from .manifest import ItemLocation, decode_manifest
 from .safe_pickle import load_metadata
+from .threads import io_pool
 
 __all__ = ["CheckpointMetadata", "check_world_size", "location_of", "read_checkpoint_metadata", "unpickle_metadata"]
 
@@ -61,7 +64,14 @@ def read_checkpoint_metadata(store: Store, config: Config, rank: int | None = No
     checkpoint); refuses an incomplete checkpoint, a manifest that does not match ``.metadata``,
     a checkpoint of another layout, and (``expect_world_size``) one saved by other ranks."""
     md_name, man_name = metadata_name(rank), manifest_name(rank)
-    raw_md = read_committed_metadata(store, rank)
+    # the manifest is read while .metadata is: on an object store each is a round trip before a
+    # load's first data byte. Both belong to one save only if the manifest's CRC of .metadata
+    # matches (checked below), whichever order they were read in.
+    man_read = io_pool("metadata", 1).submit(contextvars.copy_context().run, store.read_bytes_if_exists, man_name)
+    try:
+        raw_md = read_committed_metadata(store, rank)
+    finally:
+        futures.wait([man_read])  # no request of ours still running when this returns or raises
     if raw_md is None:  # not committed: say why (or read a checkpoint that has no .metadata)
         try:
             require_committed(store, rank)
@@ -70,10 +80,12 @@ def read_checkpoint_metadata(store: Store, config: Config, rank: int | None = No
             if not hf:
                 raise
             return _read_hf_metadata(store, config, hf)  # a HuggingFaceStorageWriter checkpoint: no .metadata of its own
-        raw_md = store.read_bytes(md_name)  # committed since the first look
+        raw_md = store.read_bytes(md_name)  # committed since the first look: its manifest too
+        man_read = futures.Future()
+        man_read.set_result(store.read_bytes_if_exists(man_name))
     extra: dict = {}
     stock_format = None
-    raw_man = store.read_bytes_if_exists(man_name)
+    raw_man = man_read.result()
     if raw_man is not None:
         where = f"{store.url}/{man_name}"
         m = decode_manifest(raw_man, where)
