@@ -141,6 +141,11 @@ class TensorStoreOptions(Options):
     #: zarr3 bytes, crc32c checked by the CPU's crc32 instructions; TensorStore's wheels compute
     #: it in software); False: every chunk through TensorStore
     native_file_io: bool = True
+    #: with ``native_file_io``, read whole chunks straight into the destination tensor's rows and
+    #: write them straight from the source rows (no scratch copy; the ``dcp_ext._rowio`` C
+    #: extension, used where it was built and the CPU has hardware crc32c); False: through a
+    #: scratch buffer (the same bytes)
+    native_rowio: bool = True
     #: ``"auto"`` (one array per tensor unless its shard boundaries admit no sensible chunk
     #: grid, then one array per saved box), ``"global"`` or ``"per_box"``
     layout: str = "auto"

@@ -562,6 +562,7 @@ def test_a_failed_native_write_fails_the_save_clearly_and_commits_nothing(tmp_pa
     def no_space(fd, bufs, offset):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    monkeypatch.setenv("DCP_EXT_TENSORSTORE_NATIVE_ROWIO", "0")  # the NumPy path these patch os for (the C row path: test_tensorstore_rowio.py)
     monkeypatch.setattr(native.os, "pwritev", no_space)
     url = str(tmp_path / "c")
     e = _err(lambda: dcp.save({"layer.w": torch.randn(64, 32)},
@@ -585,6 +586,7 @@ def test_a_failed_native_read_fails_the_load_naming_the_tensor(tmp_path, monkeyp
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         return real(fd, bufs, offset)
 
+    monkeypatch.setenv("DCP_EXT_TENSORSTORE_NATIVE_ROWIO", "0")  # the NumPy path these patch os for (the C row path: test_tensorstore_rowio.py)
     monkeypatch.setattr(native.os, "preadv", io_error)
     e = _err(lambda: dcp.load({"layer.w": torch.zeros(64, 32)}, storage_reader=dcp_ext.storage_reader(url, **TS)))
     assert "StorageError" in e and "loading layer.w: reading " in e and "failed: Input/output error" in e, e
@@ -613,6 +615,7 @@ def test_native_io_resumes_short_writes_and_reads(tmp_path, monkeypatch):
             return real(fd, out, offset)
         return op
 
+    monkeypatch.setenv("DCP_EXT_TENSORSTORE_NATIVE_ROWIO", "0")  # the NumPy path these patch os for (the C row path: test_tensorstore_rowio.py)
     monkeypatch.setattr(native.os, "pwritev", short(real_w, "w", 1000))
     monkeypatch.setattr(native.os, "preadv", short(real_r, "r", 700))
     w = torch.randn(96, 16)  # 16x16 chunks (whole rows: read straight into the tensor by preadv)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import itertools
+import logging
 import math
 import os
 import sys
@@ -49,6 +50,13 @@ import torch
 
 from ...errors import CorruptCheckpointError, StorageError
 from ...integrity import checksum
+
+try:
+    from ... import _rowio
+except ImportError:  # not built (no C compiler at install): the NumPy path
+    _rowio = None
+
+log = logging.getLogger(__name__)
 
 __all__ = ["ChunkFormat", "chunk_format", "chunk_key", "as_numpy", "copy_rows", "plan_writes", "plan_reads",
            "sync_dirs", "ShardIndexes", "Job", "ByteCount", "JOB_BYTES"]
@@ -159,6 +167,42 @@ def copy_rows(dst: np.ndarray, src: np.ndarray) -> None:
     np.copyto(dst, src)
 
 
+_rowio_said: bool | None = None
+
+
+def rowio(wanted: bool = True) -> bool:
+    """Whether whole chunks go straight between the tensor's rows and the file (``_rowio``):
+    ``wanted`` (the ``tensorstore.native_rowio`` option), the extension built, and the CPU has
+    hardware crc32c. Logs the path taken at debug level when it changes."""
+    global _rowio_said
+    use = wanted and _rowio is not None and _rowio.HARDWARE
+    if use != _rowio_said:
+        _rowio_said = use
+        why = ("off by tensorstore.native_rowio" if not wanted else
+               "not built" if _rowio is None else "no hardware crc32c on this CPU")
+        log.debug("zarr3 native chunk I/O: %s", "rows read/written in place (dcp_ext._rowio)" if use
+                  else f"through scratch buffers ({why})")
+    return use
+
+
+#: a row set: (address, row bytes, counts, byte strides of the leading dims), as ``_rowio`` takes it
+Rows = tuple[int, int, tuple[int, ...], tuple[int, ...]]
+
+
+def row_set(a: np.ndarray) -> Rows | None:
+    """``a`` as a row set for ``_rowio`` (its rows: runs of its last dim, merged with the dims
+    before it wherever they are contiguous), or None if its last dim is not contiguous."""
+    item = a.itemsize
+    if a.ndim and a.shape[-1] != 1 and a.strides[-1] != item:
+        return None
+    row = item * (a.shape[-1] if a.ndim else 1)
+    counts, strides = list(a.shape[:-1]), list(a.strides[:-1])
+    while counts and (counts[-1] == 1 or strides[-1] == row):
+        row *= counts.pop()
+        strides.pop()
+    return a.__array_interface__["data"][0], row, tuple(counts), tuple(strides)
+
+
 def _contiguous_range(region: Sequence[tuple[int, int]], cshape: Sequence[int]) -> tuple[int, int] | None:
     """``(first, count)`` elements if ``region`` ([lo, hi) per dim) of a C-order chunk of
     ``cshape`` is one contiguous run of it, else None."""
@@ -265,12 +309,14 @@ def _pwritev_all(fd: int, bufs: list, offset: int) -> None:
 
 @dataclass
 class _Piece:
-    """One stored chunk of a write: the source of its valid region and its full shape."""
+    """One stored chunk of a write: the source of its valid region and its full shape;
+    ``rows``: the source as a row set where ``_rowio`` writes it in place (a whole chunk)."""
 
     src: np.ndarray
     valid: tuple[int, ...]
     cshape: tuple[int, ...]
     nbytes: int
+    rows: Rows | None = None
 
     @property
     def direct(self) -> bool:
@@ -283,6 +329,13 @@ def _write_job(file: _File, offset: int, pieces: list[_Piece], tail: bytes | Non
         try:
             pos = offset
             for i, p in enumerate(pieces):  # one chunk at a time: a gathered one stays in cache
+                last = tail if tail is not None and i == len(pieces) - 1 else b""
+                if p.rows is not None:  # straight from the source rows: no gather
+                    addr, row, counts, strides = p.rows
+                    crc = _rowio.crc32c_rows(addr, row, counts, strides)
+                    _rowio.pwritev_rows(file.fd(), pos, addr, row, counts, strides, crc.to_bytes(4, "little") + last)
+                    pos += p.nbytes + 4
+                    continue
                 if p.direct:
                     data = p.src
                 else:
@@ -292,8 +345,8 @@ def _write_job(file: _File, offset: int, pieces: list[_Piece], tail: bytes | Non
                     typed = data.view(p.src.dtype).reshape(p.cshape)
                     copy_rows(typed[tuple(slice(0, v) for v in p.valid)], p.src)
                 bufs = [data, checksum(data).to_bytes(4, "little")]
-                if tail is not None and i == len(pieces) - 1:
-                    bufs.append(tail)
+                if last:
+                    bufs.append(last)
                 _pwritev_all(file.fd(), bufs, pos)
                 pos += p.nbytes + 4
             if tail is not None and not pieces:
@@ -314,12 +367,13 @@ def _box_chunks(lo: Sequence[int], hi: Sequence[int], chunk: Sequence[int]):
 
 
 def plan_writes(array_dir: str, fmt: ChunkFormat, lo: Sequence[int], src: np.ndarray, fsync: bool,
-                made_dirs: set[str], count: ByteCount, what: str = "saving") -> list[Job] | None:
+                made_dirs: set[str], count: ByteCount, what: str = "saving", rows: bool = True) -> list[Job] | None:
     """The jobs writing the box ``src`` (:func:`as_numpy` of the tensor; array coordinates
     ``lo``..``lo + src.shape``) as whole chunk files of the array in ``array_dir``; None if the
     box is not made of whole chunks (the caller then lets TensorStore write it). Creates the
     directories now; the first job to run of a file creates it (truncated), the last closes it
-    (fsynced first with ``fsync``). Errors are :class:`StorageError` s starting with ``what``."""
+    (fsynced first with ``fsync``). Errors are :class:`StorageError` s starting with ``what``.
+    ``rows``: whole chunks go from the source rows to the file where :func:`rowio` allows."""
     hi = [l + s for l, s in zip(lo, src.shape)]
     if src.size == 0:
         return []
@@ -327,14 +381,16 @@ def plan_writes(array_dir: str, fmt: ChunkFormat, lo: Sequence[int], src: np.nda
         if l % c or (h % c and h != s):
             return None
     jobs: list[Job] = []
+    direct = rowio(rows)
     for idx in _box_chunks(lo, hi, fmt.chunk):
-        jobs += _chunk_file_jobs(array_dir, fmt, idx, lo, src, fsync, made_dirs, count, what)
+        jobs += _chunk_file_jobs(array_dir, fmt, idx, lo, src, fsync, made_dirs, count, what, direct)
     return jobs
 
 
 def _chunk_file_jobs(array_dir: str, fmt: ChunkFormat, idx: Sequence[int], lo: Sequence[int], src: np.ndarray,
-                     fsync: bool, made_dirs: set[str], count: ByteCount, what: str) -> list[Job]:
-    """The jobs writing chunk (or shard) file ``idx``, which lies inside the box at ``lo``."""
+                     fsync: bool, made_dirs: set[str], count: ByteCount, what: str, direct: bool) -> list[Job]:
+    """The jobs writing chunk (or shard) file ``idx``, which lies inside the box at ``lo``
+    (whole chunks from their source rows where ``direct``: see :func:`rowio`)."""
     clo = [i * c for i, c in zip(idx, fmt.chunk)]
     path = os.path.join(array_dir, *chunk_key(idx).split("/"))
     d = os.path.dirname(path)
@@ -358,7 +414,8 @@ def _chunk_file_jobs(array_dir: str, fmt: ChunkFormat, idx: Sequence[int], lo: S
             continue
         valid = tuple(min(c, s - u) for u, c, s in zip(ulo, cshape, fmt.shape))
         view = src[(*(slice(u - l, u - l + v) for u, l, v in zip(ulo, lo, valid)), ...)]  # a view, even 0-dim
-        pieces.append(_Piece(view, valid, tuple(cshape), nbytes))
+        rows = row_set(view) if direct and valid == tuple(cshape) else None
+        pieces.append(_Piece(view, valid, tuple(cshape), nbytes, rows))
     tail = None
     if fmt.inner is not None:
         index: list[int] = []
@@ -447,7 +504,8 @@ def _open_chunk(path: str, key: str, what: str, where: str) -> int:
 class _Read:
     """One checksummed unit to read: where it is, its full shape, the needed part of it
     (``region``, chunk coordinates) and its destination (``dest``, a NumPy view); ``run``:
-    (first byte, bytes) of the unit that go straight into ``dest`` (None: via scratch)."""
+    (first byte, bytes) of the unit that go straight into ``dest`` (None: via scratch);
+    ``rows``: ``dest`` as a row set where ``_rowio`` reads the whole unit into it in place."""
 
     path: str
     key: str
@@ -458,41 +516,51 @@ class _Read:
     dest: np.ndarray
     whole_file: bool  # the unit is a whole file: it must end right after its crc32c
     run: tuple[int, int] | None
+    rows: Rows | None = None
 
 
 def _read_job(reads: list[_Read], what: str, where: str, count: ByteCount) -> Job:
     def run() -> None:
         fds: dict[str, int] = {}
-        crc = bytearray(4)
-        extra = bytearray(1)
+        tail = bytearray(5)  # the crc32c, and one byte more for a unit that must end the file
+        crc = memoryview(tail)[:4]
         try:
             for r in reads:  # one unit at a time: its scratch stays in the core's cache
-                if r.run is None:
-                    parts = [_scratch(r.nbytes)[:r.nbytes]]
-                else:
-                    first, length = r.run
-                    rest = r.nbytes - length
-                    buf = _scratch(rest)
-                    parts = [buf[:first], r.dest, buf[first:rest]] if rest else [r.dest]
-                    parts = [p for p in parts if p.size]
                 fd = fds.get(r.path)
                 if fd is None:
                     fd = fds[r.path] = _open_chunk(r.path, r.key, what, where)
                 want = r.nbytes + 4
+                end = tail if r.whole_file else crc
+                parts: list[np.ndarray] = []
                 try:
-                    got = _vectored(os.preadv, fd, parts + [crc, extra] if r.whole_file else parts + [crc], r.offset)
+                    if r.rows is not None:  # straight into the destination rows: no scratch
+                        addr, row, counts, strides = r.rows
+                        got = _rowio.preadv_rows(fd, r.offset, addr, row, counts, strides, end)
+                    else:
+                        if r.run is None:
+                            parts = [_scratch(r.nbytes)[:r.nbytes]]
+                        else:
+                            first, length = r.run
+                            rest = r.nbytes - length
+                            buf = _scratch(rest)
+                            parts = [buf[:first], r.dest, buf[first:rest]] if rest else [r.dest]
+                            parts = [p for p in parts if p.size]
+                        got = _vectored(os.preadv, fd, [*parts, end], r.offset)
                 except OSError as e:
                     raise StorageError(f"{what}: reading {r.path} failed: {e.strerror or e}") from e
                 count.add(min(got, want))
                 if got != want:
                     raise _corrupt(what, where, "a chunk has the wrong size",
                                    f"{r.key} is {'longer' if got > want else 'shorter'} than its {want} bytes")
-                value = 0
-                for p in parts:
-                    value = checksum(p, value)
+                if r.rows is not None:
+                    value = _rowio.crc32c_rows(addr, row, counts, strides)
+                else:
+                    value = 0
+                    for p in parts:
+                        value = checksum(p, value)
                 if value != int.from_bytes(crc, "little"):
                     raise _corrupt(what, where, "a chunk fails its crc32c checksum", r.key)
-                if r.run is None:
+                if r.rows is None and r.run is None:
                     typed = parts[0].view(r.dest.dtype).reshape(r.cshape)
                     copy_rows(r.dest, typed[tuple(slice(a, b) for a, b in r.region)])
         finally:
@@ -503,14 +571,17 @@ def _read_job(reads: list[_Read], what: str, where: str, count: ByteCount) -> Jo
 
 
 def plan_reads(array_dir: str, fmt: ChunkFormat, lo: Sequence[int], dest: np.ndarray, what: str, where: str,
-               indexes: ShardIndexes, count: ByteCount) -> list[Job]:
+               indexes: ShardIndexes, count: ByteCount, rows: bool = True) -> list[Job]:
     """The jobs reading the box ``lo``..``lo + dest.shape`` of the array in ``array_dir`` into
     ``dest`` (:func:`as_numpy` of the target, any strides). Shard indexes are read (and
-    checked) now; every chunk's crc32c is checked by its job before its data is used."""
+    checked) now; every chunk's crc32c is checked by its job (``rows``: whole chunks are read
+    straight into the destination rows, then checked there, where :func:`rowio` allows)."""
     hi = [l + s for l, s in zip(lo, dest.shape)]
     if dest.size == 0:
         return []
     cshape = fmt.unit
+    full = tuple((0, c) for c in cshape)
+    direct = rowio(rows)
     nbytes = math.prod(cshape) * fmt.itemsize
     reads: list[_Read] = []
     for idx in _box_chunks(lo, hi, fmt.chunk):
@@ -524,7 +595,8 @@ def plan_reads(array_dir: str, fmt: ChunkFormat, lo: Sequence[int], dest: np.nda
             view = dest[(*(slice(u + a - l, u + b - l) for (a, b), u, l in zip(region, ulo, lo)), ...)]  # a view
             rng = _contiguous_range(region, cshape) if view.flags.c_contiguous else None
             run = None if rng is None else (rng[0] * fmt.itemsize, rng[1] * fmt.itemsize)
-            reads.append(_Read(path, ukey, off, tuple(cshape), nbytes, region, view, fmt.inner is None, run))
+            rows = row_set(view) if direct and region == full else None
+            reads.append(_Read(path, ukey, off, tuple(cshape), nbytes, region, view, fmt.inner is None, run, rows))
     jobs: list[Job] = []
     group: list[_Read] = []
     size = 0

@@ -211,7 +211,7 @@ class TensorStoreReader(LocatedIO, StorageReader):
             if not direct:  # another dtype or device: read into scratch, then one copy
                 scratch = torch.empty(list(req.lengths), dtype=dtype)
             jobs = plan_reads(self.array_dir(path), fmt, lo, as_numpy(target if direct else scratch), what, where,
-                              *native_state)
+                              *native_state, rows=self.config.tensorstore.native_rowio)
             stats.direct += direct
             stats.native += 1
             window.defer([lambda job=job: self.submit(job) for job in jobs], 0 if direct else n,

@@ -221,7 +221,8 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
                 done = lambda n=n: progress.advance(n)  # noqa: E731
                 fmt = native[path]
                 jobs = None if fmt is None else plan_writes(self.array_dir(path), fmt, lo, as_numpy(src),
-                                                            self.config.fs.fsync, made_dirs, written, f"saving {fqn}")
+                                                            self.config.fs.fsync, made_dirs, written, f"saving {fqn}",
+                                                            self.config.tensorstore.native_rowio)
                 if jobs is not None:  # whole chunks, straight from the tensor (native.py)
                     native_items += 1
                     window.defer([lambda job=job: self.submit(job) for job in jobs], n, done, on_error)
