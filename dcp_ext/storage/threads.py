@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["io_pool", "run_all", "HostInfo", "ranks_on_hosts", "cpu_workers"]
+__all__ = ["io_pool", "run_all", "HostInfo", "ranks_on_hosts", "ranks_on_host_from_env", "cpu_workers"]
 
 _POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
 _LOCK = threading.Lock()
@@ -73,7 +73,7 @@ class HostInfo:
     host: str = field(default_factory=socket.gethostname)
 
 
-def _ranks_on_host_from_env() -> int:
+def ranks_on_host_from_env() -> int:
     """``LOCAL_WORLD_SIZE`` (torchrun sets it), else 1."""
     try:
         return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
@@ -87,7 +87,7 @@ def ranks_on_hosts(storage_data: Sequence[Any], collective: bool = True) -> list
     (not ``collective``) save or load, falls back to ``LOCAL_WORLD_SIZE``."""
     hosts = [d.host if isinstance(d, HostInfo) else None for d in storage_data]
     per_host = collections.Counter(hosts)
-    return [per_host[h] if h is not None and collective else _ranks_on_host_from_env() for h in hosts]
+    return [per_host[h] if h is not None and collective else ranks_on_host_from_env() for h in hosts]
 
 
 def _usable_cpus() -> int:

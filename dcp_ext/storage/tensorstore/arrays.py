@@ -14,7 +14,7 @@ import torch
 
 from ...config import Config
 from ...errors import CorruptCheckpointError, DcpExtError, MissingDependencyError, StorageError
-from ..threads import io_pool
+from ..threads import cpu_workers, io_pool, ranks_on_host_from_env
 from .kvstore import Location, context_spec, resolve_location
 from .layout import Grid, StoredDtype, stored_dtype, torch_dtype_name
 from .native import ChunkFormat, Job, chunk_format
@@ -165,9 +165,15 @@ class LocatedIO:
 
     def submit(self, job: Job) -> Future:
         """Run a :mod:`.native` job on the process's pool: ``tensorstore.concurrency`` threads,
-        else 2 per core (at least 4: the jobs wait on the disk as much as they compute)."""
+        else this rank's share of the host's cores (``cpu_workers``, ``LOCAL_WORLD_SIZE`` ranks
+        per host), at least 2. On tmpfs the jobs are CPU work (copies to and from the page cache,
+        crc32c); with the in-place row path, 2 threads on 2 cores against the former 4 (2 per
+        core): fp32 768 MiB save 378 vs 415 ms, load 168 vs 190 ms (medians of 7, load average
+        ~2); bf16 384 MiB save 333 vs 363 ms, load 199 vs 186 ms."""
         t = self.config.tensorstore
-        return io_pool("tensorstore", t.concurrency or max(4, 2 * (os.cpu_count() or 1))).submit(job.run)
+        cores = os.cpu_count() or 1
+        workers = t.concurrency or max(2, cpu_workers(2 * cores, True, ranks_on_host_from_env()))
+        return io_pool("tensorstore", workers).submit(job.run)
 
     @property
     def arrays(self) -> Arrays:
