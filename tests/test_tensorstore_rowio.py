@@ -1,0 +1,365 @@
+"""The ``dcp_ext._rowio`` C extension (crc32c, preadv, pwritev over strided rows) and the zarr3
+native path's in-place row I/O built on it (``tensorstore.native_rowio``): the same files and
+tensors as the scratch path, the same errors."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+
+pytest.importorskip("tensorstore")
+import crc32c  # noqa: E402
+
+import dcp_ext  # noqa: E402
+from dcp_ext.errors import CorruptCheckpointError  # noqa: E402
+from dcp_ext.storage.tensorstore import native  # noqa: E402
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+rowio = pytest.importorskip("dcp_ext._rowio", reason="the C extension is not built (pip install -e . builds it)")
+ROWIO_ENV = "DCP_EXT_TENSORSTORE_NATIVE_ROWIO"
+
+
+def _rows_of(buf: np.ndarray, start: int, row: int, counts, strides) -> bytes:
+    """The rows concatenated, computed independently of the extension (plain slicing)."""
+    out = []
+
+    def walk(pos, d):
+        if d == len(counts):
+            out.append(buf[pos:pos + row].tobytes())
+            return
+        for i in range(counts[d]):
+            walk(pos + i * strides[d], d + 1)
+
+    walk(start, 0)
+    return b"".join(out)
+
+
+def test_rowio_is_required_on_ci():
+    """CI (``.ci/run`` sets ``DCP_EXT_REQUIRE_ROWIO=1``) must build the extension with hardware crc32c."""
+    if os.environ.get("DCP_EXT_REQUIRE_ROWIO") != "1":
+        pytest.skip("DCP_EXT_REQUIRE_ROWIO is not 1")
+    import platform
+
+    assert rowio.HARDWARE or platform.machine() not in ("x86_64", "AMD64")
+    assert native.rowio(True)
+
+
+def test_crc32c_matches_the_crc32c_package_on_contiguous_buffers():
+    rng = random.Random(1)
+    raw = np.frombuffer(rng.randbytes(1 << 17), dtype=np.uint8)
+    sizes = [0, 1, 7, 8, 9, 255, 767, 768, 769, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 13, 100_003]
+    for n in sizes:
+        for start in (0, 1, 3, 7):  # unaligned starts
+            data = raw[start:start + n].tobytes()
+            for value in (0, 1, 0xDEADBEEF, 0xFFFFFFFF):
+                want = crc32c.crc32c(data, value)
+                assert rowio.crc32c(data, value) == want, (n, start, value)
+                assert rowio.crc32c_portable(data, value) == want, (n, start, value)
+
+
+def test_crc32c_rows_equals_the_crc_of_the_rows_concatenated():
+    rng = random.Random(2)
+    buf = np.frombuffer(rng.randbytes(1 << 20), dtype=np.uint8).copy()
+    base = buf.ctypes.data
+    for _ in range(300):
+        row = rng.choice([0, 1, 2, 3, 8, 31, 64, 100, 1024, 2048, 4096, rng.randrange(1, 5000)])
+        ndim = rng.choice([0, 1, 1, 2, 3])
+        counts = [rng.choice([0, 1, 2, 3, 5, 17]) for _ in range(ndim)]
+        strides = []
+        span = row
+        for c in reversed(counts):  # rows never overlap: each stride at least the span below it
+            s = span + rng.randrange(0, 300)
+            strides.insert(0, s)
+            span = s * max(c, 1)
+        if span + 8 > buf.size:
+            continue
+        start = rng.randrange(0, min(8, buf.size - span))
+        value = rng.choice([0, rng.getrandbits(32)])
+        want = crc32c.crc32c(_rows_of(buf, start, row, counts, strides), value)
+        assert rowio.crc32c_rows(base + start, row, tuple(counts), tuple(strides), value) == want, \
+            (row, counts, strides, start)
+
+
+def test_crc32c_rows_with_nothing_to_hash_returns_the_value():
+    assert rowio.crc32c_rows(0, 0, (), (), 123) == 123
+    assert rowio.crc32c_rows(0, 16, (0,), (16,), 7) == 7
+    assert rowio.crc32c_rows(0, 0, (5, 3), (0, 0)) == 0
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: rowio.crc32c_rows(1, -1, (), ()), "row_bytes must not be negative"),
+    (lambda: rowio.crc32c_rows(1, 4, (-2,), (4,)), "a row count must not be negative"),
+    (lambda: rowio.crc32c_rows(1, 4, (2, 3), (4,)), "counts and strides differ in length"),
+    (lambda: rowio.crc32c_rows(1, 4, (2**62, 2**62), (4, 4)), "the number of rows overflows"),
+    (lambda: rowio.crc32c_rows(1, 2**40, (2**40,), (1,)), r"rows \* row_bytes overflows"),
+    (lambda: rowio.crc32c_rows(1, 2**70, (), ()), "row_bytes does not fit"),
+    (lambda: rowio.crc32c_rows(-5, 4, (), ()), "address must be a non-negative int"),
+    (lambda: rowio.crc32c_rows(0, 4, (), ()), "address is NULL"),
+    (lambda: rowio.crc32c_rows(1, 4, (), (), 2**32), r"value must be a crc32c, an int in \[0, 2\*\*32\)"),
+    (lambda: rowio.crc32c_rows(1, 4, (1,) * 65, (1,) * 65), "at most 64 leading dimensions"),
+    (lambda: rowio.preadv_rows(0, -1, 1, 4, (), ()), "offset must not be negative"),
+    (lambda: rowio.pwritev_rows(0, 0, 1, 4, (2**62,), (4,)), r"rows \* row_bytes overflows"),
+])
+def test_bad_arguments_get_clear_errors(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_bad_argument_types_get_type_errors():
+    with pytest.raises(TypeError, match="address must be an int"):
+        rowio.crc32c_rows(1.5, 4, (), ())
+    with pytest.raises(TypeError, match="counts must be a sequence"):
+        rowio.crc32c_rows(1, 4, 3, (4,))
+    with pytest.raises(BufferError, match="not writable"):
+        rowio.preadv_rows(0, 0, 1, 4, (), (), b"read-only tail")  # the tail is read into
+
+
+def test_pwritev_and_preadv_rows_round_trip_strided_rows_and_detect_a_short_file(tmp_path):
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, size=(7, 9, 40), dtype=np.uint8)
+    tile = src[1:6, 2:8, 3:30]  # strided in both leading dims
+    addr, row, counts, strides = native.row_set(tile)
+    assert (row, counts) == (27, (5, 6))
+    path = str(tmp_path / "f")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        rowio.pwritev_rows(fd, 10, addr, row, counts, strides, b"TAIL")
+        with open(path, "rb") as f:
+            assert f.read() == b"\0" * 10 + np.ascontiguousarray(tile).tobytes() + b"TAIL"
+        out = np.zeros_like(src)
+        dst = out[1:6, 2:8, 3:30]
+        tail = bytearray(5)
+        daddr, drow, dcounts, dstrides = native.row_set(dst)
+        got = rowio.preadv_rows(fd, 10, daddr, drow, dcounts, dstrides, tail)
+        assert got == tile.size + 4 and tail == b"TAIL\0"  # the file ends after the tail: one byte short
+        assert np.array_equal(dst, tile) and not out[0].any() and not out[:, :, :3].any()
+        os.ftruncate(fd, 10 + 100)
+        assert rowio.preadv_rows(fd, 10, daddr, drow, dcounts, dstrides) == 100  # a short file
+        assert rowio.preadv_rows(fd, 10**6, daddr, drow, dcounts, dstrides) == 0
+    finally:
+        os.close(fd)
+    with pytest.raises(OSError) as e:
+        rowio.preadv_rows(fd, 0, daddr, drow, dcounts, dstrides)  # closed
+    assert e.value.errno == errno.EBADF
+    with pytest.raises(OSError) as e:
+        rowio.pwritev_rows(fd, 0, addr, row, counts, strides)
+    assert e.value.errno == errno.EBADF
+
+
+def test_more_rows_than_iov_max_go_in_several_calls(tmp_path):
+    src = np.arange(3000 * 16, dtype=np.uint8).reshape(3000, 16)
+    tile = src[:, :5]  # 3000 separate rows: more than IOV_MAX (1024) buffers
+    path = str(tmp_path / "f")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        rowio.pwritev_rows(fd, 0, *native.row_set(tile))
+        out = np.zeros_like(src)
+        assert rowio.preadv_rows(fd, 0, *native.row_set(out[:, 7:12])) == tile.size
+    finally:
+        os.close(fd)
+    assert np.array_equal(out[:, 7:12], tile)
+    with open(path, "rb") as f:
+        assert f.read() == np.ascontiguousarray(tile).tobytes()
+
+
+def test_row_set_merges_contiguous_dims_and_refuses_a_strided_last_dim():
+    a = np.zeros((4, 6, 8), dtype=np.float32)
+    assert native.row_set(a)[1:] == (4 * 6 * 8 * 4, (), ())
+    assert native.row_set(a[:, 1:3])[1:] == (2 * 8 * 4, (4,), (6 * 8 * 4,))
+    assert native.row_set(a[:, :, 2:5])[1:] == (12, (4, 6), (192, 32))
+    assert native.row_set(a[:, :, ::2]) is None
+    assert native.row_set(a[:, :, 3:4])[1:] == (4, (4, 6), (192, 32))
+    assert native.row_set(np.zeros((), dtype=np.int16))[1:] == (2, (), ())
+
+
+# -- the zarr3 native path: in place (ON) vs through scratch (OFF) ---------------------------------
+
+def _state() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return {
+        "w32": torch.randn(100, 72, generator=g),  # not a multiple of the chunk shape
+        "w16": torch.randn(6, 40, 56, generator=g).to(torch.bfloat16),  # 3-D tiles, strided rows
+        "mask": torch.rand(70, 300, generator=g) > 0.5,  # 1-byte rows
+        "q": torch.randint(-128, 128, (33, 65), generator=g, dtype=torch.int8),
+        "flat": torch.randn(5000, generator=g),
+        "scalar": torch.tensor(3.5),
+    }
+
+
+class _Counting:
+    """Wraps ``_rowio`` to count the in-place calls the native path makes."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls = {"preadv_rows": 0, "pwritev_rows": 0}
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if name not in self.calls:
+            return fn
+
+        def counted(*a):
+            self.calls[name] += 1
+            return fn(*a)
+        return counted
+
+
+def _files(root) -> dict[str, bytes]:
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            if n not in (".metadata", ".dcp_ext.json"):  # name the save (its id): differ run to run
+                p = os.path.join(d, n)
+                out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out
+
+
+@pytest.mark.parametrize("shard", [None, "16KiB"])
+def test_in_place_rows_give_the_same_files_and_tensors_as_the_scratch_path(tmp_path, monkeypatch, shard):
+    sd = _state()
+    opts = {"chunk_size": "1KiB", "shard_size": shard}
+    counting = _Counting(rowio)
+    monkeypatch.setattr(native, "_rowio", counting)
+    results = {}
+    for on in ("1", "0"):
+        monkeypatch.setenv(ROWIO_ENV, on)
+        url = str(tmp_path / f"on{on}")
+        dcp.save(sd, storage_writer=dcp_ext.storage_writer(url, backend="tensorstore", tensorstore=opts))
+        out = {k: torch.zeros_like(v) for k, v in sd.items()}
+        dcp.load(out, storage_reader=dcp_ext.storage_reader(url, backend="tensorstore", tensorstore=opts))
+        for k, v in sd.items():
+            assert torch.equal(out[k], v), (on, k)
+        results[on] = _files(url)
+        if on == "1":
+            assert counting.calls["pwritev_rows"] > 20 and counting.calls["preadv_rows"] > 20, counting.calls
+            seen = dict(counting.calls)
+    assert counting.calls == seen  # OFF made no in-place call
+    assert results["1"].keys() == results["0"].keys()
+    for name in results["1"]:
+        assert results["1"][name] == results["0"][name], name
+    # TensorStore itself reads what the in-place path wrote
+    out = {k: torch.zeros_like(v) for k, v in sd.items()}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(str(tmp_path / "on1"), backend="tensorstore",
+                                                         tensorstore={"native_file_io": False}))
+    for k, v in sd.items():
+        assert torch.equal(out[k], v), k
+
+
+def test_in_place_reads_into_a_strided_destination_leave_the_rest_alone(tmp_path):
+    w = torch.randn(64, 48)
+    url = str(tmp_path / "c")
+    dcp.save({"w": w}, storage_writer=dcp_ext.storage_writer(url, backend="tensorstore",
+                                                             tensorstore={"chunk_size": "1KiB"}))
+    big = torch.full((64, 80), 7.0)
+    dest = big[:, 16:64]  # the tensor is a view with strided rows
+    dcp.load({"w": dest}, storage_reader=dcp_ext.storage_reader(url, backend="tensorstore"))
+    assert torch.equal(big[:, 16:64], w)
+    assert torch.equal(big[:, :16], torch.full((64, 16), 7.0)) and torch.equal(big[:, 64:], torch.full((64, 16), 7.0))
+
+
+def _chunk_files(d):
+    return sorted(os.path.join(r, n) for r, _, ns in os.walk(d) for n in ns if n != "zarr.json")
+
+
+def _load_error(url: str, rows: str, monkeypatch) -> str:
+    monkeypatch.setenv(ROWIO_ENV, rows)
+    with pytest.raises(BaseException) as e:  # CheckpointException is a BaseException
+        dcp.load({"layer.w": torch.zeros(64, 48)}, storage_reader=dcp_ext.storage_reader(url, backend="tensorstore"))
+    return str(e.value)
+
+
+@pytest.mark.parametrize("shard", [None, "16KiB"])
+def test_a_flipped_byte_in_a_tile_read_in_place_fails_naming_the_tensor(tmp_path, monkeypatch, shard):
+    url = str(tmp_path / "c")
+    dcp.save({"layer.w": torch.randn(64, 48)},
+             storage_writer=dcp_ext.storage_writer(url, backend="tensorstore",
+                                                   tensorstore={"chunk_size": "1KiB", "shard_size": shard}))
+    path = _chunk_files(tmp_path / "c" / "layer.w")[0]
+    with open(path, "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0x10]))
+    on = _load_error(url, "1", monkeypatch)
+    assert "CorruptCheckpointError" in on and "loading layer.w: a chunk fails its crc32c checksum" in on, on
+    assert on == _load_error(url, "0", monkeypatch)  # the same message as the scratch path
+
+
+def test_a_truncated_chunk_read_in_place_has_the_wrong_size(tmp_path, monkeypatch):
+    url = str(tmp_path / "c")
+    dcp.save({"layer.w": torch.randn(64, 48)},
+             storage_writer=dcp_ext.storage_writer(url, backend="tensorstore",
+                                                   tensorstore={"chunk_size": "1KiB", "shard_size": None}))
+    paths = _chunk_files(tmp_path / "c" / "layer.w")
+    os.truncate(paths[0], os.path.getsize(paths[0]) - 3)
+    with open(paths[1], "ab") as f:
+        f.write(b"x")
+    on = _load_error(url, "1", monkeypatch)
+    assert "loading layer.w: a chunk has the wrong size" in on and "than its" in on, on
+    assert on == _load_error(url, "0", monkeypatch)
+
+
+def test_in_place_write_and_read_failures_are_storage_errors(tmp_path, monkeypatch):
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    monkeypatch.setenv(ROWIO_ENV, "1")
+    url = str(tmp_path / "c")
+    opts = {"chunk_size": "1KiB", "shard_size": None}
+    full = []
+
+    def on_full(self):  # every chunk file is /dev/full: each write fails with ENOSPC
+        if not full:
+            full.append(os.open("/dev/full", os.O_WRONLY))
+        return full[0]
+
+    counting = _Counting(rowio)
+    monkeypatch.setattr(native, "_rowio", counting)
+    monkeypatch.setattr(native._File, "fd", on_full)
+    monkeypatch.setattr(native.os, "close", lambda fd, real=os.close: None if fd in full else real(fd))
+    with pytest.raises(BaseException) as e:
+        dcp.save({"layer.w": torch.randn(64, 48)},
+                 storage_writer=dcp_ext.storage_writer(url, backend="tensorstore", tensorstore=opts))
+    assert "saving layer.w: writing " in str(e.value) and "No space left on device" in str(e.value), str(e.value)
+    assert not (tmp_path / "c" / ".metadata").exists()
+    assert counting.calls["pwritev_rows"] >= 1  # the in-place write failed
+    monkeypatch.undo()
+    os.close(full[0])
+    monkeypatch.setenv(ROWIO_ENV, "1")
+
+    url = str(tmp_path / "d")
+    dcp.save({"layer.w": torch.randn(64, 48)},
+             storage_writer=dcp_ext.storage_writer(url, backend="tensorstore", tensorstore=opts))
+    path = _chunk_files(tmp_path / "d" / "layer.w")[0]
+    os.remove(path)
+    os.mkdir(path)  # opens, but reading it fails (EISDIR)
+    monkeypatch.setattr(native, "_rowio", counting)
+    msg = _load_error(url, "1", monkeypatch)
+    assert "loading layer.w: reading " in msg and "failed: Is a directory" in msg, msg
+    assert counting.calls["preadv_rows"] >= 1
+
+
+def test_without_the_extension_the_scratch_path_is_used_and_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(native, "_rowio", None)
+    monkeypatch.setattr(native, "_rowio_said", None)
+    sd = _state()
+    url = str(tmp_path / "c")
+    with caplog.at_level(logging.DEBUG, logger=native.__name__):
+        dcp.save(sd, storage_writer=dcp_ext.storage_writer(url, backend="tensorstore",
+                                                           tensorstore={"chunk_size": "1KiB"}))
+    assert "through scratch buffers (not built)" in caplog.text
+    out = {k: torch.zeros_like(v) for k, v in sd.items()}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(url, backend="tensorstore"))
+    for k, v in sd.items():
+        assert torch.equal(out[k], v), k
+    assert not native.rowio(True)
+    monkeypatch.setattr(native, "_rowio", rowio)
+    assert native.rowio(True) == rowio.HARDWARE and not native.rowio(False)
