@@ -1,6 +1,6 @@
 """Zarr3 chunks on local files without TensorStore's codec pipeline: the same bytes on disk,
 written and read by dcp-ext's own code (``pwritev``/``preadv`` straight from/into the tensor,
-crc32c from the ``crc32c`` package, which uses the CPU's crc32 instructions).
+crc32c by the CPU's crc32 instructions: ``dcp_ext._rowio``, or the ``crc32c`` package).
 
 Why: TensorStore's wheels compute the ``crc32c`` codec with abseil's portable table code (their
 SSE4.2/PCLMUL path is compiled out: ``absl::crc_internal::CRC32::Extend`` is a fifth of a
@@ -24,13 +24,20 @@ Format (zarr3 spec; TensorStore writes and reads exactly this, which the tests c
   then the index's crc32c.
 
 Writes go through :class:`Job` s (a run of chunks of one file, about :data:`JOB_BYTES`) that a
-thread pool runs; a chunk that is a contiguous slab of the source tensor is written from it,
-others are gathered into a per-thread scratch buffer first. Reads verify every chunk's crc32c
-(and every shard index's) before the data counts; a chunk wholly needed whose destination is
-contiguous is read straight into it, others into scratch and copied. Copies go row by row
-(:func:`copy_rows`). Measured and dropped (``docs/benchmarks.md``): reading a tile in cache-sized
-pieces (more calls, no less CPU), and ``preadv`` into the destination rows with a crc32c call per
-row (the Python calls cost more than the copy they save).
+thread pool runs; reads likewise. A whole chunk whose tensor side has a contiguous last dim
+(:func:`row_set`: any row strides, any number of dims) goes straight between the tensor's rows
+and the file: the ``dcp_ext._rowio`` C extension ``pwritev``s it from the source rows (crc32c
+computed over them first) or ``preadv``s it into the destination rows, then computes the crc32c
+over them and compares it with the stored one: no scratch, no copy (:func:`rowio` says whether
+the extension is there, the CPU has hardware crc32c and ``tensorstore.native_rowio`` is on).
+Otherwise a chunk that is a contiguous run of the tensor is written from it or read into it, and
+others are gathered into, or read into, a per-thread scratch buffer and copied row by row
+(:func:`copy_rows`). Every chunk's crc32c (and every shard index's) is checked; on the scratch
+path before the data reaches the tensor, on the in-place paths after (as with the byte-file
+backends): a load that fails leaves the destination's content undefined. Measured and dropped
+(``docs/benchmarks.md``): reading a tile in cache-sized pieces (more calls, no less CPU), and
+``preadv`` into the destination rows with a crc32c call per row from Python (the Python calls
+cost more than the copy they save: hence the C extension).
 """
 
 from __future__ import annotations
