@@ -363,31 +363,7 @@ done:
     return ok;
 }
 
-/* Rows up to this long have the next row prefetched while the crc runs over the current one: a
- * new row is in another page, where the hardware prefetcher starts over, and the crc32 chain
- * alone keeps too few loads in flight to hide memory latency. */
-#define PREFETCH_ROW 16384
-
-static uint32_t crc_rows(const RowSet *rs, uint32_t crc)
-{
-    Py_ssize_t idx[MAX_DIMS] = {0}, pidx[MAX_DIMS] = {0};
-    uintptr_t ptr = rs->base, next = rs->base;
-    int prefetch = rs->nrows > 1 && rs->row_bytes <= PREFETCH_ROW;
-    if (rs->row_bytes == 0)
-        return crc;
-    if (prefetch)
-        rowset_advance(rs, pidx, &next);
-    for (Py_ssize_t r = 0; r < rs->nrows; r++) {
-        if (prefetch && r + 1 < rs->nrows) {
-            for (Py_ssize_t o = 0; o < rs->row_bytes; o += 64)
-                __builtin_prefetch((const void *)(next + (uintptr_t)o), 0, 3);
-            rowset_advance(rs, pidx, &next);
-        }
-        crc = crc32c_any(crc, (const unsigned char *)ptr, (size_t)rs->row_bytes);
-        rowset_advance(rs, idx, &ptr);
-    }
-    return crc;
-}
+static int crc_rows(const RowSet *rs, uint32_t *crc);
 
 static int parse_crc(PyObject *value, uint32_t *out)
 {
@@ -417,9 +393,8 @@ static PyObject *py_crc32c_rows(PyObject *self, PyObject *args)
         return NULL;
     if (value != NULL && parse_crc(value, &crc) < 0)
         return NULL;
-    Py_BEGIN_ALLOW_THREADS
-    crc = crc_rows(&rs, crc);
-    Py_END_ALLOW_THREADS
+    if (crc_rows(&rs, &crc) < 0)
+        return NULL;
     return PyLong_FromUnsignedLong(crc);
 }
 
@@ -459,8 +434,8 @@ static PyObject *py_crc32c(PyObject *self, PyObject *args)
     return crc_buffer(args, "y*|O:crc32c", 0);
 }
 
-/* The iovecs of a row set (adjacent rows merged) plus an optional tail; NULL with an exception. */
-static struct iovec *make_iov(const RowSet *rs, void *tail, Py_ssize_t tail_len, Py_ssize_t *n_out)
+/* The iovecs of a row set (adjacent rows merged); NULL with an exception. */
+static struct iovec *make_iov(const RowSet *rs, Py_ssize_t *n_out)
 {
     Py_ssize_t cap = (rs->row_bytes ? rs->nrows : 0) + 1;
     if ((size_t)cap > SIZE_MAX / sizeof(struct iovec)) {
@@ -488,11 +463,6 @@ static struct iovec *make_iov(const RowSet *rs, void *tail, Py_ssize_t tail_len,
             rowset_advance(rs, idx, &ptr);
         }
     }
-    if (tail_len) {
-        iov[n].iov_base = tail;
-        iov[n].iov_len = (size_t)tail_len;
-        n++;
-    }
     *n_out = n;
     return iov;
 }
@@ -506,6 +476,36 @@ static int iov_max(void)
     if (m <= 0)
         m = 1024;
     return m > 1024 ? 1024 : (int)m;
+}
+
+/* Pieces up to this long have the next one prefetched while the crc runs over one: a new row is
+ * in another page, where the hardware prefetcher starts over, and the crc32 chain alone keeps too
+ * few loads in flight to hide memory latency (cold 512x512 fp32 tiles: 6 -> 7.5 GB/s). */
+#define PREFETCH_PIECE 16384
+
+static uint32_t crc_iov(uint32_t crc, const struct iovec *iov, Py_ssize_t n)
+{
+    for (Py_ssize_t k = 0; k < n; k++) {
+        if (k + 1 < n && iov[k + 1].iov_len <= PREFETCH_PIECE)
+            for (size_t o = 0; o < iov[k + 1].iov_len; o += 64)
+                __builtin_prefetch((const char *)iov[k + 1].iov_base + o, 0, 3);
+        crc = crc32c_any(crc, (const unsigned char *)iov[k].iov_base, iov[k].iov_len);
+    }
+    return crc;
+}
+
+/* The crc32c of a row set, continuing from *crc (GIL released); -1 with an exception set. */
+static int crc_rows(const RowSet *rs, uint32_t *crc)
+{
+    Py_ssize_t n;
+    struct iovec *iov = make_iov(rs, &n);
+    if (iov == NULL)
+        return -1;
+    Py_BEGIN_ALLOW_THREADS
+    *crc = crc_iov(*crc, iov, n);
+    Py_END_ALLOW_THREADS
+    PyMem_RawFree(iov);
+    return 0;
 }
 
 /* Transfer all of iov (writing or reading) from offset; bytes moved (fewer: end of file, reads
@@ -542,17 +542,83 @@ static Py_ssize_t transfer(int fd, int write, struct iovec *iov, Py_ssize_t n, o
     return total;
 }
 
-static PyObject *rows_io(PyObject *args, int write, const char *fmt)
+/* Move the rows (iov[0..n)) and then ext[0..n_ext) between memory and fd at offset. Writing with
+ * crc != NULL, the rows go in batches of about `batch` bytes, each hashed into *crc right before
+ * it is written (while it is in the cache), and crc_out (ext[0]'s buffer) receives the final crc,
+ * little-endian, before the last batch goes out. (Reads hash afterwards, in one go: in batches
+ * was no faster.) Bytes moved (fewer: end of file, or nothing more written), -1 with errno set
+ * on an error. work: room for IOV_MAX iovecs. */
+static Py_ssize_t rows_transfer(int fd, int write, const struct iovec *iov, Py_ssize_t n, const struct iovec *ext,
+                                int n_ext, off_t offset, size_t batch, uint32_t *crc, unsigned char *crc_out,
+                                struct iovec *work)
+{
+    int max = iov_max() - n_ext;
+    struct iovec *b = work;
+    Py_ssize_t total = 0, i = 0;
+    size_t o = 0;
+    if (crc == NULL || !write)
+        batch = 0;
+    for (;;) {
+        int nb = 0;
+        size_t bytes = 0;
+        while (i < n && nb < max && (batch == 0 || bytes < batch)) {
+            size_t take = iov[i].iov_len - o;
+            if (batch && take > batch - bytes)
+                take = batch - bytes;
+            b[nb].iov_base = (char *)iov[i].iov_base + o;
+            b[nb].iov_len = take;
+            nb++;
+            bytes += take;
+            o += take;
+            if (o == iov[i].iov_len) {
+                i++;
+                o = 0;
+            }
+        }
+        int last = i == n;
+        if (crc != NULL && write) {
+            *crc = crc_iov(*crc, b, nb);
+            if (last && crc_out != NULL)
+                for (int k = 0; k < 4; k++)
+                    crc_out[k] = (unsigned char)(*crc >> (8 * k));
+        }
+        if (last)
+            for (int e = 0; e < n_ext; e++) {
+                b[nb++] = ext[e];
+                bytes += ext[e].iov_len;
+            }
+        Py_ssize_t got = transfer(fd, write, b, nb, offset);
+        if (got < 0)
+            return -1;
+        total += got;
+        offset += got;
+        if ((size_t)got < bytes)
+            return total;
+        if (last)
+            return total;
+    }
+}
+
+/* preadv_rows, pwritev_rows (no crc) and write_rows_crc. */
+static PyObject *rows_io(PyObject *args, int write, int with_crc, const char *fmt)
 {
     int fd;
-    PyObject *offset_o, *address, *row_bytes, *counts, *strides, *tail_o = NULL;
+    PyObject *offset_o, *address, *row_bytes, *counts, *strides, *tail_o = NULL, *value_o = NULL, *batch_o = NULL;
     RowSet rs;
     Py_buffer tail = {0};
     int have_tail = 0;
-    if (!PyArg_ParseTuple(args, fmt, &fd, &offset_o, &address, &row_bytes, &counts, &strides, &tail_o))
+    uint32_t crc = 0;
+    unsigned char crc_bytes[4];
+    if (!PyArg_ParseTuple(args, fmt, &fd, &offset_o, &address, &row_bytes, &counts, &strides, &tail_o, &value_o,
+                          &batch_o))
         return NULL;
     Py_ssize_t offset = as_size(offset_o, "offset", 0);
     if (offset < 0)
+        return NULL;
+    Py_ssize_t batch = 256 * 1024;
+    if (batch_o != NULL && (batch = as_size(batch_o, "batch", 0)) < 0)
+        return NULL;
+    if (value_o != NULL && parse_crc(value_o, &crc) < 0)
         return NULL;
     if (parse_rowset(address, row_bytes, counts, strides, &rs) < 0)
         return NULL;
@@ -561,53 +627,66 @@ static PyObject *rows_io(PyObject *args, int write, const char *fmt)
             return NULL;
         have_tail = 1;
     }
-    Py_ssize_t want = rs.nrows * rs.row_bytes;
-    if (have_tail && want > PY_SSIZE_T_MAX - tail.len) {
-        PyBuffer_Release(&tail);
-        PyErr_SetString(PyExc_ValueError, "rows * row_bytes + len(tail) overflows");
-        return NULL;
+    struct iovec ext[2];
+    int n_ext = 0;
+    if (write && with_crc) {
+        ext[n_ext].iov_base = crc_bytes;
+        ext[n_ext++].iov_len = 4;
     }
-    if (have_tail)
-        want += tail.len;
-    if ((off_t)offset < 0 || (off_t)offset != offset || (off_t)(offset + want) < (off_t)offset) {
-        if (have_tail)
-            PyBuffer_Release(&tail);
+    if (have_tail && tail.len) {
+        ext[n_ext].iov_base = tail.buf;
+        ext[n_ext++].iov_len = (size_t)tail.len;
+    }
+    Py_ssize_t want = rs.nrows * rs.row_bytes;
+    PyObject *result = NULL;
+    struct iovec *iov = NULL, *work = NULL;
+    for (int e = 0; e < n_ext; e++) {
+        if (want > PY_SSIZE_T_MAX - (Py_ssize_t)ext[e].iov_len) {
+            PyErr_SetString(PyExc_ValueError, "rows * row_bytes + len(tail) overflows");
+            goto done;
+        }
+        want += (Py_ssize_t)ext[e].iov_len;
+    }
+    if ((off_t)offset != offset || (off_t)(offset + want) < (off_t)offset) {
         PyErr_SetString(PyExc_ValueError, "offset + size overflows the file offset type");
-        return NULL;
+        goto done;
     }
     Py_ssize_t n_iov;
-    struct iovec *iov = make_iov(&rs, have_tail ? tail.buf : NULL, have_tail ? tail.len : 0, &n_iov);
-    if (iov == NULL) {
-        if (have_tail)
-            PyBuffer_Release(&tail);
-        return NULL;
+    iov = make_iov(&rs, &n_iov);
+    work = PyMem_RawMalloc((size_t)iov_max() * sizeof(struct iovec));
+    if (iov == NULL || work == NULL) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        goto done;
     }
     Py_ssize_t got;
     int err = 0;
     Py_BEGIN_ALLOW_THREADS
-    got = transfer(fd, write, iov, n_iov, (off_t)offset);
+    got = rows_transfer(fd, write, iov, n_iov, ext, n_ext, (off_t)offset, (size_t)batch, with_crc ? &crc : NULL,
+                        write && with_crc ? crc_bytes : NULL, work);
     if (got < 0)
         err = errno;
     Py_END_ALLOW_THREADS
-    PyMem_RawFree(iov);
-    if (have_tail)
-        PyBuffer_Release(&tail);
     if (got < 0) {
         errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    if (write) {
-        if (got != want) {
-            PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", EIO, "the file system wrote nothing more");
-            if (exc != NULL) {
-                PyErr_SetObject(PyExc_OSError, exc);
-                Py_DECREF(exc);
-            }
-            return NULL;
+        PyErr_SetFromErrno(PyExc_OSError);
+    } else if (write && got != want) {
+        PyObject *exc = PyObject_CallFunction(PyExc_OSError, "is", EIO, "the file system wrote nothing more");
+        if (exc != NULL) {
+            PyErr_SetObject(PyExc_OSError, exc);
+            Py_DECREF(exc);
         }
-        Py_RETURN_NONE;
+    } else if (write) {
+        result = with_crc ? PyLong_FromUnsignedLong(crc) : Py_NewRef(Py_None);
+    } else {
+        result = PyLong_FromSsize_t(got);
     }
-    return PyLong_FromSsize_t(got);
+done:
+    PyMem_RawFree(iov);
+    PyMem_RawFree(work);
+    if (have_tail)
+        PyBuffer_Release(&tail);
+    return result;
 }
 
 PyDoc_STRVAR(preadv_rows_doc,
@@ -615,21 +694,23 @@ PyDoc_STRVAR(preadv_rows_doc,
 "Read the file from offset into the rows (see crc32c_rows), then into the writable buffer tail,\n"
 "with preadv (up to IOV_MAX buffers a call; short reads resumed). Returns the bytes read: fewer\n"
 "than asked where the file ends. OSError on failure.");
-
-static PyObject *py_preadv_rows(PyObject *self, PyObject *args)
-{
-    return rows_io(args, 0, "iOOOOO|O:preadv_rows");
-}
-
 PyDoc_STRVAR(pwritev_rows_doc,
 "pwritev_rows(fd, offset, address, row_bytes, counts, strides, tail=None) -> None\n\n"
 "Write the rows (see crc32c_rows), then the buffer tail, to the file at offset with pwritev\n"
 "(resumed until all is written). OSError with the errno on failure.");
+PyDoc_STRVAR(write_rows_crc_doc,
+"write_rows_crc(fd, offset, address, row_bytes, counts, strides, tail=None, value=0, batch=262144)\n"
+"-> crc\n\n"
+"Write the rows, their crc32c (continuing from value; 4 bytes, little-endian), then tail, with\n"
+"pwritev in batches of about batch bytes, each hashed right before it is written (so the write\n"
+"copies it from the cache: a save of 512x512 fp32/bf16 tiles 5-7% faster than hashing the whole\n"
+"chunk first; 512 KiB batches no better). Returns the crc.");
 
-static PyObject *py_pwritev_rows(PyObject *self, PyObject *args)
-{
-    return rows_io(args, 1, "iOOOOO|O:pwritev_rows");
-}
+#define ROWS_IO_METHOD(name, write, with_crc, fmt) \
+    static PyObject *py_##name(PyObject *self, PyObject *args) { return rows_io(args, write, with_crc, fmt); }
+ROWS_IO_METHOD(preadv_rows, 0, 0, "iOOOOO|O:preadv_rows")
+ROWS_IO_METHOD(pwritev_rows, 1, 0, "iOOOOO|O:pwritev_rows")
+ROWS_IO_METHOD(write_rows_crc, 1, 1, "iOOOOO|OOO:write_rows_crc")
 
 static PyMethodDef methods[] = {
     {"crc32c_rows", py_crc32c_rows, METH_VARARGS, crc32c_rows_doc},
@@ -637,6 +718,7 @@ static PyMethodDef methods[] = {
     {"crc32c_portable", py_crc32c_portable, METH_VARARGS, crc32c_portable_doc},
     {"preadv_rows", py_preadv_rows, METH_VARARGS, preadv_rows_doc},
     {"pwritev_rows", py_pwritev_rows, METH_VARARGS, pwritev_rows_doc},
+    {"write_rows_crc", py_write_rows_crc, METH_VARARGS, write_rows_crc_doc},
     {NULL, NULL, 0, NULL},
 };
 

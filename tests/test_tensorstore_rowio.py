@@ -145,6 +145,29 @@ def test_pwritev_and_preadv_rows_round_trip_strided_rows_and_detect_a_short_file
     assert e.value.errno == errno.EBADF
 
 
+@pytest.mark.parametrize("batch", [0, 1, 7, 100, 4096, 262144])
+def test_write_rows_crc_writes_the_rows_their_crc32c_and_the_tail(tmp_path, batch):
+    rng = np.random.default_rng(4)
+    src = rng.integers(0, 256, size=(40, 300), dtype=np.uint8)
+    path = str(tmp_path / "f")
+    for tile, tail, value in [(src[3:33, 5:260], b"index!", 0), (src, b"", 0xABCDEF), (src[:, :0], b"T", 5),
+                              (src[:0], b"", 0), (src[2:3, 7:8], b"", 0)]:
+        data = np.ascontiguousarray(tile).tobytes()
+        want = crc32c.crc32c(data, value)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            assert rowio.write_rows_crc(fd, 3, *native.row_set(tile), tail, value, batch) == want
+        finally:
+            os.close(fd)
+        with open(path, "rb") as f:
+            assert f.read() == b"\0" * 3 + data + want.to_bytes(4, "little") + tail, (tile.shape, batch)
+    with pytest.raises(ValueError, match="batch must not be negative"):
+        rowio.write_rows_crc(0, 0, *native.row_set(src), None, 0, -1)
+    with pytest.raises(OSError) as e:
+        rowio.write_rows_crc(fd, 0, *native.row_set(src))  # closed
+    assert e.value.errno == errno.EBADF
+
+
 def test_more_rows_than_iov_max_go_in_several_calls(tmp_path):
     src = np.arange(3000 * 16, dtype=np.uint8).reshape(3000, 16)
     tile = src[:, :5]  # 3000 separate rows: more than IOV_MAX (1024) buffers
@@ -152,13 +175,16 @@ def test_more_rows_than_iov_max_go_in_several_calls(tmp_path):
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         rowio.pwritev_rows(fd, 0, *native.row_set(tile))
+        assert rowio.write_rows_crc(fd, tile.size, *native.row_set(tile), None, 0, 0) == \
+            crc32c.crc32c(np.ascontiguousarray(tile))  # batch 0: as many rows a call as IOV_MAX allows
         out = np.zeros_like(src)
         assert rowio.preadv_rows(fd, 0, *native.row_set(out[:, 7:12])) == tile.size
     finally:
         os.close(fd)
     assert np.array_equal(out[:, 7:12], tile)
     with open(path, "rb") as f:
-        assert f.read() == np.ascontiguousarray(tile).tobytes()
+        data = np.ascontiguousarray(tile).tobytes()
+        assert f.read() == data + data + crc32c.crc32c(data).to_bytes(4, "little")
 
 
 def test_row_set_merges_contiguous_dims_and_refuses_a_strided_last_dim():
@@ -190,7 +216,7 @@ class _Counting:
 
     def __init__(self, real):
         self.real = real
-        self.calls = {"preadv_rows": 0, "pwritev_rows": 0}
+        self.calls = {"preadv_rows": 0, "write_rows_crc": 0}
 
     def __getattr__(self, name):
         fn = getattr(self.real, name)
@@ -230,7 +256,7 @@ def test_in_place_rows_give_the_same_files_and_tensors_as_the_scratch_path(tmp_p
             assert torch.equal(out[k], v), (on, k)
         results[on] = _files(url)
         if on == "1":
-            assert counting.calls["pwritev_rows"] > 20 and counting.calls["preadv_rows"] > 20, counting.calls
+            assert counting.calls["write_rows_crc"] > 20 and counting.calls["preadv_rows"] > 20, counting.calls
             seen = dict(counting.calls)
     assert counting.calls == seen  # OFF made no in-place call
     assert results["1"].keys() == results["0"].keys()
@@ -320,7 +346,7 @@ def test_in_place_write_and_read_failures_are_storage_errors(tmp_path, monkeypat
                  storage_writer=dcp_ext.storage_writer(url, backend="tensorstore", tensorstore=opts))
     assert "saving layer.w: writing " in str(e.value) and "No space left on device" in str(e.value), str(e.value)
     assert not (tmp_path / "c" / ".metadata").exists()
-    assert counting.calls["pwritev_rows"] >= 1  # the in-place write failed
+    assert counting.calls["write_rows_crc"] >= 1  # the in-place write failed
     monkeypatch.undo()
     os.close(full[0])
     monkeypatch.setenv(ROWIO_ENV, "1")

@@ -26,9 +26,10 @@ Format (zarr3 spec; TensorStore writes and reads exactly this, which the tests c
 Writes go through :class:`Job` s (a run of chunks of one file, about :data:`JOB_BYTES`) that a
 thread pool runs; reads likewise. A whole chunk whose tensor side has a contiguous last dim
 (:func:`row_set`: any row strides, any number of dims) goes straight between the tensor's rows
-and the file: the ``dcp_ext._rowio`` C extension ``pwritev``s it from the source rows (crc32c
-computed over them first) or ``preadv``s it into the destination rows, then computes the crc32c
-over them and compares it with the stored one: no scratch, no copy (:func:`rowio` says whether
+and the file: the ``dcp_ext._rowio`` C extension ``pwritev``s it from the source rows (in
+256 KiB batches, each hashed into the crc32c just before it goes out, then the crc) or
+``preadv``s it into the destination rows, then computes the crc32c over them and compares it
+with the stored one: no scratch, no copy (:func:`rowio` says whether
 the extension is there, the CPU has hardware crc32c and ``tensorstore.native_rowio`` is on).
 Otherwise a chunk that is a contiguous run of the tensor is written from it or read into it, and
 others are gathered into, or read into, a per-thread scratch buffer and copied row by row
@@ -338,9 +339,7 @@ def _write_job(file: _File, offset: int, pieces: list[_Piece], tail: bytes | Non
             for i, p in enumerate(pieces):  # one chunk at a time: a gathered one stays in cache
                 last = tail if tail is not None and i == len(pieces) - 1 else b""
                 if p.rows is not None:  # straight from the source rows: no gather
-                    addr, row, counts, strides = p.rows
-                    crc = _rowio.crc32c_rows(addr, row, counts, strides)
-                    _rowio.pwritev_rows(file.fd(), pos, addr, row, counts, strides, crc.to_bytes(4, "little") + last)
+                    _rowio.write_rows_crc(file.fd(), pos, *p.rows, last)  # rows, their crc32c, ``last``
                     pos += p.nbytes + 4
                     continue
                 if p.direct:
@@ -559,7 +558,7 @@ def _read_job(reads: list[_Read], what: str, where: str, count: ByteCount) -> Jo
                 if got != want:
                     raise _corrupt(what, where, "a chunk has the wrong size",
                                    f"{r.key} is {'longer' if got > want else 'shorter'} than its {want} bytes")
-                if r.rows is not None:
+                if r.rows is not None:  # hashed in one go after the read: in batches was no faster
                     value = _rowio.crc32c_rows(addr, row, counts, strides)
                 else:
                     value = 0
