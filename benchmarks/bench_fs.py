@@ -21,6 +21,11 @@ Contenders (save / load):
                 one plain thread per core it has (cores / ranks), each writing its tensors' raw
                 bytes with os.write to its own file (+ fsync) and reading them back with
                 readinto straight into preallocated tensors (no format, no checksums)
+  raw_verified  raw, plus what verification must add to it: the save hashes each 1 MiB block
+                (xxh3_64) right before writing it, the load reads 1 MiB pieces and hashes each
+                right after it lands (still in cache), compared with the digests of the save.
+                No format, no DCP: the limit of any design that verifies what it read (not
+                run unless named in --contenders)
 Loads are measured with a warm page cache (the files were just written): they measure the
 CPU efficiency of each reader, not the disk. Before every timed save and load the garbage
 collector runs (untimed), so no contender pays for a full collection of another's garbage;
@@ -47,7 +52,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 CONTENDERS = ["ours", "stock", "stock_t8", "torch_save", "ours_nocheck", "raw"]
 #: contenders run only when named in --contenders
-EXTRA_CONTENDERS = ["ours_crc32c"]
+EXTRA_CONTENDERS = ["ours_crc32c", "raw_verified"]
+#: the block raw_verified hashes (dcp-ext's blocks of a 32 MiB tensor are 1 MiB too)
+RAW_BLOCK = 1 << 20
 
 
 def make_state(total_bytes: int, rank: int = 0, world: int = 1, seed: int = 0, kind: str = "mixed") -> dict:
@@ -130,9 +137,13 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
-def raw_save(state: dict, path: str, rank: int) -> None:
-    """The raw limit's save: each thread ``os.write``\ s its tensors' bytes to its own file, fsync."""
+def raw_save(state: dict, path: str, rank: int, digests: dict | None = None) -> None:
+    """The raw limit's save: each thread ``os.write``\ s its tensors' bytes to its own file, fsync.
+    With ``digests`` (raw_verified): each ``RAW_BLOCK`` is hashed right before it is written, the
+    digests stored there by tensor name."""
     from concurrent.futures import ThreadPoolExecutor
+
+    import xxhash
 
     os.makedirs(path, exist_ok=True)
 
@@ -141,6 +152,14 @@ def raw_save(state: dict, path: str, rank: int) -> None:
         try:
             for k in keys:
                 mv = _bytes_of(state[k])
+                if digests is not None:
+                    digests[k] = out = []
+                    for s in range(0, len(mv), RAW_BLOCK):
+                        block = mv[s:s + RAW_BLOCK]
+                        out.append(xxhash.xxh3_64_intdigest(block))
+                        while len(block):
+                            block = block[os.write(fd, block):]
+                    continue
                 while len(mv):
                     mv = mv[os.write(fd, mv):]
             os.fsync(fd)
@@ -152,15 +171,28 @@ def raw_save(state: dict, path: str, rank: int) -> None:
         list(ex.map(write, range(len(groups)), groups))
 
 
-def raw_load(state: dict, target: dict, path: str, rank: int) -> None:
-    """The raw limit's load: each thread ``readinto``\ s its file straight into the tensors."""
+def raw_load(state: dict, target: dict, path: str, rank: int, digests: dict | None = None) -> None:
+    """The raw limit's load: each thread ``readinto``\ s its file straight into the tensors.
+    With ``digests`` (raw_verified): ``RAW_BLOCK`` pieces, each hashed right after it lands and
+    compared with the save's digest."""
     from concurrent.futures import ThreadPoolExecutor
+
+    import xxhash
 
     def read(i: int, keys: list[str]) -> None:
         with open(os.path.join(path, f"raw{rank}_{i}"), "rb", buffering=0) as f:
             for k in keys:
                 mv = _bytes_of(target[k])
                 got = 0
+                if digests is not None:
+                    for n, s in enumerate(range(0, len(mv), RAW_BLOCK)):
+                        piece = mv[s:s + RAW_BLOCK]
+                        have = 0
+                        while have < len(piece):
+                            have += f.readinto(piece[have:])
+                        if xxhash.xxh3_64_intdigest(piece) != digests[k][n]:
+                            raise AssertionError(f"raw_verified: block {n} of {k} differs")
+                    continue
                 while got < len(mv):
                     got += f.readinto(mv[got:])
 
@@ -195,8 +227,9 @@ def run_one(kind: str, state: dict, path: str, check: bool = True) -> tuple[floa
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-    elif kind == "raw":
-        raw_save(state, path, rank)
+    elif kind in ("raw", "raw_verified"):
+        digests: dict | None = {} if kind == "raw_verified" else None
+        raw_save(state, path, rank, digests)
     else:
         dcp.save(state, storage_writer=_writer(kind, path))
     save_s, save_cpu = time.perf_counter() - t0, _cpu_s() - c0
@@ -207,8 +240,8 @@ def run_one(kind: str, state: dict, path: str, check: bool = True) -> tuple[floa
     c0, t0 = _cpu_s(), time.perf_counter()
     if kind == "torch_save":
         target = torch.load(pt_file, weights_only=True)
-    elif kind == "raw":
-        raw_load(state, target, path, rank)
+    elif kind in ("raw", "raw_verified"):
+        raw_load(state, target, path, rank, digests)
     else:
         dcp.load(target, storage_reader=_reader(kind, path))
     load_s, load_cpu = time.perf_counter() - t0, _cpu_s() - c0

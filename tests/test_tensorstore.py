@@ -30,6 +30,8 @@ from dcp_ext.errors import (  # noqa: E402
 )
 from dcp_ext.storage.tensorstore import TensorStoreReader, TensorStoreWriter  # noqa: E402
 from dcp_ext.storage.tensorstore.layout import (  # noqa: E402
+    Grid,
+    array_json,
     array_name,
     chunk_count,
     grid_for,
@@ -382,6 +384,10 @@ def test_native_chunks_are_what_tensorstore_writes_and_reads(tmp_path, grid):
     # a chunk is fully determined (its elements, padded, + crc32c); a shard too when written whole:
     # inner chunks in C order, then the index
     assert native == by_ts
+    # the native writer writes each array's zarr.json itself: the same bytes TensorStore writes
+    jn = {str(f.relative_to(tmp_path / "n")): f.read_bytes() for f in (tmp_path / "n").rglob("*/zarr.json")}
+    jt = {str(f.relative_to(tmp_path / "t")): f.read_bytes() for f in (tmp_path / "t").rglob("*/zarr.json")}
+    assert len(jn) == len(tensors) and jn == jt
     # each reads what the other wrote, exactly
     nonempty = len([k for k in tensors if sd[k].numel()])  # DCP asks for no read of an empty tensor
     for src, opts, n_native in (("n", {**grid, **NATIVE_OFF}, 0), ("t", grid, nonempty)):
@@ -394,6 +400,23 @@ def test_native_chunks_are_what_tensorstore_writes_and_reads(tmp_path, grid):
     assert torch.equal(torch.from_numpy(w.read().result()), sd["w"])
     f = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{tmp_path}/n/flag/"}}).result()
     assert torch.equal(torch.from_numpy(f.read().result()), sd["flag"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int64, torch.float16, torch.bfloat16, torch.float64,
+                                   torch.complex64, torch.float8_e4m3fn, torch.complex32, torch.uint32])
+@pytest.mark.parametrize("grid,cfg", [(Grid([6, 8]), {}), (Grid([12, 8], [3, 4]), {}),
+                                      (Grid([6, 8]), {"tensorstore": {"compression": "zstd"}})])
+def test_array_json_is_what_tensorstore_writes(tmp_path, dtype, grid, cfg):
+    """``layout.array_json``: byte for byte TensorStore's ``zarr.json`` of the same metadata, for
+    every kind of fill value (bool, ints, floats, complex), bit-cast dtypes, shards, zstd and a
+    non-ASCII FQN."""
+    from dcp_ext.config import load_config
+    from dcp_ext.storage.tensorstore.arrays import array_metadata
+
+    md = array_metadata([12, 8], dtype, grid, load_config(cfg), "layers.0.wörter/ß")
+    ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{tmp_path}/a/"}, "metadata": md},
+            create=True).result()
+    assert array_json(md) == (tmp_path / "a" / "zarr.json").read_bytes()
 
 
 @pytest.mark.parametrize("native", [True, False])

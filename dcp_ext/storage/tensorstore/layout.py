@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
@@ -45,6 +46,7 @@ __all__ = [
     "plan_array",
     "chunk_shape_for",
     "chunk_count",
+    "array_json",
 ]
 
 #: longest array/object name (bytes) before it is shortened to a prefix + hash
@@ -256,3 +258,39 @@ def plan_array(fqn: str, shape: Sequence[int], dtype: torch.dtype,
     if mode == "per_box" or chunk_count(shape, grid.chunk) > 2 * apart:
         plan.parts = parts
     return plan
+
+
+def _fill_value(data_type: str) -> bool | int | float | list[float]:
+    """The zarr3 ``fill_value`` TensorStore writes for ``data_type`` (its zero)."""
+    if data_type == "bool":
+        return False
+    if data_type.startswith(("int", "uint")):
+        return 0
+    if data_type.startswith("complex"):
+        return [0.0, 0.0]
+    return 0.0
+
+
+def _as_written(codecs: list[dict]) -> list[dict]:
+    """``codecs`` as TensorStore writes them: a shard's ``index_location`` left out when it is
+    the default (``"end"``)."""
+    out = []
+    for c in codecs:
+        if c.get("name") == "sharding_indexed":
+            conf = {k: v for k, v in c["configuration"].items() if (k, v) != ("index_location", "end")}
+            conf["codecs"] = _as_written(conf["codecs"])
+            c = {**c, "configuration": conf}
+        out.append(c)
+    return out
+
+
+def array_json(metadata: dict) -> bytes:
+    """The ``zarr.json`` of an array with zarr3 ``metadata`` (as
+    :func:`~dcp_ext.storage.tensorstore.arrays.array_metadata` builds it): byte for byte what
+    TensorStore writes when it creates the array (the metadata plus ``fill_value`` 0,
+    ``node_type`` and ``zarr_format``; defaults left out; keys sorted, no spaces, UTF-8). On local files the writer
+    writes it itself: creating an array through TensorStore took ~2 ms each, 45 ms of a
+    768 MiB, 20-tensor save on tmpfs."""
+    doc = {**metadata, "codecs": _as_written(metadata["codecs"]), "fill_value": _fill_value(metadata["data_type"]),
+           "node_type": "array", "zarr_format": 3}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

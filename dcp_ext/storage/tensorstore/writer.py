@@ -18,6 +18,7 @@ Protocol (the same commit protocol as every other backend, :mod:`dcp_ext.storage
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import logging
 import os
@@ -32,15 +33,16 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from ...config import Config
-from ...errors import DcpExtError, ReshardError
+from ...errors import DcpExtError, ReshardError, StorageError
 from ...integrity import checksum
 from ...progress import Progress
 from ..commit import MANIFEST_NAME, publish, refuse_overwrite, uncommit
 from ..manifest import decode_manifest, encode_manifest
+from ..threads import run_all
 from .arrays import (LAYOUT, LAYOUT_VERSION, LocatedIO, Window, array_metadata, bytes_counter, numpy_view,
                      translate_error)
 from ..writer import ExtStorageWriter
-from .layout import OBJECTS_DIR, ArrayPlan, object_path, plan_array
+from .layout import OBJECTS_DIR, ArrayPlan, array_json, object_path, plan_array
 from .native import ByteCount, as_numpy, plan_writes, sync_dirs
 
 __all__ = ["TensorStoreWriter", "TensorStoreSaveStats"]
@@ -169,13 +171,38 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
         # the parts of a per-box tensor live in a zarr3 group named like the tensor
         futs = [(f"{p.name}/zarr.json", self.arrays.put(f"{p.name}/zarr.json", _group_json(p)))
                 for p in layout.values() if p.per_box]
-        futs += [(path, self.arrays.create(path, md)) for path, md in metadata.items()]
+        dtypes = {path: p.dtype for p in layout.values() for path, _s, _g in p.arrays()}
+        own = [path for path, md in metadata.items() if self.native_format(path, md, dtypes[path]) is not None]
+        futs += [(path, self.arrays.create(path, md)) for path, md in metadata.items() if path not in own]
+        run_all("tensorstore-meta", 8, self._write_array_json, [(path, metadata[path]) for path in own])
         for path, f in futs:
             try:
                 f.result()
             except ValueError as e:
                 raise translate_error(e, f"creating array {path}", self.loc.describe(path)) from e
         logger.debug("created %d zarr3 arrays under %s", len(futs), self.store.url)
+
+    def _write_array_json(self, path: str, metadata: dict) -> None:
+        """Create array ``path`` on local files by writing its ``zarr.json`` (what TensorStore
+        would write, :func:`~.layout.array_json`), fsynced with its directory when
+        ``fs.fsync`` is on: the array's chunks are then written by :mod:`.native`."""
+        d = self.array_dir(path)
+        f = os.path.join(d, "zarr.json")
+        try:
+            os.makedirs(d, exist_ok=True)
+            fd = os.open(f, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o666)
+            try:
+                data = array_json(metadata)
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.EIO, "short write")
+                if self.config.fs.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise StorageError(f"creating array {path}: cannot write {f}: {e.strerror or e}") from e
+        if self.config.fs.fsync:
+            sync_dirs({d}, self.loc.root["path"])
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         lay: _RankLayout = plan.storage_data
