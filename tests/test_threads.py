@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from dcp_ext.storage.threads import io_pool, run_all
+from dcp_ext.storage.threads import io_pool, run_all, submit_in_turn
 from tests.support.torch_features import needs_per_context_crc_option
 
 
@@ -124,3 +124,44 @@ def test_zip_crc_switch_is_per_thread_and_restored():
     assert inside == {"a": False, "b": False}
     assert after == {"a": True, "b": True}
     assert torch.serialization.get_crc32_options() is True
+
+
+def test_calls_with_one_key_run_one_at_a_time_in_order_while_other_keys_run():
+    pool = io_pool("test-turns", 4)
+    lock = threading.Lock()
+    running = {"a": 0, "b": 0}
+    most = {"a": 0, "b": 0}
+    order = {"a": [], "b": []}
+    b_ran = threading.Event()
+
+    def call(key, i):
+        def fn():
+            with lock:
+                running[key] += 1
+                most[key] = max(most[key], running[key])
+                order[key].append(i)
+            if key == "a" and i == 0:  # "a" waits for a "b" call: "b" runs while "a" holds its turn
+                assert b_ran.wait(30)
+            if key == "b":
+                b_ran.set()
+            with lock:
+                running[key] -= 1
+            return (key, i)
+        return fn
+
+    futs = [submit_in_turn(pool, key, call(key, i)) for i in range(10) for key in ("a", "b")]
+    assert [f.result(timeout=60) for f in futs] == [(k, i) for i in range(10) for k in ("a", "b")]
+    assert most == {"a": 1, "b": 1}
+    assert order == {"a": list(range(10)), "b": list(range(10))}
+
+
+def test_an_error_in_one_turn_goes_to_its_future_and_the_next_still_run():
+    pool = io_pool("test-turns", 2)
+
+    def boom():
+        raise OSError(28, "No space left on device")
+
+    futs = [submit_in_turn(pool, "f", lambda: 1), submit_in_turn(pool, "f", boom), submit_in_turn(pool, "f", lambda: 3)]
+    assert futs[0].result(timeout=30) == 1 and futs[2].result(timeout=30) == 3
+    with pytest.raises(OSError, match="No space left"):
+        futs[1].result(timeout=30)

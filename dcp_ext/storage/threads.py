@@ -24,7 +24,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-__all__ = ["io_pool", "run_all", "HostInfo", "ranks_on_hosts", "ranks_on_host_from_env", "cpu_workers"]
+__all__ = ["io_pool", "submit_in_turn", "run_all", "HostInfo", "ranks_on_hosts", "ranks_on_host_from_env",
+           "cpu_workers"]
 
 _POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
 _LOCK = threading.Lock()
@@ -110,10 +111,63 @@ def cpu_workers(io_threads: int, cpu_bound: bool, ranks_on_host: int) -> int:
     return max(1, min(io_threads, _usable_cpus() // max(1, ranks_on_host)))
 
 
+#: per key, the calls of :func:`submit_in_turn` waiting for the one running
+_TURNS: dict[Any, collections.deque] = {}
+_TURNS_LOCK = threading.Lock()
+
+
+def submit_in_turn(pool: ThreadPoolExecutor, key: Any, fn: Callable[[], Any]) -> Future:
+    """``pool.submit(fn)``, except that calls with the same ``key`` run one at a time, in the
+    order submitted: the next is queued on ``pool`` when the one before finishes, so the pool's
+    threads run calls of other keys meanwhile. For writes to one file: the kernel takes the
+    file's lock for each write (tmpfs, ext4, xfs buffered), so two threads writing one file run
+    one at a time, the waiting one spinning on the lock (a 768 MiB fp32 zarr3 save in 64 MiB
+    shard files on 2 cores: 401 ms with jobs in pool order, 291 ms in turn; bf16 384 MiB: 200
+    and 150 ms; medians of 7, load average ~0.5-0.8)."""
+    fut: Future = Future()
+    with _TURNS_LOCK:
+        waiting = _TURNS.get(key)
+        if waiting is not None:
+            waiting.append((fn, fut))
+            return fut
+        _TURNS[key] = collections.deque()
+    _start_turn(pool, key, fn, fut)
+    return fut
+
+
+def _start_turn(pool: ThreadPoolExecutor, key: Any, fn: Callable[[], Any], fut: Future) -> None:
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller through the future
+            fut.set_exception(e)
+        else:
+            fut.set_result(result)
+        finally:
+            with _TURNS_LOCK:
+                waiting = _TURNS[key]
+                nxt = waiting.popleft() if waiting else None
+                if nxt is None:
+                    del _TURNS[key]
+            if nxt is not None:
+                _start_turn(pool, key, *nxt)
+
+    try:
+        pool.submit(run)
+    except RuntimeError as e:  # the pool was shut down (interpreter exit): fail this call and the rest
+        fut.set_exception(e)
+        with _TURNS_LOCK:
+            rest = _TURNS.pop(key, collections.deque())
+        for _fn, f in rest:
+            f.set_exception(e)
+
+
 def _forget_pools_in_child() -> None:
-    global _LOCK
+    global _LOCK, _TURNS_LOCK
     _POOLS.clear()
     _LOCK = threading.Lock()
+    _TURNS.clear()
+    _TURNS_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

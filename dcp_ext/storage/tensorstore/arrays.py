@@ -14,7 +14,7 @@ import torch
 
 from ...config import Config
 from ...errors import CorruptCheckpointError, DcpExtError, MissingDependencyError, StorageError
-from ..threads import cpu_workers, io_pool, ranks_on_host_from_env
+from ..threads import cpu_workers, io_pool, ranks_on_host_from_env, submit_in_turn
 from .kvstore import Location, context_spec, resolve_location
 from .layout import Grid, StoredDtype, stored_dtype, torch_dtype_name
 from .native import ChunkFormat, Job, chunk_format
@@ -173,7 +173,10 @@ class LocatedIO:
         t = self.config.tensorstore
         cores = os.cpu_count() or 1
         workers = t.concurrency or max(2, cpu_workers(2 * cores, True, ranks_on_host_from_env()))
-        return io_pool("tensorstore", workers).submit(job.run)
+        pool = io_pool("tensorstore", workers)
+        if job.file is not None:  # one writer per file at a time; the other files' jobs run meanwhile
+            return submit_in_turn(pool, job.file, job.run)
+        return pool.submit(job.run)
 
     @property
     def arrays(self) -> Arrays:

@@ -240,10 +240,12 @@ class ByteCount:
 
 @dataclass
 class Job:
-    """One unit of work for a pool thread: call :meth:`run`; ``nbytes``: its chunk data."""
+    """One unit of work for a pool thread: call :meth:`run`; ``nbytes``: its chunk data;
+    ``file``: the file it writes (jobs writing one file run one at a time: ``submit_in_turn``)."""
 
     run: Callable[[], None]
     nbytes: int
+    file: str | None = None
 
 
 # -- writing --------------------------------------------------------------------------------
@@ -364,7 +366,7 @@ def _write_job(file: _File, offset: int, pieces: list[_Piece], tail: bytes | Non
         finally:
             file.release(ok)
 
-    return Job(run, sum(p.nbytes for p in pieces))
+    return Job(run, sum(p.nbytes for p in pieces), file.path)
 
 
 def _box_chunks(lo: Sequence[int], hi: Sequence[int], chunk: Sequence[int]):
