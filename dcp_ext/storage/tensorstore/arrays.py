@@ -167,9 +167,11 @@ class LocatedIO:
         """Run a :mod:`.native` job on the process's pool: ``tensorstore.concurrency`` threads,
         else this rank's share of the host's cores (``cpu_workers``, ``LOCAL_WORLD_SIZE`` ranks
         per host), at least 2. On tmpfs the jobs are CPU work (copies to and from the page cache,
-        crc32c); with the in-place row path, 2 threads on 2 cores against the former 4 (2 per
-        core): fp32 768 MiB save 378 vs 415 ms, load 168 vs 190 ms (medians of 7, load average
-        ~2); bf16 384 MiB save 333 vs 363 ms, load 199 vs 186 ms."""
+        crc32c): 2 threads on 2 cores against the former 4 (2 per core), with the in-place row
+        path and writes in turn: fp32 768 MiB save 332 vs 341 ms, load 210 vs 220 ms; bf16 384
+        MiB save 149 vs 145 ms, load 100 vs 101 ms (medians of 7, load average ~0.8-0.9): no
+        gain from more threads than cores. Jobs writing one file run in turn
+        (``submit_in_turn``)."""
         t = self.config.tensorstore
         cores = os.cpu_count() or 1
         workers = t.concurrency or max(2, cpu_workers(2 * cores, True, ranks_on_host_from_env()))
