@@ -43,7 +43,7 @@ def _rows_of(buf: np.ndarray, start: int, row: int, counts, strides) -> bytes:
     return b"".join(out)
 
 
-def test_crc32c_matches_the_crc32c_package_on_contiguous_buffers():
+def test_crc32c_matches_the_crc32c_package_on_contiguous_buffers(fold):
     rng = random.Random(1)
     raw = np.frombuffer(rng.randbytes(1 << 17), dtype=np.uint8)
     sizes = [0, 1, 7, 8, 9, 255, 767, 768, 769, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 13, 100_003]
@@ -56,7 +56,7 @@ def test_crc32c_matches_the_crc32c_package_on_contiguous_buffers():
                 assert rowio.crc32c_portable(data, value) == want, (n, start, value)
 
 
-def test_crc32c_rows_equals_the_crc_of_the_rows_concatenated():
+def test_crc32c_rows_equals_the_crc_of_the_rows_concatenated(fold):
     rng = random.Random(2)
     buf = np.frombuffer(rng.randbytes(1 << 20), dtype=np.uint8).copy()
     base = buf.ctypes.data
@@ -77,6 +77,45 @@ def test_crc32c_rows_equals_the_crc_of_the_rows_concatenated():
         want = crc32c.crc32c(_rows_of(buf, start, row, counts, strides), value)
         assert rowio.crc32c_rows(base + start, row, tuple(counts), tuple(strides), value) == want, \
             (row, counts, strides, start)
+
+
+@pytest.fixture(params=["fold", "crc32 chain"])
+def fold(request):
+    """Both crc32c paths of the extension: VPCLMULQDQ folding (where the CPU has it) and the
+    crc32 instruction chain; the fold path is skipped on CPUs without AVX-512 VPCLMULQDQ."""
+    if request.param == "fold" and not rowio.FOLD:
+        pytest.skip("this CPU has no AVX-512 VPCLMULQDQ: the crc32 chain is the only path")
+    before = rowio.use_fold(request.param == "fold")
+    yield request.param
+    rowio.use_fold(before)
+
+
+def test_folded_crc32c_matches_the_package_at_every_step_boundary(fold):
+    """Lengths around the fold's 256-byte step and its 1 KiB minimum, unaligned starts and
+    continuation values; rows whose lengths do not divide the step (a step gathered across
+    rows), many short rows, a row set of one long row."""
+    rng = random.Random(3)
+    raw = np.frombuffer(rng.randbytes(1 << 18), dtype=np.uint8).copy()
+    sizes = [1023, 1024, 1025, 1279, 1280, 1281, 4096 - 1, 4096, 4096 + 255, 65536 + 17, (1 << 17) + 200]
+    for n in sizes:
+        for start in (0, 5):
+            data = raw[start:start + n].tobytes()
+            for value in (0, 0xDEADBEEF):
+                assert rowio.crc32c(data, value) == crc32c.crc32c(data, value), (fold, n, start, value)
+    base = raw.ctypes.data
+    for row, count, stride in [(100, 37, 301), (257, 9, 260), (1, 3000, 2), (2048, 40, 4096), (255, 17, 255),
+                               (64, 200, 64), (5000, 1, 5000), (300, 11, 1000)]:
+        want = crc32c.crc32c(_rows_of(raw, 3, row, [count], [stride]), 7)
+        assert rowio.crc32c_rows(base + 3, row, (count,), (stride,), 7) == want, (fold, row, count, stride)
+
+
+def test_use_fold_switches_the_path_and_says_what_was_in_use():
+    before = rowio.use_fold(False)
+    try:
+        assert rowio.use_fold(True) is False
+        assert rowio.use_fold(True) is bool(rowio.FOLD)  # on only where the CPU can
+    finally:
+        rowio.use_fold(before)
 
 
 def test_crc32c_rows_with_nothing_to_hash_returns_the_value():
@@ -146,7 +185,7 @@ def test_pwritev_and_preadv_rows_round_trip_strided_rows_and_detect_a_short_file
 
 
 @pytest.mark.parametrize("batch", [0, 1, 7, 100, 4096, 262144])
-def test_write_rows_crc_writes_the_rows_their_crc32c_and_the_tail(tmp_path, batch):
+def test_write_rows_crc_writes_the_rows_their_crc32c_and_the_tail(tmp_path, batch, fold):
     rng = np.random.default_rng(4)
     src = rng.integers(0, 256, size=(40, 300), dtype=np.uint8)
     path = str(tmp_path / "f")
@@ -240,7 +279,7 @@ def _files(root) -> dict[str, bytes]:
 
 
 @pytest.mark.parametrize("shard", [None, "16KiB"])
-def test_in_place_rows_give_the_same_files_and_tensors_as_the_scratch_path(tmp_path, monkeypatch, shard):
+def test_in_place_rows_give_the_same_files_and_tensors_as_the_scratch_path(tmp_path, monkeypatch, shard, fold):
     sd = _state()
     opts = {"chunk_size": "1KiB", "shard_size": shard}
     counting = _Counting(rowio)
@@ -294,7 +333,7 @@ def _load_error(url: str, rows: str, monkeypatch) -> str:
 
 
 @pytest.mark.parametrize("shard", [None, "16KiB"])
-def test_a_flipped_byte_in_a_tile_read_in_place_fails_naming_the_tensor(tmp_path, monkeypatch, shard):
+def test_a_flipped_byte_in_a_tile_read_in_place_fails_naming_the_tensor(tmp_path, monkeypatch, shard, fold):
     url = str(tmp_path / "c")
     dcp.save({"layer.w": torch.randn(64, 48)},
              storage_writer=dcp_ext.storage_writer(url, backend="tensorstore",
