@@ -142,7 +142,7 @@ class TensorStoreOptions(Options):
     #: it in software); False: every chunk through TensorStore
     native_file_io: bool = True
     #: with ``native_file_io``, read whole chunks straight into the destination tensor's rows and
-    #: write them straight from the source rows (no scratch copy; the ``dcp_ext._rowio`` C
+    #: write them straight from the source rows (no scratch copy; the ``dcp_ext.storage.tensorstore._rowio`` C
     #: extension, used where it was built and the CPU has hardware crc32c); False: through a
     #: scratch buffer (the same bytes)
     native_rowio: bool = True

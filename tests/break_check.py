@@ -78,7 +78,7 @@ BREAKS = [
             "        self.part_size = store.part_size\n",
             "        self.part_size = store.part_size - 65536\n"),),
           ("tests/test_object_stores.py", "-k", "test_round_trip and s3")),
-    Break("rowio_read_unchecked", "a chunk read in place by dcp_ext._rowio is taken as its stored crc32c, unchecked",
+    Break("rowio_read_unchecked", "a chunk read in place by dcp_ext.storage.tensorstore._rowio is taken as its stored crc32c, unchecked",
           (("dcp_ext/storage/tensorstore/native.py",
             "value = _rowio.crc32c_rows(addr, row, counts, strides)",
             "value = int.from_bytes(crc, \"little\")"),),

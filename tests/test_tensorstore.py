@@ -7,6 +7,7 @@ import errno
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -417,6 +418,25 @@ def test_array_json_is_what_tensorstore_writes(tmp_path, dtype, grid, cfg):
     ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{tmp_path}/a/"}, "metadata": md},
             create=True).result()
     assert array_json(md) == (tmp_path / "a" / "zarr.json").read_bytes()
+
+
+def test_a_zarr_json_that_cannot_be_written_fails_the_save_naming_the_array(tmp_path, monkeypatch):
+    real = os.open
+
+    def full_disk(path, *a, **k):
+        if str(path).endswith(os.path.join("w", "zarr.json")):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", full_disk)
+    msg = _err(lambda: dcp.save({"w": torch.randn(8, 8), "b": torch.ones(3)},
+                                storage_writer=dcp_ext.storage_writer(str(tmp_path / "c"), **TS)))
+    assert re.search(r"StorageError.*creating array w: cannot write .*w/zarr\.json: No space left on device", msg,
+                     re.S), msg
+    monkeypatch.undo()
+    assert not (tmp_path / "c" / ".metadata").exists()
+    with pytest.raises(BaseException, match="incomplete"):  # refused as incomplete, not read as zeros
+        dcp.load({"w": torch.zeros(8, 8)}, storage_reader=dcp_ext.storage_reader(str(tmp_path / "c"), **TS))
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -1,4 +1,4 @@
-"""The ``dcp_ext._rowio`` C extension (crc32c, preadv, pwritev over strided rows) and the zarr3
+"""The ``dcp_ext.storage.tensorstore._rowio`` C extension (crc32c, preadv, pwritev over strided rows) and the zarr3
 native path's in-place row I/O built on it (``tensorstore.native_rowio``): the same files and
 tensors as the scratch path, the same errors."""
 
@@ -24,7 +24,7 @@ from dcp_ext.storage.tensorstore import native  # noqa: E402
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
-rowio = pytest.importorskip("dcp_ext._rowio", reason="the C extension is not built (pip install -e . builds it)")
+rowio = pytest.importorskip("dcp_ext.storage.tensorstore._rowio", reason="the C extension is not built (pip install -e . builds it)")
 ROWIO_ENV = "DCP_EXT_TENSORSTORE_NATIVE_ROWIO"
 
 

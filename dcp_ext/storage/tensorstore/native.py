@@ -1,6 +1,6 @@
 """Zarr3 chunks on local files without TensorStore's codec pipeline: the same bytes on disk,
 written and read by dcp-ext's own code (``pwritev``/``preadv`` straight from/into the tensor,
-crc32c by the CPU's crc32 instructions: ``dcp_ext._rowio``, or the ``crc32c`` package).
+crc32c by the CPU's crc32 instructions: ``dcp_ext.storage.tensorstore._rowio``, or the ``crc32c`` package).
 
 Why: TensorStore's wheels compute the ``crc32c`` codec with abseil's portable table code (their
 SSE4.2/PCLMUL path is compiled out: ``absl::crc_internal::CRC32::Extend`` is a fifth of a
@@ -26,7 +26,7 @@ Format (zarr3 spec; TensorStore writes and reads exactly this, which the tests c
 Writes go through :class:`Job` s (a run of chunks of one file, about :data:`JOB_BYTES`) that a
 thread pool runs; reads likewise. A whole chunk whose tensor side has a contiguous last dim
 (:func:`row_set`: any row strides, any number of dims) goes straight between the tensor's rows
-and the file: the ``dcp_ext._rowio`` C extension ``pwritev``s it from the source rows (in
+and the file: the ``dcp_ext.storage.tensorstore._rowio`` C extension ``pwritev``s it from the source rows (in
 256 KiB batches, each hashed into the crc32c just before it goes out, then the crc) or
 ``preadv``s it into the destination rows, then computes the crc32c over them and compares it
 with the stored one: no scratch, no copy (:func:`rowio` says whether
@@ -60,7 +60,7 @@ from ...errors import CorruptCheckpointError, StorageError
 from ...integrity import checksum
 
 try:
-    from ... import _rowio
+    from . import _rowio
 except ImportError:  # not built (no C compiler at install): the NumPy path
     _rowio = None
 
@@ -188,7 +188,7 @@ def rowio(wanted: bool = True) -> bool:
         _rowio_said = use
         why = ("off by tensorstore.native_rowio" if not wanted else
                "not built" if _rowio is None else "no hardware crc32c on this CPU")
-        log.debug("zarr3 native chunk I/O: %s", "rows read/written in place (dcp_ext._rowio)" if use
+        log.debug("zarr3 native chunk I/O: %s", "rows read/written in place (dcp_ext.storage.tensorstore._rowio)" if use
                   else f"through scratch buffers ({why})")
     return use
 

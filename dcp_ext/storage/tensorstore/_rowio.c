@@ -1,4 +1,4 @@
-/* dcp_ext._rowio: crc32c, preadv and pwritev over the rows of a strided array, without the GIL.
+/* dcp_ext.storage.tensorstore._rowio: crc32c, preadv and pwritev over the rows of a strided array, without the GIL.
  *
  * A "row set" is a base address, a row length in bytes and, for the leading dimensions, their
  * counts and byte strides (C order: the last leading dimension varies fastest). A 2-D tile of a
@@ -876,7 +876,7 @@ static PyMethodDef methods[] = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "dcp_ext._rowio",
+    PyModuleDef_HEAD_INIT, "dcp_ext.storage.tensorstore._rowio",
     "crc32c, preadv and pwritev over the rows of a strided array, without the GIL (see _rowio.c).",
     -1, methods,
 };
