@@ -698,3 +698,19 @@ def test_write_threads_follow_ranks_per_host(tmp_path):
     assert [p.storage_data.ranks_on_host for p in got] == [1, 1]
     got = r.prepare_global_plan([r.prepare_local_plan(LoadPlan([])) for _ in range(3)])
     assert [p.storage_data.ranks_on_host for p in got] == [3, 3, 3]
+
+
+def test_read_into_views_default_fills_each_view_from_one_span(tmp_path):
+    """``Store.read_into_views`` (the default the reader uses for grouped small items on stores
+    without their own, e.g. fsspec): consecutive views get consecutive bytes; a short file says so."""
+    data = bytes(range(256)) * 40
+    (tmp_path / "blob").write_bytes(data)
+    store = dcp_ext.storage_reader(str(tmp_path)).store
+    views = [memoryview(bytearray(n)) for n in (7, 0, 1000, 33)]
+    store.read_into_views("blob", 100, views)
+    pos = 100
+    for v in views:
+        assert bytes(v) == data[pos:pos + len(v)]
+        pos += len(v)
+    with pytest.raises(Exception, match="truncated"):
+        store.read_into_views("blob", len(data) - 10, [memoryview(bytearray(5)), memoryview(bytearray(20))])

@@ -127,6 +127,17 @@ class Store(abc.ABC):
             self.read_into(relpath, 0, memoryview(buf))
         return bytes(buf)
 
+    def read_into_views(self, relpath: str, offset: int, views: list[memoryview]) -> None:
+        """Fill consecutive ``views`` (together bytes ``[offset, offset + their total)``) with one
+        read. This default reads the span into one buffer and copies it out; object stores
+        override it to fill each view straight from the socket."""
+        span = memoryview(bytearray(sum(len(v) for v in views)))
+        self.read_into(relpath, offset, span)
+        pos = 0
+        for v in views:
+            v[:] = span[pos:pos + len(v)]
+            pos += len(v)
+
     def read_bytes_if_exists(self, relpath: str) -> bytes | None:
         """A whole (small) file, or None if it does not exist. Object stores answer with one
         GET (a missing object is a 404), not a HEAD and then a GET: the metadata reads that

@@ -81,11 +81,11 @@ def read_checkpoint_metadata(store: Store, config: Config, rank: int | None = No
                 raise
             return _read_hf_metadata(store, config, hf)  # a HuggingFaceStorageWriter checkpoint: no .metadata of its own
         raw_md = store.read_bytes(md_name)  # committed since the first look: its manifest too
-        man_read = futures.Future()
-        man_read.set_result(store.read_bytes_if_exists(man_name))
+        raw_man = store.read_bytes_if_exists(man_name)
+    else:
+        raw_man = man_read.result()
     extra: dict = {}
     stock_format = None
-    raw_man = man_read.result()
     if raw_man is not None:
         where = f"{store.url}/{man_name}"
         m = decode_manifest(raw_man, where)

@@ -593,8 +593,8 @@ class ExtStorageReader(StorageReader):
 
         def run_group(group: list[tuple[ItemJob, Fetch]]) -> None:
             """Small fetches of one file, close together: one request for their span, each
-            fetch's bytes read straight into its destination (stores with ``read_into_views``;
-            others: into a buffer, then copied), then verified (object stores: a request costs
+            fetch's bytes read into its destination (``Store.read_into_views``: straight from
+            the socket on object stores), then verified (object stores: a request costs
             milliseconds, so 200 small tensors must not cost 200 requests)."""
             if len(group) == 1:
                 run_fetch(*group[0])
@@ -611,9 +611,7 @@ class ExtStorageReader(StorageReader):
                     views.append(memoryview(bytearray(f.offset - end)))
                 views.append(f.out)
                 end = f.offset + len(f.out)
-            span = None
-            if views is None or not hasattr(self.store, "read_into_views"):
-                span = memoryview(bytearray(end - start))
+            span = None if views is not None else memoryview(bytearray(end - start))
             try:
                 if span is None:
                     self.store.read_into_views(first.relpath, start, views)

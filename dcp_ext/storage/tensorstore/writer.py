@@ -175,6 +175,8 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
         own = [path for path, md in metadata.items() if self.native_format(path, md, dtypes[path]) is not None]
         futs += [(path, self.arrays.create(path, md)) for path, md in metadata.items() if path not in own]
         run_all("tensorstore-meta", 8, self._write_array_json, [(path, metadata[path]) for path in own])
+        if own and self.config.fs.fsync:  # each directory (and ancestor) once, not once per array
+            sync_dirs({self.array_dir(path) for path in own}, self.loc.root["path"])
         for path, f in futs:
             try:
                 f.result()
@@ -184,8 +186,11 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
 
     def _write_array_json(self, path: str, metadata: dict) -> None:
         """Create array ``path`` on local files by writing its ``zarr.json`` (what TensorStore
-        would write, :func:`~.layout.array_json`), fsynced with its directory when
-        ``fs.fsync`` is on: the array's chunks are then written by :mod:`.native`."""
+        would write, :func:`~.layout.array_json`), fsynced when ``fs.fsync`` is on (the caller
+        fsyncs the directories): the array's chunks are then written by :mod:`.native`. Not
+        ``Store.put_atomic``: the file is new in a directory made for it (no temp file and
+        rename needed: an uncommitted checkpoint is never read), and its own directory must
+        be made and synced, not the root only."""
         d = self.array_dir(path)
         f = os.path.join(d, "zarr.json")
         try:
@@ -201,8 +206,6 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
                 os.close(fd)
         except OSError as e:
             raise StorageError(f"creating array {path}: cannot write {f}: {e.strerror or e}") from e
-        if self.config.fs.fsync:
-            sync_dirs({d}, self.loc.root["path"])
 
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         lay: _RankLayout = plan.storage_data
