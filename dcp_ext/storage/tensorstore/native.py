@@ -32,7 +32,7 @@ and the file: the ``dcp_ext.storage.tensorstore._rowio`` C extension ``pwritev``
 with the stored one: no scratch, no copy (:func:`rowio` says whether
 the extension is there, the CPU has hardware crc32c and ``tensorstore.native_rowio`` is on).
 Otherwise a chunk that is a contiguous run of the tensor is written from it or read into it, and
-others are gathered into, or read into, a per-thread scratch buffer and copied row by row
+others are gathered into, or read into, a per-thread scratch buffer and copied
 (:func:`copy_rows`). Every chunk's crc32c (and every shard index's) is checked; on the scratch
 path before the data reaches the tensor, on the in-place paths after (as with the byte-file
 backends): a load that fails leaves the destination's content undefined. Measured and dropped
@@ -163,15 +163,11 @@ def _scratch(nbytes: int) -> np.ndarray:
 
 
 def copy_rows(dst: np.ndarray, src: np.ndarray) -> None:
-    """``np.copyto(dst, src)`` (same shape and dtype), done row by row with ``memcpy`` where the
-    last dimension of both is contiguous: each row is viewed as one opaque element of
-    ``V<row bytes>``, so NumPy copies ``rows`` blocks instead of ``rows * cols`` elements with
-    its per-dtype strided loops (a tile copied into a tensor, or gathered from it, takes
-    10-50% less CPU; the rows are whole rows of a chunk, hundreds of bytes to kilobytes)."""
-    item = dst.itemsize
-    if dst.ndim and dst.shape[-1] > 1 and dst.strides[-1] == item and src.strides[-1] == item:
-        row = np.dtype(f"V{dst.shape[-1] * item}")
-        dst, src = dst.view(row), src.view(row)
+    """Copy tile ``src`` into ``dst`` (same shape and dtype, any strides): ``np.copyto``, which
+    releases the GIL for these plain types. (Viewing each row as one opaque ``V<row bytes>``
+    element, an earlier variant, was measured against it per tile, both directions, 512x512 to
+    512x64 tiles: on NumPy 2.4 plain was as fast or faster, up to 1.4x on 128-byte rows; on
+    NumPy 1.26 the two were within 10% either way. So plain.)"""
     np.copyto(dst, src)
 
 
