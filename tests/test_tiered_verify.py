@@ -160,6 +160,30 @@ def test_file_restored_for_a_load_from_a_corrupt_copy_is_refused(ranks, tmp_path
         assert not [f for f in os.listdir(dirs[1]) if f.endswith(".part")], os.listdir(dirs[1])
 
 
+def test_a_bad_copy_from_another_node_and_a_bad_durable_file_are_not_put_in_the_fast_tier(ranks, tmp_path):
+    """Rank 0's own copy and node 1's replica of it are both damaged (data blocks), and the durable
+    file's record header too: rank 0 refuses the replica on arrival, loads its data blocks from
+    the durable copy (exact values: a load reads no record header), and does not put the durable
+    file back into its fast tier, since the whole file fails the checkpoint's checksums."""
+    pool = ranks(2)
+    root, base, dirs = _save(pool, tmp_path)
+    own0 = os.path.join(dirs[0], "__0_0.distcp")
+    _flip(own0, F.block_offset(dirs[0], "x0", 0))
+    _flip(os.path.join(dirs[1], "replica_of_rank0", "__0_0.distcp"), F.block_offset(dirs[0], "x0", 2) + 1)
+    _flip(os.path.join(root, "step", "__0_0.distcp"), _record_offset(dirs[0], "x0") + 4)
+    out = _load_ok(pool, root, base)
+    assert out[0]["sources"]["__0_0.distcp"].startswith("durable tier"), out[0]["sources"]
+    logs = out[0]["logs"]
+    assert ("rank 0: restoring __0_0.distcp from rank 1 failed: rank 0: the copy of __0_0.distcp received from rank 1 "
+            "(replica_of_rank0/__0_0.distcp on its node) does not match the checkpoint's checksums: data block 2 of x0 "
+            "chunk [0, 0] (data bytes 8192-12288) fails its checksum; it was not published") in logs, logs
+    assert ("rank 0: could not put __0_0.distcp back into the fast tier: rank 0: the copy of __0_0.distcp received "
+            "from the durable copy does not match the checkpoint's checksums: the record header of x0 chunk [0, 0] "
+            "fails its checksum; it was not published") in logs, logs
+    assert not os.path.exists(own0)  # the bad own copy was removed and nothing replaced it
+    assert not [f for f in os.listdir(dirs[0]) if f.endswith(".part")], os.listdir(dirs[0])
+
+
 def test_verify_received_names_the_file_item_block_and_ranks(tmp_path):
     """The check itself, on one process: a good copy passes, a copy with a flipped bit (first
     and last block) is refused with the text the transfers report, a short copy too."""
@@ -208,3 +232,40 @@ def test_verify_received_names_the_file_item_block_and_ranks(tmp_path):
     msg = verify_received(short, "short.distcp", t, items, 5, source="the durable copy")
     assert msg.startswith("rank 5: could not verify the copy of __0_0.distcp received from the durable copy: ")
     assert "is truncated" in msg, msg
+
+
+def test_verify_received_checks_compressed_items(tmp_path):
+    """A compressed checkpoint's items are checked frame by frame (decompressed, against the
+    uncompressed record's checksums): a damaged frame refuses the copy."""
+    from dcp_ext.config import load_config
+    import dcp_ext
+    import torch.distributed.checkpoint as dcp
+
+    url = str(tmp_path / "ckpt")
+    ref = {"w": torch.arange(16 * 1024, dtype=torch.float32).reshape(16, 1024) % 7}  # 64 KiB, compressible
+    dcp.save(ref, storage_writer=dcp_ext.storage_writer(url, checksum_block_size="4KiB", compression="zstd"),
+             no_dist=True)
+    with open(os.path.join(url, ".dcp_ext.json"), "rb") as f:
+        m = decode_manifest(f.read(), url)
+    items = [(idx, loc) for idx, loc in m.locations.items() if loc.relative_path == "__0_0.distcp"]
+    (_idx, loc), = items
+    assert loc.compression is not None
+    with open(os.path.join(url, "__0_0.distcp"), "rb") as f:
+        good = f.read()
+    fast = FastStore(str(tmp_path / "fast"), load_config())
+    os.makedirs(fast.root)
+    t = Transfer(0, 1, "__0_0.distcp", len(good), "__0_0.distcp", "__0_0.distcp", Purpose.LOAD)
+    for name, data in (("good.distcp", good), ("bad.distcp", None)):
+        if data is None:  # a byte in the middle of data block 3's frame
+            start, size = loc.compression.block_frame(3)
+            bad = bytearray(good)
+            bad[loc.offset + start + size // 2] ^= 0x40
+            data = bytes(bad)
+        with open(fast.path(name), "wb") as out:
+            out.write(data)
+    assert verify_received(fast, "good.distcp", t, items, 1) is None
+    # (the damaged frame still decompresses here, to the wrong bytes: the block's checksum catches it)
+    assert verify_received(fast, "bad.distcp", t, items, 1) == (
+        "rank 1: the copy of __0_0.distcp received from rank 0 (__0_0.distcp on its node) does not match the "
+        "checkpoint's checksums: data block 3 of w chunk [0, 0] (data bytes 12288-16384) fails its checksum; it was "
+        "not published")

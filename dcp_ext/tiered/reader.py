@@ -11,7 +11,8 @@ initialised both are collective over a dedicated gloo group:
   its fast tier also gets back its ranks' own files and the replicas it keeps for its partners.
   A file that fails its checksums is dropped and read again from the next good copy (another
   node's own copy or replica, then the durable copy when it is the same save), with a warning;
-  nothing unverified is loaded.
+  nothing unverified is loaded. A file received from another node is checked whole against the
+  checkpoint's checksums before it is published (:mod:`~dcp_ext.tiered.restore`).
 """
 
 from __future__ import annotations
@@ -350,8 +351,11 @@ class TieredStorageReader(StorageReader):
 
     def _keep_from_durable(self, names: list[str]) -> None:
         """Files read from the durable copy go back into this node's fast tier (best effort),
-        so the next load finds them there and can rebuild their replicas."""
+        so the next load finds them there and can rebuild their replicas; each is checked whole
+        against the checkpoint's checksums first (this rank may have read only some of its
+        blocks), and not put back if it fails."""
         chunk = int(self.config.tier.chunk_size)
+        items = self._items_by_file()
         for name in names:
             if name not in self._store.from_durable:
                 continue
@@ -366,8 +370,8 @@ class TieredStorageReader(StorageReader):
                     pos += n
                 out.finish()
                 problem = verify_received(self.fast, out.tmp, Transfer(
-                    self.rank, self.rank, name, size, name, name, Purpose.LOAD), self._items_by_file().get(name, ()),
-                    self.rank, source="the durable copy")
+                    self.rank, self.rank, name, size, name, name, Purpose.LOAD), items.get(name, ()), self.rank,
+                    source="the durable copy")
                 if problem is not None:
                     raise CorruptCheckpointError(problem)
                 out.publish()
