@@ -25,7 +25,8 @@ from .storage.commit import MANIFEST_NAME, METADATA_NAME, committed_parts, manif
 from .storage.compression import decode_frame, unshuffle_into
 from .storage.manifest import decode_manifest
 
-__all__ = ["VerifyReport", "verify_checkpoint", "inspect_checkpoint", "checkpoint_reader"]
+__all__ = ["VerifyReport", "verify_checkpoint", "inspect_checkpoint", "checkpoint_reader", "check_item", "damage_text",
+           "item_name", "FrameDamaged"]
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def _chunk_sizes(chunks: list, offsets) -> list | None:
     return None
 
 
-class _FrameDamaged(ValueError):
+class FrameDamaged(ValueError):
     """A frame of a compressed item does not decompress (``what``: which one)."""
 
     def __init__(self, what: str, cause: Exception):
@@ -172,7 +173,7 @@ class _FrameDamaged(ValueError):
         self.what = what
 
 
-def _check_frames(store, loc, bar: Progress) -> None:
+def _check_frames(store, loc, relpath: str, advance) -> None:
     """Decompress every frame of a compressed item and check it: the head and tail frames against
     the record's ``rest`` checksum, each data block against its block checksum."""
     ft, c = loc.compression, loc.checksums
@@ -181,14 +182,14 @@ def _check_frames(store, loc, bar: Progress) -> None:
         start, _ = ft.frame_span(first)
         end = sum(ft.frame_span(last))
         buf = bytearray(end - start)
-        store.read_into(loc.relative_path, loc.offset + start, memoryview(buf))
+        store.read_into(relpath, loc.offset + start, memoryview(buf))
         return memoryview(buf)
 
     def decoded(mv: memoryview, what: str) -> bytearray:
         try:
             return decode_frame(mv)
         except ValueError as e:
-            raise _FrameDamaged(what, e) from e
+            raise FrameDamaged(what, e) from e
 
     n = ft.nblocks
     head = decoded(frames(0, 0), "record header")
@@ -209,8 +210,56 @@ def _check_frames(store, loc, bar: Progress) -> None:
                 unshuffle_into(data, memoryview(plain), ft.shuffle)
                 data = plain
             verify_range(c, k * ft.block_size, data)
-            bar.advance(size)
+            advance(size)
         b = e + 1
+
+
+def item_name(idx) -> str:
+    """How errors name one stored item: its FQN, and its chunk's offsets for a tensor chunk."""
+    return f"{idx.fqn}" + (f" chunk {list(idx.offset)}" if idx.offset is not None else "")
+
+
+def damage_text(idx, err: "ChecksumMismatch | FrameDamaged") -> str:
+    """What :func:`check_item` found wrong with item ``idx``, in words (without the file)."""
+    name = item_name(idx)
+    if isinstance(err, FrameDamaged):
+        return f"compressed {err.what} of {name} is damaged: {err}"
+    if err.block is None:
+        return f"record header of {name} is corrupt"
+    return f"{name} fails its checksum at data bytes {err.start}-{err.end}"
+
+
+def check_item(store, loc, relpath: str | None = None, advance=None) -> None:
+    """Read every stored byte of the item at ``loc`` (from ``relpath`` of ``store``, by default
+    ``loc.relative_path``) and check it against the item's checksums (``loc.checksums``, which
+    must not be None): its record headers, then its data blocks in order. Raises
+    :class:`ChecksumMismatch` for the first failing part, :class:`FrameDamaged` for a compressed
+    frame that does not decompress. ``advance(n)`` is told of the bytes checked. The check
+    ``dcp-ext verify`` runs on each item, and the tiered restore on each received file."""
+    relpath = loc.relative_path if relpath is None else relpath
+    advance = advance or (lambda n: None)
+    c = loc.checksums
+    if loc.compression is not None:
+        _check_frames(store, loc, relpath, advance)
+        return
+    head = bytearray(c.data_offset)
+    if head:
+        store.read_into(relpath, loc.offset, memoryview(head))
+    tail_len = loc.length - c.data_offset - c.data_length
+    tail = bytearray(tail_len)
+    if tail_len:
+        store.read_into(relpath, loc.offset + c.data_offset + c.data_length, memoryview(tail))
+    verify_rest(c, head, tail)
+    part = max(c.block_size, (_PART // c.block_size) * c.block_size)
+    buf = bytearray(min(part, c.data_length))
+    pos = 0
+    while pos < c.data_length:
+        n = min(part, c.data_length - pos)
+        mv = memoryview(buf)[:n]
+        store.read_into(relpath, loc.offset + c.data_offset + pos, mv)
+        verify_range(c, pos, mv)
+        pos += n
+        advance(n)
 
 
 def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) -> VerifyReport:
@@ -237,49 +286,20 @@ def verify_checkpoint(url: str, progress: bool | None = None, **options: Any) ->
     lock = threading.Lock()
 
     def check(idx, loc) -> None:
-        c = loc.checksums
-        name = f"{idx.fqn}" + (f" chunk {list(idx.offset)}" if idx.offset is not None else "")
-        if c is None:
+        if loc.checksums is None:
             with lock:
                 report.unchecked_items += 1
             return
         try:
-            if loc.compression is not None:
-                _check_frames(store, loc, bar)
-                with lock:
-                    report.bytes_checked += loc.length
-                return
-            head = bytearray(c.data_offset)
-            if head:
-                store.read_into(loc.relative_path, loc.offset, memoryview(head))
-            tail_len = loc.length - c.data_offset - c.data_length
-            tail = bytearray(tail_len)
-            if tail_len:
-                store.read_into(loc.relative_path, loc.offset + c.data_offset + c.data_length, memoryview(tail))
-            verify_rest(c, head, tail)
-            part = max(c.block_size, (_PART // c.block_size) * c.block_size)
-            buf = bytearray(min(part, c.data_length))
-            pos = 0
-            while pos < c.data_length:
-                n = min(part, c.data_length - pos)
-                mv = memoryview(buf)[:n]
-                store.read_into(loc.relative_path, loc.offset + c.data_offset + pos, mv)
-                verify_range(c, pos, mv)
-                pos += n
-                bar.advance(n)
+            check_item(store, loc, advance=bar.advance)
             with lock:
                 report.bytes_checked += loc.length
-        except ChecksumMismatch as e:
-            msg = (f"{loc.relative_path}: record header of {name} is corrupt" if e.block is None else
-                   f"{loc.relative_path}: {name} fails its checksum at data bytes {e.start}-{e.end}")
+        except (ChecksumMismatch, FrameDamaged) as e:
             with lock:
-                report.errors.append(msg)
+                report.errors.append(f"{loc.relative_path}: {damage_text(idx, e)}")
         except CorruptCheckpointError as e:
             with lock:
                 report.errors.append(str(e))
-        except _FrameDamaged as e:
-            with lock:
-                report.errors.append(f"{loc.relative_path}: compressed {e.what} of {name} is damaged: {e}")
 
     with ThreadPoolExecutor(max(1, reader.config.io_threads), thread_name_prefix="dcp_ext-verify") as pool:
         list(pool.map(lambda it: check(*it), items))

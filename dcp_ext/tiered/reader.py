@@ -11,7 +11,8 @@ initialised both are collective over a dedicated gloo group:
   its fast tier also gets back its ranks' own files and the replicas it keeps for its partners.
   A file that fails its checksums is dropped and read again from the next good copy (another
   node's own copy or replica, then the durable copy when it is the same save), with a warning;
-  nothing unverified is loaded.
+  nothing unverified is loaded. A file received from another node is checked whole against the
+  checkpoint's checksums before it is published (:mod:`~dcp_ext.tiered.restore`).
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ from .durable import durable_store
 from .exchange import broadcast, gather
 from .faststore import FastStore, node_id
 from .naming import cache_root, fast_dir_name
-from .records import BadCopy, Choice, CopyKind, DurableView, FastCommit, FileCopy, NodeView, Origin, Purpose, Tier
+from .records import (BadCopy, Choice, CopyKind, DurableView, FastCommit, FileCopy, NodeView, Origin, Purpose, Tier,
+                      Transfer)
 from .recovery import HeldCopy, claim_scan, new_attempt, plan_resumes, start_resumes
-from .restore import run_transfers
+from .restore import run_transfers, verify_received
 from .sources import SourceStore
 from .topology import build_topology, dist_info, side_group
 from .views import read_commit_bytes, read_durable_view, read_node_view
@@ -284,7 +286,7 @@ class TieredStorageReader(StorageReader):
         if not transfers:
             return
         ok = run_transfers(transfers, self.rank, self._group, self.fast, int(self.config.tier.chunk_size),
-                           self.choice.save_id)
+                           self.choice.save_id, self._items_by_file())
         for i, t in enumerate(transfers):
             if i not in ok:  # not offered again: the next round takes another copy (or the durable one)
                 self._holdings.drop(self._topo.node_of[t.src], t.src_relpath)
@@ -297,6 +299,14 @@ class TieredStorageReader(StorageReader):
                 self._origin[t.name] = Origin(f"{t.describe_src} {self.fast.path(t.dst_relpath)}",
                                               self._topo.node_of[t.src], t.src_relpath)
         self._route_local()
+
+    def _items_by_file(self) -> dict[str, list]:
+        """Data file -> ``(index, location)`` of every item the chosen save stores in it (the
+        checksums a file received from another node must match)."""
+        out: dict[str, list] = {}
+        for idx, loc in self.inner.locations.items():
+            out.setdefault(loc.relative_path, []).append((idx, loc))
+        return out
 
     def _read_round(self, plan: LoadPlan, planner: LoadPlanner, wanted: set[str], unavailable: list[str],
                     ) -> tuple[_Status, BaseException | None]:
@@ -341,8 +351,11 @@ class TieredStorageReader(StorageReader):
 
     def _keep_from_durable(self, names: list[str]) -> None:
         """Files read from the durable copy go back into this node's fast tier (best effort),
-        so the next load finds them there and can rebuild their replicas."""
+        so the next load finds them there and can rebuild their replicas; each is checked whole
+        against the checkpoint's checksums first (this rank may have read only some of its
+        blocks), and not put back if it fails."""
         chunk = int(self.config.tier.chunk_size)
+        items = self._items_by_file()
         for name in names:
             if name not in self._store.from_durable:
                 continue
@@ -355,6 +368,12 @@ class TieredStorageReader(StorageReader):
                     self.durable_reader.store.read_into(name, pos, memoryview(buf)[:n])
                     out.write(memoryview(buf)[:n])
                     pos += n
+                out.finish()
+                problem = verify_received(self.fast, out.tmp, Transfer(
+                    self.rank, self.rank, name, size, name, name, Purpose.LOAD), items.get(name, ()), self.rank,
+                    source="the durable copy")
+                if problem is not None:
+                    raise CorruptCheckpointError(problem)
                 out.publish()
                 logger.info("rank %d: put %s back into the fast tier from the durable copy", self.rank, name)
             except Exception as e:  # noqa: BLE001 - the load itself succeeded

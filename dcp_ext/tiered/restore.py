@@ -6,6 +6,14 @@ Every rank walks the same list in order and takes part in the transfers that con
 temporary names until every rank has reported how its transfers went; then a file appears under
 its name only if both its sender and its receiver succeeded, and a rebuilt replica gets its
 marker last.
+
+A received file counts as received only once its bytes pass the checkpoint's own checksums (the
+block checksums its manifest records for every item stored in it, :func:`verify_received`): the
+receiver checks the finished temporary file before it reports. A mismatch fails the transfer
+like a failed write does (the file is not published, a replica it belongs to gets no marker, the
+source copy is not offered again during the load), so a copy damaged on the sender's disk or on
+the way is never published or vouched for. Checking happens between the streaming and the
+gathered outcome, so every rank still takes part in the same collectives.
 """
 
 from __future__ import annotations
@@ -13,21 +21,32 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
+from ..integrity import ChecksumMismatch
 from ..storage.commit import REPLICA_MARKER, replica_dir_name, replica_dir_rank
+from ..storage.manifest import ItemLocation
+from ..verify import FrameDamaged, check_item, item_name
 from .exchange import FileSink, FileSource, barrier, gather, stream_files
 from .faststore import FastStore
 from .records import Purpose, Transfer
 
-__all__ = ["run_transfers"]
+__all__ = ["run_transfers", "verify_received", "ExpectedItems"]
+
+#: data file name -> the ``(index, location)`` of every item the checkpoint stores in it (from the
+#: manifest of the save being loaded: the checksums a received copy must match)
+ExpectedItems = Mapping[str, Sequence[tuple[Any, ItemLocation]]]
 
 logger = logging.getLogger(__name__)
 
 
 def run_transfers(transfers: Sequence[Transfer], rank: int, group: Any, fast: FastStore, chunk: int,
-                  save_id: str) -> set[int]:
-    """Run ``transfers``; returns the indices that succeeded (the same set on every rank)."""
+                  save_id: str, expected: ExpectedItems | None = None) -> set[int]:
+    """Run ``transfers``; returns the indices that succeeded (the same set on every rank).
+
+    ``expected``: the checkpoint's items by data file; each received file is checked against
+    them (:func:`verify_received`) before it counts as received. None (only for callers without
+    a manifest) receives files unchecked."""
     t0 = time.perf_counter()
     for s in sorted({replica_dir_rank(t.dst_relpath.split("/")[0]) for t in transfers
                      if t.dst == rank and t.purpose is Purpose.REPLICA}):
@@ -50,6 +69,12 @@ def run_transfers(transfers: Sequence[Transfer], rank: int, group: Any, fast: Fa
             sinks[i] = sink
             if sink.error is not None:
                 errors[i] = f"rank {rank} could not write {fast.path(t.dst_relpath)}: {sink.error}"
+            elif expected is not None:
+                for f in sink.done:
+                    problem = verify_received(fast, f.tmp, t, expected.get(t.name, ()), rank)
+                    if problem is not None:  # logged with the gathered outcome, on every rank
+                        errors[i] = problem
+                        break
             nbytes += t.size
     failed: dict[int, str] = {}
     for errs in gather(errors, group, "restore outcome") if transfers else ():
@@ -93,3 +118,40 @@ def _mark_replicas(transfers: Sequence[Transfer], failed: dict[int, str], rank: 
             {"save_id": save_id, "rank": of_rank, "files": {t.name: t.size for _i, t in items}}).encode())
         logger.info("rank %d: rebuilt the replica of rank %d (%d file(s)) in %s", rank, of_rank, len(items),
                     fast.path(d))
+
+
+def verify_received(fast: FastStore, tmp_relpath: str, t: Transfer, items: Sequence[tuple[Any, ItemLocation]],
+                    rank: int, source: str | None = None) -> str | None:
+    """Check the received copy of ``t.name`` (still under ``tmp_relpath``) against the checksums
+    of every item stored in it; None if it passes, else why not (naming the file, the item, the
+    failing block and the two ranks, or ``source`` for a copy that came from elsewhere). Items
+    saved without checksums cannot be checked."""
+    source = source or f"rank {t.src} ({t.src_relpath} on its node)"
+    unchecked = 0
+    try:
+        for idx, loc in sorted(items, key=lambda il: il[1].offset):
+            if loc.checksums is None:
+                unchecked += 1
+                continue
+            try:
+                check_item(fast, loc, tmp_relpath)
+            except (ChecksumMismatch, FrameDamaged) as e:
+                if isinstance(e, FrameDamaged):
+                    where = f"compressed {e.what} of {item_name(idx)} does not decompress ({e})"
+                elif e.block is None:
+                    where = f"the record header of {item_name(idx)} fails its checksum"
+                else:
+                    where = (f"data block {e.block} of {item_name(idx)} (data bytes {e.start}-{e.end}) fails its "
+                             f"checksum")
+                return (f"rank {rank}: the copy of {t.name} received from {source} "
+                        f"does not match the checkpoint's checksums: {where}; it was not published"
+                        + (f" and the replica it belongs to ({t.dst_relpath.split('/')[0]}) was not rebuilt"
+                           if t.purpose is Purpose.REPLICA else ""))
+    except Exception as e:  # noqa: BLE001 - reported in the gathered outcome (peers wait for it)
+        return f"rank {rank}: could not verify the copy of {t.name} received from {source}: {e}"
+    finally:
+        fast.close_readers()  # the temporary file is renamed or removed next
+    if unchecked:
+        logger.debug("rank %d: %d item(s) of %s were saved without checksums: received unchecked", rank, unchecked,
+                     t.name)
+    return None
