@@ -8,6 +8,7 @@ chunks (:func:`dedup_by_bytes`). Pure functions of the plans: no collectives, no
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import gc
 import hashlib
 import json
@@ -20,7 +21,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, WriteItem
 from .errors import ReshardError
 
 __all__ = ["LAYOUT_KEY", "MAX_LISTED", "dedup_by_bytes", "describe_layouts", "layer_ranges", "layout_info",
-           "plan_fingerprint"]
+           "plan_fingerprint", "split_hints"]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +67,33 @@ def layout_info(plan: SavePlan | LoadPlan) -> dict[str, Any] | None:
     if isinstance(pd, dict) and LAYOUT_KEY in pd:
         return json.loads(pd[LAYOUT_KEY][0])
     return None
+
+
+def split_hints(plans: list[SavePlan]) -> dict[str, dict[int, tuple[int, ...] | None]]:
+    """Which dims of each saved tensor a later load may cut, from the layout records of
+    :class:`~dcp_ext.ReshardSavePlanner` plans: global FQN -> {dim: fused segment sizes or None}
+    (its ``ShardSpec`` rule's dim; ``{}`` for a tensor no rule matches: replicated across TP, so
+    loads take it whole). Tensors of plans without a record (other planners) are absent: nothing
+    is known. Storage that chooses a chunk grid (TensorStore) keeps the other dims whole."""
+    out: dict[str, dict[int, tuple[int, ...] | None]] = {}
+    for p in plans:
+        info = layout_info(p)
+        if not info:
+            continue
+        rules = list((info.get("layout") or {}).get("rules", {}).items())
+        for it in p.items:
+            if it.tensor_data is None or it.index.fqn in out:
+                continue
+            ndim = len(it.tensor_data.size)
+            hint: dict[int, tuple[int, ...] | None] = {}
+            for pattern, rule in rules:
+                if fnmatch.fnmatchcase(it.index.fqn, pattern):
+                    d = rule["dim"] + ndim if rule["dim"] < 0 else rule["dim"]
+                    if 0 <= d < ndim:
+                        hint[d] = tuple(rule["segments"]) if rule.get("segments") else None
+                    break
+            out[it.index.fqn] = hint
+    return out
 
 
 def _item_nbytes(it: WriteItem) -> int:

@@ -113,6 +113,125 @@ def test_chunks_split_to_the_target_size_largest_extent_first():
     assert grid_for([0, 5], [None, None], 4, 1 << 20, None).chunk == [1, 5]
 
 
+WHOLE = [([0, 0], [6144, 2048])]  # a 1-rank save: one box, nothing known from the boxes
+
+
+@pytest.mark.parametrize("shape,split,expect", [
+    ([6144, 2048], {0: None}, [96, 2048]),                 # column-parallel QKV: whole rows
+    ([6144, 2048], {0: (4096, 1024, 1024)}, [128, 2048]),  # GQA: each fused part cut 8-way (1024/8)
+    ([8192, 2048], {0: None}, [128, 2048]),                # MLP up
+    ([2048, 8192], {1: None}, [256, 1024]),                # MLP down (row-parallel): 8 parts, 4 KiB rows
+    ([2048, 2048], {1: None}, [512, 512]),                 # proj: 8 parts would be 1 KiB rows: 4 parts
+    ([2048, 2048], {-1 + 2: None}, [512, 512]),
+    ([2048, 2048], {}, [128, 2048]),                       # replicated across TP: whole rows
+    ([2048, 2048], None, [512, 512]),                      # nothing known: about square, as before
+    ([6144, 2048], None, [384, 512]),
+])
+def test_split_hints_keep_rows_whole_and_cut_the_split_dims(shape, split, expect):
+    boxes = [([0] * len(shape), list(shape))]
+    assert plan_array("w", shape, torch.float32, boxes, 1 << 20, None, "global", split).grid.chunk == expect
+
+
+@pytest.mark.parametrize("shape,itemsize,split", [
+    ([6144, 2048], 4, {0: None}), ([6144, 2048], 2, {0: (4096, 1024, 1024)}), ([2048, 8192], 4, {1: None}),
+    ([2048, 8192], 2, {1: None}), ([2048, 2048], 4, {1: None}), ([50304, 1024], 2, {0: None}),
+    ([8, 6144, 2048], 4, {1: None}), ([4096, 4096], 4, {0: None, 1: None}), ([1024], 4, {0: None}),
+])
+@pytest.mark.parametrize("shard", [None, 16 << 20, 64 << 20])
+def test_split_dims_are_cut_where_every_2_4_8_way_load_cuts_them(shape, itemsize, split, shard):
+    """Every read unit lies inside one TP rank's part for 2-, 4- and 8-way splits of each split
+    dim (of each fused part on its own), except where the last dim keeps rows of >= 2 KiB; each
+    is at most the target size; dims nobody splits stay whole where the target allows."""
+    from dcp_ext.storage.tensorstore.layout import MIN_ROW_BYTES
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}[itemsize]
+    g = plan_array("w", shape, dtype, [([0] * len(shape), list(shape))], 1 << 20, shard, "global", split).grid
+    unit = g.inner or g.chunk
+    assert all(c % u == 0 for c, u in zip(g.chunk, unit))
+    assert math.prod(unit) * itemsize <= 1 << 20
+    for d, segments in split.items():
+        segs = list(segments or [shape[d]])
+        for way in (2, 4, 8):
+            if d == len(shape) - 1 and shape[d] // way * itemsize < MIN_ROW_BYTES and way > 2:
+                continue  # rows stay long: at most 4 (or 2) parts along the last dim
+            start = 0
+            for seg in segs:
+                cuts = [start + k * seg // way for k in range(way + 1)] if seg % way == 0 else [start, start + seg]
+                assert all(c % unit[d] == 0 for c in cuts), (d, way, cuts, unit)
+                start += seg
+    last = len(shape) - 1
+    if last not in split and shape[last] * itemsize <= 1 << 20:
+        assert unit[last] == shape[last]  # whole rows
+
+
+def test_split_hints_come_from_the_reshard_save_planners_layout():
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    from dcp_ext.layout import ParallelLayout, ShardSpec
+    from dcp_ext.planner import ReshardSavePlanner
+    from dcp_ext.save_dedup import split_hints
+
+    state = {"layers.0.qkv.weight": torch.zeros(24, 8), "layers.0.proj.weight": torch.zeros(8, 8),
+             "layers.0.norm.weight": torch.zeros(8), "emb": torch.zeros(40, 8), "step": 3}
+    rules = {"*.qkv.weight": ShardSpec(0, (16, 4, 4)), "*.proj.weight": ShardSpec(-1), "emb": ShardSpec(0)}
+    planner = ReshardSavePlanner(ParallelLayout(rules=rules))
+    planner.set_up_planner(state, is_coordinator=True)
+    hints = split_hints([planner.create_local_plan()])
+    assert hints == {"layers.0.qkv.weight": {0: (16, 4, 4)}, "layers.0.proj.weight": {1: None},
+                     "layers.0.norm.weight": {}, "emb": {0: None}}
+    stock = DefaultSavePlanner()
+    stock.set_up_planner(state, is_coordinator=True)
+    assert split_hints([stock.create_local_plan()]) == {}  # nothing known: the grid stays as before
+
+
+def test_a_reshard_planner_save_lays_out_rows_and_reads_tp_parts_exactly(tmp_path):
+    """Saved by one process with the resharding planner's rules, then read as 2-, 4- and 8-way TP
+    parts: whole rows where no rule splits, and each part reads only its own bytes (plus the
+    4-byte checksum of each chunk and the shard indexes)."""
+    from dcp_ext.layout import ParallelLayout, ShardSpec
+    from dcp_ext.planner import ReshardSavePlanner
+    from dcp_ext.storage.tensorstore.native import ByteCount, ShardIndexes, as_numpy, chunk_format, plan_reads
+
+    g = torch.Generator().manual_seed(3)
+    sd = {"qkv": torch.randn(384, 128, generator=g), "down": torch.randn(16, 8192, generator=g),
+          "rep": torch.randn(64, 128, generator=g)}
+    rules = {"qkv": ShardSpec(0, (256, 64, 64)), "down": ShardSpec(1)}
+    url = str(tmp_path / "c")
+    opts = {"chunk_size": "16KiB", "shard_size": "128KiB"}
+    dcp.save(sd, storage_writer=dcp_ext.storage_writer(url, **TS, tensorstore=opts),
+             planner=ReshardSavePlanner(ParallelLayout(rules=rules)))
+    md = dcp_ext.storage_reader(url, **TS)
+    md.read_metadata()
+    fmts = {k: chunk_format(md.array_metadata[k], 4) for k in sd}
+    assert fmts["rep"].unit[-1] == 128 and fmts["qkv"].unit[-1] == 128  # whole rows
+    assert fmts["down"].unit[-1] == 1024  # 8 parts of 4 KiB rows
+    for name, dim, segs in (("qkv", 0, (256, 64, 64)), ("down", 1, (8192,))):
+        w = sd[name]
+        for way in (2, 4, 8):
+            for r in range(way):
+                box = [slice(None), slice(None)]
+                parts, start = [], 0
+                for seg in segs:  # a Megatron rank's part: its slice of every fused segment
+                    parts.append((start + r * seg // way, start + (r + 1) * seg // way))
+                    start += seg
+                for lo, hi in parts:
+                    box[dim] = slice(lo, hi)
+                    out = torch.full(w[tuple(box)].shape, -1.0)
+                    count = ByteCount()
+                    origin = [0, 0]
+                    origin[dim] = lo
+                    jobs = plan_reads(str(tmp_path / "c" / name), fmts[name], origin, as_numpy(out),
+                                      f"loading {name}", url, ShardIndexes(), count)
+                    for j in jobs:
+                        j.run()
+                    assert torch.equal(out, w[tuple(box)])
+                    unit = fmts[name].unit
+                    chunks = out.numel() // math.prod(unit)
+                    index = fmts[name].index_bytes() * math.ceil(w.numel() * 4 / (128 << 10))
+                    assert out.numel() % math.prod(unit) == 0, (name, way, unit)  # whole chunks only
+                    assert count.n <= out.numel() * 4 + 4 * chunks + index, (name, way, r, count.n)
+
+
 def test_irregular_boundaries_fall_back_to_one_array_per_box():
     boxes = [([0, 0], [1000, 64]), ([1000, 0], [1001, 64]), ([2001, 0], [999, 64])]  # gcd 1 along dim 0
     p = plan_array("w", [3000, 64], torch.float32, boxes, 1 << 20, None, "auto")

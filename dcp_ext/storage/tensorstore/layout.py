@@ -10,7 +10,12 @@
   chunk lies inside one box: two ranks never write the same chunk (a zarr chunk is one
   file/object; two writers of one chunk would each read-modify-write it and lose data).
   Every box boundary is a multiple of the chunk extent, then chunks are split further
-  (largest extent first) down to the target chunk size.
+  (largest extent first) down to the target chunk size. When the save planner says which dims
+  a later load may cut (``split``: a :class:`~dcp_ext.ReshardSavePlanner` layout's ``ShardSpec``
+  dims, fused segments included), those dims are cut into :data:`SPLIT_PARTS` parts first (a load
+  at 2, 4 or 8-way TP along them reads exactly its part; along the last dim into fewer parts where
+  rows would get shorter than :data:`MIN_ROW_BYTES`), then the leading dims, and the last dim
+  only if nothing else is left: a tile keeps whole rows, so a full load copies long runs.
 * **Fallback.** When the shard boundaries admit no sensible grid (e.g. uneven splits whose
   boundaries have a gcd of 1 along a long dimension), each saved box becomes its own zarr3
   array ``<name>/part_<o0>_<o1>...`` under a zarr3 group ``<name>``, placed by its offsets;
@@ -24,10 +29,11 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import torch
 
@@ -47,12 +53,21 @@ __all__ = [
     "chunk_shape_for",
     "chunk_count",
     "array_json",
+    "SPLIT_PARTS",
+    "MIN_ROW_BYTES",
+    "split_parts",
+    "split_boundaries",
 ]
 
 #: longest array/object name (bytes) before it is shortened to a prefix + hash
 MAX_NAME = 200
 #: smallest target size of the chunks inside a zarr3 shard
 MIN_INNER = 64 * 1024
+#: parts a dim that the save planner says loads may split is cut into (exact 2/4/8-way loads)
+SPLIT_PARTS = 8
+#: shortest tile row (bytes) that cutting the last dim into SPLIT_PARTS may make: reading a tile
+#: into a tensor copies row by row, and short rows copy slower (``docs/benchmarks.md``, TensorStore)
+MIN_ROW_BYTES = 2048
 #: directory of the non-tensor items (``BytesIO`` / pickled objects)
 OBJECTS_DIR = "__objects"
 
@@ -149,20 +164,74 @@ def _next_smaller(ext: int, bound: int | None) -> int | None:
     return None
 
 
+def split_parts(size: int, itemsize: int, last: bool) -> int:
+    """Into how many parts a dim of ``size`` that later loads may cut is tiled: :data:`SPLIT_PARTS`,
+    or for the last dim fewer (down to 2) while a part's row would be under :data:`MIN_ROW_BYTES`."""
+    parts = SPLIT_PARTS
+    while last and parts > 2 and -(-size // parts) * itemsize < MIN_ROW_BYTES:
+        parts //= 2
+    return parts
+
+
+def split_boundaries(size: int, segments: Sequence[int] | None, parts: int) -> set[int]:
+    """The cuts of an even ``parts``-way split of a dim of ``size`` (of each fused segment on its
+    own when ``segments`` sum to ``size``), and the segment boundaries; for each way (2, 4, ...
+    ``parts``) only where it divides evenly."""
+    segs = list(segments) if segments and sum(segments) == size else [size]
+    cuts: set[int] = set(itertools.accumulate(segs))
+    start = 0
+    for seg in segs:
+        way = 2
+        while way <= parts and seg % way == 0:
+            cuts.update(start + k * (seg // way) for k in range(1, way))
+            way *= 2
+        start += seg
+    return {c for c in cuts if 0 < c < size}
+
+
 def chunk_shape_for(shape: Sequence[int], bounds: Sequence[int | None], itemsize: int,
-                    target_bytes: int) -> list[int]:
+                    target_bytes: int, split: Iterable[int] | None = None,
+                    whole: Sequence[int] | None = None) -> list[int]:
     """A chunk shape of at most ``target_bytes`` (where the bounds allow) for an array of
     ``shape``; along dim ``d`` the extent divides ``bounds[d]`` (the gcd of inner box
-    boundaries) or, when ``bounds[d]`` is None, is free. Largest extent split first, and a
-    split that would shrink an extent more than 4x is taken only if no other dim can split."""
+    boundaries) or, when ``bounds[d]`` is None, is free.
+
+    ``split`` None (nothing known about later loads): largest extent split first, and a split
+    that would shrink an extent more than 4x is taken only if no other dim can split, so tiles
+    are about square and a load may cut any dim. ``split`` given (the dims later loads may cut,
+    from the save planner's layout): those dims first, down to 1/:data:`SPLIT_PARTS` of the
+    tensor's size (``whole``, default ``shape``; the last dim no narrower than
+    :data:`MIN_ROW_BYTES` where fewer parts allow it), then the leading dims, then the split dims
+    further, and the last dim only when nothing else can split."""
     ext = [bounds[d] if bounds[d] else max(1, shape[d]) for d in range(len(shape))]
-    while math.prod(ext) * itemsize > target_bytes:
-        order = sorted(range(len(ext)), key=lambda d: -ext[d])  # stable: outer dim first on ties
-        steps = [(d, n) for d in order if (n := _next_smaller(ext[d], bounds[d])) is not None]
-        if not steps:
-            break
-        d, n = next(((d, n) for d, n in steps if n * 4 >= ext[d]), steps[0])
-        ext[d] = n
+    if split is None:
+        while math.prod(ext) * itemsize > target_bytes:
+            order = sorted(range(len(ext)), key=lambda d: -ext[d])  # stable: outer dim first on ties
+            steps = [(d, n) for d in order if (n := _next_smaller(ext[d], bounds[d])) is not None]
+            if not steps:
+                break
+            d, n = next(((d, n) for d, n in steps if n * 4 >= ext[d]), steps[0])
+            ext[d] = n
+        return ext
+    whole = list(whole if whole is not None else shape)
+    hinted = sorted({d for d in split if 0 <= d < len(shape)})
+    last = len(shape) - 1
+    limit = {d: -(-whole[d] // split_parts(whole[d], itemsize, d == last)) for d in hinted}
+    phases = [
+        hinted,                                                          # to SPLIT_PARTS parts
+        [d for d in range(len(shape)) if d not in limit and d != last],  # the leading dims
+        hinted,                                                          # the split dims further
+        [d for d in range(len(shape)) if d not in limit],                # the last dim
+    ]
+    for phase, dims in enumerate(phases):
+        dims = list(dims)
+        while dims and math.prod(ext) * itemsize > target_bytes:
+            d = max(dims, key=lambda k: (ext[k], -k))  # largest extent, outer dim first on ties
+            n = _next_smaller(ext[d], bounds[d])
+            if n is None or (phase == 0 and ext[d] <= limit[d]):
+                dims.remove(d)
+                continue
+            ext[d] = n
     return ext
 
 
@@ -180,21 +249,30 @@ class Grid:
     inner: list[int] | None = None
 
 
+def _gcd(a: int | None, b: int | None) -> int | None:
+    return b if a is None else a if b is None else math.gcd(a, b)
+
+
 def grid_for(shape: Sequence[int], bounds: Sequence[int | None], itemsize: int, chunk_bytes: int,
-             shard_bytes: int | None) -> Grid:
+             shard_bytes: int | None, split: Iterable[int] | None = None,
+             cuts: Sequence[int | None] | None = None) -> Grid:
     """The grid of an array of ``shape`` (``bounds`` as in :func:`chunk_shape_for`): shards
     of about ``shard_bytes`` holding chunks of about ``chunk_bytes``, or plain chunks when
-    ``shard_bytes`` is None/0 or a shard would hold a single chunk."""
+    ``shard_bytes`` is None/0 or a shard would hold a single chunk; ``split`` as in
+    :func:`chunk_shape_for`; ``cuts``: per dim, a length every chunk (the read unit) must divide
+    so that later loads read exactly (files need only follow ``bounds``)."""
+    cuts = list(cuts) if cuts is not None else [None] * len(shape)
     if not shard_bytes:
-        return Grid(chunk_shape_for(shape, bounds, itemsize, chunk_bytes))
-    outer = chunk_shape_for(shape, bounds, itemsize, shard_bytes)
+        return Grid(chunk_shape_for(shape, [_gcd(b, c) for b, c in zip(bounds, cuts)], itemsize, chunk_bytes, split))
+    outer = chunk_shape_for(shape, bounds, itemsize, shard_bytes, split)
     nbytes = math.prod(outer) * itemsize
-    if not shape or 0 in shape or nbytes <= chunk_bytes:
+    inner_bounds = [_gcd(o, c) for o, c in zip(outer, cuts)]
+    if not shape or 0 in shape or (nbytes <= chunk_bytes and inner_bounds == outer):
         return Grid(outer)
     # a shard has at least ~16 chunks (down to MIN_INNER bytes each), so a partial read of a
     # quarter of a small tensor along any dim fetches about a quarter of it
     target = min(chunk_bytes, max(MIN_INNER, nbytes // 16))
-    inner = chunk_shape_for(outer, outer, itemsize, target)  # inner chunks tile a shard
+    inner = chunk_shape_for(outer, inner_bounds, itemsize, target, split, shape)  # inner chunks tile a shard
     return Grid(outer, None if inner == outer else inner)
 
 
@@ -236,23 +314,32 @@ def part_name(offsets: Sequence[int]) -> str:
 
 def plan_array(fqn: str, shape: Sequence[int], dtype: torch.dtype,
                boxes: Iterable[tuple[Sequence[int], Sequence[int]]], chunk_bytes: int,
-               shard_bytes: int | None = None, mode: str = "auto") -> ArrayPlan:
+               shard_bytes: int | None = None, mode: str = "auto",
+               split: Mapping[int, Sequence[int] | None] | None = None) -> ArrayPlan:
     """Lay out one global tensor of ``shape`` saved as ``boxes`` ((offsets, sizes) of every
     rank's chunks). ``mode``: ``"auto"`` (one array unless its grid would need more than
     twice the files of storing each box apart), ``"global"`` (always one array) or
-    ``"per_box"`` (always one array per box)."""
+    ``"per_box"`` (always one array per box). ``split``: the dims a later load may cut, each with
+    its fused segments' sizes or None (:func:`~dcp_ext.save_dedup.split_hints`); None: unknown.
+    A segment boundary counts as a box boundary, so every fused part is cut on its own."""
     shape = list(shape)
     boxes = [(list(o), list(s)) for o, s in boxes]
     itemsize = torch._utils._element_size(dtype)
     bounds: list[int | None] = []
+    cuts: list[int | None] = []
     for d, size in enumerate(shape):
         inner = {b for o, s in boxes for b in (o[d], o[d] + s[d]) if 0 < b < size}
         bounds.append(math.gcd(*inner) if inner else None)
-    grid = grid_for(shape, bounds, itemsize, chunk_bytes, shard_bytes)
+        # where a 2/4/8-way load would cut a split dim: boundaries of the read units (not the files)
+        at = split_boundaries(size, split[d], split_parts(size, itemsize, d == len(shape) - 1)) \
+            if split is not None and d in split else set()
+        cuts.append(math.gcd(*at) if at else None)
+    dims = None if split is None else list(split)
+    grid = grid_for(shape, bounds, itemsize, chunk_bytes, shard_bytes, dims, cuts)
     plan = ArrayPlan(fqn, array_name(fqn), shape, dtype, grid)
     if mode == "global" or len(boxes) <= 1 or not shape:
         return plan
-    parts = {tuple(o): (part_name(o), s, grid_for(s, [None] * len(s), itemsize, chunk_bytes, shard_bytes))
+    parts = {tuple(o): (part_name(o), s, grid_for(s, [None] * len(s), itemsize, chunk_bytes, shard_bytes, dims))
              for o, s in boxes}
     apart = sum(chunk_count(s, g.chunk) for _n, s, g in parts.values())
     if mode == "per_box" or chunk_count(shape, grid.chunk) > 2 * apart:

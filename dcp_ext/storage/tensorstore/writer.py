@@ -36,6 +36,7 @@ from ...config import Config
 from ...errors import DcpExtError, ReshardError, StorageError
 from ...integrity import checksum
 from ...progress import Progress
+from ...save_dedup import split_hints
 from ..commit import MANIFEST_NAME, publish, refuse_overwrite, uncommit
 from ..manifest import decode_manifest, encode_manifest
 from ..threads import run_all
@@ -161,7 +162,9 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
                                        f"{prev[1]} vs {size} {dtype})")
                 boxes.setdefault(item.index.fqn, []).append((offsets, sizes))
         t = self.config.tensorstore
-        return {fqn: plan_array(fqn, info[fqn][0], info[fqn][1], bxs, t.chunk_size, t.shard_size or None, t.layout)
+        hints = split_hints(plans)  # dims a ReshardSavePlanner layout says loads may cut
+        return {fqn: plan_array(fqn, info[fqn][0], info[fqn][1], bxs, t.chunk_size, t.shard_size or None, t.layout,
+                                hints.get(fqn))
                 for fqn, bxs in boxes.items()}
 
     def _create_arrays(self, layout: dict[str, ArrayPlan], metadata: dict[str, dict], old: list[str]) -> None:
