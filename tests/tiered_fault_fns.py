@@ -461,17 +461,21 @@ def publish_fails(root: str, base: str, victim: int) -> dict:
     from dcp_ext.tiered import writer
 
     r = dist.get_rank()
+    real_publish = writer.publish
     if r == victim:
         def refuse(store, manifest, metadata):
             raise StorageError(f"injected: cannot publish in {store.root}")
 
         writer.publish = refuse
-    w = dcp_ext.storage_writer(f"{root}/step_2", cache=node_cache(base), tier={"ranks_per_node": 1})
-    try:
-        dcp.save(_die_state(r, 2), storage_writer=w)
-        err = None
-    except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
-        err = f"{type(e).__name__}: {e}"
+    try:  # the rank process is a shared pool's: the injection must not outlive this test
+        w = dcp_ext.storage_writer(f"{root}/step_2", cache=node_cache(base), tier={"ranks_per_node": 1})
+        try:
+            dcp.save(_die_state(r, 2), storage_writer=w)
+            err = None
+        except BaseException as e:  # noqa: BLE001 - CheckpointException is a BaseException
+            err = f"{type(e).__name__}: {e}"
+    finally:
+        writer.publish = real_publish
     return {"error": err, "fast_files": sorted(os.listdir(w.fast_dir))}
 
 
