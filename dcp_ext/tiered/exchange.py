@@ -36,7 +36,7 @@ def collective(what: str, group: Any) -> Iterator[None]:
         import torch.distributed as dist
 
         rank = dist.get_rank()
-        abandon_group(group)  # peers still waiting on us fail now, not at their timeout
+        abandon_group(group)  # the next writer/reader makes a new group (gloo ignores the abort)
         err = PeerLostError(
             f"rank {rank}: the tiered exchange '{what}' failed: another rank died, is unreachable, "
             f"or did not answer within tier.exchange_timeout ({type(e).__name__}: {e})")

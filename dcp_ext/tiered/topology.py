@@ -162,9 +162,16 @@ def side_group(kind: str, timeout_s: float):
 
 
 def abandon_group(group: Any) -> None:
-    """After a peer was lost: abort ``group`` (the ranks still waiting on this one fail at once
-    instead of at their timeout) and forget it (the next writer/reader makes a new one; the job's
-    default group has lost a member too, so it is usually restarted anyway)."""
+    """After a peer was lost: forget ``group`` (the next writer/reader makes a new one; the job's
+    default group has lost a member too, so it is usually restarted anyway) and ask it to abort.
+
+    The abort does nothing on a gloo group (torch 2.7 to 2.13: ``ProcessGroupGloo`` keeps
+    ``Backend.abort``'s empty default): a rank still waiting on this one notices at once only
+    when this process dies (its connections close), else at ``tier.exchange_timeout`` (checked
+    on torch 2.7.0 and 2.13.0). Nothing is freed here either: the group stays in c10d's registry
+    until ``dist.destroy_process_group()``, long after its failed collective ended, so torch
+    2.7's destructor that holds the GIL (see ``torch_compat.destroy_process_groups``) does not
+    meet a worker thread still finishing that collective."""
     with _GROUPS_LOCK:
         for k, g in list(_GROUPS.items()):
             if g is group:
