@@ -122,6 +122,7 @@ WHOLE = [([0, 0], [6144, 2048])]  # a 1-rank save: one box, nothing known from t
     ([8192, 2048], {0: None}, [128, 2048]),                # MLP up
     ([2048, 8192], {1: None}, [256, 1024]),                # MLP down (row-parallel): 8 parts, 4 KiB rows
     ([2048, 2048], {1: None}, [512, 512]),                 # proj: 8 parts would be 1 KiB rows: 4 parts
+    ([1024, 1024], {1: None}, [1024, 256]),                # 4 parts even with rows under 2 KiB
     ([2048, 2048], {-1 + 2: None}, [512, 512]),
     ([2048, 2048], {}, [128, 2048]),                       # replicated across TP: whole rows
     ([2048, 2048], None, [512, 512]),                      # nothing known: about square, as before
@@ -152,8 +153,8 @@ def test_split_dims_are_cut_where_every_2_4_8_way_load_cuts_them(shape, itemsize
     for d, segments in split.items():
         segs = list(segments or [shape[d]])
         for way in (2, 4, 8):
-            if d == len(shape) - 1 and shape[d] // way * itemsize < MIN_ROW_BYTES and way > 2:
-                continue  # rows stay long: at most 4 (or 2) parts along the last dim
+            if d == len(shape) - 1 and shape[d] // way * itemsize < MIN_ROW_BYTES and way > 4:
+                continue  # rows stay long: 4 parts, not 8, along the last dim
             start = 0
             for seg in segs:
                 cuts = [start + k * seg // way for k in range(way + 1)] if seg % way == 0 else [start, start + seg]

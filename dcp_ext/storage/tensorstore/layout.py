@@ -13,9 +13,9 @@
   (largest extent first) down to the target chunk size. When the save planner says which dims
   a later load may cut (``split``: a :class:`~dcp_ext.ReshardSavePlanner` layout's ``ShardSpec``
   dims, fused segments included), those dims are cut into :data:`SPLIT_PARTS` parts first (a load
-  at 2, 4 or 8-way TP along them reads exactly its part; along the last dim into fewer parts where
-  rows would get shorter than :data:`MIN_ROW_BYTES`), then the leading dims, and the last dim
-  only if nothing else is left: a tile keeps whole rows, so a full load copies long runs.
+  at 2, 4 or 8-way TP along them reads exactly its part; along the last dim into 4 where 8 would
+  make rows shorter than :data:`MIN_ROW_BYTES`), then the leading dims, and the last dim only if
+  nothing else is left: a tile keeps whole rows, so a full load copies long runs.
 * **Fallback.** When the shard boundaries admit no sensible grid (e.g. uneven splits whose
   boundaries have a gcd of 1 along a long dimension), each saved box becomes its own zarr3
   array ``<name>/part_<o0>_<o1>...`` under a zarr3 group ``<name>``, placed by its offsets;
@@ -65,8 +65,8 @@ MAX_NAME = 200
 MIN_INNER = 64 * 1024
 #: parts a dim that the save planner says loads may split is cut into (exact 2/4/8-way loads)
 SPLIT_PARTS = 8
-#: shortest tile row (bytes) that cutting the last dim into SPLIT_PARTS may make: reading a tile
-#: into a tensor copies row by row, and short rows copy slower (``docs/benchmarks.md``, TensorStore)
+#: shortest tile row (bytes) that cutting the last dim into SPLIT_PARTS (not 4) may make: reading a
+#: tile into a tensor copies row by row, and short rows copy slower (``docs/benchmarks.md``)
 MIN_ROW_BYTES = 2048
 #: directory of the non-tensor items (``BytesIO`` / pickled objects)
 OBJECTS_DIR = "__objects"
@@ -166,9 +166,10 @@ def _next_smaller(ext: int, bound: int | None) -> int | None:
 
 def split_parts(size: int, itemsize: int, last: bool) -> int:
     """Into how many parts a dim of ``size`` that later loads may cut is tiled: :data:`SPLIT_PARTS`,
-    or for the last dim fewer (down to 2) while a part's row would be under :data:`MIN_ROW_BYTES`."""
+    or for the last dim fewer while a part's row would be under :data:`MIN_ROW_BYTES`, but never
+    fewer than 4 (a 4-way load always reads exactly its part, as with the square tiles)."""
     parts = SPLIT_PARTS
-    while last and parts > 2 and -(-size // parts) * itemsize < MIN_ROW_BYTES:
+    while last and parts > 4 and -(-size // parts) * itemsize < MIN_ROW_BYTES:
         parts //= 2
     return parts
 
@@ -200,8 +201,8 @@ def chunk_shape_for(shape: Sequence[int], bounds: Sequence[int | None], itemsize
     that would shrink an extent more than 4x is taken only if no other dim can split, so tiles
     are about square and a load may cut any dim. ``split`` given (the dims later loads may cut,
     from the save planner's layout): those dims first, down to 1/:data:`SPLIT_PARTS` of the
-    tensor's size (``whole``, default ``shape``; the last dim no narrower than
-    :data:`MIN_ROW_BYTES` where fewer parts allow it), then the leading dims, then the split dims
+    tensor's size (``whole``, default ``shape``; the last dim in 4 parts where 8 would make rows
+    shorter than :data:`MIN_ROW_BYTES`: :func:`split_parts`), then the leading dims, then the split dims
     further, and the last dim only when nothing else can split."""
     ext = [bounds[d] if bounds[d] else max(1, shape[d]) for d in range(len(shape))]
     if split is None:
