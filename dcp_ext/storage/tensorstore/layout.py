@@ -322,8 +322,8 @@ def plan_array(fqn: str, shape: Sequence[int], dtype: torch.dtype,
     twice the files of storing each box apart), ``"global"`` (always one array) or
     ``"per_box"`` (always one array per box). ``split``: the dims a later load may cut, each with
     its fused segments' sizes or None (:func:`~dcp_ext.save_dedup.split_hints`); None: unknown.
-    The cuts of 2/4/8-way splits (of every fused segment on its own) bound the read units (the
-    chunks inside shards), never the files: those follow the saved boxes only."""
+    The cuts of 2/4/8-way splits (of every fused segment on its own) bound the read units: the
+    chunks (with shards, the chunks inside them: the shard files follow the saved boxes only)."""
     shape = list(shape)
     boxes = [(list(o), list(s)) for o, s in boxes]
     itemsize = torch._utils._element_size(dtype)
