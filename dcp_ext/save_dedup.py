@@ -70,11 +70,14 @@ def layout_info(plan: SavePlan | LoadPlan) -> dict[str, Any] | None:
 
 
 def split_hints(plans: list[SavePlan]) -> dict[str, dict[int, tuple[int, ...] | None]]:
-    """Which dims of each saved tensor a later load may cut, from the layout records of
-    :class:`~dcp_ext.ReshardSavePlanner` plans: global FQN -> {dim: fused segment sizes or None}
-    (its ``ShardSpec`` rule's dim; ``{}`` for a tensor no rule matches: replicated across TP, so
-    loads take it whole). Tensors of plans without a record (other planners) are absent: nothing
-    is known. Storage that chooses a chunk grid (TensorStore) keeps the other dims whole."""
+    """Which dim of each saved tensor a later load may cut, from the layout records of
+    :class:`~dcp_ext.ReshardSavePlanner` plans: global FQN -> {dim: fused segment sizes or None},
+    from the first ``ShardSpec`` rule whose glob matches the global FQN. Tensors no rule matches
+    (replicated plain tensors, but also DTensors and ``GlobalPieces``, which carry their own
+    placement) and tensors of plans without a record (other planners) are absent: nothing is
+    known about them. Storage that chooses a chunk grid (TensorStore) keeps the other dims of a
+    hinted tensor whole. (Rules are matched against the global FQN only, where the planner tries
+    the local one first: a hint is only about speed, never about where the data goes.)"""
     out: dict[str, dict[int, tuple[int, ...] | None]] = {}
     for p in plans:
         info = layout_info(p)
@@ -85,14 +88,12 @@ def split_hints(plans: list[SavePlan]) -> dict[str, dict[int, tuple[int, ...] | 
             if it.tensor_data is None or it.index.fqn in out:
                 continue
             ndim = len(it.tensor_data.size)
-            hint: dict[int, tuple[int, ...] | None] = {}
             for pattern, rule in rules:
                 if fnmatch.fnmatchcase(it.index.fqn, pattern):
                     d = rule["dim"] + ndim if rule["dim"] < 0 else rule["dim"]
                     if 0 <= d < ndim:
-                        hint[d] = tuple(rule["segments"]) if rule.get("segments") else None
+                        out[it.index.fqn] = {d: tuple(rule["segments"]) if rule.get("segments") else None}
                     break
-            out[it.index.fqn] = hint
     return out
 
 

@@ -223,17 +223,38 @@ def chunk_shape_for(shape: Sequence[int], bounds: Sequence[int | None], itemsize
         [d for d in range(len(shape)) if d not in limit and d != last],  # the leading dims
         hinted,                                                          # the split dims further
         [d for d in range(len(shape)) if d not in limit],                # the last dim
+        list(range(len(shape))),                                         # anything, any step
     ]
     for phase, dims in enumerate(phases):
         dims = list(dims)
         while dims and math.prod(ext) * itemsize > target_bytes:
             d = max(dims, key=lambda k: (ext[k], -k))  # largest extent, outer dim first on ties
             n = _next_smaller(ext[d], bounds[d])
-            if n is None or (phase == 0 and ext[d] <= limit[d]):
+            # before the last resort, a step that shrinks an extent more than 4x only if the chunk
+            # stays over a quarter of the target (a prime bound would jump to 1: a chunk per row)
+            big_step = n is not None and n * 4 < ext[d] and \
+                math.prod(ext) // ext[d] * n * itemsize < target_bytes // 4
+            if n is None or (phase == 0 and ext[d] <= limit[d]) or (phase < 4 and big_step):
                 dims.remove(d)
                 continue
             ext[d] = n
     return ext
+
+
+def _honoured_cuts(shape: Sequence[int], bounds: Sequence[int | None], itemsize: int, target_bytes: int,
+                   split: Iterable[int], cuts: Sequence[int | None], whole: Sequence[int] | None) -> list[int | None]:
+    """``cuts`` where a divisor of the cut lies within 4x of the extent the target gives without
+    it (so honouring the cut keeps chunks over a quarter of the target size), None elsewhere
+    (e.g. an odd size's 2-way cut whose half is prime would make one-row chunks)."""
+    base = chunk_shape_for(shape, bounds, itemsize, target_bytes, split, whole)
+    out: list[int | None] = []
+    for d, g in enumerate(cuts):
+        if g is None:
+            out.append(None)
+            continue
+        e = next((k for k in _divisors_desc(g) if k <= base[d]), 1)
+        out.append(g if 4 * e >= base[d] else None)
+    return out
 
 
 def chunk_count(shape: Sequence[int], chunk: Sequence[int]) -> int:
@@ -264,15 +285,19 @@ def grid_for(shape: Sequence[int], bounds: Sequence[int | None], itemsize: int, 
     so that later loads read exactly (files need only follow ``bounds``)."""
     cuts = list(cuts) if cuts is not None else [None] * len(shape)
     if not shard_bytes:
+        if split is not None and any(c is not None for c in cuts):
+            cuts = _honoured_cuts(shape, bounds, itemsize, chunk_bytes, split, cuts, None)
         return Grid(chunk_shape_for(shape, [_gcd(b, c) for b, c in zip(bounds, cuts)], itemsize, chunk_bytes, split))
     outer = chunk_shape_for(shape, bounds, itemsize, shard_bytes, split)
     nbytes = math.prod(outer) * itemsize
+    target = min(chunk_bytes, max(MIN_INNER, nbytes // 16))
+    if split is not None and any(c is not None for c in cuts):
+        cuts = _honoured_cuts(outer, outer, itemsize, target, split, cuts, shape)
     inner_bounds = [_gcd(o, c) for o, c in zip(outer, cuts)]
     if not shape or 0 in shape or (nbytes <= chunk_bytes and inner_bounds == outer):
         return Grid(outer)
-    # a shard has at least ~16 chunks (down to MIN_INNER bytes each), so a partial read of a
-    # quarter of a small tensor along any dim fetches about a quarter of it
-    target = min(chunk_bytes, max(MIN_INNER, nbytes // 16))
+    # a shard has at least ~16 chunks (down to MIN_INNER bytes each: ``target`` above), so a
+    # partial read of a quarter of a small tensor along any dim fetches about a quarter of it
     inner = chunk_shape_for(outer, inner_bounds, itemsize, target, split, shape)  # inner chunks tile a shard
     return Grid(outer, None if inner == outer else inner)
 
