@@ -231,6 +231,31 @@ def test_chunk_grids_with_any_hint_keep_every_file_inside_one_box():
     assert checked == 600
 
 
+def test_plan_caching_is_refused_clearly_on_the_repeat_save(tmp_path):
+    """DCP's plan caching hands a repeat save empty plans for unchanged ranks, from which no
+    layout can be built: the repeat save is refused before it touches the location (found in
+    review: it used to commit a checkpoint without arrays), and the first one loads exactly."""
+    from torch.distributed.checkpoint import DefaultSavePlanner
+    from torch.distributed.checkpoint.planner import SavePlanner
+
+    sd = {"w": torch.randn(64, 32), "b": torch.randn(32)}
+    first, again = str(tmp_path / "a"), str(tmp_path / "b")
+    try:
+        dcp.save(sd, storage_writer=dcp_ext.storage_writer(first, **TS), planner=DefaultSavePlanner(enable_plan_caching=True))
+        msg = _err(lambda: dcp.save(sd, storage_writer=dcp_ext.storage_writer(again, **TS),
+                                    planner=DefaultSavePlanner(enable_plan_caching=True)))
+    finally:  # stock keeps its plan caches on the class, keyed by the planner's class name
+        for name in ("_cached_save_plan", "_cached_final_save_plan", "_cached_all_plans", "_cached_global_plan",
+                     "_cached_metadata"):
+            getattr(SavePlanner, name, {}).pop("DefaultSavePlanner", None)
+    assert "DCP's plan caching (enable_plan_caching=True) hands a repeat save the plans of unchanged ranks empty" in msg
+    assert "ConfigError" in msg and again in msg
+    assert not os.path.exists(os.path.join(again, ".metadata"))
+    out = {k: torch.zeros_like(v) for k, v in sd.items()}
+    dcp.load(out, storage_reader=dcp_ext.storage_reader(first, **TS))
+    assert all(torch.equal(out[k], v) for k, v in sd.items())
+
+
 def test_split_hints_come_from_the_reshard_save_planners_layout():
     from torch.distributed.checkpoint import DefaultSavePlanner
 

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from ...config import Config
-from ...errors import DcpExtError, ReshardError, StorageError
+from ...errors import ConfigError, DcpExtError, ReshardError, StorageError
 from ...integrity import checksum
 from ...progress import Progress
 from ...save_dedup import split_hints
@@ -112,6 +112,11 @@ class TensorStoreWriter(LocatedIO, StorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        if any(not p.usable for p in plans):  # checked before anything at the location is touched
+            raise ConfigError(
+                f"{self.store.url}: the TensorStore backend lays out every array from all ranks' full save plans, "
+                f"but DCP's plan caching (enable_plan_caching=True) hands a repeat save the plans of unchanged "
+                f"ranks empty; save to a TensorStore location with plan caching off")
         old = self._take_out_of_service()
         layout = self._plan_layout(plans)
         metadata = {path: array_metadata(shape, p.dtype, grid, self.config, p.fqn)
