@@ -150,7 +150,10 @@ def verify_received(fast: FastStore, tmp_relpath: str, t: Transfer, items: Seque
     except Exception as e:  # noqa: BLE001 - reported in the gathered outcome (peers wait for it)
         return f"rank {rank}: could not verify the copy of {t.name} received from {source}: {e}"
     finally:
-        fast.close_readers()  # the temporary file is renamed or removed next
+        try:
+            fast.close_readers()  # the temporary file is renamed or removed next
+        except Exception as e:  # noqa: BLE001 - must not escape before the gathered outcome
+            logger.warning("rank %d: closing the readers of %s failed: %s", rank, t.name, e)
     if unchecked:
         logger.debug("rank %d: %d item(s) of %s were saved without checksums: received unchecked", rank, unchecked,
                      t.name)
