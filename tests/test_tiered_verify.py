@@ -17,7 +17,6 @@ from dcp_ext.storage.commit import METADATA_NAME, REPLICA_MARKER
 from dcp_ext.storage.manifest import decode_manifest
 from dcp_ext.tiered.exchange import FileSink
 from dcp_ext.tiered.faststore import FastStore
-from dcp_ext.tiered.records import Purpose, Transfer
 from dcp_ext.tiered.restore import verify_received
 from tests import tiered_fault_fns as F
 
@@ -77,11 +76,11 @@ def test_rebuilt_replica_from_a_corrupt_source_is_not_published_nor_marked(ranks
     cases = [  # (where the bit flips, what the refusal names, whether rank 0's own load reads those bytes)
         # the record's zip header: a load reads only data blocks, so rank 0 still loads from its own
         # copy, but a replica is a whole file (what `dcp-ext verify` and a stock reader check): refused
-        (header, "the record header of x0 chunk [0, 0] fails its checksum", False),
-        (F.block_offset(dirs[0], "x0", 0), "data block 0 of x0 chunk [0, 0] (data bytes 0-4096) fails its checksum",
+        (header, "record header of x0 chunk [0, 0] is corrupt", False),
+        (F.block_offset(dirs[0], "x0", 0), "x0 chunk [0, 0] fails its checksum at data bytes 0-4096",
          True),
         (F.block_offset(dirs[0], "x0", 11) + 100,
-         "data block 11 of x0 chunk [0, 0] (data bytes 45056-49152) fails its checksum", True),
+         "x0 chunk [0, 0] fails its checksum at data bytes 45056-49152", True),
     ]
     for offset, where, read_by_load in cases:
         _lose_node1(base)  # node 1 replaced: rank 0's replica is rebuilt there from rank 0's own copy
@@ -134,8 +133,8 @@ def test_file_restored_for_a_load_from_a_corrupt_copy_is_refused(ranks, tmp_path
     _flip(rep1, F.block_offset(dirs[0], "x1", 5) + 7)  # (node 0 holds the same manifest)
     out = _load_ok(pool, root, base)  # rank 1 reads from the durable copy (the same save): exact values
     want = ("rank 1: the copy of __1_0.distcp received from rank 0 (replica_of_rank1/__1_0.distcp on its node) "
-            "does not match the checkpoint's checksums: data block 5 of x1 chunk [0, 0] (data bytes 20480-24576) "
-            "fails its checksum; it was not published")
+            "does not match the checkpoint's checksums: x1 chunk [0, 0] fails its checksum at data bytes 20480-24576; "
+            "it was not published")
     assert f"rank 1: restoring __1_0.distcp from rank 0 failed: {want}" in out[1]["logs"], out[1]["logs"]
     assert out[1]["sources"]["__1_0.distcp"].startswith("durable tier"), out[1]["sources"]
     # rank 0's replica on node 1 was rebuilt from rank 0's good copy
@@ -175,11 +174,11 @@ def test_a_bad_copy_from_another_node_and_a_bad_durable_file_are_not_put_in_the_
     assert out[0]["sources"]["__0_0.distcp"].startswith("durable tier"), out[0]["sources"]
     logs = out[0]["logs"]
     assert ("rank 0: restoring __0_0.distcp from rank 1 failed: rank 0: the copy of __0_0.distcp received from rank 1 "
-            "(replica_of_rank0/__0_0.distcp on its node) does not match the checkpoint's checksums: data block 2 of x0 "
-            "chunk [0, 0] (data bytes 8192-12288) fails its checksum; it was not published") in logs, logs
+            "(replica_of_rank0/__0_0.distcp on its node) does not match the checkpoint's checksums: x0 chunk [0, 0] "
+            "fails its checksum at data bytes 8192-12288; it was not published") in logs, logs
     assert ("rank 0: could not put __0_0.distcp back into the fast tier: rank 0: the copy of __0_0.distcp received "
-            "from the durable copy does not match the checkpoint's checksums: the record header of x0 chunk [0, 0] "
-            "fails its checksum; it was not published") in logs, logs
+            "from the durable copy does not match the checkpoint's checksums: record header of x0 chunk [0, 0] "
+            "is corrupt; it was not published") in logs, logs
     assert not os.path.exists(own0)  # the bad own copy was removed and nothing replaced it
     assert not [f for f in os.listdir(dirs[0]) if f.endswith(".part")], os.listdir(dirs[0])
 
@@ -203,8 +202,7 @@ def test_verify_received_names_the_file_item_block_and_ranks(tmp_path):
         good = f.read()
     fast = FastStore(str(tmp_path / "fast"), load_config())
     os.makedirs(fast.root)
-    t = Transfer(2, 5, "__0_0.distcp", len(good), "replica_of_rank0/__0_0.distcp", "replica_of_rank0/__0_0.distcp",
-                 Purpose.REPLICA)
+    NAME, SRC = "__0_0.distcp", "rank 2 (replica_of_rank0/__0_0.distcp on its node)"  # a replica rebuilt on rank 5
 
     def received(data: bytes, size: int | None = None):
         sink = FileSink(fast, [("got.distcp", len(data) if size is None else size)], publish=False)
@@ -212,24 +210,24 @@ def test_verify_received_names_the_file_item_block_and_ranks(tmp_path):
         return sink, sink.done[0] if sink.done else None
 
     sink, f = received(good)
-    assert verify_received(fast, f.tmp, t, items, 5) is None
+    assert verify_received(fast, f.tmp, NAME, items, 5, SRC, "replica_of_rank0") is None
     sink.abort()
     for block, start in ((0, 0), (3, 12288)):
         bad = bytearray(good)
         bad[loc.offset + loc.data_offset + start + 99] ^= 0x10
         sink, f = received(bytes(bad))
-        assert verify_received(fast, f.tmp, t, items, 5) == (
+        assert verify_received(fast, f.tmp, NAME, items, 5, SRC, "replica_of_rank0") == (
             f"rank 5: the copy of __0_0.distcp received from rank 2 (replica_of_rank0/__0_0.distcp on its node) does "
-            f"not match the checkpoint's checksums: data block {block} of w chunk [0, 0] (data bytes "
-            f"{start}-{start + 4096}) fails its checksum; it was not published and the replica it belongs to "
-            f"(replica_of_rank0) was not rebuilt")
+            f"not match the checkpoint's checksums: w chunk [0, 0] fails its checksum at data bytes "
+            f"{start}-{start + 4096}; it was not published and the replica it belongs to (replica_of_rank0) was not "
+            f"rebuilt")
         sink.abort()
     assert os.listdir(fast.root) == []  # aborted: nothing left behind
     # a copy cut short (the file holds fewer bytes than the checkpoint's items need)
     short = FastStore(str(tmp_path / "fast"), load_config())
     with open(short.path("short.distcp"), "wb") as out:
         out.write(good[:loc.offset + loc.data_offset + 100])
-    msg = verify_received(short, "short.distcp", t, items, 5, source="the durable copy")
+    msg = verify_received(short, "short.distcp", NAME, items, 5, "the durable copy")
     assert msg.startswith("rank 5: could not verify the copy of __0_0.distcp received from the durable copy: ")
     assert "is truncated" in msg, msg
 
@@ -254,7 +252,6 @@ def test_verify_received_checks_compressed_items(tmp_path):
         good = f.read()
     fast = FastStore(str(tmp_path / "fast"), load_config())
     os.makedirs(fast.root)
-    t = Transfer(0, 1, "__0_0.distcp", len(good), "__0_0.distcp", "__0_0.distcp", Purpose.LOAD)
     for name, data in (("good.distcp", good), ("bad.distcp", None)):
         if data is None:  # a byte in the middle of data block 3's frame
             start, size = loc.compression.block_frame(3)
@@ -263,9 +260,8 @@ def test_verify_received_checks_compressed_items(tmp_path):
             data = bytes(bad)
         with open(fast.path(name), "wb") as out:
             out.write(data)
-    assert verify_received(fast, "good.distcp", t, items, 1) is None
+    assert verify_received(fast, "good.distcp", "__0_0.distcp", items, 1, "rank 0 (__0_0.distcp on its node)") is None
     # (the damaged frame still decompresses here, to the wrong bytes: the block's checksum catches it)
-    assert verify_received(fast, "bad.distcp", t, items, 1) == (
+    assert verify_received(fast, "bad.distcp", "__0_0.distcp", items, 1, "rank 0 (__0_0.distcp on its node)") == (
         "rank 1: the copy of __0_0.distcp received from rank 0 (__0_0.distcp on its node) does not match the "
-        "checkpoint's checksums: data block 3 of w chunk [0, 0] (data bytes 12288-16384) fails its checksum; it was "
-        "not published")
+        "checkpoint's checksums: w chunk [0, 0] fails its checksum at data bytes 12288-16384; it was not published")

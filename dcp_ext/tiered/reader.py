@@ -47,8 +47,7 @@ from .durable import durable_store
 from .exchange import broadcast, gather
 from .faststore import FastStore, node_id
 from .naming import cache_root, fast_dir_name
-from .records import (BadCopy, Choice, CopyKind, DurableView, FastCommit, FileCopy, NodeView, Origin, Purpose, Tier,
-                      Transfer)
+from .records import BadCopy, Choice, CopyKind, DurableView, FastCommit, FileCopy, NodeView, Origin, Purpose, Tier
 from .recovery import HeldCopy, claim_scan, new_attempt, plan_resumes, start_resumes
 from .restore import run_transfers, verify_received
 from .sources import SourceStore
@@ -369,9 +368,7 @@ class TieredStorageReader(StorageReader):
                     out.write(memoryview(buf)[:n])
                     pos += n
                 out.finish()
-                problem = verify_received(self.fast, out.tmp, Transfer(
-                    self.rank, self.rank, name, size, name, name, Purpose.LOAD), items.get(name, ()), self.rank,
-                    source="the durable copy")
+                problem = verify_received(self.fast, out.tmp, name, items.get(name, ()), self.rank, "the durable copy")
                 if problem is not None:
                     raise CorruptCheckpointError(problem)
                 out.publish()

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 from ..integrity import ChecksumMismatch
 from ..storage.commit import REPLICA_MARKER, replica_dir_name, replica_dir_rank
 from ..storage.manifest import ItemLocation
-from ..verify import FrameDamaged, check_item, item_name
+from ..verify import FrameDamaged, check_item, damage_text
 from .exchange import FileSink, FileSource, barrier, gather, stream_files
 from .faststore import FastStore
 from .records import Purpose, Transfer
@@ -71,7 +71,9 @@ def run_transfers(transfers: Sequence[Transfer], rank: int, group: Any, fast: Fa
                 errors[i] = f"rank {rank} could not write {fast.path(t.dst_relpath)}: {sink.error}"
             elif expected is not None:
                 for f in sink.done:
-                    problem = verify_received(fast, f.tmp, t, expected.get(t.name, ()), rank)
+                    problem = verify_received(
+                        fast, f.tmp, t.name, expected.get(t.name, ()), rank, f"rank {t.src} ({t.src_relpath} on its node)",
+                        t.dst_relpath.split("/")[0] if t.purpose is Purpose.REPLICA else None)
                     if problem is not None:  # logged with the gathered outcome, on every rank
                         errors[i] = problem
                         break
@@ -120,13 +122,13 @@ def _mark_replicas(transfers: Sequence[Transfer], failed: dict[int, str], rank: 
                     fast.path(d))
 
 
-def verify_received(fast: FastStore, tmp_relpath: str, t: Transfer, items: Sequence[tuple[Any, ItemLocation]],
-                    rank: int, source: str | None = None) -> str | None:
-    """Check the received copy of ``t.name`` (still under ``tmp_relpath``) against the checksums
-    of every item stored in it; None if it passes, else why not (naming the file, the item, the
-    failing block and the two ranks, or ``source`` for a copy that came from elsewhere). Items
-    saved without checksums cannot be checked."""
-    source = source or f"rank {t.src} ({t.src_relpath} on its node)"
+def verify_received(fast: FastStore, tmp_relpath: str, name: str, items: Sequence[tuple[Any, ItemLocation]],
+                    rank: int, source: str, replica: str | None = None) -> str | None:
+    """Check the received copy of data file ``name`` (still under ``tmp_relpath``) against the
+    checksums of every item stored in it (:func:`~dcp_ext.verify.check_item`, what ``dcp-ext
+    verify`` runs); None if it passes, else why not, naming the file, ``source`` (where the copy
+    came from), the item and what failed (:func:`~dcp_ext.verify.damage_text`), and the
+    ``replica`` directory it was to rebuild. Items saved without checksums cannot be checked."""
     unchecked = 0
     try:
         for idx, loc in sorted(items, key=lambda il: il[1].offset):
@@ -136,25 +138,17 @@ def verify_received(fast: FastStore, tmp_relpath: str, t: Transfer, items: Seque
             try:
                 check_item(fast, loc, tmp_relpath)
             except (ChecksumMismatch, FrameDamaged) as e:
-                if isinstance(e, FrameDamaged):
-                    where = f"compressed {e.what} of {item_name(idx)} does not decompress ({e})"
-                elif e.block is None:
-                    where = f"the record header of {item_name(idx)} fails its checksum"
-                else:
-                    where = (f"data block {e.block} of {item_name(idx)} (data bytes {e.start}-{e.end}) fails its "
-                             f"checksum")
-                return (f"rank {rank}: the copy of {t.name} received from {source} "
-                        f"does not match the checkpoint's checksums: {where}; it was not published"
-                        + (f" and the replica it belongs to ({t.dst_relpath.split('/')[0]}) was not rebuilt"
-                           if t.purpose is Purpose.REPLICA else ""))
+                return (f"rank {rank}: the copy of {name} received from {source} does not match the checkpoint's "
+                        f"checksums: {damage_text(idx, e)}; it was not published"
+                        + (f" and the replica it belongs to ({replica}) was not rebuilt" if replica else ""))
     except Exception as e:  # noqa: BLE001 - reported in the gathered outcome (peers wait for it)
-        return f"rank {rank}: could not verify the copy of {t.name} received from {source}: {e}"
+        return f"rank {rank}: could not verify the copy of {name} received from {source}: {e}"
     finally:
         try:
             fast.close_readers()  # the temporary file is renamed or removed next
         except Exception as e:  # noqa: BLE001 - must not escape before the gathered outcome
-            logger.warning("rank %d: closing the readers of %s failed: %s", rank, t.name, e)
+            logger.warning("rank %d: closing the readers of %s failed: %s", rank, name, e)
     if unchecked:
         logger.debug("rank %d: %d item(s) of %s were saved without checksums: received unchecked", rank, unchecked,
-                     t.name)
+                     name)
     return None
